@@ -1,0 +1,169 @@
+"""Shared plumbing for the kernels: backend choice, input checks, chunking, GEMM helpers.
+
+Every op in this package runs on one of three paths:
+
+* ``"triton"``: the op's Triton kernels. Compiled on CUDA; on CPU only under the Triton
+  interpreter (``TRITON_INTERPRET=1`` set before ``egrpo.kernels`` is first imported).
+* ``"torch"``: the same chunked algorithm written with PyTorch ops (default on CPU).
+* ``"auto"``: ``"triton"`` for CUDA tensors when Triton is importable, ``"torch"`` otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+try:  # Triton is optional at import time: the torch path works without it.
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+# Read once: the interpreter is chosen when @triton.jit decorates, i.e. at import time.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+BACKENDS = ("auto", "triton", "torch")
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+# Bytes of fp32 logits one chunk may hold. 256 MiB keeps the GEMMs large enough to run near
+# peak on an H100 (4096 rows at V=16384) while staying far below the [N, V] eager buffers.
+DEFAULT_CHUNK_BYTES_CUDA = 256 * 2**20
+DEFAULT_CHUNK_BYTES_CPU = 32 * 2**20
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``backend`` to ``"triton"`` or ``"torch"`` for tensors on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if (device.type == "cuda" and HAS_TRITON) else "torch"
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise ValueError("backend='triton' needs the 'triton' package, which is not importable")
+        if device.type != "cuda" and not INTERPRETING:
+            raise ValueError(
+                "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+                "before importing egrpo.kernels (or use backend='torch')"
+            )
+    return backend
+
+
+def default_chunk_rows(n_rows: int, vocab: int, device: torch.device) -> int:
+    budget = DEFAULT_CHUNK_BYTES_CUDA if device.type == "cuda" else DEFAULT_CHUNK_BYTES_CPU
+    rows = max(1, budget // (4 * vocab))
+    if rows >= 128:
+        rows -= rows % 128  # whole tensor-core tiles
+    return max(1, min(rows, max(n_rows, 1)))
+
+
+def check_chunk_size(chunk_size: Optional[int], n_rows: int, vocab: int, device: torch.device) -> int:
+    if chunk_size is None:
+        return default_chunk_rows(n_rows, vocab, device)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return chunk_size
+
+
+def check_temperature(temperature) -> float:
+    try:
+        t = float(temperature)
+    except (TypeError, ValueError):
+        raise TypeError(f"temperature must be a positive float, got {temperature!r}") from None
+    if not (t > 0.0 and t != float("inf")):
+        raise ValueError(f"temperature must be a finite positive float, got {temperature!r}")
+    return t
+
+
+def check_head_inputs(hidden, weight, targets, bias):
+    """Validate the (hidden, weight, targets, bias) quadruple shared by the head-based ops.
+
+    Returns ``(V, D)``. Raises ``TypeError``/``ValueError`` naming the offending argument.
+    """
+    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not hidden.is_floating_point():
+        raise TypeError(f"hidden must be a floating tensor (float32/bfloat16/float16), got {hidden.dtype}")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"hidden has unsupported dtype {hidden.dtype}")
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must have shape [N, D] or [B, T, D], got {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape [V, D], got {tuple(weight.shape)}")
+    V, D = weight.shape
+    if V == 0:
+        raise ValueError("weight has V = 0 rows: the vocabulary must not be empty")
+    if D == 0 or hidden.shape[-1] == 0:
+        raise ValueError("hidden size D must not be zero")
+    if hidden.shape[-1] != D:
+        raise ValueError(f"hidden's last dim ({hidden.shape[-1]}) must equal weight's D ({D}); weight is [V, D]")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
+        raise TypeError(f"targets must be an integer (int64) tensor of token ids, got {targets.dtype}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} must equal hidden's leading shape {tuple(hidden.shape[:-1])}"
+        )
+    if targets.device != hidden.device:
+        raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
+    if targets.numel() > 0:
+        lo, hi = int(targets.min()), int(targets.max())
+        if lo < 0 or hi >= V:
+            raise ValueError(f"targets must be token ids in [0, {V}); found values in [{lo}, {hi}]")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (V,):
+            raise ValueError(f"bias must have shape [V] = [{V}], got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must match hidden dtype {hidden.dtype}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+    return V, D
+
+
+def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """Operand dtype of the chunk GEMMs.
+
+    Half inputs use tensor-core GEMMs on CUDA; CPU half matmuls are slow and imprecise, so the
+    CPU path upcasts them to fp32 (which only makes it more accurate).
+    """
+    if dtype in HALF_DTYPES and device.type != "cuda":
+        return torch.float32
+    return dtype
+
+
+def logits_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_OUT_DTYPE_MM_OK: Optional[bool] = None
+
+
+def mm_wide(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` with ``out_dtype`` output (fp32 output from bf16 operands on CUDA).
+
+    Uses cuBLAS's fp32-output GEMM (``torch.mm(..., out_dtype=)``) where this torch has it, so
+    half-precision logits are never rounded to half before the softmax statistics.
+    """
+    global _OUT_DTYPE_MM_OK
+    if a.dtype == out_dtype:
+        return torch.mm(a, b)
+    if a.is_cuda and _OUT_DTYPE_MM_OK is not False:
+        try:
+            out = torch.mm(a, b, out_dtype=out_dtype)
+            _OUT_DTYPE_MM_OK = True
+            return out
+        except (TypeError, RuntimeError, NotImplementedError):
+            _OUT_DTYPE_MM_OK = False
+    return torch.mm(a, b).to(out_dtype)
