@@ -1,0 +1,217 @@
+import pytest
+import torch
+
+from egrpo.kernels import linear_logprob_entropy
+from egrpo.kernels._common import INTERPRETING
+from egrpo.kernels.reference import linear_logprob_entropy_reference as reference
+from tests.kernels._utils import AllocationTracker, PoisonEmpty, max_abs_err
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not (INTERPRETING or torch.cuda.is_available()), reason="Triton needs CUDA or TRITON_INTERPRET=1"))]
+
+
+def make_inputs(N, D, V, dtype, bias=True, device="cpu", scale=1.0):
+    hidden = torch.randn(N, D, device=device).to(dtype)
+    # Scale so logits have a realistic spread (a few nats), peaked enough for entropy to vary.
+    weight = (torch.randn(V, D, device=device) * scale / D**0.5 * 3).to(dtype)
+    b = (torch.randn(V, device=device) * 0.5).to(dtype) if bias else None
+    targets = torch.randint(0, V, (N,), device=device)
+    return hidden, weight, b, targets
+
+
+def run_with_grads(fn, hidden, weight, bias, targets, temperature, g_logp, g_entropy, **kw):
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight)]
+    if bias is not None:
+        leaves.append(bias.detach().clone().requires_grad_())
+    logp, ent = fn(leaves[0], leaves[1], targets, leaves[2] if bias is not None else None, temperature, **kw)
+    loss = 0
+    if g_logp is not None:
+        loss = loss + (logp.double() * g_logp).sum()
+    if g_entropy is not None:
+        loss = loss + (ent.double() * g_entropy).sum()
+    grads = torch.autograd.grad(loss, leaves)
+    return logp.detach(), ent.detach(), grads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V", [1000, 16387])
+@pytest.mark.parametrize("temperature,bias", [(1.0, False), (0.7, True)])
+def test_parity_values_and_grads(backend, dtype, V, temperature, bias):
+    N, D = 37, 32
+    hidden, weight, b, targets = make_inputs(N, D, V, dtype, bias)
+    cast = lambda t: None if t is None else t.double()  # noqa: E731
+    upstream = {
+        "logp": (torch.randn(N, dtype=torch.float64), None),
+        "entropy": (None, torch.randn(N, dtype=torch.float64)),
+        "both": (torch.randn(N, dtype=torch.float64), torch.randn(N, dtype=torch.float64)),
+    }
+    for name, (g_lp, g_h) in upstream.items():
+        truth = run_with_grads(reference, cast(hidden), cast(weight), cast(b), targets, temperature, g_lp, g_h)
+        with PoisonEmpty():
+            ours = run_with_grads(linear_logprob_entropy, hidden, weight, b, targets, temperature, g_lp, g_h,
+                                  backend=backend, chunk_size=16)
+        assert ours[0].dtype == torch.float32 and ours[1].dtype == torch.float32
+        for g, t in zip(ours[2], (hidden, weight, b)):
+            assert g.dtype == t.dtype, "gradients come back in the input dtype"
+        if dtype == torch.float32:
+            assert max_abs_err(ours[0], truth[0]) < 2e-4, name
+            assert max_abs_err(ours[1], truth[1]) < 2e-4, name
+            for g_ours, g_true in zip(ours[2], truth[2]):
+                scale = g_true.abs().max().item() + 1e-12
+                assert max_abs_err(g_ours, g_true) / scale < 1e-4, name
+        else:
+            eager = run_with_grads(reference, hidden, weight, b, targets, temperature, g_lp, g_h)
+            # never worse than eager PyTorch at the same dtype, element by element, plus a small tolerance
+            for k in (0, 1):
+                ours_err = (ours[k].double() - truth[k]).abs()
+                eager_err = (eager[k].double() - truth[k]).abs()
+                assert bool((ours_err <= eager_err + 1e-2).all()), (name, k, ours_err.max(), eager_err.max())
+            for g_ours, g_eager, g_true in zip(ours[2], eager[2], truth[2]):
+                scale = g_true.abs().max().item() + 1e-12
+                assert max_abs_err(g_ours, g_true) <= max_abs_err(g_eager, g_true) + 1e-2 * scale, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_three_dim_input_and_chunk_invariance(backend):
+    B, T, D, V = 3, 11, 16, 300
+    hidden, weight, b, _ = make_inputs(B * T, D, V, torch.float32)
+    targets = torch.randint(0, V, (B, T))
+    lp3, h3 = linear_logprob_entropy(hidden.view(B, T, D), weight, targets, b, backend=backend, chunk_size=4)
+    lp2, h2 = linear_logprob_entropy(hidden, weight, targets.view(-1), b, backend=backend, chunk_size=64)
+    assert lp3.shape == (B, T) and h3.shape == (B, T)
+    torch.testing.assert_close(lp3.reshape(-1), lp2, rtol=0, atol=1e-5)
+    torch.testing.assert_close(h3.reshape(-1), h2, rtol=0, atol=1e-5)
+
+
+def test_gradcheck_float64_torch_backend():
+    N, D, V = 5, 4, 13
+    hidden, weight, b, targets = make_inputs(N, D, V, torch.float64)
+    args = [t.requires_grad_() for t in (hidden, weight, b)]
+
+    def fn(x, w, bias):
+        return linear_logprob_entropy(x, w, targets, bias, 0.8, backend="torch", chunk_size=2)
+
+    assert torch.autograd.gradcheck(fn, args)
+
+
+def test_entropy_extremes():
+    # A near-one-hot row has entropy ~0 and logp ~0; a uniform row has entropy ln V.
+    V, D = 257, 8
+    weight = torch.zeros(V, D)
+    weight[3, 0] = 200.0
+    hidden = torch.zeros(2, D)
+    hidden[0, 0] = 1.0
+    lp, h = linear_logprob_entropy(hidden, weight, torch.tensor([3, 5]), backend="torch")
+    assert abs(h[0].item()) < 1e-6 and abs(lp[0].item()) < 1e-6
+    assert abs(h[1].item() - torch.log(torch.tensor(float(V))).item()) < 1e-5
+    assert lp.le(0).all() and h.ge(-1e-6).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_n_by_v_allocation(backend):
+    N, D, V, chunk = 96, 16, 1000, 16
+    hidden, weight, b, targets = make_inputs(N, D, V, torch.float32)
+    leaves = [t.requires_grad_() for t in (hidden, weight, b)]
+    with AllocationTracker() as tracker:
+        logp, ent = linear_logprob_entropy(*leaves[:2], targets, leaves[2], backend=backend, chunk_size=chunk)
+        (logp.sum() + ent.sum()).backward()
+    assert tracker.max_numel <= chunk * V, (tracker.max_numel, tracker.max_op)
+    assert tracker.max_numel < N * V
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    D, V = 8, 50
+    hidden = torch.randn(0, D, requires_grad=True)
+    weight = torch.randn(V, D, requires_grad=True)
+    logp, ent = linear_logprob_entropy(hidden, weight, torch.zeros(0, dtype=torch.long), backend=backend)
+    assert logp.shape == (0,) and ent.shape == (0,)
+    (logp.sum() + ent.sum()).backward()
+    assert hidden.grad.shape == (0, D) and torch.all(weight.grad == 0)
+
+
+def test_frozen_weight_skips_its_gradient():
+    hidden, weight, b, targets = make_inputs(20, 8, 100, torch.float32)
+    hidden.requires_grad_()
+    logp, _ = linear_logprob_entropy(hidden, weight, targets, b, backend="torch")
+    logp.sum().backward()
+    assert hidden.grad is not None and weight.grad is None
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,word",
+    [
+        (lambda a: a.update(targets=a["targets"] + 100), ValueError, "targets"),
+        (lambda a: a.update(targets=a["targets"] - 100), ValueError, "targets"),
+        (lambda a: a.update(targets=a["targets"].float()), TypeError, "targets"),
+        (lambda a: a.update(targets=a["targets"][:-1]), ValueError, "targets"),
+        (lambda a: a.update(hidden=a["hidden"].long()), TypeError, "hidden"),
+        (lambda a: a.update(hidden=a["hidden"][:, :-1]), ValueError, "hidden"),
+        (lambda a: a.update(weight=a["weight"].double()), TypeError, "weight"),
+        (lambda a: a.update(weight=a["weight"][0]), ValueError, "weight"),
+        (lambda a: a.update(weight=a["weight"][:0]), ValueError, "V = 0"),
+        (lambda a: a.update(hidden=a["hidden"][:, :0], weight=a["weight"][:, :0]), ValueError, "D"),
+        (lambda a: a.update(bias=torch.zeros(7)), ValueError, "bias"),
+        (lambda a: a.update(bias=torch.zeros(100, dtype=torch.float64)), TypeError, "bias"),
+        (lambda a: a.update(weight=a["weight"].to("meta")), ValueError, "weight"),
+        (lambda a: a.update(temperature=0.0), ValueError, "temperature"),
+        (lambda a: a.update(temperature=float("nan")), ValueError, "temperature"),
+        (lambda a: a.update(backend="cuda"), ValueError, "backend"),
+        (lambda a: a.update(chunk_size=0), ValueError, "chunk_size"),
+    ],
+)
+def test_bad_input_errors(mutate, exc, word):
+    hidden, weight, b, targets = make_inputs(10, 8, 100, torch.float32, bias=False)
+    args = dict(hidden=hidden, weight=weight, targets=targets, bias=None, temperature=1.0, backend="torch",
+                chunk_size=None)
+    mutate(args)
+    with pytest.raises(exc, match=word):
+        linear_logprob_entropy(args.pop("hidden"), args.pop("weight"), args.pop("targets"), args.pop("bias"),
+                               args.pop("temperature"), **args)
+
+
+@pytest.mark.skipif(INTERPRETING or torch.cuda.is_available(), reason="only meaningful without the interpreter")
+def test_triton_on_cpu_without_interpreter_is_a_clear_error():
+    hidden, weight, b, targets = make_inputs(4, 8, 10, torch.float32)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        linear_logprob_entropy(hidden, weight, targets, backend="triton")
+
+
+# ------------------------------------------------------------------ GPU (compiled Triton) tests
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V", [16387, 102400])
+def test_gpu_parity(dtype, V):
+    N, D = 1031, 256
+    hidden, weight, b, targets = make_inputs(N, D, V, dtype, True, device="cuda")
+    g_lp = torch.randn(N, dtype=torch.float64, device="cuda")
+    g_h = torch.randn(N, dtype=torch.float64, device="cuda")
+    cast = lambda t: t.double()  # noqa: E731
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        truth = run_with_grads(reference, cast(hidden), cast(weight), cast(b), targets, 0.9, g_lp, g_h)
+        ours = run_with_grads(linear_logprob_entropy, hidden, weight, b, targets, 0.9, g_lp, g_h,
+                              backend="triton", chunk_size=256)
+        eager = run_with_grads(reference, hidden, weight, b, targets, 0.9, g_lp, g_h)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    tol = 5e-4 if dtype == torch.float32 else 1e-2
+    for k in (0, 1):
+        assert max_abs_err(ours[k], truth[k]) <= max_abs_err(eager[k], truth[k]) + tol
+    for g_ours, g_eager, g_true in zip(ours[2], eager[2], truth[2]):
+        scale = g_true.abs().max().item()
+        assert max_abs_err(g_ours, g_true) <= max_abs_err(g_eager, g_true) + tol * scale
+
+
+@pytest.mark.gpu
+def test_gpu_many_rows():
+    # More rows than a CUDA grid's y/z limit (65535): the 1-D per-chunk grid must cope.
+    N, D, V = 70_001, 64, 1000
+    hidden, weight, b, targets = make_inputs(N, D, V, torch.bfloat16, True, device="cuda")
+    logp, ent = linear_logprob_entropy(hidden, weight, targets, b, backend="triton", chunk_size=70_001)
+    ref_lp, ref_h = reference(hidden.float(), weight.float(), targets, b.float())
+    assert max_abs_err(logp, ref_lp) < 1e-2 and max_abs_err(ent, ref_h) < 1e-2
