@@ -58,3 +58,40 @@ class PoisonEmpty(TorchDispatchMode):
 
 def max_abs_err(a, b):
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+_COMPILE_SCRIPT = r"""
+import importlib, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+module_name, kernel_name, signature, constexprs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+importlib.import_module(module_name)
+kernel = getattr(sys.modules[module_name], kernel_name)
+for name in constexprs:
+    signature[name] = "constexpr"
+compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                          target=GPUTarget("cuda", 90, 32))
+assert compiled.asm.get("cubin"), "no cubin produced"
+print("compiled", kernel_name)
+"""
+
+
+def compile_for_sm90(module_name, kernel_name, signature, constexprs):
+    """Compile a Triton kernel ahead of time for an H100 (sm_90), with no GPU present.
+
+    Runs in a subprocess without TRITON_INTERPRET, so the real compiler (down to ptxas) checks
+    the kernel: type errors and unsupported constructs surface here instead of on a lent GPU.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT, module_name, kernel_name, json.dumps(signature), json.dumps(constexprs)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from egrpo.kernels import linear_logprob_entropy
-from egrpo.kernels._common import INTERPRETING
+from egrpo.kernels._common import HAS_TRITON, INTERPRETING
 from egrpo.kernels.reference import linear_logprob_entropy_reference as reference
-from tests.kernels._utils import AllocationTracker, PoisonEmpty, max_abs_err
+from tests.kernels._utils import AllocationTracker, PoisonEmpty, compile_for_sm90, max_abs_err
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     not (INTERPRETING or torch.cuda.is_available()), reason="Triton needs CUDA or TRITON_INTERPRET=1"))]
@@ -215,3 +215,24 @@ def test_gpu_many_rows():
     logp, ent = linear_logprob_entropy(hidden, weight, targets, b, backend="triton", chunk_size=70_001)
     ref_lp, ref_h = reference(hidden.float(), weight.float(), targets, b.float())
     assert max_abs_err(logp, ref_lp) < 1e-2 and max_abs_err(ent, ref_h) < 1e-2
+
+
+# ------------------------------------------------------------------ ahead-of-time compile for sm_90
+
+_STATS_SIG = {"logits_ptr": "*fp32", "stride_logits": "i64", "bias_ptr": "*bf16", "targets_ptr": "*i64",
+              "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32", "V": "i32", "inv_tau": "fp32"}
+_DLOGITS_SIG = {"logits_ptr": "*fp32", "stride_logits": "i64", "dz_ptr": "*bf16", "stride_dz": "i64",
+                "bias_ptr": "*bf16", "targets_ptr": "*i64", "lse_ptr": "*fp32", "entropy_ptr": "*fp32",
+                "g_logp_ptr": "*fp32", "g_entropy_ptr": "*fp32", "V": "i32", "inv_tau": "fp32"}
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("kernel,signature,constexprs", [
+    ("_head_stats_kernel", _STATS_SIG, {"HAS_BIAS": True, "BLOCK_V": 4096}),
+    ("_head_dlogits_kernel", _DLOGITS_SIG,
+     {"HAS_BIAS": True, "HAS_G_LOGP": True, "HAS_G_ENTROPY": True, "BLOCK_V": 4096}),
+    ("_head_dlogits_kernel", _DLOGITS_SIG,
+     {"HAS_BIAS": False, "HAS_G_LOGP": False, "HAS_G_ENTROPY": True, "BLOCK_V": 1024}),
+])
+def test_kernels_compile_for_h100(kernel, signature, constexprs):
+    compile_for_sm90("egrpo.kernels.linear_logprob_entropy", kernel, dict(signature), constexprs)

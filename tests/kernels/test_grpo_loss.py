@@ -1,0 +1,253 @@
+import pytest
+import torch
+
+from egrpo.kernels import grpo_loss, linear_logprob_entropy
+from egrpo.kernels._common import INTERPRETING
+from egrpo.kernels.reference import grpo_loss_reference, linear_logprob_entropy_reference
+from tests.kernels._utils import AllocationTracker, PoisonEmpty, max_abs_err
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not (INTERPRETING or torch.cuda.is_available()), reason="Triton needs CUDA or TRITON_INTERPRET=1"))]
+NORMALIZATIONS = ["token_mean", "sequence_mean", "constant", "weighted"]
+
+
+def make_case(B, T, D, V, dtype, device="cpu", off_policy=True, weights=True):
+    hidden = torch.randn(B, T, D, device=device).to(dtype)
+    weight = (torch.randn(V, D, device=device) * 3 / D**0.5).to(dtype)
+    bias = (torch.randn(V, device=device) * 0.5).to(dtype)
+    targets = torch.randint(0, V, (B, T), device=device)
+    mask = torch.rand(B, T, device=device) > 0.25
+    mask[0, :] = True
+    mask[1, T // 2:] = False  # ragged: post-EOS padding
+    with torch.no_grad():
+        logp, _ = linear_logprob_entropy_reference(hidden.double(), weight.double(), targets, bias.double())
+    kw = dict(ref_logp=(logp + 0.5 * torch.randn_like(logp)).float(), beta=0.1)
+    if off_policy:  # ratios spread well outside [0.8, 1.2] on both sides: clipping is active
+        old = logp + 0.4 * torch.randn_like(logp)
+        old[0, 0], old[0, 1] = logp[0, 0] + 1.0, logp[0, 1] - 1.0  # one token clipped on each side
+        kw["old_logp"] = old.float()
+    if weights:
+        kw["kl_weights"] = torch.rand(B, T, device=device) + 0.5
+        kw["policy_weights"] = torch.rand(B, T, device=device)
+    adv = torch.randn(B, T, device=device)
+    adv[0, 0], adv[0, 1] = -1.0, 1.0
+    return hidden, weight, bias, targets, mask, adv, kw
+
+
+def run(fn, hidden, weight, bias, targets, mask, adv, kw, **extra):
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+    out = fn(leaves[0], leaves[1], targets, mask, adv, leaves[2], **kw, **extra)
+    loss = out[0]
+    grads = torch.autograd.grad(loss, leaves)
+    return out, grads
+
+
+def ref_fn(compute_dtype=None):
+    return lambda *a, **k: grpo_loss_reference(*a, compute_dtype=compute_dtype, **k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize("variant", ["on_policy", "off_policy_weighted"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_parity_values_and_grads(backend, normalization, variant, dtype):
+    B, T, D, V = 3, 7, 16, 1037 if dtype == torch.float32 else 1000
+    off = variant != "on_policy"
+    hidden, weight, bias, targets, mask, adv, kw = make_case(B, T, D, V, dtype, off_policy=off, weights=off)
+    kw["normalization"] = normalization
+    d = lambda t: t.double()  # noqa: E731
+    truth, g_truth = run(ref_fn(torch.float64), d(hidden), d(weight), d(bias), targets, mask, adv, kw)
+    with PoisonEmpty():
+        ours, g_ours = run(grpo_loss, hidden, weight, bias, targets, mask, adv, kw, backend=backend, chunk_size=8)
+    if off:
+        assert ours.clipped_low.any() and ours.clipped_high.any(), "the test must exercise both clip sides"
+        ratio = torch.exp(truth[1].detach() - kw["old_logp"].double())
+        adv_m = adv.double() * mask
+        assert torch.equal(ours.clipped_low, mask & (ratio < 0.8) & (adv_m < 0))
+        assert torch.equal(ours.clipped_high, mask & (ratio > 1.2) & (adv_m > 0))
+    assert torch.equal(ours.advantages, torch.where(mask, adv, torch.zeros_like(adv)))
+    for g, t in zip(g_ours, (hidden, weight, bias)):
+        assert g.dtype == t.dtype
+    if dtype == torch.float32:
+        assert abs(ours.loss.item() - truth[0].item()) < 1e-5 * (1 + abs(truth[0].item()))
+        assert max_abs_err(ours.logp, truth[1]) < 2e-4
+        assert max_abs_err(ours.entropy, truth[2]) < 2e-4
+        assert max_abs_err(ours.kl, truth[3]) < 1e-3
+        for go, gt in zip(g_ours, g_truth):
+            assert max_abs_err(go, gt) / (gt.abs().max().item() + 1e-12) < 1e-4
+    else:
+        eager, g_eager = run(ref_fn(), hidden, weight, bias, targets, mask, adv, kw)
+        assert abs(ours.loss.item() - truth[0].item()) <= abs(eager[0].item() - truth[0].item()) + 1e-2
+        for go, ge, gt in zip(g_ours, g_eager, g_truth):
+            scale = gt.abs().max().item() + 1e-12
+            assert max_abs_err(go, gt) <= max_abs_err(ge, gt) + 2e-2 * scale
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_advantage_fn_matches_precomputed_and_sees_current_entropy(backend):
+    B, T, D, V = 2, 9, 16, 1000
+    hidden, weight, bias, targets, mask, adv, kw = make_case(B, T, D, V, torch.float32)
+    kw["temperature"] = 0.7
+    seen = {}
+
+    def advantage_fn(logp, entropy):
+        seen["logp"], seen["entropy"] = logp, entropy
+        return adv * entropy  # advantages that depend on the current entropies
+
+    ours, g_ours = run(grpo_loss, hidden, weight, bias, targets, mask, None, kw, advantage_fn=advantage_fn,
+                       backend=backend, chunk_size=5)
+    lp, ent = linear_logprob_entropy(hidden, weight, targets, bias, 0.7, backend=backend, chunk_size=5)
+    assert torch.equal(seen["logp"], lp) and torch.equal(seen["entropy"], ent)
+    assert not seen["entropy"].requires_grad
+    truth, g_truth = run(ref_fn(torch.float64), hidden.double(), weight.double(), bias.double(), targets, mask,
+                         (adv * ent).double(), kw)
+    assert abs(ours.loss.item() - truth[0].item()) < 1e-5 * (1 + abs(truth[0].item()))
+    for go, gt in zip(g_ours, g_truth):
+        assert max_abs_err(go, gt) / (gt.abs().max().item() + 1e-12) < 1e-4
+
+
+@pytest.mark.parametrize("normalization", ["token_mean", "sequence_mean", "weighted"])
+def test_shared_normalizer_spans_two_heads(normalization):
+    # Splitting the tokens of a sequence between two calls with shared denominators equals one call.
+    B, T, D, V = 3, 10, 16, 1000
+    hidden, weight, bias, targets, mask, adv, kw = make_case(B, T, D, V, torch.float64, off_policy=True)
+    kw["normalization"] = normalization
+    full, g_full = run(grpo_loss, hidden, weight, bias, targets, mask, adv, kw, backend="torch")
+    m = mask.double()
+    if normalization == "token_mean":
+        den = kl_den = m.sum()
+    elif normalization == "sequence_mean":
+        den = kl_den = m.sum(1)
+    else:
+        den, kl_den = (m * kw["policy_weights"]).sum() + 1e-6, m.sum()
+    split = 4
+    h = hidden.detach().clone().requires_grad_()
+    total = 0
+    for sl in (slice(0, split), slice(split, T)):
+        part_kw = {k: (v[:, sl] if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        total = total + grpo_loss(h[:, sl], weight, targets[:, sl], mask[:, sl], adv[:, sl], bias, backend="torch",
+                                  normalizer=den, kl_normalizer=kl_den, **part_kw).loss
+    (g_h,) = torch.autograd.grad(total, h)
+    assert abs(total.item() - full.loss.item()) < 1e-12
+    assert max_abs_err(g_h, g_full[0]) < 1e-12
+
+
+def test_sequence_advantages_broadcast_and_empty_mask():
+    B, T, D, V = 3, 5, 8, 1000
+    hidden, weight, bias, targets, mask, _, kw = make_case(B, T, D, V, torch.float32, off_policy=False, weights=False)
+    seq = torch.randn(B)
+    a = grpo_loss(hidden, weight, targets, mask, seq, bias, backend="torch", **kw)
+    b = grpo_loss(hidden, weight, targets, mask, seq[:, None].expand(B, T), bias, backend="torch", **kw)
+    assert a.loss.item() == b.loss.item()
+    h = hidden.clone().requires_grad_()
+    empty = grpo_loss(h, weight, targets, torch.zeros(B, T), seq, bias, backend="torch", **kw)
+    empty.loss.backward()
+    assert empty.loss.item() == 0.0 and bool((h.grad == 0).all())
+
+
+def test_frozen_head_gets_no_weight_grad():
+    B, T, D, V = 2, 4, 8, 1000
+    hidden, weight, bias, targets, mask, adv, kw = make_case(B, T, D, V, torch.float32)
+    h = hidden.clone().requires_grad_()
+    out = grpo_loss(h, weight, targets, mask, adv, bias, backend="torch", **kw)
+    (2.0 * out.loss).backward()
+    ref = hidden.double().requires_grad_()
+    (2.0 * grpo_loss_reference(ref, weight.double(), targets, mask, adv, bias.double(), **kw)[0]).backward()
+    assert weight.grad is None and max_abs_err(h.grad, ref.grad) / ref.grad.abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_advantage_fn", [False, True])
+def test_never_allocates_n_by_v(backend, with_advantage_fn):
+    B, T, D, V = 4, 16, 16, 1037
+    N = B * T
+    hidden, weight, bias, targets, mask, adv, kw = make_case(B, T, D, V, torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    extra = dict(advantage_fn=lambda lp, ent: adv * ent) if with_advantage_fn else {}
+    with AllocationTracker() as tracker:
+        out = grpo_loss(leaves[0], leaves[1], targets, mask, None if extra else adv, leaves[2],
+                        backend=backend, chunk_size=8, **kw, **extra)
+        out.loss.backward()
+    assert all(t.grad is not None for t in leaves)
+    assert tracker.max_numel < N * V, (tracker.max_numel, tracker.max_op)
+    assert tracker.max_numel <= max(8 * V, V * D, N * D)
+
+
+def test_errors():
+    B, T, D, V = 2, 4, 8, 1000
+    hidden, weight, bias, targets, mask, adv, _ = make_case(B, T, D, V, torch.float32)
+    call = lambda **k: grpo_loss(**{**dict(hidden=hidden, weight=weight, targets=targets, mask=mask,  # noqa: E731
+                                           advantages=adv, bias=bias, backend="torch"), **k})
+    with pytest.raises(ValueError, match="mask shape"):
+        call(mask=mask[:, :3])
+    with pytest.raises(ValueError, match="advantages must have shape"):
+        call(advantages=adv[:, :3])
+    bad = adv.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="advantages has NaN"):
+        call(advantages=bad)
+    with pytest.raises(ValueError, match="advantage_fn's result has NaN"):
+        call(advantages=None, advantage_fn=lambda lp, ent: ent * float("nan"))
+    with pytest.raises(ValueError, match="advantage_fn's result must have shape"):
+        call(advantages=None, advantage_fn=lambda lp, ent: ent[:, :2])
+    with pytest.raises(ValueError, match="old_logp must have shape"):
+        call(old_logp=torch.zeros(B, T + 1))
+    with pytest.raises(ValueError, match="ref_logp has NaN"):
+        call(ref_logp=torch.full((B, T), float("nan")), beta=0.1)
+    with pytest.raises(ValueError, match="normalization"):
+        call(normalization="mean")
+    with pytest.raises(ValueError, match="normalizer"):
+        call(normalizer=0.0)
+    with pytest.raises(ValueError, match="normalizer"):
+        call(normalizer=torch.ones(B))  # [B] only for sequence_mean
+    with pytest.raises(ValueError, match="beta"):
+        call(beta=-1.0)
+    with pytest.raises(ValueError, match="hidden must have shape"):
+        call(hidden=hidden[0], targets=targets[0], mask=mask[0], advantages=adv[0])
+    with pytest.raises(ValueError, match="advantages must be given"):
+        call(advantages=None)
+    with pytest.raises(ValueError, match="policy_weights"):
+        call(policy_weights=-torch.ones(B, T))
+    with pytest.raises(ValueError, match="targets must be token ids"):
+        call(targets=targets + V)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize("with_advantage_fn", [False, True])
+def test_gpu_parity_bf16(normalization, with_advantage_fn):
+    B, T, D, V = 4, 300, 256, 16387
+    hidden, weight, bias, targets, mask, adv, kw = make_case(B, T, D, V, torch.bfloat16, device="cuda")
+    kw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    kw["normalization"] = normalization
+    extra = dict(advantage_fn=lambda lp, ent: adv) if with_advantage_fn else {}
+    ours, g_ours = run(grpo_loss, hidden, weight, bias, targets, mask, None if extra else adv, kw,
+                       backend="triton", chunk_size=512, **extra)
+    d = lambda t: t.double()  # noqa: E731
+    truth, g_truth = run(ref_fn(torch.float64), d(hidden), d(weight), d(bias), targets, mask, adv, kw)
+    eager, g_eager = run(ref_fn(), hidden, weight, bias, targets, mask, adv, kw)
+    assert abs(ours.loss.item() - truth[0].item()) <= abs(eager[0].item() - truth[0].item()) + 1e-2
+    for go, ge, gt in zip(g_ours, g_eager, g_truth):
+        scale = gt.abs().max().item() + 1e-12
+        assert max_abs_err(go, gt) <= max_abs_err(ge, gt) + 2e-2 * scale
+
+
+@pytest.mark.gpu
+def test_gpu_peak_memory_far_below_eager():
+    B, T, D, V = 16, 576, 2048, 16384
+    hidden, weight, bias, targets, mask, adv, kw = make_case(B, T, D, V, torch.bfloat16, device="cuda",
+                                                             off_policy=False, weights=False)
+    kw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+
+    def peak(fn, **extra):
+        h = hidden.clone().requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn(h, weight, targets, mask, adv, bias, **kw, **extra)[0].backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    ours = peak(grpo_loss, backend="triton", chunk_size=1024)
+    eager = peak(grpo_loss_reference)
+    assert ours * 8 <= eager, (ours, eager)

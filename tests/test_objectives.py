@@ -1,0 +1,290 @@
+import math
+
+import pytest
+import torch
+
+from egrpo.kernels._common import INTERPRETING
+from egrpo.kernels.reference import (
+    eg_grpo_loss_reference,
+    eg_grpo_token_advantages_reference,
+    grpo_loss_reference,
+    linear_logprob_entropy_reference,
+)
+from egrpo.objectives import (
+    OBJECTIVES,
+    HeadBatch,
+    build_objective,
+    eg_grpo_token_advantages,
+    group_advantages,
+)
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not (INTERPRETING or torch.cuda.is_available()), reason="Triton needs CUDA or TRITON_INTERPRET=1"))]
+
+
+def head(B, T, D, V, dtype=torch.float64, padded=False, ref=True, tail_scale=1.0):
+    hidden = torch.randn(B, T, D, dtype=dtype)
+    hidden[:, T // 2:] *= tail_scale  # different entropies at the (padding) tail
+    weight = torch.randn(V, D, dtype=dtype) * 3 / D**0.5
+    bias = torch.randn(V, dtype=dtype) * 0.5
+    targets = torch.randint(0, V, (B, T))
+    mask = torch.ones(B, T, dtype=torch.bool)
+    if padded:  # text CoTs of different lengths
+        for i in range(B):
+            mask[i, torch.randint(2, T, ()).item():] = False
+    ref_logp = None
+    if ref:
+        with torch.no_grad():
+            lp, _ = linear_logprob_entropy_reference(hidden.double(), weight.double(), targets, bias.double())
+        ref_logp = (lp + 0.3 * torch.randn_like(lp)).to(torch.float32)
+    return HeadBatch(hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), targets, mask,
+                     ref_logp=ref_logp)
+
+
+def fresh(batch: HeadBatch) -> HeadBatch:
+    leaves = [t.detach().clone().requires_grad_() for t in (batch.hidden, batch.weight, batch.bias)]
+    return HeadBatch(*leaves, batch.targets, batch.mask, ref_logp=batch.ref_logp, old_logp=batch.old_logp)
+
+
+def grads(batch: HeadBatch):
+    return [batch.hidden.grad, batch.weight.grad, batch.bias.grad]
+
+
+def rel_err(a, b):
+    return (a.double() - b.double()).abs().max().item() / (b.double().abs().max().item() + 1e-12)
+
+
+# ---- group advantages ----------------------------------------------------------------------
+
+def test_group_advantages_formula_and_zero_std_groups():
+    r = torch.tensor([1.0, 2.0, 4.0, 0.5, 0.5, 0.5, 3.0, -1.0, 0.0])
+    a = group_advantages(r, 3)
+    g = r.view(3, 3)
+    expected = ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-4)).reshape(-1)
+    assert torch.allclose(a, expected, atol=1e-6)
+    assert torch.equal(a[3:6], torch.zeros(3)), "a zero-std group gets advantage 0, not NaN"
+    assert torch.allclose(group_advantages(r, 3, scale="none"), (g - g.mean(1, keepdim=True)).reshape(-1))
+    assert torch.allclose(group_advantages(r, 3, scale="batch"),
+                          (g - g.mean(1, keepdim=True)).reshape(-1) / (r.std() + 1e-4))
+    with pytest.raises(ValueError, match="group_size"):
+        group_advantages(r, 4)
+    with pytest.raises(ValueError, match="NaN"):
+        group_advantages(torch.tensor([1.0, float("nan")]), 2)
+    with pytest.raises(ValueError, match="scale"):
+        group_advantages(r, 3, scale="prompt")
+
+
+# ---- EG-GRPO token advantages ----------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eg_token_advantages_576_row_and_sign_property(backend):
+    B, V = 4, 16384
+    entropy = torch.stack([torch.randperm(576).float() for _ in range(B)]) / 576 * math.log(V)
+    adv = torch.tensor([1.5, -0.7, 0.0, 3e-3])
+    a_tok, low, high = eg_grpo_token_advantages(adv, entropy, torch.ones(B, 576), V, backend=backend)
+    assert low.sum(1).tolist() == [115] * B and high.sum(1).tolist() == [287] * B
+    ref, ref_low, ref_high = eg_grpo_token_advantages_reference(adv, entropy, torch.ones(B, 576), V)
+    assert torch.equal(low, ref_low) and torch.equal(high, ref_high)
+    assert torch.allclose(a_tok.double(), ref, atol=1e-6)
+    ratio = a_tok / adv[:, None]
+    for i in (0, 1, 3):
+        assert bool(((ratio[i][high[i]] >= 0.7 - 1e-6) & (ratio[i][high[i]] <= 1.3 + 1e-6)).all())
+        assert bool((a_tok[i][low[i]] == 0).all())
+        middle = ~(low[i] | high[i])
+        assert bool((a_tok[i][middle] == adv[i]).all())
+    assert bool((a_tok[2] == 0).all())
+    assert bool((ratio[0][high[0]] > 1).any()), "the bonus is active"
+
+
+def test_text_padding_excluded_by_default_and_included_in_compat_mode():
+    B, T, V = 3, 30, 1037
+    entropy = torch.rand(B, T) * 3
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[:, 12:] = False
+    entropy[:, 12:] = 6.0  # post-EOS padding with large entropy
+    adv = torch.tensor([1.0, -2.0, 0.5])
+    default, low_d, high_d = eg_grpo_token_advantages(adv, entropy, mask, V, backend="torch")
+    compat, low_c, high_c = eg_grpo_token_advantages(adv, entropy, mask, V, include_invalid=True, backend="torch")
+    ref_d, _, _ = eg_grpo_token_advantages_reference(adv, entropy, mask, V)
+    ref_c, _, _ = eg_grpo_token_advantages_reference(adv, entropy, mask, V, include_invalid=True)
+    assert torch.allclose(default.double() * mask, ref_d * mask, atol=1e-6)
+    assert torch.allclose(compat.double() * mask, ref_c * mask, atol=1e-6)
+    assert high_d.sum(1).tolist() == [5] * B and high_c.sum() == 0  # floor(0.5*12)=6 -> 5 above; padding wins
+    assert not (low_c & ~mask).any() and not (high_d & ~mask).any()
+
+
+# ---- objectives ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eg_grpo_image_only_matches_released_eager(backend):
+    B, T, D, V = 4, 16, 16, 1000
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    image = head(B, T, D, V, dtype)
+    rewards = torch.randn(B)
+    out = build_objective("eg_grpo", backend=backend, chunk_size=24)(rewards, 2, image)
+    out.loss.backward()
+    truth = fresh(image)
+    adv = group_advantages(rewards, 2)
+    expected = eg_grpo_loss_reference(truth.hidden.double(), truth.weight.double(), truth.targets, truth.mask, adv,
+                                      truth.bias.double(), ref_logp=truth.ref_logp, beta=0.01,
+                                      compute_dtype=torch.float64)
+    expected.backward()
+    assert abs(out.loss.item() - expected.item()) < 1e-5
+    for g, gt in zip(grads(image), grads(truth)):
+        assert rel_err(g, gt) < 1e-4
+    assert torch.equal(out.advantages, adv)
+    assert out.metrics["mask/high_frac_image"] == 7 / 16 and out.metrics["mask/low_frac_image"] == 3 / 16
+
+
+def expected_two_part_loss(image, text, rewards, G, *, shape_text=True, shape_image=True, compat=False,
+                           budget_kappa=None, beta=0.01):
+    """Written from ALGORITHMS.md 1-2 with the float64 references; one token mean over both parts."""
+    adv = group_advantages(rewards.double(), G)
+    parts = [("text", text), ("image", image)]
+    n_total = sum(b.mask.double().sum() for _, b in parts)
+    tok = {}
+    for name, b in parts:
+        shaped = shape_text if name == "text" else shape_image
+        if shaped:
+            _, ent = linear_logprob_entropy_reference(b.hidden.double(), b.weight.double(), b.targets, b.bias.double())
+            tok[name] = eg_grpo_token_advantages_reference(adv, ent.detach(), b.mask, b.weight.shape[0],
+                                                           include_invalid=(name == "text" and compat))[0]
+        else:
+            tok[name] = adv[:, None].expand(b.mask.shape)
+    scale = 1.0
+    if budget_kappa is not None:
+        grpo_budget = sum((b.mask.double() * adv.abs()[:, None]).sum() for _, b in parts)
+        eg_budget = sum((b.mask.double() * tok[n].abs()).sum() for n, b in parts)
+        scale = budget_kappa * grpo_budget / eg_budget
+    total = 0
+    for name, b in parts:
+        pg = grpo_loss_reference(b.hidden.double(), b.weight.double(), b.targets, b.mask, tok[name] * scale,
+                                 b.bias.double(), normalizer=n_total, compute_dtype=torch.float64)[0]
+        kl = grpo_loss_reference(b.hidden.double(), b.weight.double(), b.targets, b.mask, torch.zeros_like(tok[name]),
+                                 b.bias.double(), ref_logp=b.ref_logp, beta=beta, normalizer=n_total,
+                                 compute_dtype=torch.float64)[0]
+        total = total + pg + kl
+    return total, scale
+
+
+@pytest.mark.parametrize("config", [
+    dict(),
+    dict(shape_text=False),
+    dict(shape_image=False, include_padding_in_text_percentiles=True),
+    dict(budget_neutral=True, kappa=1.5),
+    dict(budget_neutral=True, shape_image=False),
+])
+def test_eg_grpo_text_and_image_share_one_normalisation(config):
+    B, D = 4, 16
+    image = head(B, 12, D, 1000)
+    text = head(B, 9, D, 1037, padded=True, tail_scale=3.0)  # compat mode must matter
+    rewards = torch.tensor([0.3, 1.0, 2.0, 2.0])  # second group has zero std
+    obj = build_objective("eg_grpo", backend="torch", chunk_size=10, **config)
+    out = obj(rewards, 2, image, text)
+    out.loss.backward()
+    t_img, t_txt = fresh(image), fresh(text)
+    expected, scale = expected_two_part_loss(
+        t_img, t_txt, rewards, 2, shape_text=config.get("shape_text", True),
+        shape_image=config.get("shape_image", True),
+        compat=config.get("include_padding_in_text_percentiles", False),
+        budget_kappa=config.get("kappa", 1.0) if config.get("budget_neutral") else None)
+    expected.backward()
+    assert abs(out.loss.item() - expected.item()) < 1e-5 * (1 + abs(expected.item()))
+    for ours, truth in ((image, t_img), (text, t_txt)):
+        for g, gt in zip(grads(ours), grads(truth)):
+            assert rel_err(g, gt) < 1e-4
+    assert out.advantages[2:].abs().max() == 0
+    if config.get("budget_neutral"):
+        assert abs(out.metrics["budget/scale"] - float(scale)) < 1e-5
+
+
+def test_eg_without_shaping_equals_grpo_and_compat_switch_matters():
+    B, D = 4, 8
+    image, text = head(B, 10, D, 1000), head(B, 8, D, 1037, padded=True)
+    rewards = torch.randn(B, 3)
+    weights = [1.0, 0.5, 2.0]
+    grpo = build_objective("grpo", backend="torch")(rewards, 2, fresh(image), fresh(text), reward_weights=weights)
+    eg_off = build_objective("eg_grpo", backend="torch", shape_text=False, shape_image=False)(
+        rewards, 2, fresh(image), fresh(text), reward_weights=weights)
+    assert abs(grpo.loss.item() - eg_off.loss.item()) < 1e-12
+    assert torch.allclose(grpo.advantages, group_advantages(rewards @ torch.tensor(weights), 2))
+    eg = build_objective("eg_grpo", backend="torch")(rewards, 2, fresh(image), fresh(text), reward_weights=weights)
+    assert abs(eg.loss.item() - grpo.loss.item()) > 1e-6
+
+
+@pytest.mark.parametrize("normalization", ["sequence_mean", "constant"])
+def test_grpo_other_normalisations_span_both_heads(normalization):
+    B, D = 4, 8
+    image, text = head(B, 6, D, 1000), head(B, 5, D, 1037, padded=True)
+    rewards = torch.randn(B)
+    out = build_objective("grpo", backend="torch", normalization=normalization, beta=0.05)(rewards, 2, image, text)
+    adv = group_advantages(rewards.double(), 2)
+    if normalization == "sequence_mean":
+        den = image.mask.double().sum(1) + text.mask.double().sum(1)
+    else:
+        den = torch.tensor(float(B * (6 + 5)), dtype=torch.float64)
+    expected = sum(grpo_loss_reference(b.hidden.double(), b.weight.double(), b.targets, b.mask, adv, b.bias.double(),
+                                       ref_logp=b.ref_logp, beta=0.05, normalization=normalization, normalizer=den)[0]
+                   for b in (image, text))
+    assert abs(out.loss.item() - expected.item()) < 1e-6
+
+
+def test_registry_and_errors():
+    assert {"grpo", "eg_grpo"} <= set(OBJECTIVES)
+    assert build_objective("eg_grpo").c1 == 0.3 and build_objective("eg_grpo").low_q == 0.2
+    with pytest.raises(ValueError, match="unknown objective"):
+        build_objective("ppo")
+    with pytest.raises(ValueError, match="unknown hyper-parameter"):
+        build_objective("grpo", c1=0.3)
+    with pytest.raises(ValueError, match="low_q"):
+        build_objective("eg_grpo", low_q=1.2)
+    with pytest.raises(ValueError, match="must not exceed"):
+        build_objective("eg_grpo", low_q=0.6, high_q=0.5)
+    with pytest.raises(ValueError, match="kappa"):
+        build_objective("eg_grpo", kappa=0)
+    with pytest.raises(ValueError, match="normalization"):
+        build_objective("grpo", normalization="mean")
+    obj = build_objective("eg_grpo", backend="torch")
+    image = head(4, 6, 8, 1000)
+    with pytest.raises(ValueError, match="B = 4"):
+        obj(torch.randn(6), 2, image)
+    with pytest.raises(ValueError, match="group_size"):
+        obj(torch.randn(4), 3, image)
+    with pytest.raises(ValueError, match="NaN"):
+        obj(torch.tensor([1.0, float("nan"), 0.0, 1.0]), 2, image)
+    with pytest.raises(ValueError, match="same B"):
+        obj(torch.randn(4), 2, image, head(2, 6, 8, 1000))
+    with pytest.raises(ValueError, match="vocab_size"):
+        obj(torch.randn(4), 2, head(4, 6, 8, 1))
+
+
+@pytest.mark.gpu
+def test_gpu_eg_grpo_image_head_memory_vs_released_eager():
+    B, T, D, V = 16, 576, 2048, 16384
+    torch.manual_seed(0)
+    hidden = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16)
+    weight = (torch.randn(V, D, device="cuda") * 3 / D**0.5).to(torch.bfloat16)
+    bias = torch.zeros(V, device="cuda", dtype=torch.bfloat16)
+    targets = torch.randint(0, V, (B, T), device="cuda")
+    mask = torch.ones(B, T, dtype=torch.bool, device="cuda")
+    ref_logp = torch.randn(B, T, device="cuda") - 9
+    rewards = torch.randn(B, device="cuda")
+
+    def peak(fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    def ours():
+        image = HeadBatch(hidden.clone().requires_grad_(), weight, bias, targets, mask, ref_logp=ref_logp)
+        build_objective("eg_grpo", backend="triton", chunk_size=1024)(rewards, 8, image).loss.backward()
+
+    def eager():
+        h = hidden.clone().requires_grad_()
+        eg_grpo_loss_reference(h, weight, targets, mask, group_advantages(rewards, 8), bias,
+                               ref_logp=ref_logp).backward()
+
+    assert peak(ours) * 8 <= peak(eager)
