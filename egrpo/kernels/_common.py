@@ -148,6 +148,7 @@ def logits_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 _OUT_DTYPE_MM_OK: Optional[bool] = None
+_OUT_DTYPE_ADDMM_OK: Optional[bool] = None
 
 
 def mm_wide(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -167,3 +168,23 @@ def mm_wide(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.T
         except (TypeError, RuntimeError, NotImplementedError):
             _OUT_DTYPE_MM_OK = False
     return torch.mm(a, b).to(out_dtype)
+
+
+def addmm_wide(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc + a @ b`` with ``acc`` wider than the operands (fp32 accumulator, bf16 operands).
+
+    Returns the new accumulator (in place where the dtypes match). On CUDA the add is fused into
+    the GEMM (cuBLAS with an fp32 C matrix) when torch has ``addmm(..., out_dtype=)``, which saves
+    a read and a write of the whole [V, D] accumulator per chunk.
+    """
+    global _OUT_DTYPE_ADDMM_OK
+    if a.dtype == acc.dtype:
+        return acc.addmm_(a, b)
+    if a.is_cuda and _OUT_DTYPE_ADDMM_OK is not False:
+        try:
+            out = torch.addmm(acc, a, b, out_dtype=acc.dtype)
+            _OUT_DTYPE_ADDMM_OK = True
+            return out
+        except (TypeError, RuntimeError, NotImplementedError):
+            _OUT_DTYPE_ADDMM_OK = False
+    return acc.add_(mm_wide(a, b, acc.dtype))

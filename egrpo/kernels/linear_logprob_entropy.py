@@ -42,6 +42,7 @@ import torch
 
 from ._common import (
     HAS_TRITON,
+    addmm_wide,
     INTERPRETING,
     check_chunk_size,
     check_head_inputs,
@@ -217,9 +218,12 @@ class HeadGrads:
 
 def _accumulate_chunk_grads(grads, dz, rows, x_chunk, w_gemm):
     if grads.dx is not None:
-        grads.dx[rows] = torch.mm(dz, w_gemm).to(grads.dx.dtype)
+        if dz.dtype == grads.dx.dtype:
+            torch.mm(dz, w_gemm, out=grads.dx[rows])
+        else:
+            grads.dx[rows] = torch.mm(dz, w_gemm).to(grads.dx.dtype)
     if grads.dw is not None:
-        grads.dw += mm_wide(dz.t(), x_chunk, grads.dw.dtype)
+        grads.dw = addmm_wide(grads.dw, dz.t(), x_chunk)
     if grads.db is not None:
         grads.db += dz.sum(0, dtype=grads.db.dtype)
 
