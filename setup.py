@@ -23,7 +23,10 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "pillow", "rapidocr-onnxruntime>=1.3"],
+        # Reward adapters: OCR engine with bundled ONNX models (CPU onnxruntime; no torch dependency), optional
+        # scipy for p-values (egrpo.tools.stats has its own fallback). Model-based adapters only need transformers.
+        "rewards": ["pillow", "rapidocr-onnxruntime>=1.3", "scipy"],
         "flash-attn": ["flash-attn>=2.5"],
     },
     entry_points={"console_scripts": ["egrpo=egrpo.cli:main"]},

@@ -308,6 +308,15 @@ class Objective:
             low = low + out.clipped_low.sum()
             high = high + out.clipped_high.sum()
         n_total = torch.as_tensor(n_total).clamp(min=1.0)
+        if "image" in results and rewards.dim() == 1 and rewards.numel() > 2:
+            # the paper's entropy-reward coupling (EG-GRPO findings 1-3), watched during training
+            from egrpo.tools.stats import entropy_reward_correlations
+
+            text_out, text_batch = results.get("text"), dict(parts).get("text")
+            metrics.update(entropy_reward_correlations(
+                rewards, results["image"].entropy,
+                None if text_out is None else text_out.entropy,
+                None if text_batch is None else text_batch.mask))
         metrics["clip/frac_low"] = low / n_total
         metrics["clip/frac_high"] = high / n_total
         return metrics

@@ -1,0 +1,174 @@
+"""The EG-GRPO entropy analysis (paper's findings 1-3): per prompt, N CoTs x M images, with rewards and entropies.
+
+For each prompt, `rollout` samples N CoTs (one image each); M - 1 more images are then sampled for every CoT
+with the same KV-cached CFG loop. One teacher-forced forward (`head_inputs`) gives the per-token entropies:
+
+* CoT tokens: entropy of the LM head's distribution (temperature 1), over the valid CoT tokens;
+* image tokens: entropy of the conditional distribution (``logits="conditional"``, what training uses) or of the
+  CFG-guided sampling distribution ``(u + w (c - u)) / temperature`` (``logits="cfg"``, what the authors'
+  analysis used; the unconditional branch comes from a second teacher-forced pass on the unconditional prompt).
+
+Entropies are normalised by ``ln V`` of their vocabulary (text or image), so they lie in [0, 1]; the std is the
+unbiased std over the tokens of one sample. One JSON line per image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+ENTROPY_SOURCES = ("conditional", "cfg")
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of ``softmax(logits)`` over the last dim; ``-inf`` logits contribute 0."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+
+
+def head_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 rows_per_chunk: int = 1) -> torch.Tensor:
+    """Per-token entropy ``[B, T]`` of ``hidden [B, T, D] @ weight.T (+ bias)``, a few rows at a time."""
+    out = []
+    for start in range(0, hidden.shape[0], rows_per_chunk):
+        logits = hidden[start:start + rows_per_chunk].float() @ weight.float().T
+        if bias is not None:
+            logits = logits + bias.float()
+        out.append(entropy_from_logits(logits))
+    return torch.cat(out, 0)
+
+
+def _stats(values: torch.Tensor) -> Dict[str, float]:
+    values = values.double()
+    if values.numel() == 0:
+        return {"mean": float("nan"), "std": float("nan")}
+    return {"mean": float(values.mean()), "std": float(values.std()) if values.numel() > 1 else 0.0}
+
+
+@torch.no_grad()
+def analyze_prompt(model, tokenizer, prompt: str, metadata: dict, reward_set, cots: int, images: int,
+                   rollout_cfg, generator: torch.Generator, logits: str = "conditional") -> List[dict]:
+    """Records (one per image, CoT-major order) for one prompt; see the module docstring."""
+    from egrpo.trainer.rollout import (cfg_logits, decode_images, head_inputs, rollout, sample_image_tokens,
+                                       unconditional_ids)
+    from egrpo.trainer.tokenizer import janus_tokens
+
+    if logits not in ENTROPY_SOURCES:
+        raise ValueError(f"logits must be one of {ENTROPY_SOURCES}, got {logits!r}")
+    if cots < 0 or images < 1:
+        raise ValueError(f"need cots >= 0 and images >= 1, got cots={cots}, images={images}")
+    cfg = replace(rollout_cfg, cot=cots > 0, group_size=max(cots, 1))
+    ro = rollout(model, tokenizer, [prompt], cfg, generator)
+    n_cot = cfg.group_size
+    if images > 1:
+        rep = lambda t: None if t is None else t.repeat_interleave(images, 0)
+        seq, mask = rep(ro.sequence_ids), rep(ro.attention_mask)
+        extra_rows = torch.arange(n_cot * images, device=seq.device) % images != 0
+        tokens = janus_tokens(tokenizer)
+        model.eval()
+        extra, _ = sample_image_tokens(model, seq[extra_rows], mask[extra_rows], tokens, cfg, generator)
+        image_tokens = rep(ro.image_tokens).clone()
+        image_tokens[extra_rows] = extra
+        pixels = rep(ro.images).clone()
+        pixels[extra_rows] = decode_images(model, extra)
+        ro = replace(ro, prompts=[prompt] * (n_cot * images), sequence_ids=seq, attention_mask=mask,
+                     image_tokens=image_tokens, images=pixels, cot_ids=rep(ro.cot_ids), cot_mask=rep(ro.cot_mask),
+                     cot_positions=rep(ro.cot_positions),
+                     cot_texts=None if ro.cot_texts is None else [t for t in ro.cot_texts for _ in range(images)])
+    image_batch, text_batch = head_inputs(model, ro)
+    if logits == "conditional":
+        image_entropy = head_entropy(image_batch.hidden, image_batch.weight, image_batch.bias)
+    else:
+        uncond = replace(ro, sequence_ids=unconditional_ids(ro.sequence_ids, janus_tokens(tokenizer)),
+                         cot_ids=None, cot_mask=None, cot_positions=None)
+        uncond_batch, _ = head_inputs(model, uncond)
+        rows = []
+        for i in range(image_batch.hidden.shape[0]):
+            cond = image_batch.hidden[i].float() @ image_batch.weight.float().T + image_batch.bias.float()
+            unc = uncond_batch.hidden[i].float() @ image_batch.weight.float().T + image_batch.bias.float()
+            rows.append(entropy_from_logits(cfg_logits(cond, unc, cfg.cfg_scale, cfg.temperature, cfg.top_k)))
+        image_entropy = torch.stack(rows)
+    image_entropy = image_entropy / math.log(image_batch.weight.shape[0])
+    text_entropy = None
+    if text_batch is not None:
+        text_entropy = head_entropy(text_batch.hidden, text_batch.weight) / math.log(text_batch.weight.shape[0])
+
+    meta = [dict(metadata or {}) for _ in ro.prompts]
+    per_function = reward_set(ro.images, ro.prompts, meta).float().cpu()
+    total = reward_set.combine(per_function)
+    records = []
+    for row in range(per_function.shape[0]):
+        record = {
+            "prompt": prompt,
+            "cot_index": row // images,
+            "image_index": row % images,
+            "cot": ro.cot_texts[row] if ro.cot_texts is not None else None,
+            "rewards": {name: float(per_function[row, k]) for k, name in enumerate(reward_set.names)},
+            "reward": float(total[row]),
+            "entropy_logits": logits,
+            "entropy_normalised": True,
+        }
+        image_stats = _stats(image_entropy[row])
+        record["image_entropy_mean"], record["image_entropy_std"] = image_stats["mean"], image_stats["std"]
+        if text_entropy is not None:
+            valid = text_batch.mask[row].bool()
+            text_stats = _stats(text_entropy[row][valid])
+            record["cot_entropy_mean"], record["cot_entropy_std"] = text_stats["mean"], text_stats["std"]
+            record["cot_tokens"] = int(valid.sum())
+        else:
+            record["cot_entropy_mean"] = record["cot_entropy_std"] = None
+        records.append(record)
+    return records
+
+
+def analyze(model, tokenizer, prompts: Sequence[str], metadata: Optional[Sequence[dict]], reward_set, cots: int,
+            images: int, rollout_cfg, seed: int = 0, logits: str = "conditional", out=None,
+            progress: bool = True) -> List[dict]:
+    """`analyze_prompt` over ``prompts`` (prompt ``k`` seeded with ``seed + k``); writes JSON lines to the open
+    file ``out`` as it goes when given."""
+    from tqdm.auto import tqdm
+
+    device = model.lm_head.weight.device
+    records = []
+    for k, prompt in enumerate(tqdm(list(prompts), desc="analyze", disable=not progress)):
+        generator = torch.Generator(device=device).manual_seed(seed + k)
+        rows = analyze_prompt(model, tokenizer, prompt, (metadata or [{}] * len(prompts))[k], reward_set, cots,
+                              images, rollout_cfg, generator, logits)
+        for row in rows:
+            row["prompt_index"] = k
+            row["seed"] = seed + k
+            if out is not None:
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+        records += rows
+    return records
+
+
+def load_prompts(path: str) -> tuple:
+    """Prompts and metadata from a ``.txt`` (one prompt a line) or ``.jsonl``/``.json`` (``{"prompt": ...,
+    **metadata}`` records) file."""
+    prompts, metadata = [], []
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".json"):
+            items: Iterable = json.load(f)
+        elif path.endswith(".jsonl"):
+            items = [json.loads(line) for line in f if line.strip()]
+        else:
+            items = [line.strip() for line in f if line.strip()]
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            prompts.append(item)
+            metadata.append({})
+        elif isinstance(item, dict) and isinstance(item.get("prompt"), str):
+            prompts.append(item["prompt"])
+            metadata.append({k: v for k, v in item.items() if k != "prompt"})
+        else:
+            raise ValueError(f"{path}: record {i} is neither a string nor a dict with a 'prompt' string")
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts, metadata

@@ -1,0 +1,188 @@
+"""Config loading, overrides and validation; the colour reward and the reward set; the published recipes."""
+
+import glob
+import json
+import os
+
+import pytest
+import torch
+
+from egrpo.trainer.config import ConfigError, load_config, load_prompts, parse_value
+from egrpo.trainer.rewards import REWARDS, ColourReward, build_rewards, colours_in
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEMO = os.path.join(ROOT, "configs", "demo.yaml")
+
+
+def write(tmp_path, text, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_demo_loads_and_validates():
+    cfg = load_config(DEMO).validate(world_size=1)
+    assert cfg.objective.name == "eg_grpo"
+    assert cfg.model.tiny is not None and cfg.model.path is None
+    assert cfg.rewards[0].name == "colour"
+    assert cfg.rollout.group_size >= 2
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(DEMO, ["train.steps=20", "optim.lr=1e-5", "optim.betas=[0.9,0.95]", "rewards.0.weight=2",
+                             "objective.c1=0.25", "model.tiny.num_layers=1", "deepspeed.zero_stage=2",
+                             "rollout.top_k=null", "data.shuffle=false"])
+    assert cfg.train.steps == 20 and isinstance(cfg.train.steps, int)
+    assert cfg.optim.lr == 1e-5 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.betas == (0.9, 0.95)
+    assert cfg.rewards[0].weight == 2.0
+    assert cfg.objective.hparams["c1"] == 0.25
+    assert cfg.model.tiny["num_layers"] == 1
+    assert cfg.deepspeed.zero_stage == 2
+    assert cfg.rollout.top_k is None
+    assert cfg.data.shuffle is False
+    # YAML 1.1 reads "1e-5" as a string; overrides must not.
+    assert parse_value("1e-5") == 1e-5 and parse_value("3") == 3 and parse_value("true") is True
+
+
+def test_int_fields_accept_integral_floats_and_reject_others(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.steps: expected an integer"):
+        load_config(DEMO, ["train.steps=2.5"])
+    with pytest.raises(ConfigError, match=r"optim\.lr: expected a number"):
+        load_config(DEMO, ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match=r"optim\.betas: expected 2 values"):
+        load_config(DEMO, ["optim.betas=[0.9]"])
+
+
+def test_unknown_keys_name_key_and_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'stepz' in section 'train'"):
+        load_config(DEMO, ["train.stepz=3"])
+    with pytest.raises(ConfigError, match=r"unknown key 'lrr' in section 'optim'"):
+        load_config(write(tmp_path, "optim: {lrr: 0.1}\n"))
+    with pytest.raises(ConfigError, match=r"unknown section\(s\) \['trian'\]"):
+        load_config(write(tmp_path, "trian: {steps: 1}\n"))
+    with pytest.raises(ConfigError, match=r"unknown section 'trian'"):
+        load_config(DEMO, ["trian.steps=3"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(DEMO, ["train.steps"])
+    with pytest.raises(ConfigError, match="index 3 out of range"):
+        load_config(DEMO, ["rewards.3.weight=1"])
+
+
+def test_validation_errors_are_clear():
+    with pytest.raises(ConfigError, match=r"rollout\.group_size must be >= 2"):
+        load_config(DEMO, ["rollout.group_size=1"]).validate()
+    with pytest.raises(ConfigError, match=r"prompts_per_step=3 is not divisible by the number of processes \(2\)"):
+        load_config(DEMO, ["data.prompts_per_step=3"]).validate(world_size=2)
+    with pytest.raises(ConfigError, match=r"not divisible by optim\.grad_accum=2"):
+        load_config(DEMO, ["data.prompts_per_step=2", "optim.grad_accum=2"]).validate(world_size=2)
+    with pytest.raises(ConfigError, match=r"model\.path is required"):
+        load_config(DEMO, ["model.tiny=null"]).validate()
+    with pytest.raises(ConfigError, match=r"rewards\[0\]\.name='nope' is not a registered reward"):
+        load_config(DEMO, ["rewards.0.name=nope"]).validate()
+    with pytest.raises(ConfigError, match=r"objective\.name='ppo' is unknown"):
+        load_config(DEMO, ["objective.name=ppo"]).validate()
+    with pytest.raises(ConfigError, match=r"deepspeed\.bf16 is false but model\.dtype is 'bf16'"):
+        load_config(DEMO, ["model.dtype=bf16", "deepspeed.bf16=false"]).validate()
+    with pytest.raises(ConfigError, match=r"optim\.schedule"):
+        load_config(DEMO, ["optim.schedule=step"]).validate()
+    with pytest.raises(ConfigError, match=r"data\.prompts_file .* does not exist"):
+        load_config(DEMO, ["data.prompts=null", "data.prompts_file=/nonexistent.txt"]).validate()
+
+
+def test_prompt_files(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("a red cube\n\na blue ball\n")
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text(json.dumps({"prompt": "two cats", "nouns": ["cat"]}) + "\n" + json.dumps({"prompt": "a dog"}) + "\n")
+    cfg = load_config(DEMO, ["data.prompts=null", f"data.prompts_file={txt}"]).validate()
+    assert load_prompts(cfg.data) == (["a red cube", "a blue ball"], [{}, {}])
+    cfg = load_config(DEMO, ["data.prompts=null", f"data.prompts_file={jsonl}"]).validate()
+    assert load_prompts(cfg.data) == (["two cats", "a dog"], [{"nouns": ["cat"]}, {}])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"text": "x"}]))
+    cfg = load_config(DEMO, ["data.prompts=null", f"data.prompts_file={bad}"])
+    with pytest.raises(ConfigError, match=r"\[0\]: expected a string or a mapping with a 'prompt'"):
+        load_prompts(cfg.data)
+
+
+# The published recipes (ALGORITHMS.md sections 1-3). Their reward names refer to adapters a later module
+# registers, so only the hyper-parameters are checked here, not the reward registry.
+RECIPES = {
+    "eg_grpo_janus_pro_7b.yaml": dict(objective="eg_grpo", beta=0.01, lr=1e-6, grad_accum=2),
+    "grpo_baseline.yaml": dict(objective="grpo", beta=0.01, lr=1e-6, grad_accum=2),
+    "stage_geneval.yaml": dict(objective="stage", beta=0.03, lr=5e-6, grad_accum=1, entropy_reward=True),
+    "stage_hps.yaml": dict(objective="stage", beta=0.01, lr=1e-6, grad_accum=2, entropy_reward=False),
+    "stage_ocr.yaml": dict(objective="stage", beta=0.01, lr=1e-6, entropy_reward=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_published_recipes(name):
+    want = RECIPES[name]
+    cfg = load_config(os.path.join(ROOT, "configs", name))
+    assert cfg.objective.name == want["objective"]
+    assert cfg.objective.hparams["beta"] == want["beta"]
+    assert cfg.optim.lr == want["lr"]
+    if "grad_accum" in want:
+        assert cfg.optim.grad_accum == want["grad_accum"]
+    if "entropy_reward" in want:
+        assert cfg.objective.hparams["entropy_reward"] is want["entropy_reward"]
+    assert cfg.rollout.group_size == 8 and cfg.rollout.cfg_scale == 5.0 and cfg.rollout.temperature == 1.0
+    assert cfg.rollout.image_tokens == 576 and cfg.train.steps == 1600
+    assert cfg.model.path and cfg.model.tiny is None
+    from egrpo.objectives import build_objective
+
+    build_objective(cfg.objective.name, **cfg.objective.hparams)   # every hyper-parameter is known
+
+
+def test_all_configs_are_covered():
+    names = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))}
+    assert names == set(RECIPES) | {"demo.yaml"}
+
+
+# ---------------------------------------------------------------------------------------------- rewards
+
+
+def solid(rgb, h=4, w=4):
+    return torch.tensor(rgb, dtype=torch.float32)[:, None, None].expand(3, h, w)
+
+
+def test_colour_reward_values():
+    red, blue, grey = solid((1, 0, 0)), solid((0, 0, 1)), solid((0.5, 0.5, 0.5))
+    half = red.clone()
+    half[:, :, 2:] = blue[:, :, 2:]
+    images = torch.stack([red, blue, half, grey, red])
+    prompts = ["a red apple", "a red apple", "a RED car.", "a red car", "a dog"]
+    hard = ColourReward(tolerance=0.5, soft=False)(images, prompts, [{}] * 5)
+    torch.testing.assert_close(hard, torch.tensor([1.0, 0.0, 0.5, 0.0, 0.0]))
+    soft = ColourReward(tolerance=1.0)(images, prompts, [{}] * 5)
+    d_grey = (0.25 + 0.25 + 0.25) ** 0.5
+    torch.testing.assert_close(soft, torch.tensor([1.0, 0.0, 0.5, 1 - d_grey, 0.0]))
+    # Several colours: the nearest counts; metadata overrides the prompt.
+    two = ColourReward(tolerance=0.5, soft=False)(images[:3], ["red or blue"] * 3, [{}] * 3)
+    torch.testing.assert_close(two, torch.ones(3))
+    meta = ColourReward(tolerance=0.5, soft=False)(images[:2], ["a red apple"] * 2, [{"colours": ["blue"]}] * 2)
+    torch.testing.assert_close(meta, torch.tensor([0.0, 1.0]))
+    assert colours_in("Red, GREEN and red") == ["red", "green"]
+
+
+def test_reward_set_and_errors():
+    assert "colour" in REWARDS
+    images = torch.stack([solid((1, 0, 0)), solid((0, 0, 1))])
+    rs = build_rewards([{"name": "colour", "weight": 2.0, "tolerance": 0.5, "soft": False},
+                        {"name": "egrpo.trainer.rewards:ColourReward", "weight": 0.5, "palette": {"red": (0, 0, 1)}}])
+    per = rs(images, ["red", "red"], [{}, {}])
+    torch.testing.assert_close(per, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    torch.testing.assert_close(rs.combine(per), torch.tensor([2.0, 0.5]))
+    assert rs.names == ["colour", "ColourReward"]
+    with pytest.raises(ValueError, match=r"images must be a \[B, 3, H, W\]"):
+        rs(images[:, :2], ["red", "red"], [{}, {}])
+    with pytest.raises(ValueError, match="one entry per image"):
+        rs(images, ["red"], [{}, {}])
+    with pytest.raises(ValueError, match="unknown reward 'no_such_reward'"):
+        build_rewards([{"name": "no_such_reward"}])
+    with pytest.raises(ValueError, match=r"rewards\[0\] \('colour'\): bad arguments"):
+        build_rewards([{"name": "colour", "sharpness": 2}])
+    with pytest.raises(ValueError, match="tolerance must be > 0"):
+        ColourReward(tolerance=0)
