@@ -12,7 +12,7 @@ PYTEST_WORKERS ?= 2
 # already carry torch/triton/transformers).
 PIP_DEPS_FLAG := $(if $(EGRPO_NO_DEPS),--no-deps,)
 
-.PHONY: setup test bench bench-pytest gpu-check clean
+.PHONY: setup demo test bench bench-pytest gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -24,19 +24,34 @@ $(STAMP): setup.py | $(PY)
 
 setup: $(STAMP)
 
+# The project's main job: EG-GRPO on a tiny random Janus with the built-in colour reward, on CPU.
+# Prints where the metrics, the reward/entropy plot, the sample grids and the checkpoint were written.
+demo: setup
+	$(VENV)/bin/egrpo train --config configs/demo.yaml train.out_dir=runs/demo
+
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) -q tests
 
+# Kernel micro-benchmarks: writes bench/results/suite_<cpu|cuda>.json and re-renders bench/README.md
+# and bench/plots/*.png. On a CPU it runs small shapes (a few minutes on 2 cores).
 bench: setup
-	$(PY) -m bench.bench_head
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m bench.suite
 
-bench-pytest: setup
-	$(PY) -m pytest bench/test_bench_head.py --benchmark-enable -q
+bench-py# The project's main job: EG-GRPO on a tiny random Janus with the built-in colour reward, on CPU.
+# Prints where the metrics, the reward/entropy plot, the sample grids and the checkpoint were written.
+demo: setup
+	$(VENV)/bin/egrpo train --config configs/demo.yaml train.out_dir=runs/demo
 
+test: setup
+	$(PY) -m pytest bench/test_bench_suite.py --benchmark-enable -q
+
+# On a CUDA machine: the GPU-only tests (compiled Triton), then the full suite at the KERNELS.md
+# section 5 shapes (bench/results/suite_cuda.json, bench/README.md with the issue-7 verdicts).
 gpu-check: setup
 	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check needs a CUDA GPU')"
-	$(PY) -m pytest -q -m gpu tests 2>&1 | tee bench/results/gpu_tests.log
-	$(PY) -m bench.bench_head
+	mkdir -p bench/results
+	$(PY) -m pytest -q -m gpu tests 2>&1 | tee bench/results/gpu_tests.log; tests_rc=$$?; \
+	$(PY) -m bench.suite --device cuda 2>&1 | tee bench/results/suite_cuda.log && exit $$tests_rc
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,278 @@
+"""Render ``bench/results/suite_*.json`` into ``bench/README.md`` (markdown tables) and PNG plots.
+
+    python -m bench.render            # re-render from whatever results exist
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+BENCH_DIR = Path(__file__).resolve().parent
+OP_TITLES = {
+    "head": "Fused head: log-prob + entropy",
+    "grpo": "GRPO loss, GRPO mode (sequence advantages, k3 KL)",
+    "eg_grpo": "GRPO loss, EG-GRPO mode (entropy-shaped token advantages)",
+    "stage": "GRPO loss, STAGE mode (similarity weights, weighted normalisation)",
+    "entropy_masks": "Entropy percentile masks (20% / 50%, per row)",
+    "similarity": "STAGE cross-sample similarity",
+}
+DEVICE_TITLES = {"cuda": "GPU", "cpu": "CPU"}
+
+
+def load_reports(results_dir: Path) -> Dict[str, dict]:
+    out = {}
+    for dev in ("cuda", "cpu"):
+        p = results_dir / f"suite_{dev}.json"
+        if p.exists():
+            out[dev] = json.loads(p.read_text())
+    return out
+
+
+def _ms(stat: Optional[dict]) -> str:
+    if not stat:
+        return "n/a"
+    return f"{stat['median']:.3g} [{stat['p20']:.3g}, {stat['p80']:.3g}]"
+
+
+def _ratio(v: Optional[float], fmt="{:.2f}x") -> str:
+    return "n/a" if v is None else fmt.format(v)
+
+
+def _pct(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def _mib(b: Optional[int]) -> str:
+    return "n/a" if b is None else f"{b / 2**20:.1f}"
+
+
+def _entropy(r) -> str:
+    return {True: "yes", False: "**no** (cannot)", None: "n/a"}[r.get("computes_entropy")]
+
+
+def _check(r) -> str:
+    c = r.get("check_vs_eager")
+    if r["impl"] == "eager":
+        return "(reference)"
+    if not c:
+        return "n/a"
+    return f"{c['max_abs_diff']:.2g}"
+
+
+def row_table(rows: List[dict]) -> List[str]:
+    lines = [
+        "| case | implementation | fwd ms | bwd ms | fwd+bwd ms | speed-up vs eager (fwd+bwd) | of matmul floor (fwd+bwd) "
+        "| peak MiB | memory vs eager | entropy | max abs diff vs eager | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["status"] != "ok":
+            why = r["reason"] if r["reason"].startswith(r["status"]) else f"{r['status']}: {r['reason']}"
+            lines.append(f"| {r['case']} | {r['label']} | {why} | | | | | | | | | |")
+            continue
+        frac = (r.get("fraction_of_floor") or {}).get("forward_backward_ms")
+        spd = (r.get("speedup_vs_eager") or {}).get("forward_backward_ms")
+        lines.append(
+            f"| {r['case']} | {r['label']} | {_ms(r.get('forward_ms'))} | {_ms(r.get('backward_ms'))} "
+            f"| {_ms(r.get('forward_backward_ms'))} | {_ratio(spd)} | {_pct(frac)} | {_mib(r.get('peak_bytes'))} "
+            f"| {_ratio(r.get('memory_vs_eager'), '{:.3f}')} | {_entropy(r)} | {_check(r)} | {'; '.join(r.get('notes') or [])} |"
+        )
+    return lines
+
+
+def _find(report, op, case, impl):
+    for r in report["rows"]:
+        if r["op"] == op and r["case"] == case and r["impl"] == impl:
+            return r
+    return None
+
+
+def goals(report: Optional[dict]) -> List[str]:
+    """Issue 7's targets, evaluated on the GPU results (H100)."""
+    lines = ["| target | measured | verdict |", "|---|---|---|"]
+    if report is None:
+        for t in ("fused head fwd+bwd >= 70% of the matmul floor (image case)",
+                  "fused head fwd+bwd >= 2x faster than eager (image case)",
+                  "fused head peak memory <= 1/8 of eager (image case)",
+                  "our GRPO loss faster than Liger's chunked GRPO loss at <= its memory (image case)"):
+            lines.append(f"| {t} | not measured yet (no GPU run) | - |")
+        return lines
+    head = _find(report, "head", "image", "ours_triton")
+    grpo, liger = _find(report, "grpo", "image", "ours_triton"), _find(report, "grpo", "image", "liger_grpo")
+
+    def ok(r):
+        return r is not None and r["status"] == "ok"
+
+    if ok(head):
+        frac = head["fraction_of_floor"]["forward_backward_ms"]
+        spd = head["speedup_vs_eager"]["forward_backward_ms"]
+        mem = head["memory_vs_eager"]
+        lines.append(f"| fused head fwd+bwd >= 70% of the matmul floor | {_pct(frac)} | {'met' if frac and frac >= 0.7 else 'MISSED'} |")
+        lines.append(f"| fused head >= 2x faster than eager | {_ratio(spd)} | {'met' if spd and spd >= 2 else 'MISSED'} |")
+        lines.append(f"| fused head memory <= 1/8 of eager | {_ratio(mem, '{:.3f}')} of eager "
+                     f"| {'met' if mem is not None and mem <= 0.125 else 'MISSED'} |")
+    else:
+        lines.append(f"| fused head targets | {head['status'] + ': ' + str(head['reason']) if head else 'no row'} | MISSED |")
+    if ok(grpo) and ok(liger):
+        t_o, t_l = grpo["forward_backward_ms"]["median"], liger["forward_backward_ms"]["median"]
+        m_o, m_l = grpo["peak_bytes"], liger["peak_bytes"]
+        verdict = "met" if (t_o < t_l and m_o <= m_l) else "MISSED"
+        lines.append(f"| GRPO loss faster than Liger at <= memory | ours {t_o:.3g} ms / {_mib(m_o)} MiB vs Liger "
+                     f"{t_l:.3g} ms / {_mib(m_l)} MiB | {verdict} |")
+    else:
+        lines.append("| GRPO loss vs Liger | a row did not run | MISSED |")
+    return lines
+
+
+def plot(report: dict, plots_dir: Path) -> List[Path]:
+    """Time and memory (fwd+bwd) vs N and vs V for the swept ops; one PNG per sweep axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dev = report["device_type"]
+    paths = []
+    for axis in ("N", "V"):
+        rows = [r for r in report["rows"] if r["shape"].get("sweep") == axis and r["status"] == "ok"]
+        if not rows:
+            continue
+        ops = sorted({r["op"] for r in rows}, key=lambda o: list(OP_TITLES).index(o))
+        fig, axes = plt.subplots(len(ops), 2, figsize=(11, 3.8 * len(ops)), squeeze=False)
+        for i, op in enumerate(ops):
+            for impl in sorted({r["impl"] for r in rows if r["op"] == op}):
+                pts = sorted((r["shape"][axis], r) for r in rows if r["op"] == op and r["impl"] == impl)
+                xs = [p[0] for p in pts]
+                label = pts[0][1]["label"]
+                axes[i][0].plot(xs, [p[1]["forward_backward_ms"]["median"] for p in pts], "o-", label=label)
+                mem = [(x, p["peak_bytes"] / 2**20) for x, p in pts if p.get("peak_bytes") is not None]
+                if mem:
+                    axes[i][1].plot([m[0] for m in mem], [m[1] for m in mem], "o-", label=label)
+            floor = sorted((r["shape"][axis], r["floor_ms"]["forward_backward_ms"]) for r in rows
+                           if r["op"] == op and r.get("floor_ms"))
+            if floor:
+                axes[i][0].plot([f[0] for f in floor], [f[1] for f in floor], "k--", label="matmul floor (6NDV)")
+            fixed = {k: v for k, v in rows[0]["shape"].items() if k in ("N", "D", "V") and k != axis}
+            for j, what in enumerate(("fwd+bwd time (ms, median)", "peak memory above inputs (MiB)")):
+                ax = axes[i][j]
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set_xlabel(axis)
+                ax.set_ylabel(what)
+                ax.set_title(f"{op}: {what.split(' (')[0]} vs {axis} ({', '.join(f'{k}={v}' for k, v in fixed.items())})",
+                             fontsize=9)
+                ax.grid(True, which="both", alpha=0.3)
+                ax.legend(fontsize=7)
+        fig.suptitle(f"{DEVICE_TITLES[dev]}: {report['device']} ({report['dtype']})", fontsize=10)
+        fig.tight_layout()
+        plots_dir.mkdir(parents=True, exist_ok=True)
+        path = plots_dir / f"{dev}_sweep_{axis}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def device_section(dev: str, report: Optional[dict], readme_dir: Path, plots_dir: Path) -> List[str]:
+    title = DEVICE_TITLES[dev]
+    lines = [f"## {title} results", ""]
+    if report is None:
+        lines += [f"**Not measured yet.** No `results/suite_{dev}.json`: run "
+                  f"`{'make gpu-check' if dev == 'cuda' else 'make bench'}` on a "
+                  f"{'CUDA machine (H100 for the issue-7 targets)' if dev == 'cuda' else 'CPU'}.", ""]
+        return lines
+    v = report["versions"]
+    lines += [
+        f"- device: {report['device']}; dtype {report['dtype']}; date {report['date']}; host `{report['host']}`",
+        f"- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
+        f"- matmul rate measured in this run: {report['matmul']['flops_per_s'] / 1e12:.3f} TFLOP/s "
+        f"({report['matmul']['dtype']} {report['matmul']['n']}^3 GEMM); floor = 6NDV / that rate",
+        f"- {report['reps']} timed repetitions after {report['warmup']} warm-up; times are "
+        f"`median [p20, p80]` in ms; {report['wall_s']:.0f} s for the whole run",
+    ]
+    if dev == "cpu":
+        lines += ["- **CPU numbers are noisy**: this machine's 2 cores are shared with other jobs, so timings can "
+                  "move by tens of percent between runs; read the ratios, not the absolute values, and only "
+                  "as an indication. CPU shapes are scaled down (D = 128, 2 samples per case) from the GPU cases."]
+    lines += [""]
+    shape_of = {}
+    for c in report["cases"]:
+        shape_of[c["name"]] = c
+    main_cases = [c for c in report["cases"] if c.get("sweep") is None]
+    lines += ["Cases: " + "; ".join(f"**{c['name']}** N={c['N']} (B={c['N'] // c['T']} x T={c['T']}), D={c['D']}, "
+                                    f"V={c['V']}{', bias' if c['bias'] else ''}" for c in main_cases), ""]
+    for op in report["ops"]:
+        rows = [r for r in report["rows"] if r["op"] == op and r["shape"].get("sweep") is None]
+        if not rows:
+            continue
+        lines += [f"### {OP_TITLES.get(op, op)}", ""] + row_table(rows) + [""]
+    sweep_rows = [r for r in report["rows"] if r["shape"].get("sweep") is not None]
+    if sweep_rows:
+        lines += ["### Sweeps over N and V (fwd+bwd)", ""]
+        for path in plot(report, plots_dir):
+            lines += [f"![{path.stem}]({path.relative_to(readme_dir).as_posix()})", ""]
+        lines += ["<details><summary>sweep table</summary>", ""] + row_table(sweep_rows) + ["", "</details>", ""]
+    return lines
+
+
+HEADER = """# Kernel benchmarks
+
+Generated by `python -m bench.suite` (`make bench` on CPU, `make gpu-check` on a CUDA machine) from
+`bench/results/suite_<cpu|cuda>.json`; re-render with `python -m bench.render`. Do not edit by hand.
+
+What is measured, per op x case x implementation:
+
+- **time**: forward (autograd on), backward, and their sum, each the median `[p20, p80]` over the timed
+  repetitions (CUDA events on GPU, `perf_counter` on CPU);
+- **speed-up vs eager**: eager's median fwd+bwd time over this row's;
+- **of matmul floor**: 6NDV FLOPs over the GEMM rate measured at the start of the same run (bf16 on GPU, fp32
+  on CPU), divided by this row's fwd+bwd time (1.0 = as fast as the GEMMs alone could be; ours needs 6NDV
+  (GRPO, STAGE) or 8NDV (head with autograd, EG-GRPO) of GEMM work);
+- **peak MiB**: peak memory above the inputs during one forward+backward (CUDA allocator peak; on CPU the
+  peak RSS of a fresh forked child per row; gradients of the inputs are included);
+- **max abs diff vs eager**: per-token log-probs (head), loss (loss ops), mask disagreement (masks: 1 = some
+  token differs), similarity values; Liger's fused CE gives only a summed loss, compared as a mean log-prob.
+
+A peer that cannot compute a quantity keeps its row: `n/a: ...` (cannot), `needs CUDA ...` (can, not on this
+machine), `**no** (cannot)` in the entropy column (log-prob-only peers). Peers: `F.linear_cross_entropy` with
+`LinearCrossEntropyOptions()` (PyTorch's chunked path), Liger-Kernel's `LigerFusedLinearCrossEntropyLoss` and
+`LigerFusedLinearGRPOLoss` (`loss_type="bnpo"` = our token-mean normalisation, `beta` and the k3 KL as ours).
+The eager baselines are `egrpo.kernels.reference` (`linear_logprob_entropy_reference`, `grpo_loss_reference`,
+`eg_grpo_loss_reference`, which follows the released EG-GRPO code) plus, for STAGE and the masks, the
+trainer-style eager code in `bench/ops.py`.
+"""
+
+
+CAPACITY = """## Training capacity (issue 7, second part)
+
+**Not done yet.** The capacity harness (`bench/bench_capacity.py`: largest images per micro-batch that fit
+one training step of Janus-Pro-1B/-7B-shaped random-weight models, fused vs eager heads, with/without a
+256-token CoT, and the step time split into rollout / reward / loss / update; a CPU tiny-size smoke test) is
+not written. The trainer it drives (`egrpo/trainer/train.py`, `egrpo/trainer/model.py`) was still being
+written when this suite was; its entry points (`train(cfg)`, `build_model(ModelConfig, device)`,
+`micro_loss(..., head_impl=...)`) import, which is what the harness would build on.
+"""
+
+
+def render(results_dir: Path, readme: Path, plots_dir: Optional[Path] = None) -> Path:
+    reports = load_reports(results_dir)
+    plots_dir = plots_dir or readme.parent / "plots"
+    lines = [HEADER, "## Issue 7 targets (H100, image case)", ""] + goals(reports.get("cuda")) + [""]
+    for dev in ("cuda", "cpu"):
+        lines += device_section(dev, reports.get(dev), readme.parent, plots_dir)
+    lines += [CAPACITY]
+    readme.write_text("\n".join(lines).rstrip() + "\n")
+    return readme
+
+
+def main(argv=None) -> int:
+    render(BENCH_DIR / "results", BENCH_DIR / "README.md")
+    print(f"rendered {BENCH_DIR / 'README.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
