@@ -37,12 +37,7 @@ test: setup
 bench: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m bench.suite
 
-bench-py# The project's main job: EG-GRPO on a tiny random Janus with the built-in colour reward, on CPU.
-# Prints where the metrics, the reward/entropy plot, the sample grids and the checkpoint were written.
-demo: setup
-	$(VENV)/bin/egrpo train --config configs/demo.yaml train.out_dir=runs/demo
-
-test: setup
+bench-pytest: setup
 	$(PY) -m pytest bench/test_bench_suite.py --benchmark-enable -q
 
 # On a CUDA machine: the GPU-only tests (compiled Triton), then the full suite at the KERNELS.md
