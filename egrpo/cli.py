@@ -8,6 +8,8 @@ import sys
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="egrpo", description=__doc__)
+    # the `deepspeed` launcher passes --local_rank=N (LOCAL_RANK is read from the environment instead)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="run the fused-head kernel benchmark (see bench/README.md)")
     bench.add_argument("args", nargs=argparse.REMAINDER)
