@@ -348,6 +348,19 @@ class GRPOObjective(Objective):
         return self.finish(loss, self.base_metrics(r, adv, loss, results, parts), adv)
 
 
+# EG-GRPO token-shaping hyper-parameters (ALGORITHMS.md 2), shared with STAGE's token_shaping="eg".
+EG_SHAPING_HPARAMS: Dict[str, object] = {
+    "c1": 0.3,                # bonus cap, fraction of |A|
+    "c2": 0.3,                # bonus slope on normalised entropy
+    "low_q": 0.2,             # low-entropy percentile (tokens below: advantage zeroed)
+    "high_q": 0.5,            # high-entropy percentile (tokens above: bonus)
+    "percentile_method": "index",
+    "shape_text": True,
+    "shape_image": True,
+    "include_padding_in_text_percentiles": False,
+}
+
+
 @register_objective("eg_grpo")
 class EGGRPOObjective(Objective):
     """EG-GRPO (ALGORITHMS.md 2), released-code semantics by default.
@@ -371,14 +384,7 @@ class EGGRPOObjective(Objective):
 
     HPARAMS = {
         **Objective.HPARAMS,
-        "c1": 0.3,
-        "c2": 0.3,
-        "low_q": 0.2,
-        "high_q": 0.5,
-        "percentile_method": "index",
-        "shape_text": True,
-        "shape_image": True,
-        "include_padding_in_text_percentiles": False,
+        **EG_SHAPING_HPARAMS,
         "budget_neutral": False,
         "kappa": 1.0,
     }

@@ -28,6 +28,7 @@ from .kernels.cross_sample_similarity import cross_sample_similarity
 from .kernels.entropy_masks import METHODS
 from .kernels.linear_logprob_entropy import linear_logprob_entropy
 from .objectives import (
+    EG_SHAPING_HPARAMS,
     HeadBatch,
     Objective,
     ObjectiveOutput,
@@ -246,14 +247,7 @@ class STAGEObjective(Objective):
         "drop_kl_for_zero_std_groups": False,
         "include_self_when_zero_advantage": False,
         "token_shaping": "none",
-        "c1": 0.3,
-        "c2": 0.3,
-        "low_q": 0.2,
-        "high_q": 0.5,
-        "percentile_method": "index",
-        "shape_text": True,
-        "shape_image": True,
-        "include_padding_in_text_percentiles": False,
+        **EG_SHAPING_HPARAMS,
     }
 
     def _validate(self):

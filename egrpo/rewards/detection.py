@@ -67,3 +67,20 @@ def relative_position(a: Detection, b: Detection, threshold: float = 0.1) -> Set
     if dy > 0.5:
         relations.add("below")
     return relations
+
+
+class WrapsDetector:
+    """Mixin for rewards built on ``self.detector``: device moves and offloading pass through to it."""
+
+    def modules(self):
+        return self.detector.modules() if hasattr(self.detector, "modules") else []
+
+    def to(self, device):
+        if hasattr(self.detector, "to"):
+            self.detector.to(device)
+        return self
+
+    def offload(self):
+        if hasattr(self.detector, "offload"):
+            self.detector.offload()
+        return self

@@ -32,7 +32,7 @@ import torch
 from egrpo.trainer.rewards import COLOURS, register_reward
 
 from .base import Reward
-from .detection import Detection, nms, relative_position
+from .detection import Detection, WrapsDetector, nms, relative_position
 
 GENEVAL_COLOURS = {name: COLOURS[name] for name in
                    ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")}
@@ -135,7 +135,7 @@ def geneval_queries(meta: dict) -> List[str]:
 
 
 @register_reward("geneval")
-class GenEvalReward(Reward):
+class GenEvalReward(WrapsDetector, Reward):
     """GenEval rule reward; detections from transformers' GroundingDINO loaded from ``detector_path``, or from
     any ``detector(images, queries) -> List[List[Detection]]`` passed in (tests, other detectors).
 
@@ -160,16 +160,6 @@ class GenEvalReward(Reward):
         self.detector = detector
         self.position_threshold = float(position_threshold)
         self.nms_iou = float(nms_iou)
-
-    def to(self, device):
-        if hasattr(self.detector, "to"):
-            self.detector.to(device)
-        return self
-
-    def offload(self):
-        if hasattr(self.detector, "offload"):
-            self.detector.offload()
-        return self
 
     def score(self, images, prompts, metadata):
         for meta in metadata:

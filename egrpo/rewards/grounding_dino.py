@@ -31,7 +31,7 @@ import torch
 from egrpo.trainer.rewards import register_reward
 
 from .base import ModelReward, local_path, require, to_pil
-from .detection import Detection, box_iou, nms
+from .detection import Detection, WrapsDetector, box_iou, nms
 
 NEAR = ("next to", "on side of", "near")
 RIGHT = ("on the right of", "right of")
@@ -197,7 +197,7 @@ def query_phrases(meta: dict) -> List[str]:
 
 
 @register_reward("grounding_dino")
-class GroundingDinoReward(ModelReward):
+class GroundingDinoReward(WrapsDetector, ModelReward):
     """T2I-R1's GroundingDINO object reward (``strict=True``: EG-GRPO's variant that penalises extra objects).
 
     Needs T2I-R1 metadata per prompt: ``nouns``, ``task_type``, ``spatial_info``, ``numeracy_info``.
@@ -218,19 +218,6 @@ class GroundingDinoReward(ModelReward):
             offload_between_calls=offload_between_calls)
         self.strict, self.nms_iou = bool(strict), float(nms_iou)
         self.near_distance, self.released_spatial = float(near_distance), bool(released_spatial)
-
-    def modules(self):
-        return self.detector.modules() if hasattr(self.detector, "modules") else []
-
-    def to(self, device):
-        if hasattr(self.detector, "to"):
-            self.detector.to(device)
-        return self
-
-    def offload(self):
-        if hasattr(self.detector, "offload"):
-            self.detector.offload()
-        return self
 
     def score(self, images, prompts, metadata):
         detections = self.detector(images, [query_phrases(m) for m in metadata])

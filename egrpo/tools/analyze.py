@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -150,25 +150,8 @@ def analyze(model, tokenizer, prompts: Sequence[str], metadata: Optional[Sequenc
 
 
 def load_prompts(path: str) -> tuple:
-    """Prompts and metadata from a ``.txt`` (one prompt a line) or ``.jsonl``/``.json`` (``{"prompt": ...,
-    **metadata}`` records) file."""
-    prompts, metadata = [], []
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".json"):
-            items: Iterable = json.load(f)
-        elif path.endswith(".jsonl"):
-            items = [json.loads(line) for line in f if line.strip()]
-        else:
-            items = [line.strip() for line in f if line.strip()]
-    for i, item in enumerate(items):
-        if isinstance(item, str):
-            prompts.append(item)
-            metadata.append({})
-        elif isinstance(item, dict) and isinstance(item.get("prompt"), str):
-            prompts.append(item["prompt"])
-            metadata.append({k: v for k, v in item.items() if k != "prompt"})
-        else:
-            raise ValueError(f"{path}: record {i} is neither a string nor a dict with a 'prompt' string")
-    if not prompts:
-        raise ValueError(f"{path}: no prompts")
-    return prompts, metadata
+    """Prompts and metadata from a ``.txt`` (one prompt a line), ``.jsonl``/``.json``/``.yaml`` (``{"prompt": ...,
+    **metadata}`` records) file: the trainer's own prompt loader."""
+    from egrpo.trainer.config import DataConfig, load_prompts as load_config_prompts
+
+    return load_config_prompts(DataConfig(prompts_file=path))
