@@ -19,7 +19,7 @@ from egrpo.objectives import (
 )
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not (INTERPRETING or torch.cuda.is_available()), reason="Triton needs CUDA or TRITON_INTERPRET=1"))]
+    not INTERPRETING, reason="CPU tensors need TRITON_INTERPRET=1; compiled Triton is covered by the gpu tests"))]
 
 
 def head(B, T, D, V, dtype=torch.float64, padded=False, ref=True, tail_scale=1.0):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from egrpo.kernels import cross_sample_similarity
+from egrpo.kernels._common import INTERPRETING
 from egrpo.kernels.reference import stage_loss_reference
 from egrpo.stage import (
     STAGE,
@@ -17,6 +18,9 @@ from egrpo.stage import (
 
 from .kernels._utils import max_abs_err
 
+# CPU tensors: Triton only under the interpreter (compiled Triton is covered by the gpu tests)
+CPU_BACKENDS = ["torch"] + (["triton"] if INTERPRETING else [])
+
 # ----------------------------------------------------------------------------------------------
 # Weights
 # ----------------------------------------------------------------------------------------------
@@ -29,7 +33,7 @@ def test_weight_formulas_at_known_points():
     assert torch.allclose(stage_kl_weights(sim, a=0.2, b=0.3), torch.tensor([0.2, 0.2, 0.35, 0.5, 0.5, 0.5, 0.5]))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_weight_properties_on_random_groups(backend):
     G, T = 8, 40
     codes = torch.randn(2 * G, T, 8)
@@ -45,7 +49,7 @@ def test_weight_properties_on_random_groups(backend):
     assert (sim >= -1 - 1e-6).all() and (sim <= 1 + 1e-6).all()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_identical_images_get_zero_weight_where_shared(backend):
     G, T, C = 4, 24, 8
     # Exactly unit vectors (four entries +-0.5): cosines are exactly 1, so w must be exactly 0.
@@ -157,6 +161,7 @@ def test_reward_input_errors():
 
 from egrpo.kernels.reference import linear_logprob_entropy_reference  # noqa: E402
 from egrpo.objectives import OBJECTIVES, HeadBatch, build_objective  # noqa: E402
+
 
 
 def _rewards(n_groups, G):

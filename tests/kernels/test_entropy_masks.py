@@ -7,7 +7,7 @@ from tests.kernels._utils import compile_for_sm90
 from egrpo.kernels.reference import entropy_masks_reference
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not (INTERPRETING or torch.cuda.is_available()), reason="Triton needs CUDA or TRITON_INTERPRET=1"))]
+    not INTERPRETING, reason="CPU tensors need TRITON_INTERPRET=1; compiled Triton is covered by the gpu tests"))]
 
 
 def ragged_mask(B, T):

@@ -7,7 +7,7 @@ from egrpo.kernels.reference import grpo_loss_reference, linear_logprob_entropy_
 from tests.kernels._utils import AllocationTracker, PoisonEmpty, max_abs_err
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not (INTERPRETING or torch.cuda.is_available()), reason="Triton needs CUDA or TRITON_INTERPRET=1"))]
+    not INTERPRETING, reason="CPU tensors need TRITON_INTERPRET=1; compiled Triton is covered by the gpu tests"))]
 NORMALIZATIONS = ["token_mean", "sequence_mean", "constant", "weighted"]
 
 

@@ -7,7 +7,7 @@ from egrpo.kernels.reference import linear_logprob_entropy_reference as referenc
 from tests.kernels._utils import AllocationTracker, PoisonEmpty, compile_for_sm90, max_abs_err
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not (INTERPRETING or torch.cuda.is_available()), reason="Triton needs CUDA or TRITON_INTERPRET=1"))]
+    not INTERPRETING, reason="CPU tensors need TRITON_INTERPRET=1; compiled Triton is covered by the gpu tests"))]
 
 
 def make_inputs(N, D, V, dtype, bias=True, device="cpu", scale=1.0):
