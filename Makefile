@@ -8,11 +8,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.egrpo-installed
 PYTEST_WORKERS ?= 2
+# The files holding gpu-marked tests (kept to the kernel layer so a GPU box needs no DeepSpeed or OCR deps).
+GPU_TESTS ?= tests/kernels tests/test_objectives.py tests/test_stage.py
 # EGRPO_NO_DEPS=1 installs the package without resolving dependencies (offline GPU boxes that
 # already carry torch/triton/transformers).
 PIP_DEPS_FLAG := $(if $(EGRPO_NO_DEPS),--no-deps,)
 
-.PHONY: setup demo test bench bench-pytest gpu-check clean
+.PHONY: setup demo test bench bench-pytest bench-capacity gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -40,13 +42,22 @@ bench: setup
 bench-pytest: setup
 	$(PY) -m pytest bench/test_bench_suite.py --benchmark-enable -q
 
+# Training capacity (bench/bench_capacity.py): largest images per micro-batch for one training step, fused
+# vs eager heads; writes bench/results/capacity_<cpu|cuda>.json and re-renders bench/README.md. On a CPU
+# it runs the tiny smoke version; on CUDA the Janus-Pro-1B/-7B shapes (CAPACITY_ARGS narrows it, e.g.
+# CAPACITY_ARGS="--models janus-pro-1b --time-budget 500").
+bench-capacity: setup
+	$(PY) -m bench.bench_capacity $(CAPACITY_ARGS)
+
 # On a CUDA machine: the GPU-only tests (compiled Triton), then the full suite at the KERNELS.md
 # section 5 shapes (bench/results/suite_cuda.json, bench/README.md with the issue-7 verdicts).
 gpu-check: setup
 	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check needs a CUDA GPU')"
 	mkdir -p bench/results
-	$(PY) -m pytest -q -m gpu tests 2>&1 | tee bench/results/gpu_tests.log; tests_rc=$$?; \
-	$(PY) -m bench.suite --device cuda 2>&1 | tee bench/results/suite_cuda.log && exit $$tests_rc
+	$(PY) -m pytest -q -m gpu $(GPU_TESTS) 2>&1 | tee bench/results/gpu_tests.log; tests_rc=$$?; \
+	$(PY) -m bench.suite --device cuda 2>&1 | tee bench/results/suite_cuda.log; suite_rc=$$?; \
+	$(PY) -m bench.bench_capacity --device cuda $(CAPACITY_ARGS) 2>&1 | tee bench/results/capacity_cuda.log; \
+	capacity_rc=$$?; exit $$(( tests_rc || suite_rc || capacity_rc ))
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -246,24 +246,15 @@ trainer-style eager code in `bench/ops.py`.
 """
 
 
-CAPACITY = """## Training capacity (issue 7, second part)
-
-**Not done yet.** The capacity harness (`bench/bench_capacity.py`: largest images per micro-batch that fit
-one training step of Janus-Pro-1B/-7B-shaped random-weight models, fused vs eager heads, with/without a
-256-token CoT, and the step time split into rollout / reward / loss / update; a CPU tiny-size smoke test) is
-not written. The trainer it drives (`egrpo/trainer/train.py`, `egrpo/trainer/model.py`) was still being
-written when this suite was; its entry points (`train(cfg)`, `build_model(ModelConfig, device)`,
-`micro_loss(..., head_impl=...)`) import, which is what the harness would build on.
-"""
-
-
 def render(results_dir: Path, readme: Path, plots_dir: Optional[Path] = None) -> Path:
     reports = load_reports(results_dir)
     plots_dir = plots_dir or readme.parent / "plots"
     lines = [HEADER, "## Issue 7 targets (H100, image case)", ""] + goals(reports.get("cuda")) + [""]
     for dev in ("cuda", "cpu"):
         lines += device_section(dev, reports.get(dev), readme.parent, plots_dir)
-    lines += [CAPACITY]
+    from bench.bench_capacity import capacity_lines
+
+    lines += capacity_lines(results_dir)
     readme.write_text("\n".join(lines).rstrip() + "\n")
     return readme
 
