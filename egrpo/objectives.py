@@ -86,6 +86,19 @@ def build_objective(name: str, **hparams) -> "Objective":
 # Rewards -> sequence advantages
 # --------------------------------------------------------------------------------------------
 
+def reward_weight_vector(reward_weights, per_function: torch.Tensor) -> torch.Tensor:
+    """The ``[R]`` weights for ``per_function [B, R]`` rewards (default ones), checked for shape and finiteness."""
+    R = per_function.shape[1]
+    if reward_weights is None:
+        return torch.ones(R, dtype=per_function.dtype, device=per_function.device)
+    w = torch.as_tensor(reward_weights, dtype=per_function.dtype, device=per_function.device)
+    if tuple(w.shape) != (R,):
+        raise ValueError(f"reward_weights must have shape [R] = [{R}] (one per reward column), got {tuple(w.shape)}")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("reward_weights contain NaN/inf")
+    return w
+
+
 def combine_rewards(rewards: torch.Tensor, reward_weights=None) -> torch.Tensor:
     """``[B]`` rewards, or ``[B, R]`` per reward function summed with ``reward_weights [R]`` (default ones)."""
     if not isinstance(rewards, torch.Tensor):
@@ -97,14 +110,7 @@ def combine_rewards(rewards: torch.Tensor, reward_weights=None) -> torch.Tensor:
             raise ValueError("reward_weights needs per-function rewards of shape [B, R]")
         combined = rewards
     elif rewards.dim() == 2:
-        R = rewards.shape[1]
-        if reward_weights is None:
-            w = torch.ones(R, dtype=rewards.dtype, device=rewards.device)
-        else:
-            w = torch.as_tensor(reward_weights, dtype=rewards.dtype, device=rewards.device)
-            if tuple(w.shape) != (R,):
-                raise ValueError(f"reward_weights must have shape [R] = [{R}], got {tuple(w.shape)}")
-        combined = rewards @ w
+        combined = rewards @ reward_weight_vector(reward_weights, rewards)
     else:
         raise ValueError(f"rewards must have shape [B] or [B, R], got {tuple(rewards.shape)}")
     if not bool(torch.isfinite(combined).all()):

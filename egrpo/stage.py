@@ -35,6 +35,7 @@ from .objectives import (
     eg_grpo_token_advantages,
     group_advantages,
     register_objective,
+    reward_weight_vector,
 )
 
 ENTROPY_REWARD_COEF = 0.4
@@ -104,13 +105,7 @@ def combine_group_rewards(
     _check_group_size(group_size, rewards.shape[0], "rewards")
     per_fn = rewards if rewards.dim() == 2 else rewards[:, None]
     B, R = per_fn.shape
-    if reward_weights is None:
-        weights = torch.ones(R, dtype=per_fn.dtype, device=per_fn.device)
-    else:
-        weights = torch.as_tensor(reward_weights, dtype=per_fn.dtype, device=per_fn.device)
-        if tuple(weights.shape) != (R,):
-            raise ValueError(f"reward_weights must have shape [R] = [{R}] (one per reward column), got {tuple(weights.shape)}")
-        _check_finite("reward_weights", weights)
+    weights = reward_weight_vector(reward_weights, per_fn)
     n_groups = B // group_size
     if drop_zero_spread:
         keep = (group_spread(per_fn, group_size) > tol) & (weights != 0)  # [n_groups, R]
