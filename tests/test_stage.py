@@ -232,7 +232,8 @@ def test_stage_loss_and_grads_match_reference(backend, dtype, hparams, batch_kw)
     )
     # Sim (hence w, kl_w) is fp32 by design: ~1e-7 relative even for float64 heads.
     atol = 2e-7 if dtype == torch.float64 else 2e-5
-    assert max_abs_err(out.advantages, info["advantages"]) <= 2e-6  # fp32 rewards give fp32 advantages
+    # fp32 rewards and entropies give fp32 advantages: (r - mean) / (std + 1e-4) amplifies their rounding
+    assert max_abs_err(out.advantages, info["advantages"]) <= 1e-5
     assert abs(out.loss.item() - ref_loss.item()) <= atol
     for ours, truth in zip(_grads(out.loss, batch), _grads(ref_loss, batch)):
         assert ours.dtype == dtype
