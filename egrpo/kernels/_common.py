@@ -117,7 +117,7 @@ def check_head_inputs(hidden, weight, targets, bias):
     if targets.device != hidden.device:
         raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
     if targets.numel() > 0:
-        lo, hi = int(targets.min()), int(targets.max())
+        lo, hi = (int(v) for v in torch.stack(torch.aminmax(targets)).tolist())  # one device sync
         if lo < 0 or hi >= V:
             raise ValueError(f"targets must be token ids in [0, {V}); found values in [{lo}, {hi}]")
     if bias is not None:

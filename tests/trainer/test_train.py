@@ -33,10 +33,14 @@ def test_one_step_changes_only_trainable_params(tmp_path, name):
     assert math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]) and record["grad_norm"] > 0
     for key in ("reward/mean", "reward/std", "reward/colour/mean", "lr", "time/rollout", "time/reward",
                 "time/loss", "time/update", "memory/peak_mb", "entropy/image_mean", "kl/image", "adv/abs_mean",
-                "clip/frac_low", "rollout/cfg_kl"):
+                "clip/frac_low", "rollout/cfg_kl", "reward/masked_frac",
+                "corr/reward_vs_image_entropy_mean", "corr/reward_vs_image_entropy_std"):
         assert key in record, key
+    for key in ("corr/reward_vs_image_entropy_mean", "corr/reward_vs_image_entropy_std"):
+        assert math.isnan(record[key]) or -1.0 <= record[key] <= 1.0, (key, record[key])
     if name != "stage":
         assert "entropy/text_mean" in record and "rollout/cot_tokens" in record
+        assert "corr/reward_vs_cot_entropy_mean" in record
     if name == "eg_grpo":
         assert 0 < record["mask/high_frac_image"] < 1 and 0 < record["mask/low_frac_image"] < 1
 
