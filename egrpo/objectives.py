@@ -328,6 +328,18 @@ class Objective:
         return metrics
 
     @staticmethod
+    def mask_metrics(parts, masks_seen) -> Dict[str, torch.Tensor]:
+        """Fractions of valid tokens in the low / high entropy masks of each shaped part."""
+        out = {}
+        for name, batch in parts:
+            if name in masks_seen:
+                low, high = masks_seen[name]
+                n = batch.mask.float().sum().clamp(min=1.0)
+                out[f"mask/high_frac_{name}"] = high.float().sum() / n
+                out[f"mask/low_frac_{name}"] = low.float().sum() / n
+        return out
+
+    @staticmethod
     def finish(loss, metrics: Dict[str, torch.Tensor], advantages) -> ObjectiveOutput:
         keys = list(metrics)
         values = torch.stack([torch.as_tensor(metrics[k]).detach().float().reshape(()).cpu() for k in keys]).tolist()
@@ -496,12 +508,7 @@ class EGGRPOObjective(Objective):
 
         loss = sum(results[n].loss for n, _ in parts)
         metrics = self.base_metrics(r, adv, loss, results, parts)
-        for name, batch in parts:
-            if name in masks_seen:
-                low, high = masks_seen[name]
-                n = batch.mask.float().sum().clamp(min=1.0)
-                metrics[f"mask/high_frac_{name}"] = high.float().sum() / n
-                metrics[f"mask/low_frac_{name}"] = low.float().sum() / n
+        metrics.update(self.mask_metrics(parts, masks_seen))
         metrics.update(extra)
         return self.finish(loss, metrics, adv)
 

@@ -386,12 +386,7 @@ class STAGEObjective(Objective):
             "stage/groups_without_signal_frac": (~has_signal).float().mean(),
             "stage/zero_std_groups_frac": zero_std.float().mean(),
         })
-        for name, batch in parts:
-            if name in masks_seen:
-                low, high = masks_seen[name]
-                nm = batch.mask.float().sum().clamp(min=1.0)
-                metrics[f"mask/high_frac_{name}"] = high.float().sum() / nm
-                metrics[f"mask/low_frac_{name}"] = low.float().sum() / nm
+        metrics.update(self.mask_metrics(parts, masks_seen))
         return self.finish(loss, metrics, adv)
 
     def _eg_fn(self, name, batch, adv, masks_seen):
