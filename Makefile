@@ -8,18 +8,35 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.egrpo-installed
 PYTEST_WORKERS ?= 2
-# The files holding gpu-marked tests (kept to the kernel layer so a GPU box needs no DeepSpeed or OCR deps).
-GPU_TESTS ?= tests/kernels tests/test_objectives.py tests/test_stage.py
-# EGRPO_NO_DEPS=1 installs the package without resolving dependencies (offline GPU boxes that
-# already carry torch/triton/transformers).
-PIP_DEPS_FLAG := $(if $(EGRPO_NO_DEPS),--no-deps,)
+# The files holding gpu-marked tests (none of them needs DeepSpeed or the OCR deps).
+GPU_TESTS ?= tests/kernels tests/test_objectives.py tests/test_stage.py tests/trainer/test_model.py
+# EGRPO_NO_DEPS=1 installs the package without resolving dependencies and without any index (offline GPU
+# boxes that already carry torch/triton/transformers). EGRPO_WHEELS=DIR first installs every wheel in DIR
+# without an index (what `make gpu-wheels` downloads: DeepSpeed, Liger-Kernel and what they need).
+PIP_DEPS_FLAG := $(if $(EGRPO_NO_DEPS),--no-deps --no-index --no-build-isolation,)
+EGRPO_WHEELS ?=
+# For `make gpu-wheels`: the GPU machine's Python, and where the wheels go.
+GPU_PYTHON_VERSION ?= 3.12
+GPU_WHEELS_DIR ?= .whl
+GPU_WHEELS ?= deepspeed==0.19.8 liger-kernel==0.8.5 hjson pydantic==2.14.3 pydantic-core==2.50.4 \
+	annotated-types typing-inspection typing-extensions
+# One `make` call per part keeps each under ten minutes on an H100 (see the README's GPU section).
+GPU_SUITE_ARGS ?= --time-budget 500 --resume
+CAPACITY_ARGS ?= $(if $(filter gpu-check gpu-capacity,$(MAKECMDGOALS)),--time-budget 480,)
 
-.PHONY: setup demo test bench bench-pytest bench-capacity gpu-check clean
+.PHONY: setup demo test test-device-stack bench bench-pytest bench-capacity gpu-wheels gpu-tests gpu-bench \
+	gpu-capacity gpu-check cuda-available clean
 
+# The venv sees the system site-packages, and also those of the interpreter that made it when that
+# interpreter is itself a virtualenv (a GPU image's /opt/.../.venv/bin/python3 holding torch): a plain
+# --system-site-packages venv would skip them and then try to download torch.
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PYTHON) -c "import site, sys; print('\n'.join(site.getsitepackages()) if sys.prefix != sys.base_prefix else '')" \
+		> "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/egrpo_parent_site.pth"
 
 $(STAMP): setup.py | $(PY)
+	$(if $(EGRPO_WHEELS),$(PY) -m pip install --no-index --no-deps $(EGRPO_WHEELS)/*.whl)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install $(PIP_DEPS_FLAG) -e ".[test]"
 	touch $@
@@ -49,15 +66,45 @@ bench-pytest: setup
 bench-capacity: setup
 	$(PY) -m bench.bench_capacity $(CAPACITY_ARGS)
 
-# On a CUDA machine: the GPU-only tests (compiled Triton), then the full suite at the KERNELS.md
-# section 5 shapes (bench/results/suite_cuda.json, bench/README.md with the issue-7 verdicts).
-gpu-check: setup
-	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check needs a CUDA GPU')"
+# The H100 image's stack (torch 2.11, triton 3.6, transformers 5.17), on this CPU, in .device-stack/
+# (~3.5 GB: torch's CUDA wheels). numpy < 2.4 because Triton 3.6's interpreter fails on newer numpy.
+DEVICE_STACK ?= torch==2.11.0 triton==3.6.0 transformers==5.17.0 "numpy<2.4"
+test-device-stack: setup
+	$(PY) -m pip install -q --target .device-stack $(DEVICE_STACK)
+	PYTHONPATH=$(CURDIR)/.device-stack OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) -q tests
+
+# Wheels a GPU machine without network needs besides its own torch/triton/transformers (DeepSpeed has no
+# wheel on PyPI, so it is built here: pure Python, its ops compile on first use). Then, on that machine:
+#   EGRPO_NO_DEPS=1 EGRPO_WHEELS=.whl make gpu-check
+gpu-wheels: | $(PY)
+	mkdir -p $(GPU_WHEELS_DIR)
+	$(PY) -m pip wheel --no-deps -w $(GPU_WHEELS_DIR) $(filter deepspeed%,$(GPU_WHEELS))
+	$(PY) -m pip download --no-deps --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d $(GPU_WHEELS_DIR) $(filter-out deepspeed%,$(GPU_WHEELS))
+
+cuda-available: setup
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'this target needs a CUDA GPU')"
 	mkdir -p bench/results
-	$(PY) -m pytest -q -m gpu $(GPU_TESTS) 2>&1 | tee bench/results/gpu_tests.log; tests_rc=$$?; \
-	$(PY) -m bench.suite --device cuda 2>&1 | tee bench/results/suite_cuda.log; suite_rc=$$?; \
-	$(PY) -m bench.bench_capacity --device cuda $(CAPACITY_ARGS) 2>&1 | tee bench/results/capacity_cuda.log; \
-	capacity_rc=$$?; exit $$(( tests_rc || suite_rc || capacity_rc ))
+
+# On a CUDA machine, three parts (each well under ten minutes on an H100), or all three with gpu-check:
+# the GPU-only tests (compiled Triton) -> bench/results/gpu_tests.log; the suite at the KERNELS.md
+# section 5 shapes -> suite_cuda.json and bench/README.md with the issue-7 verdicts; the capacity search
+# -> capacity_cuda.json (CAPACITY_ARGS, default a 480 s budget; a killed run keeps what it measured).
+gpu-tests: cuda-available
+	$(PY) -m pytest -q -m gpu $(GPU_TESTS) 2>&1 | tee bench/results/gpu_tests.log
+
+gpu-bench: cuda-available
+	$(PY) -m bench.suite --device cuda $(GPU_SUITE_ARGS) 2>&1 | tee bench/results/suite_cuda.log
+
+gpu-capacity: cuda-available
+	$(PY) -m bench.bench_capacity --device cuda $(CAPACITY_ARGS) 2>&1 | tee bench/results/capacity_cuda.log
+
+gpu-check: cuda-available
+	$(MAKE) --no-print-directory gpu-tests; tests_rc=$$?; \
+	$(MAKE) --no-print-directory gpu-bench; suite_rc=$$?; \
+	$(MAKE) --no-print-directory gpu-capacity; capacity_rc=$$?; \
+	exit $$(( tests_rc || suite_rc || capacity_rc ))
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .device-stack

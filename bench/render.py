@@ -193,6 +193,11 @@ def device_section(dev: str, report: Optional[dict], readme_dir: Path, plots_dir
         f"- {report['reps']} timed repetitions after {report['warmup']} warm-up; times are "
         f"`median [p20, p80]` in ms; {report['wall_s']:.0f} s for the whole run",
     ]
+    if report.get("complete") is False:
+        lines += [f"- **INCOMPLETE**: {len(report['rows'])} of {report.get('rows_selected', '?')} rows measured "
+                  "(the run was stopped or ran out of its time budget; `python -m bench.suite --resume` measures "
+                  "the rest). Rows measured in different runs may use different matmul rates "
+                  "(`matmul_flops_per_s` per row in the JSON)."]
     if dev == "cpu":
         lines += ["- **CPU numbers are noisy**: this machine's 2 cores are shared with other jobs, so timings can "
                   "move by tens of percent between runs; read the ratios, not the absolute values, and only "

@@ -3,6 +3,7 @@
     python -m bench.suite                  # CPU: small shapes (~5-10 min on 2 cores); CUDA: KERNELS.md cases
     python -m bench.suite --ops head,grpo --cases image --impls ours_torch,eager --reps 5
     python -m bench.suite --tiny --reps 1  # toy shapes, seconds (what the smoke test runs)
+    python -m bench.suite --time-budget 500 --resume   # in pieces: each call measures what is still missing
 
 Per row (op, case, implementation) it records forward, backward and forward+backward times as
 median / p20 / p80 / min / max over ``reps`` repetitions after ``warmup`` (each repetition times
@@ -129,8 +130,9 @@ def add_derived(rows: List[dict], rate: float, checks: Dict[tuple, torch.Tensor]
     for r in rows:
         shape = r["shape"]
         ndv = shape["N"] * shape["D"] * shape["V"]
+        row_rate = r.setdefault("matmul_flops_per_s", rate)   # resumed rows keep the rate of their own run
         if r["op"] in GEMM_OPS:
-            r["floor_ms"] = {p: FLOOR_FLOPS[p] * ndv / rate * 1e3 for p in PHASES}
+            r["floor_ms"] = {p: FLOOR_FLOPS[p] * ndv / row_rate * 1e3 for p in PHASES}
         else:
             r["floor_ms"] = None
         if r["status"] != "ok":
@@ -150,8 +152,8 @@ def add_derived(rows: List[dict], rate: float, checks: Dict[tuple, torch.Tensor]
                 ref = ref.mean().reshape(mine.shape)
             diff = (mine.double() - ref.double()).abs()
             r["check_vs_eager"] = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean())}
-        else:
-            r["check_vs_eager"] = None
+        else:   # a row kept from an interrupted run keeps its check; outputs of other runs are not kept
+            r.setdefault("check_vs_eager", None)
 
 
 def select_cases(all_cases: List[Case], which: str) -> List[Case]:
@@ -169,9 +171,29 @@ def select_cases(all_cases: List[Case], which: str) -> List[Case]:
     return picked
 
 
+RERUN_STATUSES = ("error",)   # rows a resumed run measures again; every other recorded row is kept
+
+
+def resumable_rows(previous: Optional[dict], device: str, dtype, tiny: bool, log=print) -> List[dict]:
+    """Rows of an earlier, interrupted run of the same configuration, to keep instead of measuring again."""
+    if not previous:
+        return []
+    same = (previous.get("device_type") == device and previous.get("device") == device_name(device)
+            and previous.get("dtype") == str(dtype).replace("torch.", "") and bool(previous.get("tiny")) == tiny)
+    if not same:
+        log("--resume: the existing results are from another device/dtype/shape set; starting afresh")
+        return []
+    return [r for r in previous.get("rows", []) if r.get("status") not in RERUN_STATUSES]
+
+
 def run(device: Optional[str] = None, dtype: Optional[torch.dtype] = None, ops=OPS, impls=IMPLS, cases="all",
         reps: Optional[int] = None, warmup: Optional[int] = None, tiny: bool = False, compile_ok: bool = True,
-        measure_memory: bool = True, log=print) -> dict:
+        measure_memory: bool = True, log=print, time_budget_s: Optional[float] = None,
+        previous: Optional[dict] = None, partial_out: Optional[Path] = None) -> dict:
+    """Measure every (case, op, impl) row. ``time_budget_s`` stops starting rows after that many seconds;
+    ``previous`` (an earlier report of the same device, dtype and shapes) supplies rows that are not measured
+    again; ``partial_out`` is rewritten after every row, so a killed run keeps what it measured. The report's
+    ``complete`` says whether every selected row is present."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     reps = reps or (10 if device == "cuda" else 3)
@@ -182,41 +204,67 @@ def run(device: Optional[str] = None, dtype: Optional[torch.dtype] = None, ops=O
     t_start = time.perf_counter()
     rate = matmul_rate(dtype, device, n=256 if tiny else None, reps=3 if tiny else 10)
     log(f"matmul rate ({rate['dtype']}, {rate['n']}^3): {rate['flops_per_s'] / 1e12:.3f} TFLOP/s")
+    kept = {(r["op"], r["case"], r["impl"]): r for r in resumable_rows(previous, device, dtype, tiny, log)}
+    earlier_s = 0.0
+    if kept:
+        log(f"--resume: keeping {len(kept)} rows measured earlier")
+        earlier_s = float(previous.get("wall_s", 0.0))
+    selected = [(case, op, impl) for case in case_list
+                for op in ops if case.sweep is None or op in bench_ops.sweep_ops() for impl in impls]
     rows, checks = [], {}
-    for case in case_list:
-        case_ops = [o for o in ops if case.sweep is None or o in bench_ops.sweep_ops()]
-        for op in case_ops:
-            for impl in impls:
-                allow_compile = compile_ok and case.sweep is None
-                row, check = bench_row(op, impl, case, dtype, device, reps, warmup, allow_compile, measure_memory)
-                rows.append(row)
-                if check is not None:
-                    checks[(op, case.name, impl)] = check
-                log(format_row(row))
+
+    def report(complete: bool) -> dict:
+        return {
+            "suite": "egrpo kernel micro-benchmarks",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(),
+            "device_type": device,
+            "device": device_name(device),
+            "dtype": str(dtype).replace("torch.", ""),
+            "versions": versions(),
+            "matmul": rate,
+            "reps": reps,
+            "warmup": warmup,
+            "tiny": tiny,
+            "timing": ("per repetition: forward with autograd on, then backward, timed from the same call; "
+                       "forward_backward = their sum; stats over reps: median/p20/p80/min/max (ms)"),
+            "memory": ("peak bytes above the inputs during one forward+backward: CUDA allocator peak, or on CPU "
+                       "VmHWM - VmRSS of a fresh forked child per row"),
+            "floor": "2NDV (forward), 4NDV (backward), 6NDV (both) FLOPs / matmul rate (of the run that measured "
+                     "the row: matmul_flops_per_s)",
+            "cases": [c.to_dict() for c in case_list],
+            "ops": list(ops),
+            "impls": list(impls),
+            "wall_s": earlier_s + time.perf_counter() - t_start,   # summed over resumed runs
+            "complete": complete,
+            "rows_selected": len(selected),
+            "rows": rows,
+        }
+
+    out_of_time = False
+    for case, op, impl in selected:
+        key = (op, case.name, impl)
+        if key in kept:
+            rows.append(kept[key])
+            continue
+        if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
+            out_of_time = True
+            continue
+        allow_compile = compile_ok and case.sweep is None
+        row, check = bench_row(op, impl, case, dtype, device, reps, warmup, allow_compile, measure_memory)
+        row["matmul_flops_per_s"] = rate["flops_per_s"]
+        rows.append(row)
+        if check is not None:
+            checks[key] = check
+        log(format_row(row))
+        if partial_out is not None:
+            add_derived(rows, rate["flops_per_s"], checks)
+            partial_out.write_text(json.dumps(report(False), indent=1) + "\n")
+    if out_of_time:
+        log(f"time budget of {time_budget_s:.0f} s spent: {len(selected) - len(rows)} rows not measured; "
+            "run again with --resume to measure them")
     add_derived(rows, rate["flops_per_s"], checks)
-    return {
-        "suite": "egrpo kernel micro-benchmarks",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "device_type": device,
-        "device": device_name(device),
-        "dtype": str(dtype).replace("torch.", ""),
-        "versions": versions(),
-        "matmul": rate,
-        "reps": reps,
-        "warmup": warmup,
-        "tiny": tiny,
-        "timing": ("per repetition: forward with autograd on, then backward, timed from the same call; "
-                   "forward_backward = their sum; stats over reps: median/p20/p80/min/max (ms)"),
-        "memory": ("peak bytes above the inputs during one forward+backward: CUDA allocator peak, or on CPU "
-                   "VmHWM - VmRSS of a fresh forked child per row"),
-        "floor": "2NDV (forward), 4NDV (backward), 6NDV (both) FLOPs / matmul rate",
-        "cases": [c.to_dict() for c in case_list],
-        "ops": list(ops),
-        "impls": list(impls),
-        "wall_s": time.perf_counter() - t_start,
-        "rows": rows,
-    }
+    return report(len(rows) == len(selected))
 
 
 def format_row(r: dict) -> str:
@@ -244,6 +292,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/suite_<device>.json)")
     parser.add_argument("--no-render", action="store_true", help="do not re-render bench/README.md")
     parser.add_argument("--readme", default=str(BENCH_DIR / "README.md"))
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds: start no row after this (the JSON says complete: false)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in the output JSON (same device, dtype and shapes; error rows "
+                             "are measured again) and measure the rest")
     args = parser.parse_args(argv)
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
@@ -255,12 +308,15 @@ def main(argv=None) -> int:
     for i in impls:
         if i not in IMPLS:
             raise SystemExit(f"unknown impl {i!r}; known: {IMPLS}")
-    report = run(args.device, dtype, ops, impls, args.cases, args.reps, args.warmup, args.tiny,
-                 not args.no_compile, not args.no_memory)
-    out = Path(args.out) if args.out else RESULTS / f"suite_{report['device_type']}.json"
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out) if args.out else RESULTS / f"suite_{device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(out.read_text()) if (args.resume and out.exists()) else None
+    report = run(device, dtype, ops, impls, args.cases, args.reps, args.warmup, args.tiny,
+                 not args.no_compile, not args.no_memory, time_budget_s=args.time_budget, previous=previous,
+                 partial_out=out)
     out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out} ({report['wall_s']:.0f} s)")
+    print(f"wrote {out} ({report['wall_s']:.0f} s{'' if report['complete'] else ', INCOMPLETE: run again with --resume'})")
     if not args.no_render:
         from bench.render import render
 

@@ -52,7 +52,48 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
                 "before importing egrpo.kernels (or use backend='torch')"
             )
+        if device.type != "cuda":
+            check_interpreter_works()
     return backend
+
+
+_INTERPRETER_ERROR: Optional[str] = None
+_INTERPRETER_CHECKED = False
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _interpreter_probe_kernel(out_ptr, n):
+        acc = 0.0
+        for _ in range(0, n):  # a loop bound passed at run time, as every kernel here has
+            acc += 1.0
+        tl.store(out_ptr, acc)
+
+
+def check_interpreter_works() -> None:
+    """Fail with a clear message, once, where the installed Triton interpreter cannot run these kernels.
+
+    Known case: Triton <= 3.6's interpreter converts run-time scalars with ``int(array)``, which
+    NumPy >= 2.4 rejects for 1-element arrays; every kernel then dies with "only 0-dimensional arrays can
+    be converted to Python scalars". Compiled kernels on a GPU are unaffected."""
+    global _INTERPRETER_ERROR, _INTERPRETER_CHECKED
+    if not _INTERPRETER_CHECKED:
+        _INTERPRETER_CHECKED = True
+        out = torch.zeros(1)
+        try:
+            _interpreter_probe_kernel[(1,)](out, 3)
+            if float(out) != 3.0:
+                raise RuntimeError(f"a 3-step loop counted {float(out)}")
+        except Exception as e:  # the interpreter's own failure, whatever its type
+            import numpy
+
+            _INTERPRETER_ERROR = (
+                f"the Triton interpreter (triton {triton.__version__}, numpy {numpy.__version__}) cannot run this "
+                f"package's kernels: {e!r}. Triton <= 3.6's interpreter fails with numpy >= 2.4; install a newer "
+                "triton (>= 3.7) or numpy < 2.4, or use backend='torch'"
+            )
+    if _INTERPRETER_ERROR is not None:
+        raise RuntimeError(_INTERPRETER_ERROR)
 
 
 def default_chunk_rows(n_rows: int, vocab: int, device: torch.device) -> int:

@@ -53,6 +53,23 @@ def local_path(path, what: str) -> str:
     return path
 
 
+def load_image_processor(path: str, reward: str):
+    """``AutoImageProcessor`` from a local directory, also where torchvision is missing: some transformers 5.x
+    releases (5.17, for one) gate the Auto class on torchvision, while the concrete class named in the saved
+    config still falls back to its PIL implementation."""
+    transformers = require("transformers", reward=reward)
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    except ImportError as auto_error:
+        config, _ = transformers.ImageProcessingMixin.get_image_processor_dict(path, local_files_only=True)
+        name = str(config.get("image_processor_type") or "")
+        cls = getattr(transformers, name.removesuffix("Fast"), None) if name else None
+        if cls is None:
+            raise ImportError(f"{reward}: cannot load the image processor in {path} ({name or 'no image_processor_type'})"
+                              f" without torchvision: {auto_error}") from auto_error
+        return cls.from_pretrained(path, local_files_only=True)
+
+
 def check_policy(on_failure: str) -> str:
     if on_failure not in FAILURE_POLICIES:
         raise ValueError(f"on_failure must be one of {FAILURE_POLICIES}, got {on_failure!r}")

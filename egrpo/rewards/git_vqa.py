@@ -15,7 +15,7 @@ import torch
 
 from egrpo.trainer.rewards import register_reward
 
-from .base import ModelReward, local_path, require, to_pil
+from .base import ModelReward, load_image_processor, local_path, require, to_pil
 
 SKIPPED_TASKS = ("spatial", "numeracy")
 
@@ -46,7 +46,7 @@ class GitVQAReward(ModelReward):
         if aggregate not in ("mean", "min", "prod"):
             raise ValueError(f"git_vqa: aggregate must be mean, min or prod, got {aggregate!r}")
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.image_processor = transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        self.image_processor = load_image_processor(path, "git_vqa")
         self.model = self._prepare(transformers.GitForCausalLM.from_pretrained(path, local_files_only=True))
         self.question, self.aggregate = question, aggregate
         self.yes_id, self.no_id = token_id(self.tokenizer, yes), token_id(self.tokenizer, no)

@@ -154,6 +154,18 @@ def zero3_gather(params, enabled: bool):
     return deepspeed.zero.GatheredParameters([p for p in params if p is not None], modifier_rank=None)
 
 
+def partitioned_reference(ref_model: torch.nn.Module, cfg: Config, world_size: int) -> torch.nn.Module:
+    """The frozen reference model under ZeRO-3, partitioned across processes like the policy (a DeepSpeed
+    engine without an optimizer) instead of a full copy on every process: for a 7B reference on 8 GPUs, 1/8
+    of its weights each. Its module forwards gather their parameters through ZeRO-3's hooks; the head
+    weights the fused kernels read directly are gathered with :func:`zero3_gather`."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=ref_model, config=deepspeed_config(cfg, world_size))
+    engine.module.eval()
+    return engine.module
+
+
 def head_weights(model) -> List[torch.nn.Parameter]:
     """Parameters the fused kernels read directly (outside any module forward)."""
     head = model.model.generation_head.vision_head
@@ -432,6 +444,8 @@ def train(cfg: Config, resume: Optional[str] = None, *, stop_after: Optional[int
     )
     module = engine.module
     zero3 = cfg.deepspeed.zero_stage == 3
+    if ref_model is not None and zero3:
+        ref_model = partitioned_reference(ref_model, cfg, world)
     trainable = [p for p in module.parameters() if p.requires_grad]
 
     step, data_position = 0, 0
@@ -483,7 +497,8 @@ def train(cfg: Config, resume: Optional[str] = None, *, stop_after: Optional[int
             mb = MicroBatch(rollout=ro, metadata=meta, rewards=rewards, codes=codes)
             t0 = time.perf_counter()
             if ref_model is not None:
-                mb.ref = head_logp_entropy(ref_model, ro, backend, chunk_size)
+                with zero3_gather(head_weights(ref_model), zero3):
+                    mb.ref = head_logp_entropy(ref_model, ro, backend, chunk_size)
             if t.updates_per_rollout > 1:   # PPO-style reuse: the ratio is taken against the sampling policy
                 with zero3_gather(head_weights(module), zero3):
                     mb.old = {k: v[0] for k, v in head_logp_entropy(module, ro, backend, chunk_size).items()}

@@ -78,7 +78,7 @@ def test_grounding_dino_reward_and_geneval_run_from_path(gdino_dir):
 
 
 def test_git_vqa_batched_equals_single_unpadded_forward(git_dir):
-    from transformers import AutoImageProcessor, AutoTokenizer, GitForCausalLM
+    from transformers import AutoTokenizer, CLIPImageProcessor, GitForCausalLM
 
     from egrpo.rewards.base import to_pil
     from egrpo.rewards.git_vqa import GitVQAReward
@@ -88,7 +88,7 @@ def test_git_vqa_batched_equals_single_unpadded_forward(git_dir):
             dict(attr_nouns=["blue ball on the left of a yellow car"])]
     reward = GitVQAReward(path=git_dir, batch_size=3)
     got = reward(images, ["p"] * 4, meta)
-    tokenizer, processor = AutoTokenizer.from_pretrained(git_dir), AutoImageProcessor.from_pretrained(git_dir)
+    tokenizer, processor = AutoTokenizer.from_pretrained(git_dir), CLIPImageProcessor.from_pretrained(git_dir)
     model = GitForCausalLM.from_pretrained(git_dir).eval()
     yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
 
@@ -106,7 +106,7 @@ def test_git_vqa_batched_equals_single_unpadded_forward(git_dir):
 
 
 def test_orm_left_padded_batch_equals_model_own_forward(orm_dir):
-    from transformers import AutoImageProcessor, AutoTokenizer, LlavaOnevisionForConditionalGeneration
+    from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessor
 
     from egrpo.rewards.base import to_pil
     from egrpo.rewards.orm import CONVERSATION, QUESTION, ORMReward
@@ -115,7 +115,7 @@ def test_orm_left_padded_batch_equals_model_own_forward(orm_dir):
     prompts = ["a red cat", "two dogs on the left of a blue car and a yellow ball", "a dog"]
     reward = ORMReward(path=orm_dir, temperature=0.3)
     got = reward(images, prompts, None)
-    tokenizer, processor = AutoTokenizer.from_pretrained(orm_dir), AutoImageProcessor.from_pretrained(orm_dir)
+    tokenizer, processor = AutoTokenizer.from_pretrained(orm_dir), LlavaOnevisionImageProcessor.from_pretrained(orm_dir)
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(orm_dir).eval()
     yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
     image_id = model.config.image_token_id

@@ -99,6 +99,43 @@ def test_liger_is_a_noop_without_gpu(caplog):
     assert type(model.model.language_model.norm).__name__ == "LlamaRMSNorm"
 
 
+@pytest.mark.gpu
+def test_liger_patches_keep_values_and_gradients(monkeypatch):
+    """On CUDA, model.liger=True swaps in Liger's RMSNorm / SwiGLU / RoPE kernels: the teacher-forced hidden
+    states and the language model's gradients must match the unpatched model's."""
+    pytest.importorskip("liger_kernel")
+    from transformers.models.llama import modeling_llama
+
+    from egrpo.trainer.rollout import RolloutConfig, head_inputs, rollout
+
+    # Liger also replaces module-level names of transformers' Llama code (RoPE for every model): restore them
+    # after the test, and run the unpatched model before patching.
+    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
+
+    def hidden_and_grads(model, out):
+        image, _ = head_inputs(model, out)
+        (image.hidden.float() ** 2).mean().backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.model.language_model.named_parameters()
+                 if p.grad is not None}
+        return image.hidden.detach(), grads
+
+    plain, tokenizer = build_model(ModelConfig(tiny=TINY, dtype="fp32"), "cuda")
+    out = rollout(plain, tokenizer, ["red", "a blue car"], RolloutConfig(group_size=2, image_tokens=16),
+                  torch.Generator(device="cuda").manual_seed(0))
+    h_plain, g_plain = hidden_and_grads(plain, out)
+    patched, _ = build_model(ModelConfig(tiny=TINY, dtype="fp32", liger=True), "cuda")
+    assert type(patched.model.language_model.norm).__name__ != "LlamaRMSNorm"
+    assert modeling_llama.apply_rotary_pos_emb.__module__.startswith("liger_kernel")
+    h_liger, g_liger = hidden_and_grads(patched, out)
+
+    torch.testing.assert_close(h_liger, h_plain, rtol=1e-4, atol=1e-5)
+    assert g_plain.keys() == g_liger.keys() and g_plain
+    for name in g_plain:
+        rel = (g_liger[name] - g_plain[name]).norm() / g_plain[name].norm().clamp_min(1e-30)
+        assert rel < 1e-4, (name, float(rel))
+
+
 def test_gradient_checkpointing_gives_same_gradients():
     from egrpo.trainer.rollout import RolloutConfig, head_inputs, rollout
 

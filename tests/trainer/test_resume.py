@@ -1,5 +1,6 @@
 """A run killed after 2 of 4 steps and resumed from its checkpoint ends where an uninterrupted run ends."""
 
+import pytest
 import torch
 
 from egrpo.trainer.metrics import read_metrics, stable_metrics
@@ -15,13 +16,19 @@ OVERRIDES = [
 ]
 
 
-def test_resume_matches_uninterrupted_run(tmp_path):
-    straight = train(small_config(tmp_path / "straight", *OVERRIDES), return_params=True)
+# bf16 under ZeRO-2: DeepSpeed's fp32 master weights and their optimizer state must come back too.
+PRECISIONS = {"fp32": [], "bf16-zero2": ["model.dtype=bf16", "deepspeed.zero_stage=2"]}
 
-    cfg = small_config(tmp_path / "killed", *OVERRIDES)
+
+@pytest.mark.parametrize("precision", sorted(PRECISIONS))
+def test_resume_matches_uninterrupted_run(tmp_path, precision):
+    overrides = [*OVERRIDES, *PRECISIONS[precision]]
+    straight = train(small_config(tmp_path / "straight", *overrides), return_params=True)
+
+    cfg = small_config(tmp_path / "killed", *overrides)
     first = train(cfg, stop_after=2)
     assert not first["finished"] and first["step"] == 2
-    resumed = train(small_config(tmp_path / "killed", *OVERRIDES), resume=str(tmp_path / "killed"), return_params=True)
+    resumed = train(small_config(tmp_path / "killed", *overrides), resume=str(tmp_path / "killed"), return_params=True)
     assert resumed["finished"] and resumed["step"] == 4
 
     for name, p in straight["params"].items():

@@ -103,3 +103,18 @@ def test_fused_and_eager_loss_paths_agree(tmp_path, name):
         # ill-conditioned, so single elements of two fp32 summation orders can differ by ~1% of themselves.
         rel = (grads_f[n].double() - grads_e[n].double()).norm() / grads_e[n].double().norm().clamp_min(1e-30)
         assert rel < 1e-4, (n, float(rel))
+
+
+def test_updates_per_rollout_reuses_the_rollout_with_clipped_ratios(tmp_path):
+    """updates_per_rollout=2: the same rollout is used for two optimizer steps, the ratio is taken against the
+    sampling policy (1 on the first update, away from 1 on the second, where a large step makes PPO's clip
+    engage), and the sampled data is that of a one-update run (same seed, same policy before any update)."""
+    common = ["objective.name=grpo", "objective.beta=0.0", "train.steps=1", "optim.lr=0.05", "optim.grad_clip=0"]
+    single = train(small_config(tmp_path / "one", *common, "train.updates_per_rollout=1"), return_params=True)
+    double = train(small_config(tmp_path / "two", *common, "train.updates_per_rollout=2"), return_params=True)
+    r1, r2 = read_metrics(single["metrics"])[0], read_metrics(double["metrics"])[0]
+    assert r1["reward/mean"] == r2["reward/mean"] and r1["reward/std"] == r2["reward/std"]
+    assert r1["clip/frac_low"] == 0.0 and r1["clip/frac_high"] == 0.0   # on-policy: ratio exactly 1
+    assert r2["clip/frac_low"] + r2["clip/frac_high"] > 0.0             # second update: clipped tokens
+    moved = [n for n in single["params"] if not torch.equal(single["params"][n], double["params"][n])]
+    assert moved   # the second update changed the weights further

@@ -1,4 +1,5 @@
-"""ZeRO-2 / ZeRO-3 across two gloo processes == one process with the same global batch (2 steps)."""
+"""ZeRO-2 / ZeRO-3 across two gloo processes == one process with the same global batch (2 steps); the ZeRO-3
+reference model is partitioned, not replicated."""
 
 import os
 import socket
@@ -35,8 +36,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(out, world, overrides):
-    code = WORKER.format(root=ROOT, out=str(out), overrides=list(overrides))
+def run_processes(code, world, expect=""):
+    """``code`` in ``world`` gloo processes on one machine; each must exit 0 and print ``expect``."""
     port = str(free_port())
     procs = []
     for rank in range(world):
@@ -46,7 +47,11 @@ def launch(out, world, overrides):
                                       stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for p, text in zip(procs, outputs):
-        assert p.returncode == 0, text[-4000:]
+        assert p.returncode == 0 and expect in text, text[-4000:]
+
+
+def launch(out, world, overrides):
+    run_processes(WORKER.format(root=ROOT, out=str(out), overrides=list(overrides)), world)
     return torch.load(os.path.join(out, "params.pt")), read_metrics(os.path.join(out, "metrics.jsonl"))
 
 
@@ -71,3 +76,39 @@ def test_zero_two_processes_match_one(tmp_path, single, stage):
         for key in ("loss", "reward/mean", "reward/std", "kl/image", "entropy/image_mean", "lr"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
+
+
+REFERENCE_WORKER = r"""
+import sys, torch
+sys.path.insert(0, {root!r})
+from tests.trainer._helpers import small_config
+from egrpo.trainer import train as T
+from egrpo.trainer.model import build_model
+from egrpo.trainer.rollout import rollout
+
+cfg = small_config({out!r}, "deepspeed.zero_stage=3", "rollout.cot=true", "rollout.cot_max_tokens=4")
+rank, world, _ = T.init_distributed("cpu")
+full, tokenizer = build_model(cfg.model, "cpu")
+full.requires_grad_(False)
+ref, _ = build_model(cfg.model, "cpu")
+ref.requires_grad_(False)
+ref = T.partitioned_reference(ref, cfg, world)
+big = [p for p in ref.parameters() if p.ds_numel >= 4096]
+assert big, "no parameter was partitioned"
+for p in big:   # each process holds its 1/world slice; the full tensor exists only inside a forward / gather
+    assert p.ds_tensor.numel() == -(-p.ds_numel // world) and p.numel() == 0, (p.ds_numel, p.ds_tensor.numel())
+ro = rollout(full, tokenizer, ["a red apple", "a red car"], cfg.rollout, torch.Generator().manual_seed(0))
+want = T.head_logp_entropy(full, ro, "torch", None)
+with T.zero3_gather(T.head_weights(ref), True):
+    got = T.head_logp_entropy(ref, ro, "torch", None)
+assert sorted(got) == ["image", "text"] and sorted(want) == sorted(got)
+for part in want:
+    for a, b in zip(got[part], want[part]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+print("REFERENCE_OK", len(big))
+"""
+
+
+@pytest.mark.slow
+def test_zero3_reference_is_partitioned_and_computes_the_full_models_logprobs(tmp_path):
+    run_processes(REFERENCE_WORKER.format(root=ROOT, out=str(tmp_path)), 2, expect="REFERENCE_OK")
