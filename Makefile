@@ -69,9 +69,10 @@ bench-capacity: setup
 # The H100 image's stack (torch 2.11, triton 3.6, transformers 5.17), on this CPU, in .device-stack/
 # (~3.5 GB: torch's CUDA wheels). numpy < 2.4 because Triton 3.6's interpreter fails on newer numpy.
 DEVICE_STACK ?= torch==2.11.0 triton==3.6.0 transformers==5.17.0 "numpy<2.4"
+DEVICE_STACK_DIR ?= $(CURDIR)/.device-stack
 test-device-stack: setup
-	$(PY) -m pip install -q --target .device-stack $(DEVICE_STACK)
-	PYTHONPATH=$(CURDIR)/.device-stack OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) -q tests
+	$(PY) -m pip install -q --target $(DEVICE_STACK_DIR) $(DEVICE_STACK)
+	PYTHONPATH=$(DEVICE_STACK_DIR) OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) -q tests
 
 # Wheels a GPU machine without network needs besides its own torch/triton/transformers (DeepSpeed has no
 # wheel on PyPI, so it is built here: pure Python, its ops compile on first use). Then, on that machine:

@@ -7,14 +7,16 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["egrpo", "egrpo.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=[
-        # A range, not a pin: GPU users keep the CUDA torch they already have.
-        "torch>=2.4",
-        "triton>=3.0; platform_system == 'Linux'",
-        "transformers>=4.50",
-        "deepspeed>=0.15",
-        "liger-kernel>=0.5",
+        # Ranges, not pins: GPU users keep the CUDA torch they already have. The floors are the oldest versions
+        # the suite was run against (README, "Versions"): torch 2.9.1 / 2.11 / 2.13, triton 3.5 / 3.6 / 3.9,
+        # transformers 5.17 / 5.23 (4.57 fails: its Janus and LLaVA-OneVision APIs differ).
+        "torch>=2.9",
+        "triton>=3.5; platform_system == 'Linux'",
+        "transformers>=5.17",
+        "deepspeed>=0.19",
+        "liger-kernel>=0.8",
         "numpy",
         "tqdm",
         "pyyaml",
