@@ -22,7 +22,7 @@ GPU_WHEELS ?= deepspeed==0.19.8 liger-kernel==0.8.5 hjson pydantic==2.14.3 pydan
 	annotated-types typing-inspection typing-extensions
 # One `make` call per part keeps each under ten minutes on an H100 (see the README's GPU section).
 GPU_SUITE_ARGS ?= --time-budget 500 --resume
-CAPACITY_ARGS ?= $(if $(filter gpu-check gpu-capacity,$(MAKECMDGOALS)),--time-budget 480,)
+CAPACITY_ARGS ?= $(if $(filter gpu-check gpu-capacity,$(MAKECMDGOALS)),--time-budget 480 --resume,)
 
 .PHONY: setup demo test test-device-stack bench bench-pytest bench-capacity gpu-wheels gpu-tests gpu-bench \
 	gpu-capacity gpu-check cuda-available clean

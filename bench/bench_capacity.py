@@ -421,6 +421,9 @@ def search_setting(plan: ModelPlan, head_impl: str, cot: bool, device_type: str,
     except _TrialError as exc:
         out.update(status="error", reason=str(exc))
         return out
+    if not trials:   # the budget ran out before the first trial: nothing is known about this setting
+        out.update(status="not run", reason=NOT_RUN_REASON, max_images=None)
+        return out
     if stop is not None and stop():
         out["note"] = ((out.get("note") or "") + " time budget ran out: the largest size is a lower bound").strip()
     out["max_images"] = best_images
@@ -432,6 +435,15 @@ def search_setting(plan: ModelPlan, head_impl: str, cot: bool, device_type: str,
         out["status"] = "does not fit"
         out["reason"] = next((t["reason"] for t in trials if t.get("reason")), None)
     return out
+
+
+NOT_RUN_REASON = "time budget spent before this setting started; `--resume` measures it"
+FINISHED = ("ok", "does not fit")
+
+
+def finished(setting: Dict[str, Any]) -> bool:
+    """A setting whose result stands: searched to the end (not cut by a time budget), or statically too big."""
+    return setting.get("status") in FINISHED and "time budget" not in (setting.get("note") or "")
 
 
 class _TrialError(RuntimeError):
@@ -458,7 +470,10 @@ def versions() -> Dict[str, Optional[str]]:
 def run(device: Optional[str] = None, models: Optional[List[str]] = None, heads=HEADS, cots=(False, True),
         max_images: Optional[int] = None, simulate_oom_above: Optional[int] = None, isolate: Optional[bool] = None,
         time_budget_s: Optional[float] = None, objective: Optional[Dict[str, Any]] = None, log=print,
-        partial_out: Optional[Path] = None) -> Dict[str, Any]:
+        partial_out: Optional[Path] = None, previous: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Search every (model, CoT, heads) setting. ``previous`` (an earlier report for the same device and
+    objective) supplies the settings it finished, which are not searched again; settings the time budget
+    leaves out are recorded as "not run"; ``complete`` says whether every setting finished."""
     import torch
 
     from bench.suite import device_name
@@ -480,6 +495,15 @@ def run(device: Optional[str] = None, models: Optional[List[str]] = None, heads=
     }
     if device == "cuda":
         report["gpu_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+    kept: Dict[tuple, Dict[str, Any]] = {}
+    if previous:
+        if (previous.get("device") == report["device"] and previous.get("objective") == objective
+                and previous.get("simulated_oom_above_images") == simulate_oom_above
+                and previous.get("max_images_cap") == max_images):
+            kept = {(x["model"], x["head_impl"], x["cot"]): x for x in previous.get("settings", []) if finished(x)}
+            log(f"--resume: keeping {len(kept)} finished settings")
+        else:
+            log("--resume: the existing results are from another device or set-up; starting afresh")
     for name in models:
         plan = PLANS[name]
         entry = {"shape": plan.shape(), "notes": plan.notes}
@@ -493,6 +517,13 @@ def run(device: Optional[str] = None, models: Optional[List[str]] = None, heads=
         report["models"][name] = entry
         for cot in cots:
             for head in heads:
+                if (name, head, cot) in kept:
+                    report["settings"].append(kept[(name, head, cot)])
+                    continue
+                if deadline is not None and time.time() > deadline:
+                    report["settings"].append({"model": name, "head_impl": head, "cot": cot, "status": "not run",
+                                               "reason": NOT_RUN_REASON, "max_images": None, "trials": []})
+                    continue
                 if reason is not None:
                     report["settings"].append({"model": name, "head_impl": head, "cot": cot, "status": "does not fit",
                                                "reason": reason, "max_images": 0, "trials": []})
@@ -505,7 +536,8 @@ def run(device: Optional[str] = None, models: Optional[List[str]] = None, heads=
                 report["wall_s"] = time.time() - t_start
                 if partial_out is not None:   # a killed run still leaves what it measured
                     partial_out.write_text(json.dumps(report, indent=1) + "\n")
-    report["wall_s"] = time.time() - t_start
+    report["wall_s"] = time.time() - t_start + (float(previous.get("wall_s", 0.0)) if kept else 0.0)
+    report["complete"] = all(finished(x) for x in report["settings"])
     add_ratios(report)
     return report
 
@@ -516,10 +548,10 @@ def add_ratios(report: Dict[str, Any]) -> None:
     for model in report["models"]:
         for cot in (False, True):
             s = {x["head_impl"]: x for x in report["settings"] if x["model"] == model and x["cot"] == cot}
-            if "fused" in s and "eager" in s:
+            if "fused" in s and "eager" in s and s["fused"]["status"] in FINISHED and s["eager"]["status"] in FINISHED:
                 f, e = s["fused"].get("max_images") or 0, s["eager"].get("max_images") or 0
                 ratios.append({"model": model, "cot": cot, "fused": f, "eager": e,
-                               "ratio": (f / e) if e else None,
+                               "ratio": (f / e) if e else None, "only_fused_fits": bool(f and not e),
                                "lower_bound": bool(s["fused"].get("search_capped") or "lower bound" in
                                                    (s["fused"].get("note") or ""))})
     report["fused_over_eager"] = ratios
@@ -575,6 +607,9 @@ def capacity_lines(results_dir: Path) -> List[str]:
                       f"{m['notes']}" + (f"; **{m['static_check']}**" if m.get("static_check") else "")]
         if dev == "cpu":
             lines += ["- peak MiB on CPU is the process' peak RSS so far (ru_maxrss), not a per-trial figure"]
+        if rep.get("complete") is False:
+            lines += ["- **INCOMPLETE**: some settings were not run or were cut by the time budget "
+                      "(`python -m bench.bench_capacity --resume` goes on from this JSON)"]
         lines += ["", "| model | CoT | heads | max images / micro-batch | first OOM at | peak MiB at max | step s | "
                   "rollout s | reward s | ref s | loss s | update s | notes |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -596,12 +631,13 @@ def capacity_lines(results_dir: Path) -> List[str]:
         lines += ["", target, "|---|---|---|"]
         for r in rep.get("fused_over_eager", []):
             ratio = r["ratio"]
-            measured = (f"{r['fused']} vs {r['eager']} images = {ratio:.2f}x" if ratio is not None
+            measured = (f"{r['fused']} vs {r['eager']} images (eager does not fit at all)" if r.get("only_fused_fits")
+                        else f"{r['fused']} vs {r['eager']} images = {ratio:.2f}x" if ratio is not None
                         else f"{r['fused']} vs {r['eager']} images")
             if r["lower_bound"]:
                 measured += " (fused side capped: lower bound)"
             verdict = ("n/a (smoke run)" if dev == "cpu" else
-                       "met" if ratio is not None and ratio >= 2 else "MISSED")
+                       "met" if (ratio is not None and ratio >= 2) or r.get("only_fused_fits") else "MISSED")
             lines.append(f"| {r['model']} {'with' if r['cot'] else 'without'} CoT: >= 2x images, fused vs eager "
                          f"| {measured} | {verdict} |")
         lines += [""]
@@ -628,6 +664,8 @@ def main(argv=None) -> int:
     parser.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
                         help="each trial in a fresh process (auto: yes on CUDA)")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds; later searches end early")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the settings the output JSON already finished (same device and set-up)")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/capacity_<device>.json)")
     parser.add_argument("--no-render", action="store_true")
     parser.add_argument("--readme", default=str(BENCH_DIR / "README.md"))
@@ -661,10 +699,11 @@ def main(argv=None) -> int:
         print("CPU smoke run: --max-images 8 --simulate-oom-above 5 (no real OOM on a CPU)")
     out = Path(args.out) if args.out else RESULTS / f"capacity_{device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(out.read_text()) if (args.resume and out.exists()) else None
     report = run(device, models, heads, cots, args.max_images, args.simulate_oom_above, isolate, args.time_budget,
-                 partial_out=out)
+                 partial_out=out, previous=previous)
     out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out} ({report['wall_s']:.0f} s)")
+    print(f"wrote {out} ({report['wall_s']:.0f} s{'' if report['complete'] else ', INCOMPLETE: run again with --resume'})")
     for r in report["fused_over_eager"]:
         print(f"{r['model']} cot={r['cot']}: fused {r['fused']} vs eager {r['eager']} images per micro-batch")
     if not args.no_render:

@@ -91,6 +91,44 @@ def test_search_setting_stops_on_a_non_oom_error(monkeypatch):
     assert s["status"] == "error" and s["reason"] == "error at 32" and "max_images" not in s
 
 
+def test_time_budget_leaves_settings_not_run_and_resume_finishes_them(monkeypatch):
+    quiet = dict(device="cpu", models=["janus-pro-1b"], heads=("fused", "eager"), cots=(False,), isolate=False,
+                 log=lambda *_: None)
+    asked = _fake_trials(monkeypatch, lambda images: "OOM")
+    spent = cap.run(time_budget_s=-1.0, **quiet)             # the budget is gone before the first setting
+    assert asked == [] and spent["complete"] is False and spent["fused_over_eager"] == []
+    assert [x["status"] for x in spent["settings"]] == ["not run", "not run"]   # not "does not fit"
+    assert all("--resume" in x["reason"] for x in spent["settings"])
+
+    # Resume: a finished fused setting is kept as it was, only the eager setting is searched.
+    fused_done = dict(spent["settings"][0], status="ok", reason=None, max_images=32, first_failing_images=40,
+                      search_capped=False, at_max={"time/step": 9.0}, trials=[{"images": 32, "status": "ok"}])
+    previous = dict(spent, settings=[fused_done, spent["settings"][1]])
+    asked = _fake_trials(monkeypatch, lambda images: "ok" if images <= 8 else "OOM")
+    resumed = cap.run(previous=previous, **quiet)
+    assert {a[1] for a in asked} == {8} and resumed["complete"] is True
+    assert resumed["settings"][0] == fused_done
+    assert resumed["settings"][1]["head_impl"] == "eager" and resumed["settings"][1]["max_images"] == 8
+    assert [(r["fused"], r["eager"], r["ratio"]) for r in resumed["fused_over_eager"]] == [(32, 8, 4.0)]
+
+    # A setting cut by the budget (a lower bound) is searched again; other set-ups are not resumed from.
+    cut = dict(fused_done, note="time budget ran out: the largest size is a lower bound")
+    asked = _fake_trials(monkeypatch, lambda images: "ok" if images <= 16 else "OOM")
+    again = cap.run(previous=dict(resumed, settings=[cut, resumed["settings"][1]]), **quiet)
+    assert again["settings"][0]["max_images"] == 16 and again["settings"][1] == resumed["settings"][1]
+    asked = _fake_trials(monkeypatch, lambda images: "ok" if images <= 16 else "OOM")
+    other = cap.run(previous=dict(resumed, objective={"name": "grpo"}), **quiet)
+    assert [x["max_images"] for x in other["settings"]] == [16, 16] and len(asked) > 4
+
+
+def test_only_fused_fitting_counts_as_met():
+    report = {"models": {"m": {}}, "settings": [
+        {"model": "m", "cot": False, "head_impl": "fused", "status": "ok", "max_images": 8},
+        {"model": "m", "cot": False, "head_impl": "eager", "status": "does not fit", "max_images": 0}]}
+    cap.add_ratios(report)
+    assert report["fused_over_eager"][0]["only_fused_fits"] is True and report["fused_over_eager"][0]["ratio"] is None
+
+
 # ------------------------------------------------------------------------------------------------ shapes
 
 def _llama_params(hidden, layers, mlp, vocab):
