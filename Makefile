@@ -22,6 +22,8 @@ GPU_WHEELS ?= deepspeed==0.19.8 liger-kernel==0.8.5 hjson pydantic==2.14.3 pydan
 	annotated-types typing-inspection typing-extensions
 # One `make` call per part keeps each under ten minutes on an H100 (see the README's GPU section).
 GPU_SUITE_ARGS ?= --time-budget 500 --resume
+# Extra pytest arguments for gpu-tests, e.g. "-n 4" (parallel compiles on a many-core GPU machine).
+GPU_PYTEST_ARGS ?=
 CAPACITY_ARGS ?= $(if $(filter gpu-check gpu-capacity,$(MAKECMDGOALS)),--time-budget 480 --resume,)
 
 .PHONY: setup demo test test-device-stack bench bench-pytest bench-capacity gpu-wheels gpu-tests gpu-bench \
@@ -93,7 +95,7 @@ cuda-available: setup
 # section 5 shapes -> suite_cuda.json and bench/README.md with the issue-7 verdicts; the capacity search
 # -> capacity_cuda.json (CAPACITY_ARGS, default a 480 s budget; a killed run keeps what it measured).
 gpu-tests: cuda-available
-	$(PY) -m pytest -q -m gpu $(GPU_TESTS) 2>&1 | tee bench/results/gpu_tests.log
+	$(PY) -m pytest -q -m gpu $(GPU_PYTEST_ARGS) $(GPU_TESTS) 2>&1 | tee bench/results/gpu_tests.log
 
 gpu-bench: cuda-available
 	$(PY) -m bench.suite --device cuda $(GPU_SUITE_ARGS) 2>&1 | tee bench/results/suite_cuda.log
