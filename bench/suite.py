@@ -252,7 +252,6 @@ def run(device: Optional[str] = None, dtype: Optional[torch.dtype] = None, ops=O
             continue
         allow_compile = compile_ok and case.sweep is None
         row, check = bench_row(op, impl, case, dtype, device, reps, warmup, allow_compile, measure_memory)
-        row["matmul_flops_per_s"] = rate["flops_per_s"]
         rows.append(row)
         if check is not None:
             checks[key] = check
