@@ -265,12 +265,13 @@ def _patched_trainer(plan: ModelPlan, simulate_oom_above: Optional[int]):
     forward, the way a real OOM would surface mid-step with the engine and activations alive."""
     import torch
 
+    import functools
+
     import egrpo.trainer.train as trainer
 
-    saved = trainer.build_model, trainer.micro_loss
-    trainer.build_model = lambda cfg, device: build_shaped_model(cfg, device, plan.text_vocab)
+    saved = trainer.micro_loss
     if simulate_oom_above is not None:
-        real_loss = saved[1]
+        real_loss = saved
 
         def micro_loss(model, objective, mb, group_size, reward_weights, head_impl):
             out = real_loss(model, objective, mb, group_size, reward_weights, head_impl)
@@ -281,9 +282,10 @@ def _patched_trainer(plan: ModelPlan, simulate_oom_above: Optional[int]):
 
         trainer.micro_loss = micro_loss
     try:
-        yield trainer.train
+        yield functools.partial(trainer.train, model_builder=lambda cfg, device: build_shaped_model(
+            cfg, device, plan.text_vocab))
     finally:
-        trainer.build_model, trainer.micro_loss = saved
+        trainer.micro_loss = saved
 
 
 def run_trial(plan: ModelPlan, head_impl: str, cot: bool, n_prompts: int, group_size: int, device_type: str,

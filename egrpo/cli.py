@@ -1,64 +1,143 @@
-"""The ``egrpo`` command line."""
+"""The ``egrpo`` command line.
+
+A mistake of the user's (a setting, a path, a damaged checkpoint, a failing reward) is one line on stderr and
+exit code 2; ``--debug`` (or ``EGRPO_DEBUG=1``) shows the traceback instead. A run stopped by SIGTERM / Ctrl-C
+saves a checkpoint and exits with 128 + the signal number.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
+# Errors that are the user's to fix in the tools (bad paths, bad JSON, bad reward arguments, missing packages).
+TOOL_ERRORS = (OSError, ValueError, ImportError, KeyError)
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="egrpo", description=__doc__)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="egrpo", description=__doc__.split("\n\n")[0])
     # the `deepspeed` launcher passes --local_rank=N (LOCAL_RANK is read from the environment instead)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="run the fused-head kernel benchmark (see bench/README.md)")
-    bench.add_argument("args", nargs=argparse.REMAINDER)
-    train = sub.add_parser("train", help="RL fine-tuning (GRPO / EG-GRPO / STAGE) from a YAML config",
-                           description="egrpo train --config configs/demo.yaml [section.key=value ...] [--resume PATH]")
-    train.add_argument("--config", required=True, help="YAML config (see configs/)")
+    train = sub.add_parser(
+        "train", help="RL fine-tuning (GRPO / EG-GRPO / STAGE) from a YAML config",
+        description="egrpo train --config configs/demo.yaml [section.key=value ...] [--resume RUN_DIR]")
+    train.add_argument("--config", default=None,
+                       help="YAML config (see configs/); with --resume, defaults to the run's own config.yaml")
     train.add_argument("--resume", default=None, help="run directory, its checkpoints/ dir, or one checkpoint dir")
+    train.add_argument("--overwrite", action="store_true",
+                       help="train.out_dir holds a run: move it to <out_dir>/previous-<time>/ and start afresh")
+    train.add_argument("--allow-changes", action="store_true",
+                       help="with --resume: apply changed settings that change the run's math (each is logged)")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check the config, the data and the reward arguments, print the effective config, exit")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20 optim.lr=1e-5")
     from egrpo.tools.cli import add_tool_subcommands
 
     add_tool_subcommands(sub)
-    args = parser.parse_args(argv)
-    if getattr(args, "func", None) is not None:
-        return args.func(args)
-    if args.command == "train":
-        return _train(args)
-    if args.command == "bench":
-        from bench.bench_head import main as bench_main
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the full traceback of an error")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return parser
 
-        return bench_main(args.args)
-    return 2
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = bool(getattr(args, "debug", False)) or os.environ.get("EGRPO_DEBUG", "") not in ("", "0")
+    from egrpo.errors import UserError
+
+    expected = (UserError,) if args.command == "train" else (UserError, *TOOL_ERRORS)
+    try:
+        if getattr(args, "func", None) is not None:
+            return args.func(args)
+        return _train(args)
+    except expected as e:
+        if debug:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, (FileNotFoundError, json.JSONDecodeError)) and not isinstance(e, UserError):
+            message = f"{type(e).__name__}: {message}"
+        print(f"egrpo {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 2
+
+
+def run_config(args):
+    """The config of ``egrpo train``: ``--config`` plus overrides, or with only ``--resume``, the run's own
+    effective ``config.yaml`` (its ``out_dir`` pointing at that run) plus overrides."""
+    from egrpo.errors import ConfigError
+    from egrpo.trainer.config import load_config
+
+    if args.config is not None:
+        return load_config(args.config, args.overrides)
+    if args.resume is None:
+        raise ConfigError("--config is required (or --resume RUN_DIR to continue a run with its own config)")
+    here = os.path.abspath(args.resume)
+    for run_dir in (here, os.path.dirname(here), os.path.dirname(os.path.dirname(here))):
+        if os.path.isfile(os.path.join(run_dir, "config.yaml")) and os.path.isdir(os.path.join(run_dir, "checkpoints")):
+            return load_config(os.path.join(run_dir, "config.yaml"), [f"train.out_dir={run_dir}", *args.overrides])
+    raise ConfigError(f"--resume {args.resume}: no run directory with config.yaml found; give --config as well")
+
+
+def dry_run(cfg) -> int:
+    """Validate the config, the prompts and the reward arguments (without building any model), then print
+    the effective config."""
+    import yaml
+
+    from egrpo.errors import ConfigError
+    from egrpo.objectives import build_objective
+    from egrpo.trainer.config import load_prompts
+
+    cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    try:
+        objective = build_objective(cfg.objective.name, **cfg.objective.hparams)
+    except ValueError as e:
+        raise ConfigError(f"objective: {e}") from None
+    prompts, _ = load_prompts(cfg.data)
+    print(yaml.safe_dump(cfg.effective_dict(objective), sort_keys=False), end="")
+    print(f"# dry run: config, {len(prompts)} prompts and {len(cfg.rewards)} reward(s) check out; nothing was "
+          "trained", file=sys.stderr)
+    return 0
 
 
 def _train(args) -> int:
-    from egrpo.trainer.config import ConfigError, load_config
+    import signal
+
+    cfg = run_config(args)
+    if args.dry_run:
+        return dry_run(cfg)
+    from egrpo.trainer.metrics import read_metrics
     from egrpo.trainer.train import train
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        summary = train(cfg, resume=args.resume)
-    except ConfigError as e:
-        print(f"egrpo train: config error: {e}", file=sys.stderr)
-        return 2
+    summary = train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_rank() != 0:
         return 0
-    history = summary["history"]
+    if summary.get("resumed_from"):
+        print(f"resumed from: {summary['resumed_from']}")
+    history = read_metrics(summary["metrics"]) if os.path.exists(summary["metrics"]) else summary["history"]
+    history = [r for r in history if "reward/mean" in r]
     if history:
         n = max(1, len(history) // 5)
         first = sum(r["reward/mean"] for r in history[:n]) / n
         last = sum(r["reward/mean"] for r in history[-n:]) / n
-        print(f"reward mean: first {n} steps {first:.4f} -> last {n} steps {last:.4f} ({last - first:+.4f})")
+        print(f"reward mean: first {n} steps {first:.4f} -> last {n} steps {last:.4f} ({last - first:+.4f}), "
+              f"steps {history[0]['step']}..{history[-1]['step']} of the run")
     print(f"metrics:     {summary['metrics']}")
+    if summary.get("tensorboard") and os.path.isdir(summary["tensorboard"]):
+        print(f"tensorboard: {summary['tensorboard']}")
     for key, label in (("plot", "plot:       "), ("checkpoint", "checkpoint: "), ("export", "HF export:  ")):
         if summary.get(key):
             print(f"{label} {summary[key]}")
     if summary["samples"]:
         print(f"samples:     {summary['samples'][-1]} ({len(summary['samples'])} grids)")
+    if summary.get("stopped_by"):
+        print(f"stopped by {summary['stopped_by']} at step {summary['step']}; continue with: "
+              f"egrpo train --resume {summary['out_dir']}", file=sys.stderr)
+        return 128 + int(getattr(signal, summary["stopped_by"]))
     return 0
 
 

@@ -1,9 +1,9 @@
-"""Reward adapters, each registering itself in `egrpo.trainer.rewards.REWARDS` when this package is imported.
+"""Reward adapters, each registering itself in `egrpo.rewards.registry.REWARDS` when this package is imported.
 
 =======================  =====================================================  ================================
 name                     what                                                   needs
 =======================  =====================================================  ================================
-``colour``               pixel colour rule (built into egrpo.trainer.rewards)   nothing
+``colour``               pixel colour rule (built into egrpo.rewards.registry) nothing
 ``jpeg_compressibility`` -JPEG size in kB                                       Pillow
 ``ocr``                  edit-distance OCR reward on quoted prompt text         rapidocr-onnxruntime (ships models)
 ``geneval``              GenEval rules (count/colour/position) on detections    a detector (GroundingDINO weights)
@@ -22,7 +22,8 @@ missing package in the message (see `egrpo.rewards.base.require`, which the adap
 import importlib
 import logging
 
-from egrpo.trainer.rewards import REWARDS, register_reward, resolve_reward  # noqa: F401
+from egrpo.rewards.registry import (REWARDS, RewardSet, build_rewards, check_reward_arguments,  # noqa: F401
+                                    register_reward, resolve_reward)
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Shared machinery of the reward adapters: batching, device placement, offloading, the failure policy.
 
 Every adapter is a callable ``reward(images [B, 3, H, W] in [0, 1], prompts, metadata) -> FloatTensor [B]``
-(the interface of `egrpo.trainer.rewards`). Adapters around a neural reward model derive from `ModelReward`:
+(the interface of `egrpo.rewards.registry`). Adapters around a neural reward model derive from `ModelReward`:
 
 * weights come from a LOCAL path only (``local_files_only=True``; a missing path is a `FileNotFoundError`
   before anything tries the network);

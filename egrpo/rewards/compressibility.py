@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from egrpo.trainer.rewards import register_reward
+from egrpo.rewards.registry import register_reward
 
 from .base import Reward, to_pil
 

@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from egrpo.trainer.rewards import COLOURS, register_reward
+from egrpo.rewards.registry import COLOURS, register_reward
 
 from .base import Reward
 from .detection import Detection, WrapsDetector, nms, relative_position

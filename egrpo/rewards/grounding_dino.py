@@ -28,7 +28,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from egrpo.trainer.rewards import register_reward
+from egrpo.rewards.registry import register_reward
 
 from .base import ModelReward, local_path, require, to_pil
 from .detection import Detection, WrapsDetector, box_iou, nms

@@ -17,7 +17,7 @@ from typing import Dict, Optional
 
 import torch
 
-from egrpo.trainer.rewards import register_reward
+from egrpo.rewards.registry import register_reward
 
 from .base import ModelReward, local_path, require
 from .clip_score import OPENAI_MEAN, OPENAI_STD, clip_features, clip_preprocess

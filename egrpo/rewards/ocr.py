@@ -15,7 +15,7 @@ from typing import Callable, List, Optional
 
 import numpy as np
 
-from egrpo.trainer.rewards import register_reward
+from egrpo.rewards.registry import register_reward
 
 from .base import Reward, require, to_pil
 

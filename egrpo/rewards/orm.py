@@ -14,7 +14,7 @@ from typing import List
 
 import torch
 
-from egrpo.trainer.rewards import register_reward
+from egrpo.rewards.registry import register_reward
 
 from .base import ModelReward, load_image_processor, local_path, require, to_pil
 from .git_vqa import token_id, yes_no_probability

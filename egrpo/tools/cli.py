@@ -6,12 +6,16 @@ the main entry point runs ``args.func(args)`` (returns an exit code).
 Rewards are given with ``--reward NAME`` (weight 1), ``--reward NAME=WEIGHT``, ``--reward '{"name": "hps",
 "weight": 1, "checkpoint": "...", "tokenizer": "..."}'`` (JSON, any constructor keys), repeatable, and/or
 ``--rewards-config FILE`` (a YAML/JSON file with a ``rewards:`` list, e.g. a training config).
+
+Errors the user can fix (a missing file, bad JSON, an unknown reward argument) are raised as exceptions with
+a message naming the argument; ``egrpo``'s entry point prints them as one line (exit code 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List
 
@@ -21,19 +25,31 @@ def parse_reward_specs(specs: List[str], config_file: str = None) -> List[dict]:
     if config_file:
         import yaml
 
-        with open(config_file, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--rewards-config {config_file}: not valid YAML/JSON ({' '.join(str(e).split())})") from None
         listed = data.get("rewards") if isinstance(data, dict) else data
-        if not isinstance(listed, list):
-            raise ValueError(f"{config_file}: expected a 'rewards' list")
+        if not isinstance(listed, list) or not all(isinstance(r, dict) and "name" in r for r in listed):
+            raise ValueError(f"--rewards-config {config_file}: expected a 'rewards' list of {{name, ...}} mappings")
         rewards += [dict(r) for r in listed]
     for spec in specs or []:
         spec = spec.strip()
         if spec.startswith("{"):
-            rewards.append(json.loads(spec))
+            try:
+                entry = json.loads(spec)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--reward {spec!r} is not valid JSON ({e})") from None
+            if not isinstance(entry, dict) or "name" not in entry:
+                raise ValueError(f"--reward {spec!r}: a JSON reward must be a mapping with a 'name'")
+            rewards.append(entry)
         elif "=" in spec:
             name, _, weight = spec.rpartition("=")
-            rewards.append({"name": name, "weight": float(weight)})
+            try:
+                rewards.append({"name": name, "weight": float(weight)})
+            except ValueError:
+                raise ValueError(f"--reward {spec!r}: the weight after '=' must be a number") from None
         else:
             rewards.append({"name": spec})
     if not rewards:
@@ -42,8 +58,7 @@ def parse_reward_specs(specs: List[str], config_file: str = None) -> List[dict]:
 
 
 def build_reward_set(args):
-    import egrpo.rewards  # noqa: F401  (registers the adapters)
-    from egrpo.trainer.rewards import build_rewards
+    from egrpo.rewards import build_rewards  # importing the package registers the adapters
 
     return build_rewards(parse_reward_specs(args.reward, args.rewards_config))
 
@@ -75,9 +90,15 @@ def _load_model(args):
     from egrpo.trainer.rollout import RolloutConfig
 
     if (args.model is None) == (args.tiny is None):
-        raise SystemExit("give exactly one of --model PATH or --tiny JSON")
+        raise ValueError("give exactly one of --model PATH or --tiny JSON")
+    if args.model is not None and not os.path.exists(args.model):
+        raise FileNotFoundError(f"--model {args.model!r} does not exist (a local HF-format Janus-Pro directory)")
+    try:
+        tiny = json.loads(args.tiny) if args.tiny is not None else None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--tiny {args.tiny!r} is not valid JSON ({e})") from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = ModelConfig(path=args.model, tiny=json.loads(args.tiny) if args.tiny is not None else None, dtype=args.dtype)
+    cfg = ModelConfig(path=args.model, tiny=tiny, dtype=args.dtype)
     model, tokenizer = build_model(cfg, device)
     rollout_cfg = RolloutConfig(
         cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, cot_max_tokens=args.cot_max_tokens,
@@ -101,8 +122,15 @@ def run_analyze(args) -> int:
 def run_plot(args) -> int:
     from .plot_analysis import correlation_table, format_table, load_records, plot_analysis
 
+    records = load_records(args.input)
+    if not records:
+        raise ValueError(f"{args.input} holds no records (write it with `egrpo analyze`)")
     files = plot_analysis(args.input, args.out, stable_std=args.stable_std, max_prompts=args.max_prompts)
-    print(format_table(correlation_table(load_records(args.input), args.stable_std)))
+    print(format_table(correlation_table(records, args.stable_std)))
+    if all(r.get("cot_entropy_mean") is None for r in records):
+        print(f"note: {args.input} has no CoTs (analyzed with --cots 0): the CoT plots "
+              f"({os.path.basename(files.get('cot', 'reward_vs_cot_entropy_stable.png'))}, "
+              f"{os.path.basename(files.get('by_cot', 'reward_by_cot.png'))}) hold no CoT data", file=sys.stderr)
     for kind, path in files.items():
         print(f"{kind}: {path}")
     return 0

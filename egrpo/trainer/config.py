@@ -21,12 +21,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from .model import ModelConfig
+from egrpo.errors import ConfigError  # noqa: F401  (re-exported: `from egrpo.trainer.config import ConfigError`)
+
+from .model import TINY_DEFAULTS, ModelConfig
 from .rollout import RolloutConfig
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the offending key."""
 
 
 @dataclass
@@ -40,11 +38,15 @@ class ObjectiveConfig:
 
 @dataclass
 class RewardConfig:
-    """One reward function: ``name`` in the reward registry, its ``weight`` in the sum, and any other keys
-    passed to the reward's constructor."""
+    """One reward function: ``name`` in the reward registry, its ``weight`` in the sum, its failure options,
+    and any other keys passed to the reward's constructor. Overriding ``rewards.N.name`` from the command line
+    starts that reward afresh (the old reward's constructor arguments are dropped; weight and failure options
+    are kept)."""
 
     name: str = "colour"
     weight: float = 1.0
+    retries: int = 0               # call a raising reward again up to N times (our choice: 0, fail fast)
+    on_error: str = "stop"         # after the retries: "stop" the run, or "skip_group" (logged, counted)
     kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -85,7 +87,8 @@ class TrainConfig:
     updates_per_rollout: int = 1   # > 1: PPO-style reuse of a rollout, old_logp from the sampling policy
     seed: int = 0
     out_dir: str = "runs/run"
-    save_every: int = 0            # checkpoint every N steps (0: only at the end)
+    save_every: int = 50           # checkpoint every N steps (0: only at the end, on SIGTERM/Ctrl-C and at exit)
+    keep_last: int = 3             # step checkpoints kept (older ones deleted; 0: keep all); "best" is separate
     log_every: int = 1
     sample_every: int = 0          # write a sample image grid every K steps (0: never)
     device: str = "auto"           # "auto" | "cpu" | "cuda"
@@ -113,8 +116,36 @@ class Config:
         if not m.path and m.tiny is None:
             raise ConfigError("model.path is required (a local HF-format directory or a hub id) "
                               "unless a model.tiny section builds a random model")
+        if m.path and m.tiny is not None:
+            raise ConfigError("model: give model.path or model.tiny, not both")
+        if m.path and not os.path.exists(os.path.expanduser(m.path)) and not looks_like_hub_id(m.path):
+            raise ConfigError(f"model.path {m.path!r} does not exist (give a local HF-format directory or a hub "
+                              "id such as 'deepseek-ai/Janus-Pro-7B')")
+        if m.tiny is not None:
+            unknown = sorted(set(m.tiny) - set(TINY_DEFAULTS))
+            if unknown:
+                raise ConfigError(f"model.tiny: unknown key(s) {unknown} (known keys: {', '.join(sorted(TINY_DEFAULTS))})")
+        if t.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
         if m.dtype not in ("bf16", "fp32"):
             raise ConfigError(f"model.dtype must be 'bf16' or 'fp32', got {m.dtype!r}")
+        rollout_check = getattr(r, "validate", None)
+        if callable(rollout_check):   # RolloutConfig checks its own sampling settings
+            try:
+                rollout_check()
+            except ConfigError:
+                raise
+            except ValueError as e:
+                raise ConfigError(f"rollout: {e}") from None
+        else:
+            if r.temperature <= 0:
+                raise ConfigError(f"rollout.temperature must be > 0 (sampling divides the logits by it), got "
+                                  f"{r.temperature}")
+            if r.cfg_scale < 0:
+                raise ConfigError(f"rollout.cfg_scale must be >= 0 (1 = no guidance), got {r.cfg_scale}")
         if r.group_size < 2:
             raise ConfigError(f"rollout.group_size must be >= 2 (advantages are normalised within a group), "
                               f"got {r.group_size}")
@@ -151,15 +182,16 @@ class Config:
             raise ConfigError("deepspeed.bf16 is true but model.dtype is 'fp32'; set model.dtype=bf16")
         if t.steps < 1 or t.updates_per_rollout < 1:
             raise ConfigError("train.steps and train.updates_per_rollout must be >= 1")
-        if t.save_every < 0 or t.sample_every < 0 or t.log_every < 1:
-            raise ConfigError("train.save_every / train.sample_every must be >= 0 and train.log_every >= 1")
+        if t.save_every < 0 or t.sample_every < 0 or t.log_every < 1 or t.keep_last < 0:
+            raise ConfigError("train.save_every / train.sample_every / train.keep_last must be >= 0 and "
+                              "train.log_every >= 1")
         if t.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device must be 'auto', 'cpu' or 'cuda', got {t.device!r}")
         if t.head_impl not in ("fused", "eager"):
             raise ConfigError(f"train.head_impl must be 'fused' or 'eager', got {t.head_impl!r}")
         if not self.rewards:
             raise ConfigError("rewards: at least one reward function is required")
-        from .rewards import REWARDS, load_adapters  # noqa: late import keeps config importable on its own
+        from egrpo.rewards.registry import REWARDS, check_reward_arguments, load_adapters, resolve_reward
 
         load_adapters()
 
@@ -168,6 +200,14 @@ class Config:
                 raise ConfigError(f"rewards[{i}].name={rc.name!r} is not a registered reward (known: "
                                   f"{sorted(REWARDS)}; or give 'package.module:Class'); adapters to reward "
                                   "models register themselves when their module is imported")
+            if rc.retries < 0:
+                raise ConfigError(f"rewards[{i}].retries must be >= 0, got {rc.retries}")
+            if rc.on_error not in ("stop", "skip_group"):
+                raise ConfigError(f"rewards[{i}].on_error must be 'stop' or 'skip_group', got {rc.on_error!r}")
+            try:
+                check_reward_arguments(resolve_reward(rc.name), rc.kwargs, f"rewards[{i}] ({rc.name!r})")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         try:
             from egrpo.objectives import OBJECTIVES
             import egrpo.stage  # noqa: F401  (registers "stage")
@@ -182,9 +222,71 @@ class Config:
         out = dataclasses.asdict(self)
         obj = out.pop("objective")
         out["objective"] = {"name": obj["name"], **obj["hparams"]}
-        out["rewards"] = [{"name": r["name"], "weight": r["weight"], **r["kwargs"]} for r in out["rewards"]]
+        out["rewards"] = [{"name": r["name"], "weight": r["weight"], "retries": r["retries"], "on_error": r["on_error"],
+                           **r["kwargs"]} for r in out["rewards"]]
         out["optim"]["betas"] = list(out["optim"]["betas"])
         return out
+
+    def effective_dict(self, objective=None) -> Dict[str, Any]:
+        """`to_dict` with every default spelled out: the objective's effective settings (from the built
+        ``objective`` if given) and each reward's constructor defaults. This is what ``config.yaml`` holds."""
+        out = self.to_dict()
+        out["objective"] = {"name": self.objective.name, **objective_settings(self.objective, objective)}
+        from egrpo.rewards.registry import resolve_reward, reward_defaults
+
+        for entry, rc in zip(out["rewards"], self.rewards):
+            try:
+                defaults = reward_defaults(resolve_reward(rc.name))
+            except ValueError:
+                defaults = {}
+            for key, value in defaults.items():
+                entry.setdefault(key, value)
+        return out
+
+
+def objective_settings(section: "ObjectiveConfig", objective=None) -> Dict[str, Any]:
+    """The objective's effective hyper-parameters (defaults included) as a plain dict. Uses, in order, the
+    objective's ``effective_settings()``, a ``settings`` dataclass (``to_dict()`` or `dataclasses.asdict`), its
+    ``hparams`` dict; without a built objective, builds one from ``section``; falls back to what was typed."""
+    if objective is None:
+        try:
+            from egrpo.objectives import build_objective
+
+            objective = build_objective(section.name, **section.hparams)
+        except Exception:   # an invalid section is reported by validation, not here
+            return dict(section.hparams)
+    for getter in ("effective_settings", "to_dict"):
+        fn = getattr(objective, getter, None)
+        if callable(fn):
+            return _plain(fn())
+    settings = getattr(objective, "settings", None)
+    if settings is not None:
+        if callable(getattr(settings, "to_dict", None)):
+            return _plain(settings.to_dict())
+        if dataclasses.is_dataclass(settings):
+            return _plain(dataclasses.asdict(settings))
+    hparams = getattr(objective, "hparams", None)
+    if isinstance(hparams, dict):
+        return _plain(hparams)
+    if dataclasses.is_dataclass(hparams):
+        return _plain(dataclasses.asdict(hparams))
+    return dict(section.hparams)
+
+
+def _plain(value: Any) -> Any:
+    """YAML-safe copy: tuples to lists, enums/other objects to their value or text."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return _plain(getattr(value, "value", str(value)))
+
+
+def looks_like_hub_id(path: str) -> bool:
+    """``org/name`` with nothing that marks a local path (leading '/', '.', '~', more than one '/')."""
+    return path.count("/") == 1 and not path.startswith(("/", ".", "~")) and not path.endswith("/") and " " not in path
 
 
 SECTIONS = {
@@ -233,12 +335,23 @@ def apply_override(raw: Dict[str, Any], override: str) -> None:
         node = node[key]
     last = keys[-1]
     value = parse_value(text)
+    if (len(keys) == 3 and keys[0] == "rewards" and last == "name" and isinstance(node, dict)
+            and node.get("name") not in (None, value)):
+        # Another reward: the old one's constructor arguments mean nothing to it (keep weight and failure options).
+        kept = {k: node[k] for k in ("weight", "retries", "on_error") if k in node}
+        node.clear()
+        node.update(kept)
     if isinstance(node, list):
         node[_list_index(node, last, path)] = value
     elif isinstance(node, dict):
         node[last] = value
     else:
         raise ConfigError(f"override {override!r}: {'.'.join(keys[:-1])} is not a section")
+
+
+def _is_reward_name(override: str) -> bool:
+    keys = override.split("=", 1)[0].strip().split(".")
+    return len(keys) == 3 and keys[0] == "rewards" and keys[2] == "name"
 
 
 def _list_index(node: list, key: str, path: str) -> int:
@@ -365,12 +478,19 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
     A relative ``data.prompts_file`` is resolved against the config file's directory when it exists there."""
     raw: Dict[str, Any] = {}
     if path is not None:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} does not exist" if not os.path.exists(path)
+                              else f"config file {path!r} is not a file")
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     raw = copy.deepcopy(raw)
-    for override in overrides:
+    # A new reward name replaces that reward, so its name is applied before the arguments given with it.
+    for override in sorted(overrides, key=lambda o: not _is_reward_name(o)):
         apply_override(raw, override)
     cfg = config_from_dict(raw)
     pf = cfg.data.prompts_file
@@ -381,9 +501,12 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
     return cfg
 
 
-def save_config(cfg: Config, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+def save_config(cfg: Config, path: str, objective=None) -> None:
+    """Write the effective config (every default spelled out, see `Config.effective_dict`), atomically."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg.effective_dict(objective), f, sort_keys=False)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------- prompts
@@ -394,15 +517,22 @@ def load_prompts(data: DataConfig) -> Tuple[List[str], List[Dict[str, Any]]]:
         source = "data.prompts"
     else:
         source = data.prompts_file
-        with open(data.prompts_file, encoding="utf-8") as f:
-            if data.prompts_file.endswith(".jsonl"):
-                items = [json.loads(line) for line in f if line.strip()]
-            elif data.prompts_file.endswith(".json"):
-                items = json.load(f)
-            elif data.prompts_file.endswith((".yaml", ".yml")):
-                items = yaml.safe_load(f)
-            else:
-                items = [line.rstrip("\n") for line in f if line.strip()]
+        if not os.path.isfile(source):
+            raise ConfigError(f"data.prompts_file {source!r} does not exist")
+        try:
+            with open(data.prompts_file, encoding="utf-8") as f:
+                if data.prompts_file.endswith(".jsonl"):
+                    items = [json.loads(line) for line in f if line.strip()]
+                elif data.prompts_file.endswith(".json"):
+                    items = json.load(f)
+                elif data.prompts_file.endswith((".yaml", ".yml")):
+                    items = yaml.safe_load(f)
+                else:
+                    items = [line.rstrip("\n") for line in f if line.strip()]
+        except (ValueError, yaml.YAMLError) as e:   # JSON/YAML syntax, or not UTF-8 text
+            raise ConfigError(f"data.prompts_file {source!r} cannot be read: {' '.join(str(e).split())}") from None
+        if not isinstance(items, list):
+            raise ConfigError(f"data.prompts_file {source!r}: expected a list of prompts, got {type(items).__name__}")
     prompts, metadata = [], []
     for i, item in enumerate(items):
         if isinstance(item, str):

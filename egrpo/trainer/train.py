@@ -16,28 +16,45 @@ micro-batches.
 
 Multi-process: launch with ``deepspeed`` or ``torchrun`` (they set RANK / WORLD_SIZE / MASTER_ADDR); a
 plain ``egrpo train`` runs one process.
+
+Nothing a user started is lost (docs/training.md): a run directory that holds a run is refused unless the
+run is resumed or moved aside (``overwrite``); a resume may change only the settings its policy table allows
+(``RESUME_POLICY``), each change logged and every config kept in ``config_history.jsonl``; checkpoints carry
+a manifest of sizes and SHA-256 written last and are verified on load (a damaged one falls back to the newest
+intact one); SIGTERM / Ctrl-C save at the end of the step; non-finite values stop the run before they reach
+a checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import hashlib
+import json
 import math
 import os
 import random
+import re
+import shutil
+import signal
 import socket
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import yaml
 
+from egrpo.errors import CheckpointError, ConfigError, DivergenceError, ResumeError, RunDirError
 from egrpo.rewards.base import mask_failed_rewards
+from egrpo.rewards.registry import build_rewards
 
-from .config import Config, ConfigError, load_prompts, save_config
+from .config import Config, load_prompts, save_config
 from .metrics import MetricLogger, peak_memory_mb, plot_curves, read_metrics, save_sample_grid
 from .model import build_model, num_image_tokens
-from .rewards import build_rewards
 from .rollout import codebook_vectors, head_inputs, rollout
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -312,17 +329,110 @@ def mean_dicts(dicts: Sequence[Dict[str, float]]) -> Dict[str, float]:
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def resolve_checkpoint(path: str) -> Tuple[str, str]:
-    """``(load_dir, tag)`` from a run directory, its ``checkpoints`` directory, or one checkpoint's directory."""
-    for load_dir in (os.path.join(path, "checkpoints"), path):
-        latest = os.path.join(load_dir, "latest")
-        if os.path.isfile(latest):
-            with open(latest) as f:
-                return load_dir, f.read().strip()
-    if os.path.isfile(os.path.join(path, "trainer_state.pt")):
-        return os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.abspath(path))
-    raise FileNotFoundError(f"--resume {path!r}: no checkpoint found (expected a run directory, its checkpoints/ "
-                            "directory with a 'latest' file, or a checkpoint directory)")
+MANIFEST = "manifest.json"
+STEP_TAG = re.compile(r"^step_(\d+)$")
+
+
+def step_tag(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_manifest(tag_dir: str, step: int) -> None:
+    """Sizes and SHA-256 of every file of a checkpoint, written last: a checkpoint without it is incomplete."""
+    files = {}
+    for root, _, names in os.walk(tag_dir):
+        for name in sorted(names):
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, tag_dir)
+            if rel != MANIFEST and not rel.endswith(".tmp"):
+                files[rel] = {"size": os.path.getsize(full), "sha256": sha256_file(full)}
+    write_atomic(os.path.join(tag_dir, MANIFEST), json.dumps({"step": step, "files": files}, indent=1))
+
+
+def verify_checkpoint(tag_dir: str) -> Optional[str]:
+    """None when the checkpoint in ``tag_dir`` is intact, else what is wrong, naming the file."""
+    manifest = os.path.join(tag_dir, MANIFEST)
+    if not os.path.isdir(tag_dir):
+        return f"{tag_dir} does not exist"
+    if not os.path.isfile(manifest):
+        return f"{manifest} is missing (the save did not finish)"
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            files = json.load(f)["files"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return f"{manifest} is damaged"
+    for rel, meta in files.items():
+        path = os.path.join(tag_dir, rel)
+        if not os.path.isfile(path):
+            return f"{path} is missing"
+        size = os.path.getsize(path)
+        if size != meta["size"]:
+            return f"{path} has {size} bytes, {meta['size']} expected (truncated or overwritten)"
+        if sha256_file(path) != meta["sha256"]:
+            return f"{path} does not match its SHA-256 (damaged)"
+    return None
+
+
+def _checkpoint_root(path: str) -> Optional[str]:
+    for root in (os.path.join(path, "checkpoints"), path):
+        if os.path.isfile(os.path.join(root, "latest")) or any(
+                STEP_TAG.match(n) for n in (os.listdir(root) if os.path.isdir(root) else ())):
+            return root
+    return None
+
+
+def find_checkpoint(path: str) -> Tuple[str, str, List[str]]:
+    """``(load_dir, tag, problems)`` for ``--resume path``: a run directory, its ``checkpoints`` directory,
+    or one checkpoint's directory. Without a named checkpoint, the tag in ``latest`` is tried first, then the
+    step checkpoints newest first; ``problems`` lists the damaged ones skipped. CheckpointError when none
+    is intact (or when the one named explicitly is damaged)."""
+    path = os.path.abspath(path)
+    if os.path.isfile(os.path.join(path, MANIFEST)) or os.path.isfile(os.path.join(path, "trainer_state.pt")):
+        problem = verify_checkpoint(path)
+        if problem:
+            raise CheckpointError(f"--resume {path}: the checkpoint is not usable: {problem}")
+        return os.path.dirname(path), os.path.basename(path), []
+    root = _checkpoint_root(path)
+    if root is None:
+        raise CheckpointError(f"--resume {path}: no checkpoint found (expected a run directory, its checkpoints/ "
+                              "directory or a checkpoint directory)")
+    candidates = []
+    latest = os.path.join(root, "latest")
+    if os.path.isfile(latest):
+        with open(latest, "rb") as f:
+            named = f.read(256).decode("utf-8", "replace").strip()
+        if named and "/" not in named and named not in (".", ".."):
+            candidates.append(named)
+    steps = sorted((n for n in os.listdir(root) if STEP_TAG.match(n) and os.path.isdir(os.path.join(root, n))),
+                   key=lambda n: int(STEP_TAG.match(n).group(1)), reverse=True)
+    candidates += [n for n in steps if n not in candidates]
+    problems = []
+    for tag in candidates:
+        problem = verify_checkpoint(os.path.join(root, tag))
+        if problem is None:
+            return root, tag, problems
+        problems.append(problem)
+    if not problems:
+        raise CheckpointError(f"--resume {path}: no checkpoint in {root}")
+    raise CheckpointError(f"--resume {path}: no intact checkpoint: {problems[0]}"
+                          + (f" (and {len(problems) - 1} older one(s) damaged too)" if len(problems) > 1 else ""))
 
 
 def rng_state() -> Dict[str, Any]:
@@ -340,30 +450,244 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(engine, ckpt_root: str, step: int, data_position: int, rank: int) -> str:
-    """DeepSpeed checkpoint (model, optimizer, LR scheduler) plus trainer state and per-rank RNG states.
-    The rollout generators need no state: they are re-seeded from (seed, step, micro-batch) every step."""
+def save_checkpoint(engine, ckpt_root: str, step: int, data_position: int, rank: int, *,
+                    config: Optional[Dict[str, Any]] = None, tag: Optional[str] = None, keep_last: int = 0) -> str:
+    """DeepSpeed checkpoint (model, optimizer, LR scheduler) plus trainer state, per-rank RNG states and the
+    effective config, then the manifest (sizes + SHA-256) and only then ``latest``. ``tag=None`` writes the
+    step checkpoint ``step_NNNNNN`` and keeps the newest ``keep_last`` of them (0: all); another tag (e.g.
+    ``"best"``, see `save_best`) is written beside, replaced only once the new one is complete, and never
+    pruned. The rollout generators need no state: they are re-seeded from (seed, step, micro-batch)."""
     import torch.distributed as dist
 
-    tag = f"step_{step:06d}"
-    engine.save_checkpoint(ckpt_root, tag=tag, client_state={"step": step, "data_position": data_position})
-    tag_dir = os.path.join(ckpt_root, tag)
+    final_tag = tag or step_tag(step)
+    write_tag = final_tag if tag is None else f"{final_tag}.partial"
+    tag_dir = os.path.join(ckpt_root, write_tag)
+    if rank == 0:
+        os.makedirs(ckpt_root, exist_ok=True)
+        if os.path.isdir(tag_dir):   # a re-save (after a fallback, or a killed save): invalidate it first
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(tag_dir, MANIFEST))
+    dist.barrier()
+    engine.save_checkpoint(ckpt_root, tag=write_tag, client_state={"step": step, "data_position": data_position},
+                           save_latest=False)
     torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank{rank:03d}.pt"))
     if rank == 0:
         torch.save({"step": step, "data_position": data_position}, os.path.join(tag_dir, "trainer_state.pt"))
+        if config is not None:
+            write_atomic(os.path.join(tag_dir, "config.yaml"), yaml.safe_dump(config, sort_keys=False))
     dist.barrier()
-    return tag_dir
+    final_dir = os.path.join(ckpt_root, final_tag)
+    if rank == 0:
+        write_manifest(tag_dir, step)
+        if write_tag != final_tag:
+            old = f"{final_dir}.old"
+            if os.path.isdir(final_dir):
+                os.replace(final_dir, old)
+            os.replace(tag_dir, final_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            write_atomic(os.path.join(ckpt_root, "latest"), final_tag)
+            prune_checkpoints(ckpt_root, keep_last)
+    dist.barrier()
+    return final_dir
 
 
-def load_checkpoint(engine, path: str, rank: int) -> Tuple[int, int]:
-    load_dir, tag = resolve_checkpoint(path)
-    _, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+def save_best(engine, ckpt_root: str, step: int, data_position: int, rank: int,
+              config: Optional[Dict[str, Any]] = None) -> str:
+    """Save the current state under the tag ``best`` (for the evaluation loop to call on a new best score);
+    the previous ``best`` is replaced only once the new one is complete. Resume from it with
+    ``--resume <out_dir>/checkpoints/best``."""
+    return save_checkpoint(engine, ckpt_root, step, data_position, rank, config=config, tag="best")
+
+
+def prune_checkpoints(ckpt_root: str, keep_last: int) -> None:
+    """Delete step checkpoints older than the newest ``keep_last`` (0: keep all). Other tags are kept."""
+    if keep_last <= 0:
+        return
+    steps = sorted((n for n in os.listdir(ckpt_root) if STEP_TAG.match(n)),
+                   key=lambda n: int(STEP_TAG.match(n).group(1)))
+    for name in steps[:-keep_last]:
+        shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
+
+
+def load_checkpoint(engine, load_dir: str, tag: str, rank: int) -> Tuple[int, int]:
+    tag_dir = os.path.join(load_dir, tag)
+    try:
+        _, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
+    except Exception as e:   # a checkpoint of another model / layout: one line, the traceback with --debug
+        raise CheckpointError(f"cannot load the checkpoint {tag_dir}: {type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
     if client is None:
-        raise FileNotFoundError(f"--resume: DeepSpeed could not load {os.path.join(load_dir, tag)}")
-    rng_file = os.path.join(load_dir, tag, f"rng_rank{rank:03d}.pt")
+        raise CheckpointError(f"cannot load the checkpoint {tag_dir} (DeepSpeed found no model states)")
+    rng_file = os.path.join(tag_dir, f"rng_rank{rank:03d}.pt")
     if os.path.isfile(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))
     return int(client["step"]), int(client["data_position"])
+
+
+# ---------------------------------------------------------------------------------------------- run directory
+
+RUN_MARKERS = ("metrics.jsonl", "checkpoints", "config.yaml", "config_history.jsonl")
+
+# What a resume may change (docs/training.md, "Resuming"). First matching pattern wins:
+#   free      applied and logged (bookkeeping and speed settings that do not change the run's math)
+#   steps     train.steps: must stay above the checkpoint's step; the LR schedule is stretched to it, logged
+#   explicit  changes what is optimised: refused unless allow_changes (--allow-changes), then applied, logged
+#   never     the checkpoint's weights / optimizer layout depend on it: start a new run instead
+RESUME_POLICY: List[Tuple[str, str]] = [
+    ("train.steps", "steps"),
+    ("train.out_dir", "free"), ("train.save_every", "free"), ("train.keep_last", "free"),
+    ("train.log_every", "free"), ("train.sample_every", "free"), ("train.progress", "free"),
+    ("train.tensorboard", "free"), ("train.export_hf", "free"), ("train.device", "free"),
+    ("train.head_impl", "free"),
+    ("rewards.*.retries", "free"), ("rewards.*.on_error", "free"),
+    ("rewards.*.batch_size", "free"), ("rewards.*.device", "free"), ("rewards.*.offload_between_calls", "free"),
+    ("model.gradient_checkpointing", "free"), ("model.attn_implementation", "free"), ("model.liger", "free"),
+    ("objective.backend", "free"), ("objective.chunk_size", "free"),
+    ("model.*", "never"), ("deepspeed.*", "never"),
+    ("*", "explicit"),
+]
+
+
+def resume_policy(key: str) -> str:
+    return next(policy for pattern, policy in RESUME_POLICY if fnmatch.fnmatchcase(key, pattern))
+
+
+def flatten_config(tree: Any, prefix: str = "") -> Dict[str, Any]:
+    """``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}``; list items of mappings (rewards) by index."""
+    if isinstance(tree, dict):
+        out: Dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(flatten_config(v, f"{prefix}{k}."))
+        return out
+    if isinstance(tree, list) and tree and all(isinstance(v, dict) for v in tree):
+        out = {}
+        for i, v in enumerate(tree):
+            out.update(flatten_config(v, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _short(value: Any) -> str:
+    text = "(absent)" if value is _ABSENT else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_ABSENT = object()
+
+
+def check_resume_changes(old: Dict[str, Any], new: Dict[str, Any], step: int, allow_changes: bool) -> List[str]:
+    """Compare the checkpoint's effective config with this run's under `RESUME_POLICY`; returns one log line
+    per applied change, raises ResumeError naming every refused key."""
+    a, b = flatten_config(old), flatten_config(new)
+    lines, refused, never = [], [], []
+    for key in sorted(set(a) | set(b)):
+        before, after = a.get(key, _ABSENT), b.get(key, _ABSENT)
+        if before == after:
+            continue
+        change = f"{key}: {_short(before)} -> {_short(after)}"
+        policy = resume_policy(key)
+        if policy == "steps":
+            lines.append(f"{change} (the LR schedule now ends at step {after})")
+        elif policy == "free":
+            lines.append(change)
+        elif policy == "never":
+            never.append(change)
+        elif allow_changes:
+            lines.append(f"{change} (applied: --allow-changes)")
+        else:
+            refused.append(change)
+    if never:
+        raise ResumeError(f"cannot resume with {'; '.join(never)}: the checkpoint's weights and optimizer state "
+                          "depend on it; start a new run (another train.out_dir) instead")
+    if refused:
+        raise ResumeError(f"resuming would change {'; '.join(refused)}: these change what the run optimises; pass "
+                          "--allow-changes to apply them (each is logged), or drop them to resume as before")
+    if b.get("train.steps", 0) <= step:
+        raise ResumeError(f"the checkpoint is at step {step} and train.steps={b.get('train.steps')}: nothing to "
+                          f"train; give train.steps > {step} to continue the run")
+    return lines
+
+
+def move_previous_run(out_dir: str) -> str:
+    """Move everything in ``out_dir`` (earlier ``previous-*`` folders aside) into ``out_dir/previous-<time>/``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest, n = os.path.join(out_dir, f"previous-{stamp}"), 1
+    while os.path.exists(dest):
+        dest, n = os.path.join(out_dir, f"previous-{stamp}-{n}"), n + 1
+    os.makedirs(dest)
+    for name in os.listdir(out_dir):
+        if not name.startswith("previous-"):
+            os.replace(os.path.join(out_dir, name), os.path.join(dest, name))
+    return dest
+
+
+def holds_run(out_dir: str) -> bool:
+    return any(os.path.exists(os.path.join(out_dir, m)) for m in RUN_MARKERS)
+
+
+def same_path(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def apply_optim_settings(scheduler, cfg: Config, total_updates: int) -> None:
+    """After loading a checkpoint whose LR schedule / optimizer settings differ from ``cfg`` (a longer
+    ``train.steps``, or changes allowed with --allow-changes): the schedule, base LR and Adam settings follow
+    ``cfg`` from the current update on (the checkpoint restored its own)."""
+    o = cfg.optim
+    for fn in scheduler.lr_lambdas:
+        if isinstance(fn, WarmupSchedule):
+            fn.__init__(o.warmup_steps, total_updates, o.schedule, o.min_lr_ratio)
+    scheduler.base_lrs = [o.lr for _ in scheduler.base_lrs]
+    for i, (group, fn) in enumerate(zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas)):
+        group["initial_lr"] = o.lr
+        group["lr"] = o.lr * fn(scheduler.last_epoch)
+        group["betas"], group["eps"] = tuple(o.betas), o.eps
+        group["weight_decay"] = o.weight_decay if i == 0 else 0.0   # group 1 holds biases / norm scales
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+
+
+# ---------------------------------------------------------------------------------------------- stopping
+
+
+class StopOnSignal:
+    """Inside: SIGTERM / SIGINT (Ctrl-C) only set ``signum``; the loop saves at the end of the step and
+    returns. A second signal gets the previous handler (Ctrl-C twice interrupts at once)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        print(f"egrpo: {signal.Signals(signum).name} received: saving a checkpoint at the end of this step "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def local_parameters_finite(params) -> bool:
+    """All trainable parameters finite (under ZeRO-3 this process's partition); one sync."""
+    checks = [torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in params]
+    return bool(torch.stack(checks).all()) if checks else True
+
+
+def say(message: str, enabled: bool = True) -> None:
+    if enabled:
+        print(f"egrpo: {message}", file=sys.stderr, flush=True)
 
 
 def trainable_state(engine, model, zero3: bool) -> Dict[str, torch.Tensor]:
@@ -390,16 +714,26 @@ def export_hf(engine, model, tokenizer, out: str, zero3: bool, rank: int) -> Opt
 # ---------------------------------------------------------------------------------------------- train
 
 
-def train(cfg: Config, resume: Optional[str] = None, *, stop_after: Optional[int] = None,
+def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False, allow_changes: bool = False,
+          model_builder: Optional[Callable] = None, stop_after: Optional[int] = None,
           return_params: bool = False) -> Dict[str, Any]:
-    """Run (or resume) training as configured. ``stop_after`` ends the run after that many steps of THIS
-    invocation, as if killed (checkpoints follow ``train.save_every``; no final checkpoint or export).
+    """Run (or resume) training as configured.
 
-    Returns a summary: paths of the outputs, per-step metric records (rank 0), and with ``return_params``
-    the final trainable parameters (CPU copies)."""
+    ``resume``: a run directory, its ``checkpoints`` directory or one checkpoint's directory (the newest
+    intact checkpoint is used). ``overwrite``: an ``out_dir`` that already holds a run is moved aside to
+    ``out_dir/previous-<time>/`` (otherwise refused). ``allow_changes``: a resume may change settings that
+    change the run's math (`RESUME_POLICY`). ``model_builder(model_config, device) -> (model, tokenizer)``
+    replaces :func:`egrpo.trainer.model.build_model` (benchmarks build models of other shapes).
+    ``stop_after`` ends the run after that many steps of THIS invocation, as if killed (checkpoints follow
+    ``train.save_every``; no final checkpoint or export).
+
+    Returns a summary: paths of the outputs, per-step metric records of this invocation (rank 0),
+    ``resumed_from`` (step), ``stopped_by`` (signal name, if any), and with ``return_params`` the final
+    trainable parameters (CPU copies)."""
     import deepspeed
     import torch.distributed as dist
 
+    cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))   # before any process group (device=cuda)
     device_type = "cuda" if (cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())) else "cpu"
     rank, world, local_rank = init_distributed(device_type)
     cfg.validate(world_size=world)
@@ -409,26 +743,65 @@ def train(cfg: Config, resume: Optional[str] = None, *, stop_after: Optional[int
     is_main = rank == 0
     out_dir = t.out_dir
     ckpt_root = os.path.join(out_dir, "checkpoints")
-    if is_main:
-        os.makedirs(out_dir, exist_ok=True)
-        save_config(cfg, os.path.join(out_dir, "config.yaml"))
 
-    # ---- model, reference, objective, rewards, data
-    model, tokenizer = build_model(cfg.model, device)
-    if cfg.rollout.image_tokens != num_image_tokens(model):
-        raise ConfigError(f"rollout.image_tokens={cfg.rollout.image_tokens} but the model makes "
-                          f"{num_image_tokens(model)} image tokens per image")
     from egrpo.objectives import build_objective
 
     try:
         objective = build_objective(cfg.objective.name, **cfg.objective.hparams)
     except ValueError as e:
         raise ConfigError(f"objective: {e}") from None
+    effective = cfg.effective_dict(objective)
+
+    # ---- run directory: never destroy a run; a resume may change only what its policy allows
+    step, data_position, resume_from, changes = 0, 0, None, []
+    if resume is not None:
+        found: List[Any] = [None]
+        if is_main:
+            try:
+                found[0] = find_checkpoint(resume)
+            except CheckpointError as e:
+                found[0] = e
+        dist.broadcast_object_list(found, src=0)
+        if isinstance(found[0], Exception):
+            raise found[0]
+        load_dir, tag, problems = found[0]
+        resume_from = os.path.join(load_dir, tag)
+        for problem in problems:
+            say(f"warning: skipping a damaged checkpoint: {problem}", is_main)
+        if problems:
+            say(f"resuming from the newest intact checkpoint {resume_from}", is_main)
+        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
+        saved_config = os.path.join(resume_from, "config.yaml")
+        if os.path.isfile(saved_config):
+            with open(saved_config, encoding="utf-8") as f:
+                changes = check_resume_changes(yaml.safe_load(f), effective, int(state["step"]), allow_changes)
+        if holds_run(out_dir) and not same_path(os.path.dirname(load_dir), out_dir) and not overwrite:
+            raise RunDirError(f"train.out_dir {out_dir!r} already holds another run; resume into the run's own "
+                              "directory, pick a new train.out_dir, or pass --overwrite to move the old run aside")
+    elif holds_run(out_dir) and not overwrite:
+        raise RunDirError(f"train.out_dir {out_dir!r} already holds a run; continue it with --resume {out_dir}, "
+                          "or pass --overwrite to move it aside (into previous-<time>/), or pick a new train.out_dir")
+    dist.barrier()
+    if is_main:
+        if overwrite and holds_run(out_dir) and not (resume_from and same_path(os.path.dirname(load_dir), out_dir)):
+            say(f"moved the previous run to {move_previous_run(out_dir)}")
+        os.makedirs(out_dir, exist_ok=True)
+    dist.barrier()
+
+    # ---- model, reference, rewards, data
+    builder = model_builder or build_model
+    model, tokenizer = load_model(builder, cfg.model, device)
+    if cfg.rollout.image_tokens != num_image_tokens(model):
+        raise ConfigError(f"rollout.image_tokens={cfg.rollout.image_tokens} but the model makes "
+                          f"{num_image_tokens(model)} image tokens per image")
     ref_model = None
     if needs_reference(objective):
-        ref_model, _ = build_model(cfg.model, device)   # the initial policy, frozen
+        ref_model, _ = load_model(builder, cfg.model, device)   # the initial policy, frozen
         ref_model.requires_grad_(False)
-    reward_set = build_rewards(cfg.rewards)
+    try:
+        reward_set = build_rewards(cfg.rewards)
+    except (ValueError, ImportError, OSError) as e:   # bad arguments, missing package or weights
+        raise ConfigError(f"rewards: {e}") from e
     prompts, metadata = load_prompts(cfg.data)
     stream = PromptStream(prompts, metadata, t.seed, cfg.data.shuffle)
     backend = objective.hparams.get("backend", "auto")
@@ -448,11 +821,23 @@ def train(cfg: Config, resume: Optional[str] = None, *, stop_after: Optional[int
         ref_model = partitioned_reference(ref_model, cfg, world)
     trainable = [p for p in module.parameters() if p.requires_grad]
 
-    step, data_position = 0, 0
-    if resume is not None:
-        step, data_position = load_checkpoint(engine, resume, rank)
+    last_good = None
+    if resume_from is not None:
+        step, data_position = load_checkpoint(engine, load_dir, tag, rank)
+        last_good = resume_from
+        if any(c.startswith(("optim.", "train.steps", "train.updates_per_rollout")) for c in changes):
+            apply_optim_settings(scheduler, cfg, total_updates)
+        say(f"resumed from step {step} ({resume_from})", is_main)
+        for line in changes:
+            say(f"resume changes {line}", is_main)
+    if is_main:
+        save_config(cfg, os.path.join(out_dir, "config.yaml"), objective)
+        with open(os.path.join(out_dir, "config_history.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step,
+                                "event": "resume" if resume_from else "start", "resumed_from": resume_from,
+                                "changes": changes, "config": effective}) + "\n")
     logger = MetricLogger(out_dir, enabled=is_main, tensorboard=t.tensorboard,
-                          resume_step=step if resume is not None else None)
+                          resume_step=step if resume_from is not None else None)
 
     G = cfg.rollout.group_size
     local_prompts = cfg.data.prompts_per_step // world
@@ -468,109 +853,149 @@ def train(cfg: Config, resume: Optional[str] = None, *, stop_after: Optional[int
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    steps_this_run = 0
-    while step < t.steps:
-        if stop_after is not None and steps_this_run >= stop_after:
-            break
-        t_step = time.perf_counter()
-        timers = dict.fromkeys(("rollout", "reward", "ref", "loss", "update"), 0.0)
-        batch_start = data_position + rank * local_prompts
+    def diverged(what: str) -> DivergenceError:
+        return DivergenceError(
+            f"training diverged at step {step + 1}: {what}; try a lower optim.lr (now {cfg.optim.lr:g}). Last good "
+            f"checkpoint: {last_good or 'none yet (train.save_every)'}"
+            + (f"; continue from it with --resume {out_dir} --allow-changes optim.lr=..." if last_good else ""))
 
-        # ---- rollout, rewards, reference (no grad)
-        micro_batches: List[MicroBatch] = []
-        rollout_metrics = []
-        for j in range(cfg.optim.grad_accum):
-            p_list, m_list = stream.take(batch_start + j * micro_prompts, micro_prompts)
-            generator = torch.Generator(device=device).manual_seed(derived_seed(t.seed, step, rank * cfg.optim.grad_accum + j))
-            t0 = time.perf_counter()
-            with zero3_gather(module.parameters(), zero3):
-                ro = rollout(module, tokenizer, p_list, cfg.rollout, generator)
-                codes = codebook_vectors(module, ro.image_tokens) if objective.name == "stage" else None
-            timers["rollout"] += time.perf_counter() - t0
-            rollout_metrics.append(ro.metrics)
-            t0 = time.perf_counter()
-            meta = [m for m in m_list for _ in range(G)]
-            rewards = reward_set(ro.images, ro.prompts, meta)
-            rewards, reward_ok = mask_failed_rewards(rewards, G)   # NaN only from rewards with on_failure: mask
-            ro.metrics["reward/masked_frac"] = float((~reward_ok).float().mean())
-            timers["reward"] += time.perf_counter() - t0
-            mb = MicroBatch(rollout=ro, metadata=meta, rewards=rewards, codes=codes)
-            t0 = time.perf_counter()
-            if ref_model is not None:
-                with zero3_gather(head_weights(ref_model), zero3):
-                    mb.ref = head_logp_entropy(ref_model, ro, backend, chunk_size)
-            if t.updates_per_rollout > 1:   # PPO-style reuse: the ratio is taken against the sampling policy
-                with zero3_gather(head_weights(module), zero3):
-                    mb.old = {k: v[0] for k, v in head_logp_entropy(module, ro, backend, chunk_size).items()}
-            timers["ref"] += time.perf_counter() - t0
-            micro_batches.append(mb)
-        data_position += cfg.data.prompts_per_step
+    steps_this_run, saved_at, stop_signal, stopper = 0, None, 0, StopOnSignal()
+    with stopper:
+        while step < t.steps:
+            if stop_after is not None and steps_this_run >= stop_after:
+                break
+            t_step = time.perf_counter()
+            timers = dict.fromkeys(("rollout", "reward", "ref", "loss", "update"), 0.0)
+            batch_start = data_position + rank * local_prompts
 
-        # ---- updates
-        loss_metrics, grad_norms, lrs = [], [], []
-        for _ in range(t.updates_per_rollout):
-            for j, mb in enumerate(micro_batches):
-                lrs_now = engine.get_lr()[0]
+            # ---- rollout, rewards, reference (no grad)
+            micro_batches: List[MicroBatch] = []
+            rollout_metrics = []
+            skipped_rows: List[torch.Tensor] = []
+            for j in range(cfg.optim.grad_accum):
+                p_list, m_list = stream.take(batch_start + j * micro_prompts, micro_prompts)
+                generator = torch.Generator(device=device).manual_seed(derived_seed(t.seed, step, rank * cfg.optim.grad_accum + j))
                 t0 = time.perf_counter()
-                with zero3_gather(head_weights(module), zero3):
-                    loss, metrics = micro_loss(module, objective, mb, G, reward_weights, t.head_impl)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
-                    t1 = time.perf_counter()
-                    timers["loss"] += t1 - t0
-                    engine.backward(loss)
-                boundary = engine.is_gradient_accumulation_boundary()
-                manual = manual_grad_norm(trainable) if boundary and cfg.deepspeed.zero_stage == 0 else None
-                engine.step()
-                timers["update"] += time.perf_counter() - t1
-                loss_metrics.append(metrics)
-            norm = engine.get_global_grad_norm()
-            grad_norms.append(float(norm) if norm is not None else float(manual or 0.0))
-            lrs.append(lrs_now)
-        step += 1
-        steps_this_run += 1
+                with zero3_gather(module.parameters(), zero3):
+                    try:
+                        ro = rollout(module, tokenizer, p_list, cfg.rollout, generator)
+                    except RuntimeError as e:   # sampling from NaN/inf probabilities: the weights have diverged
+                        if "inf" in str(e) or "nan" in str(e):
+                            raise diverged(f"non-finite sampling probabilities ({str(e).splitlines()[0]})") from e
+                        raise
+                    codes = codebook_vectors(module, ro.image_tokens) if objective.name == "stage" else None
+                timers["rollout"] += time.perf_counter() - t0
+                rollout_metrics.append(ro.metrics)
+                t0 = time.perf_counter()
+                meta = [m for m in m_list for _ in range(G)]
+                rewards = reward_set(ro.images, ro.prompts, meta, group_size=G)
+                skipped_rows.append(reward_set.last_skipped)
+                for failure in reward_set.pop_failures():
+                    say(f"warning: step {step + 1}: {failure}; group skipped ({reward_set.skipped} so far)")
+                rewards, reward_ok = mask_failed_rewards(rewards, G)   # NaN only from rewards with on_failure: mask
+                ro.metrics["reward/masked_frac"] = float((~reward_ok).float().mean())
+                timers["reward"] += time.perf_counter() - t0
+                mb = MicroBatch(rollout=ro, metadata=meta, rewards=rewards, codes=codes)
+                t0 = time.perf_counter()
+                if ref_model is not None:
+                    with zero3_gather(head_weights(ref_model), zero3):
+                        mb.ref = head_logp_entropy(ref_model, ro, backend, chunk_size)
+                if t.updates_per_rollout > 1:   # PPO-style reuse: the ratio is taken against the sampling policy
+                    with zero3_gather(head_weights(module), zero3):
+                        mb.old = {k: v[0] for k, v in head_logp_entropy(module, ro, backend, chunk_size).items()}
+                timers["ref"] += time.perf_counter() - t0
+                micro_batches.append(mb)
+            data_position += cfg.data.prompts_per_step
 
-        # ---- metrics: mean over micro-batches, then over processes; rewards gathered for exact stats
-        local = {**mean_dicts(loss_metrics), **mean_dicts(rollout_metrics)}
-        local["grad_norm"] = float(np.mean(grad_norms))
-        local["lr"] = float(lrs[-1])
-        all_rewards = torch.cat([mb.rewards for mb in micro_batches]).cpu()
-        gathered: List[Any] = [None] * world
-        dist.all_gather_object(gathered, (local, all_rewards))
-        record = mean_dicts([g[0] for g in gathered])
-        rewards_all = torch.cat([g[1] for g in gathered])
-        combined = reward_set.combine(rewards_all)
-        record["reward/mean"], record["reward/std"] = float(combined.mean()), float(combined.std())
-        for k, name in enumerate(reward_set.names):
-            record[f"reward/{name}/mean"] = float(rewards_all[:, k].mean())
-            record[f"reward/{name}/std"] = float(rewards_all[:, k].std())
-        record.update({f"time/{k}": v for k, v in timers.items()})
-        record["time/step"] = time.perf_counter() - t_step
-        record["memory/peak_mb"] = peak_memory_mb(device)
-        if is_main:
-            history.append({"step": step, **record})
-            if step % t.log_every == 0 or step == t.steps:
-                logger.log(step, record)
-            if t.sample_every and (step % t.sample_every == 0 or step == t.steps):
-                mb = micro_batches[0]
-                grids.append(save_sample_grid(
-                    os.path.join(out_dir, "samples", f"step_{step:06d}.png"), mb.rollout.images, mb.rollout.prompts,
-                    reward_set.combine(mb.rewards), ncols=G, title=f"step {step}"))
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(reward=f"{record['reward/mean']:.4f}", loss=f"{record.get('loss', float('nan')):.4f}")
+            # ---- updates
+            loss_metrics, grad_norms, lrs = [], [], []
+            for _ in range(t.updates_per_rollout):
+                for j, mb in enumerate(micro_batches):
+                    lrs_now = engine.get_lr()[0]
+                    t0 = time.perf_counter()
+                    with zero3_gather(head_weights(module), zero3):
+                        loss, metrics = micro_loss(module, objective, mb, G, reward_weights, t.head_impl)
+                        if not torch.isfinite(loss):
+                            raise diverged(f"non-finite loss {loss.item()}")
+                        t1 = time.perf_counter()
+                        timers["loss"] += t1 - t0
+                        engine.backward(loss)
+                    boundary = engine.is_gradient_accumulation_boundary()
+                    manual = manual_grad_norm(trainable) if boundary and cfg.deepspeed.zero_stage == 0 else None
+                    engine.step()
+                    timers["update"] += time.perf_counter() - t1
+                    loss_metrics.append(metrics)
+                norm = engine.get_global_grad_norm()
+                grad_norms.append(float(norm) if norm is not None else float(manual or 0.0))
+                lrs.append(lrs_now)
 
-        # ---- checkpoint
-        if t.save_every and step % t.save_every == 0 and step < t.steps:
-            save_checkpoint(engine, ckpt_root, step, data_position, rank)
+            # ---- one agreement per step: parameters finite everywhere, stop requested anywhere
+            flags = torch.tensor([float(not local_parameters_finite(trainable)), float(stopper.signum or 0)],
+                                 device=device)
+            if world > 1:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            if flags[0] > 0:
+                raise diverged("non-finite parameters after the update")
+            stop_signal = int(flags[1])
+            step += 1
+            steps_this_run += 1
+
+            # ---- metrics: mean over micro-batches, then over processes; rewards gathered for exact stats
+            local = {**mean_dicts(loss_metrics), **mean_dicts(rollout_metrics)}
+            local["grad_norm"] = float(np.mean(grad_norms))
+            local["lr"] = float(lrs[-1])
+            all_rewards = torch.cat([mb.rewards for mb in micro_batches]).cpu()
+            kept_rows = ~torch.cat(skipped_rows).cpu()
+            gathered: List[Any] = [None] * world
+            dist.all_gather_object(gathered, (local, all_rewards, kept_rows))
+            record = mean_dicts([g[0] for g in gathered])
+            rewards_all = torch.cat([g[1] for g in gathered])
+            kept_all = torch.cat([g[2] for g in gathered])
+            if not kept_all.all():
+                record["reward/skipped_groups"] = float((~kept_all).sum()) / G
+                rewards_all = rewards_all[kept_all]
+            combined = reward_set.combine(rewards_all)
+            record["reward/mean"], record["reward/std"] = float(combined.mean()), float(combined.std())
+            for k, name in enumerate(reward_set.names):
+                record[f"reward/{name}/mean"] = float(rewards_all[:, k].mean())
+                record[f"reward/{name}/std"] = float(rewards_all[:, k].std())
+            record.update({f"time/{k}": v for k, v in timers.items()})
+            record["time/step"] = time.perf_counter() - t_step
+            record["memory/peak_mb"] = peak_memory_mb(device)
+            if is_main:
+                history.append({"step": step, **record})
+                if step % t.log_every == 0 or step == t.steps:
+                    logger.log(step, record)
+                if t.sample_every and (step % t.sample_every == 0 or step == t.steps):
+                    mb = micro_batches[0]
+                    grids.append(save_sample_grid(
+                        os.path.join(out_dir, "samples", f"step_{step:06d}.png"), mb.rollout.images, mb.rollout.prompts,
+                        reward_set.combine(mb.rewards), ncols=G, title=f"step {step}"))
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(reward=f"{record['reward/mean']:.4f}", loss=f"{record.get('loss', float('nan')):.4f}")
+
+            # ---- checkpoint (on schedule, or now when a signal asked to stop)
+            if (t.save_every and step % t.save_every == 0 and step < t.steps) or (stop_signal and step < t.steps):
+                last_good = save_checkpoint(engine, ckpt_root, step, data_position, rank, config=effective,
+                                            keep_last=t.keep_last)
+                saved_at = step
+            if stop_signal:
+                break
 
     if progress is not None:
         progress.close()
     finished = step >= t.steps
     summary: Dict[str, Any] = {"out_dir": out_dir, "metrics": logger.path, "history": history, "step": step,
-                               "samples": grids, "finished": finished}
+                               "samples": grids, "finished": finished, "resumed_from": resume_from,
+                               "stopped_by": signal.Signals(stop_signal).name if steps_this_run and stop_signal else None,
+                               "tensorboard": os.path.join(out_dir, "tensorboard") if t.tensorboard else None}
+    if summary["stopped_by"] and not finished:
+        summary["checkpoint"] = last_good
     if finished:
-        summary["checkpoint"] = save_checkpoint(engine, ckpt_root, step, data_position, rank)
+        summary["checkpoint"] = (last_good if saved_at == step else
+                                 save_checkpoint(engine, ckpt_root, step, data_position, rank, config=effective,
+                                                 keep_last=t.keep_last))
         if t.export_hf:
             summary["export"] = export_hf(engine, module, tokenizer, os.path.join(out_dir, "hf"), zero3, rank)
         if is_main and os.path.exists(logger.path) and read_metrics(logger.path):
@@ -579,3 +1004,15 @@ def train(cfg: Config, resume: Optional[str] = None, *, stop_after: Optional[int
         summary["params"] = trainable_state(engine, module, zero3)
     logger.close()
     return summary
+
+
+def load_model(builder: Callable, model_cfg, device):
+    """``builder(model_cfg, device)`` with a missing or unloadable ``model.path`` as one ConfigError line."""
+    try:
+        return builder(model_cfg, device)
+    except (OSError, ValueError) as e:   # transformers: OSError for a missing repo/dir, ValueError for a bad config
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if model_cfg.path:
+            raise ConfigError(f"model.path {model_cfg.path!r} could not be loaded (not a local HF-format directory, "
+                              f"and not a model id that could be fetched): {first}") from e
+        raise ConfigError(f"model: {first}") from e
