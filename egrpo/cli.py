@@ -45,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:   # overrides after a flag (`--config c.yaml a=1 --overwrite b=2`) are overrides too
+        if args.command != "train" or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     debug = bool(getattr(args, "debug", False)) or os.environ.get("EGRPO_DEBUG", "") not in ("", "0")
     from egrpo.errors import UserError
 

@@ -269,7 +269,7 @@ def check_reward_arguments(cls: Callable, kwargs: Dict, where: str) -> None:
         signature.bind(**kwargs)
     except TypeError as e:
         accepted = [p.name for p in signature.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-        raise ValueError(f"{where}: {e} (accepted arguments: {', '.join(accepted) or 'none'})") from None
+        raise ValueError(f"{where}: bad arguments: {e} (accepted arguments: {', '.join(accepted) or 'none'})") from None
 
 
 def reward_defaults(cls: Callable) -> Dict:

@@ -220,7 +220,7 @@ class Config:
     def to_dict(self) -> Dict[str, Any]:
         """The config in the same shape as the YAML it came from (hyper-parameters and kwargs inlined)."""
         out = dataclasses.asdict(self)
-        obj = out.pop("objective")
+        obj = out["objective"]
         out["objective"] = {"name": obj["name"], **obj["hparams"]}
         out["rewards"] = [{"name": r["name"], "weight": r["weight"], "retries": r["retries"], "on_error": r["on_error"],
                            **r["kwargs"]} for r in out["rewards"]]

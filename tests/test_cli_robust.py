@@ -1,0 +1,293 @@
+"""Robust runs, where the user meets them: the `egrpo` command line on the tiny model.
+
+Most tests call the CLI's entry point in this process (the same code as the console script, much faster than
+a fresh interpreter); signals and the import structure need a real subprocess. Each user mistake must be one
+line on stderr with exit code 2 and no traceback."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from egrpo.cli import main
+from egrpo.trainer.metrics import read_metrics
+from tests.trainer._helpers import DEMO, ROOT, SMALL, small_config
+
+BASE = ["--config", DEMO, *SMALL]
+
+
+def cli(capsys, *args):
+    """Run `egrpo ARGS`; returns (exit code, stdout, stderr)."""
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as e:   # argparse
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_error(rc, err, *needles):
+    assert rc == 2, err
+    lines = [line for line in err.strip().splitlines() if line.startswith("egrpo ")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+# --------------------------------------------------------------------------------------------- config errors
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--config", "no/such/config.yaml"], ["no/such/config.yaml", "does not exist"]),
+    ([*BASE, "model.tiny.num_layerz=1"], ["model.tiny", "num_layerz", "num_layers"]),
+    ([*BASE, "rollout.temperature=0"], ["rollout", "temperature"]),
+    ([*BASE, "rollout.cfg_scale=-1"], ["rollout", "cfg_scale"]),
+    ([*BASE, "rewards.0.tolerence=0.5"], ["rewards[0]", "tolerence", "tolerance"]),
+    ([*BASE, "rewards.0.on_error=ignore"], ["rewards[0].on_error", "skip_group"]),
+    (["--config", DEMO, "model.tiny=null", "model.path=/no/such/janus"], ["model.path", "/no/such/janus"]),
+    ([*BASE, "train.device=cuda"], ["train.device=cuda"]),
+    ([*BASE, "train.stepz=3"], ["stepz", "train"]),
+    ([*BASE, "data.prompts=null", "data.prompts_file=missing.jsonl"], ["data.prompts_file", "missing.jsonl"]),
+])
+def test_config_mistakes_are_one_line_exit_2(capsys, tmp_path, args, needles):
+    if "train.device=cuda" in args and torch.cuda.is_available():
+        pytest.skip("a CUDA device is available")
+    rc, _, err = cli(capsys, "train", *args, f"train.out_dir={tmp_path / 'run'}")
+    assert_one_line_error(rc, err, *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_prompts_json_and_debug_shows_traceback(capsys, tmp_path):
+    bad = tmp_path / "prompts.json"
+    bad.write_text('["a red apple", ')
+    args = ["train", *BASE, "data.prompts=null", f"data.prompts_file={bad}", f"train.out_dir={tmp_path / 'run'}"]
+    rc, _, err = cli(capsys, *args)
+    assert_one_line_error(rc, err, "data.prompts_file", "prompts.json")
+    with pytest.raises(ValueError, match="prompts.json"):
+        main([*args, "--debug"])
+
+
+def test_dry_run_prints_effective_config_and_trains_nothing(capsys, tmp_path):
+    rc, out, err = cli(capsys, "train", *BASE, "--dry-run", f"train.out_dir={tmp_path / 'run'}")
+    assert rc == 0, err
+    effective = yaml.safe_load(out)
+    # Defaults nobody typed are spelled out: objective hyper-parameters, reward constructor arguments, train.
+    typed = yaml.safe_load(open(DEMO))["objective"]
+    assert set(effective["objective"]) > set(typed) and "eps_low" in effective["objective"]
+    assert effective["rewards"][0]["soft"] is True and effective["rewards"][0]["retries"] == 0
+    assert effective["train"]["save_every"] == 20 and effective["train"]["keep_last"] == 3
+    assert not (tmp_path / "run").exists()
+
+
+def test_bench_subcommand_is_gone_and_tools_errors_are_one_line(capsys, tmp_path):
+    rc, _, err = cli(capsys, "bench")
+    assert rc == 2 and "invalid choice" in err
+    rc, _, err = cli(capsys, "score", "--images", tmp_path / "nope", "--reward", "colour")
+    assert_one_line_error(rc, err, "nope")
+    rc, _, err = cli(capsys, "score", "--images", tmp_path, "--reward", '{"name": "colour",')
+    assert_one_line_error(rc, err, "--reward", "not valid JSON")
+    rc, _, err = cli(capsys, "score", "--images", tmp_path, "--reward", '{"name": "colour", "tolerence": 1}')
+    assert_one_line_error(rc, err, "tolerence", "tolerance")
+    rc, _, err = cli(capsys, "plot-analysis", tmp_path / "missing.jsonl", "--out", tmp_path / "plots")
+    assert_one_line_error(rc, err, "missing.jsonl")
+    (tmp_path / "p.txt").write_text("a red apple\n")
+    rc, _, err = cli(capsys, "generate", "--tiny", "{bad", "--prompts", tmp_path / "p.txt", "--out", tmp_path / "g")
+    assert_one_line_error(rc, err, "--tiny")
+
+
+def test_make_demo_sets_one_thread_unless_set():
+    text = open(os.path.join(ROOT, "Makefile")).read()
+    demo = text[text.index("\ndemo:"):].split("\n\n")[0]
+    assert "OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}" in demo
+
+
+def test_rewards_do_not_import_the_trainer():
+    code = "import sys, egrpo.rewards; print([m for m in sys.modules if m.startswith('egrpo.trainer')])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": ROOT}, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# --------------------------------------------------------------------------------------------- runs
+
+RUN = [*BASE, "train.steps=2", "train.save_every=1", "optim.schedule=linear"]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A finished 2-step run with checkpoints at steps 1 and 2 (linear LR schedule)."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    assert main(["train", *RUN, f"train.out_dir={out}"]) == 0
+    return out
+
+
+def copy_run(base_run, tmp_path):
+    dest = tmp_path / "run"
+    shutil.copytree(base_run, dest)
+    return dest
+
+
+def test_effective_config_and_history_are_kept(base_run):
+    cfg = yaml.safe_load(open(base_run / "config.yaml"))
+    assert "eps_low" in cfg["objective"] and cfg["train"]["steps"] == 2
+    history = [json.loads(line) for line in open(base_run / "config_history.jsonl")]
+    assert [h["event"] for h in history] == ["start"] and history[0]["config"] == cfg
+    assert len(read_metrics(str(base_run / "metrics.jsonl"))) == 2
+
+
+def test_existing_run_is_refused_and_overwrite_moves_it_aside(capsys, base_run, tmp_path):
+    run = copy_run(base_run, tmp_path)
+    rc, _, err = cli(capsys, "train", *RUN, f"train.out_dir={run}")
+    assert_one_line_error(rc, err, str(run), "--resume", "--overwrite")
+    assert len(read_metrics(str(run / "metrics.jsonl"))) == 2   # untouched
+    rc, _, err = cli(capsys, "train", *RUN, "train.steps=1", f"train.out_dir={run}", "--overwrite")
+    assert rc == 0, err
+    previous = [p for p in os.listdir(run) if p.startswith("previous-")]
+    assert len(previous) == 1 and previous[0] in err
+    assert len(read_metrics(str(run / previous[0] / "metrics.jsonl"))) == 2   # history kept
+    assert (run / previous[0] / "checkpoints" / "step_000002").is_dir()
+    assert len(read_metrics(str(run / "metrics.jsonl"))) == 1
+
+
+def test_resume_policy_names_each_key_and_extends_the_schedule(capsys, base_run, tmp_path):
+    run = copy_run(base_run, tmp_path)
+    before = (run / "config.yaml").read_text()
+    # Math-changing keys are refused (named) unless --allow-changes; model keys always; steps must grow.
+    rc, _, err = cli(capsys, "train", "--resume", run, "train.steps=4", "optim.lr=2e-3", "rollout.group_size=2")
+    assert_one_line_error(rc, err, "optim.lr: 0.001 -> 0.002", "rollout.group_size: 4 -> 2", "--allow-changes")
+    rc, _, err = cli(capsys, "train", "--resume", run, "train.steps=4", "model.tiny.num_layers=2", "--allow-changes")
+    assert_one_line_error(rc, err, "model.tiny.num_layers: 1 -> 2", "new run")
+    rc, _, err = cli(capsys, "train", "--resume", run)
+    assert_one_line_error(rc, err, "step 2", "train.steps > 2")
+    assert (run / "config.yaml").read_text() == before and len(read_metrics(str(run / "metrics.jsonl"))) == 2
+
+    # Steps extended (schedule stretched to 4 steps) and a new LR applied explicitly: both logged, both used.
+    rc, out, err = cli(capsys, "train", "--resume", run, "train.steps=4", "optim.lr=2e-3", "--allow-changes")
+    assert rc == 0, err
+    assert "train.steps: 2 -> 4" in err and "optim.lr: 0.001 -> 0.002 (applied" in err
+    assert "resumed from" in out and "steps 1..4 of the run" in out
+    records = read_metrics(str(run / "metrics.jsonl"))
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    # Linear decay to 0 over 4 updates from 2e-3, continued at update 2: 2e-3 * (1 - 2/4), 2e-3 * (1 - 3/4).
+    assert records[2]["lr"] == pytest.approx(1e-3) and records[3]["lr"] == pytest.approx(5e-4)
+    assert yaml.safe_load(open(run / "config.yaml"))["optim"]["lr"] == 2e-3
+    history = [json.loads(line) for line in open(run / "config_history.jsonl")]
+    assert [h["event"] for h in history] == ["start", "resume"] and history[1]["step"] == 2
+    assert any("optim.lr" in c for c in history[1]["changes"])
+
+
+def test_damaged_checkpoint_falls_back_with_a_warning(capsys, base_run, tmp_path):
+    run = copy_run(base_run, tmp_path)
+    newest = run / "checkpoints" / "step_000002"
+    victim = max((newest / n for n in os.listdir(newest)), key=os.path.getsize)
+    with open(victim, "r+b") as f:
+        f.truncate(10)
+    rc, out, err = cli(capsys, "train", "--resume", run, "train.steps=3")
+    assert rc == 0, err
+    assert str(victim) in err and "step_000001" in out
+    assert [r["step"] for r in read_metrics(str(run / "metrics.jsonl"))] == [1, 2, 3]
+    # Nothing intact: one line naming the file.
+    for tag in os.listdir(run / "checkpoints"):
+        if tag.startswith("step_"):
+            os.remove(run / "checkpoints" / tag / "manifest.json")
+    rc, _, err = cli(capsys, "train", "--resume", run, "train.steps=5")
+    assert_one_line_error(rc, err, "manifest.json", "no intact checkpoint")
+
+
+def test_divergence_stops_with_step_lr_and_last_good_checkpoint(capsys, tmp_path):
+    run = tmp_path / "run"
+    rc, _, err = cli(capsys, "train", *BASE, "train.steps=4", "train.save_every=1", "optim.lr=1e30",
+                     f"train.out_dir={run}")
+    assert_one_line_error(rc, err, "diverged at step", "optim.lr", "Last good checkpoint")
+    line = [x for x in err.splitlines() if x.startswith("egrpo ")][0]
+    saved = sorted(p for p in os.listdir(run / "checkpoints") if p.startswith("step_")) if (run / "checkpoints").exists() else []
+    if saved:   # the newest checkpoint is the one named, and it holds finite weights only
+        assert saved[-1] in line
+    from egrpo.trainer.train import verify_checkpoint
+
+    assert all(verify_checkpoint(str(run / "checkpoints" / tag)) is None for tag in saved)
+
+
+FLAKY = '''
+import torch
+
+class Flaky:
+    """Fails every other call: one retry always succeeds."""
+    calls = 0
+
+    def __call__(self, images, prompts, metadata):
+        Flaky.calls += 1
+        if Flaky.calls % 2:
+            raise ConnectionError("reward server busy")
+        return torch.ones(len(prompts))
+
+class NoApples:
+    def __call__(self, images, prompts, metadata):
+        if any("apple" in p for p in prompts):
+            raise RuntimeError("cannot score apples")
+        return torch.rand(len(prompts))
+'''
+
+
+def test_custom_rewards_from_the_working_directory_retry_and_skip(capsys, tmp_path, monkeypatch):
+    (tmp_path / "myrewards.py").write_text(FLAKY)
+    config = yaml.safe_load(open(DEMO))
+    config["rewards"] = [{"name": "colour", "tolerance": 1.0},
+                         {"name": "myrewards:NoApples", "on_error": "skip_group"}]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    # A new name for reward 0 drops the colour reward's `tolerance` (Flaky takes no arguments).
+    args = ["train", "--config", "c.yaml", *SMALL, "train.steps=2", "train.save_every=0", "train.out_dir=run",
+            "rewards.0.name=myrewards:Flaky", "rewards.0.retries=1"]
+    rc, _, err = cli(capsys, *args)
+    assert rc == 0, err
+    records = read_metrics("run/metrics.jsonl")
+    # 4 prompts, 2 per step, shuffled: "a red apple" is in exactly one of the two steps' groups.
+    assert sum(r.get("reward/skipped_groups", 0) for r in records) == 1
+    assert err.count("cannot score apples") == 1 and "skipped (1 so far)" in err
+    # Without the options the same failure stops the run with one line naming the reward and the options.
+    sys.modules["myrewards"].Flaky.calls = 0
+    rc, _, err = cli(capsys, *args[:-1], "--overwrite")
+    assert_one_line_error(rc, err, "Flaky", "retries", "skip_group")
+
+
+# --------------------------------------------------------------------------------------------- signals
+
+
+def test_sigterm_saves_and_resume_is_exact(tmp_path):
+    steps = ["train.steps=6", "train.save_every=0", "optim.schedule=cosine", "objective.beta=0.05"]
+    run = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "egrpo.cli", "train", *BASE, *steps, f"train.out_dir={run}"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().strip()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and "stopped by SIGTERM" in err
+    stopped = int((run / "checkpoints" / "latest").read_text().split("_")[1])
+    assert 1 <= stopped < 6
+
+    from egrpo.trainer.metrics import stable_metrics
+    from egrpo.trainer.train import train
+
+    resumed = train(small_config(run, *steps), resume=str(run), return_params=True)
+    straight = train(small_config(tmp_path / "straight", *steps), return_params=True)
+    assert resumed["finished"] and resumed["resumed_from"].endswith(f"step_{stopped:06d}")
+    for name, p in straight["params"].items():
+        assert torch.equal(p, resumed["params"][name]), name
+    a = [stable_metrics(r) for r in read_metrics(straight["metrics"])]
+    b = [stable_metrics(r) for r in read_metrics(resumed["metrics"])]
+    assert a == b and [r["step"] for r in b] == list(range(1, 7))
