@@ -291,3 +291,23 @@ def test_sigterm_saves_and_resume_is_exact(tmp_path):
     a = [stable_metrics(r) for r in read_metrics(straight["metrics"])]
     b = [stable_metrics(r) for r in read_metrics(resumed["metrics"])]
     assert a == b and [r["step"] for r in b] == list(range(1, 7))
+
+
+def test_documented_custom_reward_example_works(capsys, tmp_path, monkeypatch):
+    """The `mymodule:MyReward` example of docs/training.md, from the working directory, as documented."""
+    text = open(os.path.join(ROOT, "docs", "training.md")).read()
+    code = text.split("```python\n# mymodule.py\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "mymodule.py").write_text(code)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    rc, out, err = cli(capsys, "train", *BASE, "--dry-run", "rewards.0.name=mymodule:MyReward", "rewards.0.scale=2")
+    assert rc == 0, err
+    reward = yaml.safe_load(out)["rewards"][0]
+    assert reward == {"name": "mymodule:MyReward", "weight": 1.0, "retries": 0, "on_error": "stop", "scale": 2}
+    from egrpo.rewards import build_rewards
+
+    images = torch.rand(3, 3, 8, 8)
+    values = build_rewards([reward])(images, ["a", "b", "c"], [{}, {}, {}])
+    assert torch.allclose(values[:, 0], 2 * images[:, :, 2:6, 2:6].mean(dim=(1, 2, 3)))
+    rc, _, err = cli(capsys, "train", *BASE, "--dry-run", "rewards.0.name=mymodule:MyReward", "rewards.0.scal=2")
+    assert_one_line_error(rc, err, "scal", "accepted arguments: scale")
