@@ -311,3 +311,20 @@ def test_documented_custom_reward_example_works(capsys, tmp_path, monkeypatch):
     assert torch.allclose(values[:, 0], 2 * images[:, :, 2:6, 2:6].mean(dim=(1, 2, 3)))
     rc, _, err = cli(capsys, "train", *BASE, "--dry-run", "rewards.0.name=mymodule:MyReward", "rewards.0.scal=2")
     assert_one_line_error(rc, err, "scal", "accepted arguments: scale")
+
+
+def test_plot_analysis_without_cots_says_so(capsys, tmp_path):
+    path = tmp_path / "analysis.jsonl"
+    with open(path, "w") as f:
+        for i in range(6):
+            f.write(json.dumps({"prompt": f"p{i % 2}", "cot_index": 0, "image_index": i, "cot": None,
+                                "rewards": {"colour": 0.1 * i}, "reward": 0.1 * i, "entropy_logits": "conditional",
+                                "image_entropy_mean": 0.5 + 0.01 * i, "image_entropy_std": 0.001 * i,
+                                "cot_entropy_mean": None, "cot_entropy_std": None}) + "\n")
+    rc, _, err = cli(capsys, "plot-analysis", path, "--out", tmp_path / "plots")
+    assert rc == 0, err
+    assert "no CoTs" in err and "--cots 0" in err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    rc, _, err = cli(capsys, "plot-analysis", empty, "--out", tmp_path / "plots")
+    assert_one_line_error(rc, err, "empty.jsonl", "no records")

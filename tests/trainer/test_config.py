@@ -186,3 +186,24 @@ def test_reward_set_and_errors():
         build_rewards([{"name": "colour", "sharpness": 2}])
     with pytest.raises(ValueError, match="tolerance must be > 0"):
         ColourReward(tolerance=0)
+
+
+def test_model_path_checks_local_paths_and_lets_hub_ids_through(tmp_path):
+    from egrpo.trainer.config import looks_like_hub_id
+
+    assert looks_like_hub_id("deepseek-ai/Janus-Pro-7B")
+    for local in ("/models/janus", "./janus", "~/janus", "runs/a/b", "janus/"):
+        assert not looks_like_hub_id(local), local
+    with pytest.raises(ConfigError, match=r"model\.path '/no/such/janus' does not exist"):
+        load_config(DEMO, ["model.tiny=null", "model.path=/no/such/janus"]).validate()
+    (tmp_path / "janus").mkdir()
+    load_config(DEMO, ["model.tiny=null", f"model.path={tmp_path / 'janus'}"]).validate()
+    load_config(DEMO, ["model.tiny=null", "model.path=deepseek-ai/Janus-Pro-7B"]).validate()
+
+
+def test_reward_name_override_drops_the_old_arguments():
+    cfg = load_config(DEMO, ["rewards.0.scale=2", "rewards.0.name=jpeg_compressibility", "rewards.0.retries=1"])
+    assert cfg.rewards[0].name == "jpeg_compressibility"
+    assert cfg.rewards[0].kwargs == {"scale": 2} and cfg.rewards[0].retries == 1   # no `tolerance` left
+    same = load_config(DEMO, ["rewards.0.name=colour"])
+    assert same.rewards[0].kwargs == {"tolerance": 1.0}   # the same name keeps its arguments
