@@ -266,7 +266,9 @@ def test_custom_rewards_from_the_working_directory_retry_and_skip(capsys, tmp_pa
 def test_sigterm_saves_and_resume_is_exact(tmp_path):
     steps = ["train.steps=6", "train.save_every=0", "optim.schedule=cosine", "objective.beta=0.05"]
     run = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    # Without the process-group variables an in-process run of this worker left behind (its port is taken).
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {**{k: v for k, v in os.environ.items() if k not in launcher}, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "egrpo.cli", "train", *BASE, *steps, f"train.out_dir={run}"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
