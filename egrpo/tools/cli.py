@@ -169,6 +169,10 @@ def add_tool_subcommands(subparsers) -> None:
     _add_reward_args(p)
     p.set_defaults(func=run_score)
 
+    from .data_commands import add_data_subcommands
+
+    add_data_subcommands(subparsers)  # convert, data
+
 
 def main(argv=None) -> int:
     """Stand-alone entry point (``python -m egrpo.tools.cli ...``) until ``egrpo/cli.py`` wires these in."""

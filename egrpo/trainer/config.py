@@ -90,7 +90,8 @@ class TrainConfig:
     sample_every: int = 0          # write a sample image grid every K steps (0: never)
     device: str = "auto"           # "auto" | "cpu" | "cuda"
     head_impl: str = "fused"       # "fused" (chunked kernels) | "eager" (full logits, for comparison)
-    export_hf: bool = True         # write HF-format safetensors of the trained model at the end
+    export_hf: bool = True         # write safetensors of the trained model at the end (to <out_dir>/hf)
+    export_format: str = "hf"      # "hf" (transformers layout) | "original" (Janus layout, as released checkpoints)
     tensorboard: bool = True
     progress: bool = True          # tqdm bar on rank 0
 
@@ -113,6 +114,8 @@ class Config:
         if not m.path and m.tiny is None:
             raise ConfigError("model.path is required (a local HF-format directory or a hub id) "
                               "unless a model.tiny section builds a random model")
+        if t.export_format not in ("hf", "original"):
+            raise ConfigError(f"train.export_format must be 'hf' or 'original', got {t.export_format!r}")
         if m.dtype not in ("bf16", "fp32"):
             raise ConfigError(f"model.dtype must be 'bf16' or 'fp32', got {m.dtype!r}")
         if r.group_size < 2:
