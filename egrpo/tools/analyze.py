@@ -152,6 +152,6 @@ def analyze(model, tokenizer, prompts: Sequence[str], metadata: Optional[Sequenc
 def load_prompts(path: str) -> tuple:
     """Prompts and metadata from a ``.txt`` (one prompt a line), ``.jsonl``/``.json``/``.yaml`` (``{"prompt": ...,
     **metadata}`` records) file: the trainer's own prompt loader."""
-    from egrpo.trainer.config import DataConfig, load_prompts as load_config_prompts
+    from egrpo.data import load_prompt_file, prompts_and_metadata
 
-    return load_config_prompts(DataConfig(prompts_file=path))
+    return prompts_and_metadata(load_prompt_file(path))

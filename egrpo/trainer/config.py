@@ -55,6 +55,7 @@ class DataConfig:
 
     prompts: Optional[List[Any]] = None
     prompts_file: Optional[str] = None
+    schema: str = "auto"           # prompt-record check: auto | t2i | geneval | ocr | plain (docs/data-and-checkpoints.md)
     prompts_per_step: int = 1      # prompts per optimizer step over all processes; each gets group_size samples
     shuffle: bool = True
 
@@ -391,31 +392,16 @@ def save_config(cfg: Config, path: str) -> None:
 
 # ---------------------------------------------------------------------- prompts
 def load_prompts(data: DataConfig) -> Tuple[List[str], List[Dict[str, Any]]]:
-    """The prompt texts and a metadata dict per prompt (empty for plain strings)."""
-    if data.prompts:
-        items = list(data.prompts)
-        source = "data.prompts"
-    else:
-        source = data.prompts_file
-        with open(data.prompts_file, encoding="utf-8") as f:
-            if data.prompts_file.endswith(".jsonl"):
-                items = [json.loads(line) for line in f if line.strip()]
-            elif data.prompts_file.endswith(".json"):
-                items = json.load(f)
-            elif data.prompts_file.endswith((".yaml", ".yml")):
-                items = yaml.safe_load(f)
-            else:
-                items = [line.rstrip("\n") for line in f if line.strip()]
-    prompts, metadata = [], []
-    for i, item in enumerate(items):
-        if isinstance(item, str):
-            prompts.append(item)
-            metadata.append({})
-        elif isinstance(item, dict) and isinstance(item.get("prompt"), str):
-            prompts.append(item["prompt"])
-            metadata.append({k: v for k, v in item.items() if k != "prompt"})
+    """The prompt texts and a metadata dict per prompt (empty for plain strings), validated by egrpo.data."""
+    from egrpo.data import PromptFileError, prompts_and_metadata, read_prompts
+    from egrpo.data.prompts import validate_records
+
+    try:
+        if data.prompts:
+            located = [(f"data.prompts[{i}]", item) for i, item in enumerate(data.prompts)]
+            records = validate_records(located, data.schema, source="data.prompts")
         else:
-            raise ConfigError(f"{source}[{i}]: expected a string or a mapping with a 'prompt' string, got {item!r}")
-    if not prompts:
-        raise ConfigError(f"{source}: no prompts")
-    return prompts, metadata
+            records = validate_records(read_prompts(data.prompts_file), data.schema, source=data.prompts_file)
+    except PromptFileError as e:
+        raise ConfigError(str(e)) from None
+    return prompts_and_metadata(records)
