@@ -137,3 +137,34 @@ def test_errors(dirs, tmp_path):
         convert_checkpoint(original, hf)
     with pytest.raises(CheckpointError, match="export_format"):
         export_model(None, tokenizer, str(tmp_path / "z"), "gguf")
+
+
+def test_cli_convert(dirs, tmp_path, capsys):
+    import argparse
+
+    from egrpo.tools.cli import add_tool_subcommands
+
+    _, _, hf, original, _ = dirs
+    parser = argparse.ArgumentParser()
+    add_tool_subcommands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["convert", original, str(tmp_path / "out")])
+    assert args.func(args) == 0 and "transformers layout" in capsys.readouterr().out
+    args = parser.parse_args(["convert", str(tmp_path / "missing"), str(tmp_path / "out2")])
+    assert args.func(args) == 2 and "config.json" in capsys.readouterr().err
+
+
+def test_training_exports_original_layout(tmp_path):
+    from egrpo.trainer.config import ConfigError
+    from egrpo.trainer.train import train
+    from tests.trainer._helpers import small_config
+
+    with pytest.raises(ConfigError, match="export_format"):
+        small_config(tmp_path / "bad", "train.export_format=gguf").validate()
+    cfg = small_config(tmp_path / "run", "train.steps=1", "train.export_hf=true", "train.export_format=original",
+                       "model.dtype=fp32")
+    summary = train(cfg)
+    assert is_original_dir(summary["export"])
+    state = read_state_dict(summary["export"])
+    assert "language_model.lm_head.weight" in state and "gen_head.vision_head.weight" in state
+    loaded, _ = build_model(ModelConfig(path=summary["export"], dtype="fp32"), "cpu")
+    assert torch.equal(loaded.lm_head.weight, state["language_model.lm_head.weight"])
