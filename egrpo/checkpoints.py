@@ -196,14 +196,21 @@ def is_original_dir(path: str) -> bool:
     return os.path.isfile(config) and _read_json(config).get("model_type") == ORIGINAL_MODEL_TYPE
 
 
-def original_config_to_hf(config: dict, image_token_id: int):
-    """A `JanusConfig` from an original ``config.json`` (the fields transformers' converter reads)."""
+# Language-model fields taken from an original config (transformers' converter reads the first eight).
+_TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta")
+
+
+def original_config_to_hf(config: dict, token_ids: Dict[str, int]):
+    """A `JanusConfig` from an original ``config.json`` (the fields transformers' converter reads); ``token_ids``
+    holds ``image_token_id`` and the text ``pad/bos/eos_token_id`` from the tokenizer."""
     from transformers import JanusConfig
 
     if EMBEDDED_HF_CONFIG_KEY in config:
         return JanusConfig(**config[EMBEDDED_HF_CONFIG_KEY])
     try:
-        lang = dict(config["language_config"])
+        lang = {k: v for k, v in config["language_config"].items() if k in _TEXT_KEYS}
+        lang.update({k: v for k, v in token_ids.items() if k != "image_token_id"})
         vision = {}
         if "image_size" in config["vision_config"].get("params", {}):
             vision["image_size"] = config["vision_config"]["params"]["image_size"]
@@ -222,8 +229,7 @@ def original_config_to_hf(config: dict, image_token_id: int):
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"original config.json lacks {e}: not a Janus(-Pro) multi_modality config") from None
     lang["model_type"] = "llama"
-    lang.pop("torch_dtype", None)
-    return JanusConfig(text_config=lang, vision_config=vision, vq_config=vq, image_token_id=image_token_id)
+    return JanusConfig(text_config=lang, vision_config=vision, vq_config=vq, image_token_id=token_ids["image_token_id"])
 
 
 def hf_config_to_original(config) -> dict:
@@ -298,7 +304,8 @@ def _copy_side_files(src: str, dst: str) -> None:
             shutil.copy2(file, os.path.join(dst, name))
 
 
-def _image_token_id(path: str) -> int:
+def _token_ids(path: str) -> Dict[str, int]:
+    """``image_token_id`` and the text model's pad/bos/eos ids, from the tokenizer files in ``path``."""
     from transformers import AutoTokenizer
 
     try:
@@ -309,7 +316,12 @@ def _image_token_id(path: str) -> int:
     token = tokenizer.convert_tokens_to_ids("<image_placeholder>")
     if token is None or token == tokenizer.unk_token_id:
         raise CheckpointError(f"{path}: its tokenizer has no <image_placeholder> token; not a Janus tokenizer")
-    return int(token)
+    ids = {"image_token_id": int(token)}
+    for name in ("pad", "bos", "eos"):
+        value = getattr(tokenizer, f"{name}_token_id", None)
+        if value is not None:
+            ids[f"{name}_token_id"] = int(value)
+    return ids
 
 
 # ------------------------------------------------------------------------------------ commands
@@ -334,7 +346,7 @@ def convert_checkpoint(src: str, dst: str, to: str = "auto", max_shard_size="5GB
     os.makedirs(dst, exist_ok=True)
     if to == "hf":
         hf_state, extras = original_to_hf_state(state)
-        hf_config = original_config_to_hf(config, _image_token_id(src))
+        hf_config = original_config_to_hf(config, _token_ids(src))
         hf_config.save_pretrained(dst)
         write_state_dict(hf_state, dst, max_shard_size)
         if extras:
@@ -364,13 +376,23 @@ def load_original_checkpoint(path: str, dtype=None, attn_implementation: Optiona
     log.info("model.path %s is in the original Janus layout: converting it to the transformers layout on load",
              path)
     hf_state, extras = original_to_hf_state(read_state_dict(path))
-    config = original_config_to_hf(_read_json(os.path.join(path, "config.json")), _image_token_id(path))
+    config = original_config_to_hf(_read_json(os.path.join(path, "config.json")), _token_ids(path))
     kwargs = {"config": config, "state_dict": hf_state}
     if dtype is not None:
         kwargs["dtype"] = dtype
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = JanusForConditionalGeneration.from_pretrained(None, **kwargs)
+    try:
+        model = JanusForConditionalGeneration.from_pretrained(None, **kwargs)
+    except (TypeError, ValueError, OSError):
+        # transformers versions that need a directory: go through a temporary transformers-layout copy
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="egrpo-janus-") as tmp:
+            config.save_pretrained(tmp)
+            write_state_dict(hf_state, tmp)
+            del kwargs["config"], kwargs["state_dict"]
+            model = JanusForConditionalGeneration.from_pretrained(tmp, **kwargs)
     model.janus_original_extras = extras
     return model
 

@@ -168,3 +168,33 @@ def test_training_exports_original_layout(tmp_path):
     assert "language_model.lm_head.weight" in state and "gen_head.vision_head.weight" in state
     loaded, _ = build_model(ModelConfig(path=summary["export"], dtype="fp32"), "cpu")
     assert torch.equal(loaded.lm_head.weight, state["language_model.lm_head.weight"])
+
+
+def test_config_from_a_deepseek_style_original_config():
+    from egrpo.checkpoints import original_config_to_hf
+
+    # The shape of DeepSeek's Janus-Pro-7B config.json (no embedded transformers config).
+    config = {
+        "model_type": "multi_modality",
+        "language_config": {"hidden_size": 4096, "intermediate_size": 11008, "max_position_embeddings": 16384,
+                            "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 30,
+                            "num_key_value_heads": 32, "torch_dtype": "bfloat16", "vocab_size": 102400,
+                            "_attn_implementation": "flash_attention_2"},
+        "vision_config": {"cls": "CLIPVisionTower", "params": {"image_size": 384}},
+        "aligner_config": {"params": {"depth": 2, "input_dim": 1024, "n_embed": 4096}},
+        "gen_vision_config": {"params": {"image_token_size": 16384, "n_embed": 8}},
+        "gen_aligner_config": {"params": {"depth": 2, "input_dim": 8, "n_embed": 4096}},
+        "gen_head_config": {"params": {"image_token_embed": 4096, "image_token_size": 16384, "n_embed": 4096}},
+    }
+    hf = original_config_to_hf(config, {"image_token_id": 100581, "pad_token_id": 100002, "bos_token_id": 100000,
+                                        "eos_token_id": 100001})
+    text = hf.text_config
+    assert (text.hidden_size, text.num_hidden_layers, text.vocab_size, text.max_position_embeddings) == \
+        (4096, 30, 102400, 16384)
+    assert (text.pad_token_id, text.bos_token_id, text.eos_token_id) == (100002, 100000, 100001)
+    assert hf.image_token_id == 100581
+    assert (hf.vision_config.image_size, hf.vision_config.projection_dim) == (384, 4096)
+    assert (hf.vq_config.num_embeddings, hf.vq_config.embed_dim, hf.vq_config.projection_dim,
+            hf.vq_config.image_token_embed_dim) == (16384, 8, 4096, 4096)
+    with pytest.raises(CheckpointError, match="gen_head_config"):
+        original_config_to_hf({k: v for k, v in config.items() if k != "gen_head_config"}, {"image_token_id": 1})
