@@ -26,9 +26,9 @@ import os
 import re
 from typing import Any, Dict, List, Tuple
 
+from .geneval import GENEVAL_TAGS, RELATIONS as GENEVAL_RELATIONS
+
 SCHEMAS = ("auto", "t2i", "geneval", "ocr", "plain")
-GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-GENEVAL_RELATIONS = ("left of", "right of", "above", "below")
 _QUOTED = re.compile(r'"([^"]+)"')
 
 

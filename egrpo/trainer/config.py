@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import typing
 from dataclasses import dataclass, field
@@ -51,7 +50,8 @@ class RewardConfig:
 @dataclass
 class DataConfig:
     """Prompts: an inline list (strings, or dicts with a ``prompt`` key plus metadata for the rewards) or a
-    file (``.txt`` one prompt per line, ``.json`` list, ``.jsonl`` one object per line)."""
+    file (``.txt`` one prompt per line, ``.json`` list or JSON Lines, ``.jsonl`` one object per line), checked
+    against ``schema`` by `egrpo.data` (docs/data-and-checkpoints.md)."""
 
     prompts: Optional[List[Any]] = None
     prompts_file: Optional[str] = None
@@ -115,6 +115,10 @@ class Config:
         if not m.path and m.tiny is None:
             raise ConfigError("model.path is required (a local HF-format directory or a hub id) "
                               "unless a model.tiny section builds a random model")
+        from egrpo.data import SCHEMAS
+
+        if d.schema not in SCHEMAS:
+            raise ConfigError(f"data.schema must be one of {list(SCHEMAS)}, got {d.schema!r}")
         if t.export_format not in ("hf", "original"):
             raise ConfigError(f"train.export_format must be 'hf' or 'original', got {t.export_format!r}")
         if m.dtype not in ("bf16", "fp32"):

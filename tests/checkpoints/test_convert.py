@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from egrpo.checkpoints import (CheckpointError, EXTRAS_FILE, convert_checkpoint, export_model, is_original_dir,
                                read_state_dict)

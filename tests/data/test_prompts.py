@@ -134,3 +134,17 @@ def test_cli_data_geneval_and_check(tmp_path, capsys):
                                           ("ocr_sample.txt", "ocr")])
 def test_shipped_samples_are_valid(name, schema):
     assert len(load_prompt_file(os.path.join(ROOT, "data", name), schema=schema)) >= 4
+
+
+def test_trainer_config_uses_the_schema(tmp_path):
+    from egrpo.trainer.config import ConfigError, load_config, load_prompts
+
+    demo = os.path.join(ROOT, "configs", "demo.yaml")
+    with pytest.raises(ConfigError, match="data.schema must be one of"):
+        load_config(demo, ["data.schema=csv"]).validate()
+    path = write(tmp_path, "train.json", json.dumps({**T2I, "nouns": 3}) + "\n")
+    cfg = load_config(demo, ["data.prompts=null", f"data.prompts_file={path}"]).validate()
+    with pytest.raises(ConfigError, match=r"train\.json:1: field 'nouns'"):
+        load_prompts(cfg.data)
+    cfg = load_config(demo, ["data.prompts=null", f"data.prompts_file={path}", "data.schema=plain"]).validate()
+    assert load_prompts(cfg.data)[0] == [T2I["prompt"]]
