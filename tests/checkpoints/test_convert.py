@@ -69,6 +69,24 @@ def test_original_names(dirs):
         if shape is not None:
             assert tuple(state[key].shape) == shape, key
     assert not any(k.startswith("model.") for k in state)
+    # Where each original tensor comes from, stated by hand (timm's fused qkv = [q; k; v] rows).
+    hf = dirs[0].state_dict()
+    vis = "model.vision_model.encoder.layers.0.self_attn."
+    assert torch.equal(state["vision_model.vision_tower.blocks.0.attn.qkv.weight"],
+                       torch.cat([hf[vis + "q_proj.weight"], hf[vis + "k_proj.weight"], hf[vis + "v_proj.weight"]]))
+    assert torch.equal(state["vision_model.vision_tower.pos_embed"][0],
+                       hf["model.vision_model.embeddings.position_embedding.weight"])
+    pairs = {
+        "gen_vision_model.decoder.conv_blocks.0.res.0.conv1.weight": "model.vqmodel.decoder.up.0.block.0.conv1.weight",
+        "gen_vision_model.encoder.mid.1.q.weight": "model.vqmodel.encoder.mid.attn_1.q.weight",
+        "gen_vision_model.decoder.mid.2.conv2.weight": "model.vqmodel.decoder.mid.block_2.conv2.weight",
+        "gen_aligner.layers.2.weight": "model.generation_aligner.hidden_layers.0.weight",
+        "gen_head.output_mlp_projector.weight": "model.generation_head.proj_out.weight",
+        "language_model.lm_head.weight": "lm_head.weight",
+        "vision_model.vision_tower.blocks.0.attn.proj.weight": vis + "projection_layer.weight",
+    }
+    for original, transformers_name in pairs.items():
+        assert torch.equal(state[original], hf[transformers_name]), original
 
 
 def test_load_original_dir_matches_hf_model_and_exports_byte_identical(dirs, caplog):
