@@ -113,8 +113,8 @@ class Config:
         """Raise ConfigError with the offending key on any inconsistency; returns self."""
         m, r, d, o, ds, t = self.model, self.rollout, self.data, self.optim, self.deepspeed, self.train
         if not m.path and m.tiny is None:
-            raise ConfigError("model.path is required (a local HF-format directory or a hub id) "
-                              "unless a model.tiny section builds a random model")
+            raise ConfigError("model.path is required (a local directory in the transformers or original Janus "
+                              "layout, or a hub id) unless a model.tiny section builds a random model")
         from egrpo.data import SCHEMAS
 
         if d.schema not in SCHEMAS:
