@@ -15,10 +15,23 @@ Percentile definitions (``method``):
   ``pos = q * (n - 1)``, ``thr = lerp(sorted[floor(pos)], sorted[ceil(pos)], pos - floor(pos))``,
   evaluated in the entropy's dtype (float32 for half inputs), exactly as ``torch.quantile``.
 
-Participating values are the valid ones (``mask != 0``). ``include_invalid=True`` reproduces the
-released text-CoT behaviour where post-EOS padding takes part in the percentiles (``n`` is the
-full length of the unit); invalid tokens are never in either mask. Units with no participating
-value give all-false masks.
+Participating values are the valid ones (``mask != 0``). ``include_invalid=True`` lets padding
+take part (``n`` is the full length of the unit); invalid tokens are never in either mask. Units
+with no participating value give all-false masks.
+
+``released_text_percentiles=True`` is the exact rule of the released EG-GRPO trainer for the
+text-CoT part (the objective's ``include_padding_in_text_percentiles`` switch). The unit is the
+whole padded row of length ``L``; ``n`` = the number of its positions whose entropy is ``> 0``
+(post-EOS padding included, whatever ``mask`` says); the row is sorted in full and indexed from
+the tail:
+
+* ``"index"``: ``thr_high = sorted[L - max(1, floor(high_q * n))]`` and
+  ``thr_low = sorted[L - n + max(1, floor(low_q * n))]``, ``q * n`` evaluated in float32 like the
+  released ``n.float() * q``. This differs from ``sorted[floor(q * L)]`` for odd ``L``, for
+  ``L < 5`` and for rows with zero entropies. Where the released index falls past the row
+  (``n <= 1``: the released code stops with an index error) we clamp it to the last position.
+* ``"linear"`` (the released low-memory trainer): ``torch.quantile`` over the positions with
+  entropy ``> 0``; a row without any gets threshold 0 (the released ``nan_to_num``).
 
 Backends: ``"triton"`` finds the needed order statistics with one program per unit and a
 binary search over the order-preserving int32 image of the fp32 bit pattern (32 counting passes
@@ -139,6 +152,7 @@ def entropy_masks(
     group_size: Optional[int] = None,
     method: str = "index",
     include_invalid: bool = False,
+    released_text_percentiles: bool = False,
     backend: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Low- and high-entropy token masks from per-unit percentiles.
@@ -152,7 +166,10 @@ def entropy_masks(
         group_size: rows per group, required for ``scope="group"``; must divide B.
         method: ``"index"`` (released: ``sorted[floor(q n)]``) or ``"linear"`` (``torch.quantile``).
         include_invalid: released-code compatibility: invalid (padding) positions take part in
-            the percentiles (never in the masks).
+            the percentiles (never in the masks), ``sorted[floor(q L)]``.
+        released_text_percentiles: the released EG-GRPO text-CoT rule exactly (tail indexing with
+            ``n`` = number of positions whose entropy is ``> 0``; see the module docstring).
+            Excludes ``include_invalid``.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
 
     Returns:
@@ -179,8 +196,13 @@ def entropy_masks(
             raise ValueError(f"group_size must be a positive int for scope='group', got {group_size!r}")
         if B % group_size:
             raise ValueError(f"group_size ({group_size}) must divide the number of rows B ({B})")
+    if not isinstance(released_text_percentiles, bool) or not isinstance(include_invalid, bool):
+        raise TypeError("include_invalid and released_text_percentiles must be bools")
+    if released_text_percentiles and include_invalid:
+        raise ValueError("pass either include_invalid=True or released_text_percentiles=True, not both "
+                         "(the released rule already decides which positions take part)")
     backend = resolve_backend(backend, entropy.device)
-    participating = None if include_invalid else valid
+    participating = None if (include_invalid or released_text_percentiles) else valid
     checked = entropy if participating is None else entropy[participating]
     if checked.numel() and not bool(torch.isfinite(checked).all()):
         raise ValueError("entropy has NaN/inf values at participating (valid) positions")
@@ -193,19 +215,31 @@ def entropy_masks(
     unit_valid = valid.reshape(n_units, -1)
     L = units.shape[1]
     n = unit_valid.sum(1) if participating is not None else torch.full((n_units,), L, device=entropy.device)
+    if released_text_percentiles:
+        positive = units > 0
+        n = positive.sum(1)
+        if method == "linear":  # quantiles over the positive entries only (released nanquantile)
+            participating = positive.reshape(B, T)
 
     # Ranks (0-based) of the order statistics each threshold needs; -1 marks an empty unit.
-    if method == "index":
+    if method == "index" and released_text_percentiles:
+        # Released: float32 ``n * q``, floored, at least 1, counted from the tail of the full row.
+        counts = [(n.to(torch.float32) * q).floor().long().clamp(min=1) for q in (low_q, high_q)]
+        ranks = [L - n + counts[0], L - counts[1]]
+        ranks = torch.stack([r.clamp(0, L - 1) for r in ranks], 1)
+    elif method == "index":
         ranks = [torch.floor(q * n.to(torch.float64)).long() for q in (low_q, high_q)]
         ranks = [torch.minimum(r, n - 1) for r in ranks]
+        ranks = torch.stack(ranks, 1)
     else:
         qdt = torch.float32 if entropy.dtype != torch.float64 else torch.float64
         positions = [torch.tensor(q, dtype=qdt, device=entropy.device) * (n - 1).to(qdt) for q in (low_q, high_q)]
         ranks = []
         for pos in positions:
             ranks += [pos.long(), pos.ceil().long()]
-    ranks = torch.stack(ranks, 1)
-    ranks = torch.where((n > 0)[:, None], ranks, torch.full_like(ranks, -1))
+        ranks = torch.stack(ranks, 1)
+    if not (released_text_percentiles and method == "index"):
+        ranks = torch.where((n > 0)[:, None], ranks, torch.full_like(ranks, -1))
 
     use_triton = backend == "triton" and entropy.dtype != torch.float64
     select = _order_stats_triton if use_triton else _order_stats_torch

@@ -8,8 +8,15 @@ with the same KV-cached CFG loop. One teacher-forced forward (`head_inputs`) giv
   CFG-guided sampling distribution ``(u + w (c - u)) / temperature`` (``logits="cfg"``, what the authors'
   analysis used; the unconditional branch comes from a second teacher-forced pass on the unconditional prompt).
 
+Text entropy (``text_entropy``): ``"masked"`` (default) = over the valid CoT tokens only; ``"released"`` = as
+the authors' analysis script: LM-head entropy at every position of the whole ``[CoT-phase context | CoT]`` row
+(prompt, CoT and post-EOS padding, no mask), from a forward with the attention mask ``[context mask | CoT mask]``;
+it needs the released CoT protocol (the rollout's ``text_ids``).
+
 Entropies are normalised by ``ln V`` of their vocabulary (text or image), so they lie in [0, 1]; the std is the
-unbiased std over the tokens of one sample. One JSON line per image.
+unbiased std over the tokens of one sample. With ``entropy_bins > 0`` each record also carries histograms of
+its per-token entropies over [0, 1] (``image_entropy_hist``, ``cot_entropy_hist``: counts in equal bins), for
+token-entropy distribution plots (the EG-GRPO paper's Figure 5). One JSON line per image.
 """
 
 from __future__ import annotations
@@ -22,6 +29,25 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 ENTROPY_SOURCES = ("conditional", "cfg")
+TEXT_ENTROPY_MODES = ("masked", "released")
+
+
+def entropy_histogram(values: torch.Tensor, bins: int) -> List[int]:
+    """Counts of normalised entropies in ``bins`` equal bins over [0, 1] (values outside are clamped in)."""
+    return [int(c) for c in torch.histc(values.double().clamp(0.0, 1.0), bins=bins, min=0.0, max=1.0).tolist()]
+
+
+@torch.no_grad()
+def released_text_entropy(model, context_ids: torch.Tensor, context_mask: torch.Tensor, cot_ids: torch.Tensor,
+                          cot_mask: torch.Tensor) -> torch.Tensor:
+    """Normalised LM-head entropy ``[B, P + Lc]`` at every position of ``[context | CoT]``, as the released
+    analysis computes it: one forward with attention mask ``[context_mask | cot_mask]``, no position ids, no
+    masking of the result (the prompt, the CoT and the post-EOS padding all count)."""
+    ids = torch.cat([context_ids, cot_ids], 1)
+    mask = torch.cat([context_mask.long(), cot_mask.long()], 1)
+    hidden = model.model.language_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    weight = model.lm_head.weight
+    return head_entropy(hidden, weight) / math.log(weight.shape[0])
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -52,7 +78,8 @@ def _stats(values: torch.Tensor) -> Dict[str, float]:
 
 @torch.no_grad()
 def analyze_prompt(model, tokenizer, prompt: str, metadata: dict, reward_set, cots: int, images: int,
-                   rollout_cfg, generator: torch.Generator, logits: str = "conditional") -> List[dict]:
+                   rollout_cfg, generator: torch.Generator, logits: str = "conditional",
+                   text_entropy: str = "masked", entropy_bins: int = 0) -> List[dict]:
     """Records (one per image, CoT-major order) for one prompt; see the module docstring."""
     from egrpo.trainer.rollout import (cfg_logits, decode_images, head_inputs, rollout, sample_image_tokens,
                                        unconditional_ids)
@@ -60,12 +87,19 @@ def analyze_prompt(model, tokenizer, prompt: str, metadata: dict, reward_set, co
 
     if logits not in ENTROPY_SOURCES:
         raise ValueError(f"logits must be one of {ENTROPY_SOURCES}, got {logits!r}")
+    if text_entropy not in TEXT_ENTROPY_MODES:
+        raise ValueError(f"text_entropy must be one of {TEXT_ENTROPY_MODES}, got {text_entropy!r}")
+    if isinstance(entropy_bins, bool) or not isinstance(entropy_bins, int) or entropy_bins < 0:
+        raise ValueError(f"entropy_bins must be an integer >= 0 (0: no histograms), got {entropy_bins!r}")
     if cots < 0 or images < 1:
         raise ValueError(f"need cots >= 0 and images >= 1, got cots={cots}, images={images}")
     cfg = replace(rollout_cfg, cot=cots > 0, group_size=max(cots, 1))
+    native = hasattr(cfg, "images_per_cot")  # a rollout that samples N CoTs x M images itself (rows CoT-major)
+    if native:
+        cfg = replace(cfg, group_size=cots if cots > 0 else images, images_per_cot=images if cots > 0 else 1)
     ro = rollout(model, tokenizer, [prompt], cfg, generator)
     n_cot = cfg.group_size
-    if images > 1:
+    if images > 1 and not native:
         rep = lambda t: None if t is None else t.repeat_interleave(images, 0)
         seq, mask = rep(ro.sequence_ids), rep(ro.attention_mask)
         extra_rows = torch.arange(n_cot * images, device=seq.device) % images != 0
@@ -94,9 +128,15 @@ def analyze_prompt(model, tokenizer, prompt: str, metadata: dict, reward_set, co
             rows.append(entropy_from_logits(cfg_logits(cond, unc, cfg.cfg_scale, cfg.temperature, cfg.top_k)))
         image_entropy = torch.stack(rows)
     image_entropy = image_entropy / math.log(image_batch.weight.shape[0])
-    text_entropy = None
-    if text_batch is not None:
-        text_entropy = head_entropy(text_batch.hidden, text_batch.weight) / math.log(text_batch.weight.shape[0])
+    text_rows = None  # per row: the text-token entropies that enter the statistics
+    if text_batch is not None and text_entropy == "released":
+        if getattr(ro, "text_ids", None) is None:
+            raise ValueError("text_entropy='released' needs the released CoT protocol (a rollout with text_ids)")
+        full = released_text_entropy(model, ro.text_ids, ro.text_mask, ro.cot_ids, ro.cot_mask)
+        text_rows = list(full)
+    elif text_batch is not None:
+        masked = head_entropy(text_batch.hidden, text_batch.weight) / math.log(text_batch.weight.shape[0])
+        text_rows = [masked[row][text_batch.mask[row].bool()] for row in range(masked.shape[0])]
 
     meta = [dict(metadata or {}) for _ in ro.prompts]
     per_function = reward_set(ro.images, ro.prompts, meta).float().cpu()
@@ -112,14 +152,18 @@ def analyze_prompt(model, tokenizer, prompt: str, metadata: dict, reward_set, co
             "reward": float(total[row]),
             "entropy_logits": logits,
             "entropy_normalised": True,
+            "text_entropy": text_entropy,
         }
         image_stats = _stats(image_entropy[row])
         record["image_entropy_mean"], record["image_entropy_std"] = image_stats["mean"], image_stats["std"]
-        if text_entropy is not None:
-            valid = text_batch.mask[row].bool()
-            text_stats = _stats(text_entropy[row][valid])
+        if entropy_bins:
+            record["image_entropy_hist"] = entropy_histogram(image_entropy[row], entropy_bins)
+        if text_rows is not None:
+            text_stats = _stats(text_rows[row])
             record["cot_entropy_mean"], record["cot_entropy_std"] = text_stats["mean"], text_stats["std"]
-            record["cot_tokens"] = int(valid.sum())
+            record["cot_tokens"] = int(text_batch.mask[row].sum())
+            if entropy_bins:
+                record["cot_entropy_hist"] = entropy_histogram(text_rows[row], entropy_bins)
         else:
             record["cot_entropy_mean"] = record["cot_entropy_std"] = None
         records.append(record)
@@ -128,7 +172,7 @@ def analyze_prompt(model, tokenizer, prompt: str, metadata: dict, reward_set, co
 
 def analyze(model, tokenizer, prompts: Sequence[str], metadata: Optional[Sequence[dict]], reward_set, cots: int,
             images: int, rollout_cfg, seed: int = 0, logits: str = "conditional", out=None,
-            progress: bool = True) -> List[dict]:
+            progress: bool = True, text_entropy: str = "masked", entropy_bins: int = 0) -> List[dict]:
     """`analyze_prompt` over ``prompts`` (prompt ``k`` seeded with ``seed + k``); writes JSON lines to the open
     file ``out`` as it goes when given."""
     from tqdm.auto import tqdm
@@ -138,7 +182,7 @@ def analyze(model, tokenizer, prompts: Sequence[str], metadata: Optional[Sequenc
     for k, prompt in enumerate(tqdm(list(prompts), desc="analyze", disable=not progress)):
         generator = torch.Generator(device=device).manual_seed(seed + k)
         rows = analyze_prompt(model, tokenizer, prompt, (metadata or [{}] * len(prompts))[k], reward_set, cots,
-                              images, rollout_cfg, generator, logits)
+                              images, rollout_cfg, generator, logits, text_entropy, entropy_bins)
         for row in rows:
             row["prompt_index"] = k
             row["seed"] = seed + k
@@ -152,6 +196,6 @@ def analyze(model, tokenizer, prompts: Sequence[str], metadata: Optional[Sequenc
 def load_prompts(path: str) -> tuple:
     """Prompts and metadata from a ``.txt`` (one prompt a line), ``.jsonl``/``.json``/``.yaml`` (``{"prompt": ...,
     **metadata}`` records) file: the trainer's own prompt loader."""
-    from egrpo.trainer.config import DataConfig, load_prompts as load_config_prompts
+    from egrpo.data import load_prompt_file, prompts_and_metadata
 
-    return load_config_prompts(DataConfig(prompts_file=path))
+    return prompts_and_metadata(load_prompt_file(path))

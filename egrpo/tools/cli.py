@@ -114,7 +114,8 @@ def run_analyze(args) -> int:
     model, tokenizer, rollout_cfg = _load_model(args)
     with open(args.out, "w", encoding="utf-8") as out:
         records = analyze(model, tokenizer, prompts, metadata, reward_set, args.cots, args.images, rollout_cfg,
-                          seed=args.seed, logits=args.entropy_logits, out=out, progress=not args.no_progress)
+                          seed=args.seed, logits=args.entropy_logits, out=out, progress=not args.no_progress,
+                          text_entropy=args.text_entropy, entropy_bins=args.entropy_bins)
     print(f"wrote {len(records)} records to {args.out}")
     return 0
 
@@ -122,13 +123,23 @@ def run_analyze(args) -> int:
 def run_plot(args) -> int:
     from .plot_analysis import correlation_table, format_table, load_records, plot_analysis
 
-    records = load_records(args.input)
+    if len(args.input) > 1:
+        from .plot_analysis import plot_comparison
+
+        files = plot_comparison(args.input, args.out, labels=args.labels)
+        for path in args.input:
+            print(f"{path}:\n" + format_table(correlation_table(load_records(path), args.stable_std)))
+        for kind, path in files.items():
+            print(f"{kind}: {path}")
+        return 0
+    records = load_records(args.input[0])
     if not records:
-        raise ValueError(f"{args.input} holds no records (write it with `egrpo analyze`)")
-    files = plot_analysis(args.input, args.out, stable_std=args.stable_std, max_prompts=args.max_prompts)
+        raise ValueError(f"{args.input[0]} holds no records (write it with `egrpo analyze`)")
+    files = plot_analysis(args.input[0], args.out, stable_std=args.stable_std, max_prompts=args.max_prompts,
+                          unstable_std=args.unstable_std, std_bins=args.std_bins)
     print(format_table(correlation_table(records, args.stable_std)))
     if all(r.get("cot_entropy_mean") is None for r in records):
-        print(f"note: {args.input} has no CoTs (analyzed with --cots 0): the CoT plots "
+        print(f"note: {args.input[0]} has no CoTs (analyzed with --cots 0): the CoT plots "
               f"({os.path.basename(files.get('cot', 'reward_vs_cot_entropy_stable.png'))}, "
               f"{os.path.basename(files.get('by_cot', 'reward_by_cot.png'))}) hold no CoT data", file=sys.stderr)
     for kind, path in files.items():
@@ -172,11 +183,19 @@ def add_tool_subcommands(subparsers) -> None:
     p.add_argument("--images", type=int, default=4, help="images per CoT")
     p.add_argument("--entropy-logits", default="conditional", choices=["conditional", "cfg"],
                    help="image entropy from the conditional logits (training) or the CFG-guided sampling logits")
+    p.add_argument("--text-entropy", default="masked", choices=["masked", "released"],
+                   help="CoT entropy over the valid CoT tokens (masked) or every position of the text row (released)")
+    p.add_argument("--entropy-bins", type=int, default=50,
+                   help="per-record token-entropy histograms with this many bins over [0, 1] (0: none)")
     p.add_argument("--out", required=True, help="output jsonl")
     p.set_defaults(func=run_analyze)
 
     p = subparsers.add_parser("plot-analysis", help="figures + correlation table from an analyze jsonl")
-    p.add_argument("input", help="jsonl written by `egrpo analyze`")
+    p.add_argument("input", nargs="+", help="jsonl written by `egrpo analyze`; several: a comparison of runs")
+    p.add_argument("--labels", nargs="+", default=None, help="run names for a comparison (default: file names)")
+    p.add_argument("--unstable-std", type=float, default=0.03,
+                   help="image-entropy std above which a case is exploratory (Figure 4 right)")
+    p.add_argument("--std-bins", type=int, default=8, help="equal-count image-entropy-std bins (Figure 4 middle)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--stable-std", type=float, default=0.011, help="image-entropy std below which a case is stable")
     p.add_argument("--max-prompts", type=int, default=6)
@@ -196,6 +215,10 @@ def add_tool_subcommands(subparsers) -> None:
     p.add_argument("--out", default=None, help="also write the rows as jsonl")
     _add_reward_args(p)
     p.set_defaults(func=run_score)
+
+    from .data_commands import add_data_subcommands
+
+    add_data_subcommands(subparsers)  # convert, data
 
 
 def main(argv=None) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import typing
 from dataclasses import dataclass, field
@@ -53,10 +52,12 @@ class RewardConfig:
 @dataclass
 class DataConfig:
     """Prompts: an inline list (strings, or dicts with a ``prompt`` key plus metadata for the rewards) or a
-    file (``.txt`` one prompt per line, ``.json`` list, ``.jsonl`` one object per line)."""
+    file (``.txt`` one prompt per line, ``.json`` list or JSON Lines, ``.jsonl`` one object per line), checked
+    against ``schema`` by `egrpo.data` (docs/data-and-checkpoints.md)."""
 
     prompts: Optional[List[Any]] = None
     prompts_file: Optional[str] = None
+    schema: str = "auto"           # prompt-record check: auto | t2i | geneval | ocr | plain (docs/data-and-checkpoints.md)
     prompts_per_step: int = 1      # prompts per optimizer step over all processes; each gets group_size samples
     shuffle: bool = True
 
@@ -93,7 +94,8 @@ class TrainConfig:
     sample_every: int = 0          # write a sample image grid every K steps (0: never)
     device: str = "auto"           # "auto" | "cpu" | "cuda"
     head_impl: str = "fused"       # "fused" (chunked kernels) | "eager" (full logits, for comparison)
-    export_hf: bool = True         # write HF-format safetensors of the trained model at the end
+    export_hf: bool = True         # write safetensors of the trained model at the end (to <out_dir>/hf)
+    export_format: str = "hf"      # "hf" (transformers layout) | "original" (Janus layout, as released checkpoints)
     tensorboard: bool = True
     progress: bool = True          # tqdm bar on rank 0
 
@@ -114,7 +116,8 @@ class Config:
         """Raise ConfigError with the offending key on any inconsistency; returns self."""
         m, r, d, o, ds, t = self.model, self.rollout, self.data, self.optim, self.deepspeed, self.train
         if not m.path and m.tiny is None:
-            raise ConfigError("model.path is required (a local HF-format directory or a hub id) "
+            raise ConfigError("model.path is required (a local directory in the transformers or original Janus "
+                              "layout, or a hub id) "
                               "unless a model.tiny section builds a random model")
         if m.path and m.tiny is not None:
             raise ConfigError("model: give model.path or model.tiny, not both")
@@ -130,6 +133,12 @@ class Config:
 
             if not torch.cuda.is_available():
                 raise ConfigError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
+        from egrpo.data import SCHEMAS
+
+        if d.schema not in SCHEMAS:
+            raise ConfigError(f"data.schema must be one of {list(SCHEMAS)}, got {d.schema!r}")
+        if t.export_format not in ("hf", "original"):
+            raise ConfigError(f"train.export_format must be 'hf' or 'original', got {t.export_format!r}")
         if m.dtype not in ("bf16", "fp32"):
             raise ConfigError(f"model.dtype must be 'bf16' or 'fp32', got {m.dtype!r}")
         rollout_check = getattr(r, "validate", None)
@@ -511,38 +520,16 @@ def save_config(cfg: Config, path: str, objective=None) -> None:
 
 # ---------------------------------------------------------------------- prompts
 def load_prompts(data: DataConfig) -> Tuple[List[str], List[Dict[str, Any]]]:
-    """The prompt texts and a metadata dict per prompt (empty for plain strings)."""
-    if data.prompts:
-        items = list(data.prompts)
-        source = "data.prompts"
-    else:
-        source = data.prompts_file
-        if not os.path.isfile(source):
-            raise ConfigError(f"data.prompts_file {source!r} does not exist")
-        try:
-            with open(data.prompts_file, encoding="utf-8") as f:
-                if data.prompts_file.endswith(".jsonl"):
-                    items = [json.loads(line) for line in f if line.strip()]
-                elif data.prompts_file.endswith(".json"):
-                    items = json.load(f)
-                elif data.prompts_file.endswith((".yaml", ".yml")):
-                    items = yaml.safe_load(f)
-                else:
-                    items = [line.rstrip("\n") for line in f if line.strip()]
-        except (ValueError, yaml.YAMLError) as e:   # JSON/YAML syntax, or not UTF-8 text
-            raise ConfigError(f"data.prompts_file {source!r} cannot be read: {' '.join(str(e).split())}") from None
-        if not isinstance(items, list):
-            raise ConfigError(f"data.prompts_file {source!r}: expected a list of prompts, got {type(items).__name__}")
-    prompts, metadata = [], []
-    for i, item in enumerate(items):
-        if isinstance(item, str):
-            prompts.append(item)
-            metadata.append({})
-        elif isinstance(item, dict) and isinstance(item.get("prompt"), str):
-            prompts.append(item["prompt"])
-            metadata.append({k: v for k, v in item.items() if k != "prompt"})
+    """The prompt texts and a metadata dict per prompt (empty for plain strings), validated by egrpo.data."""
+    from egrpo.data import PromptFileError, prompts_and_metadata, read_prompts
+    from egrpo.data.prompts import validate_records
+
+    try:
+        if data.prompts:
+            located = [(f"data.prompts[{i}]", item) for i, item in enumerate(data.prompts)]
+            records = validate_records(located, data.schema, source="data.prompts")
         else:
-            raise ConfigError(f"{source}[{i}]: expected a string or a mapping with a 'prompt' string, got {item!r}")
-    if not prompts:
-        raise ConfigError(f"{source}: no prompts")
-    return prompts, metadata
+            records = validate_records(read_prompts(data.prompts_file), data.schema, source=data.prompts_file)
+    except PromptFileError as e:
+        raise ConfigError(str(e)) from None
+    return prompts_and_metadata(records)

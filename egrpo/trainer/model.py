@@ -44,7 +44,7 @@ TINY_DEFAULTS = dict(
 
 @dataclass
 class ModelConfig:
-    path: Optional[str] = None            # local HF-format dir or hub id
+    path: Optional[str] = None            # local dir (transformers or original Janus layout) or hub id
     tiny: Optional[dict] = None           # build a tiny random JanusConfig from these overrides instead
     dtype: str = "bf16"                   # "bf16" | "fp32"
     attn_implementation: str = "sdpa"     # "flash_attention_2" used only when flash_attn is importable
@@ -199,7 +199,12 @@ def build_model(cfg: ModelConfig, device) -> Tuple[torch.nn.Module, object]:
     else:
         from transformers import AutoTokenizer
 
-        model = JanusForConditionalGeneration.from_pretrained(cfg.path, dtype=dtype, attn_implementation=attn)
+        from ..checkpoints import is_original_dir, load_original_checkpoint
+
+        if is_original_dir(cfg.path):  # DeepSeek / T2I-R1 / EG-GRPO / STAGE layout: converted in memory
+            model = load_original_checkpoint(cfg.path, dtype=dtype, attn_implementation=attn)
+        else:
+            model = JanusForConditionalGeneration.from_pretrained(cfg.path, dtype=dtype, attn_implementation=attn)
         tokenizer = AutoTokenizer.from_pretrained(cfg.path)
         tokenizer.padding_side = "left"
     janus_tokens(tokenizer)  # fail early on a tokenizer without the Janus special tokens

@@ -49,6 +49,7 @@ import torch
 import yaml
 
 from egrpo.errors import CheckpointError, ConfigError, DivergenceError, ResumeError, RunDirError
+from egrpo.checkpoints import export_model
 from egrpo.rewards.base import mask_failed_rewards
 from egrpo.rewards.registry import build_rewards
 
@@ -697,16 +698,15 @@ def trainable_state(engine, model, zero3: bool) -> Dict[str, torch.Tensor]:
         return {n: p.detach().float().cpu().clone() for n, p in params}
 
 
-def export_hf(engine, model, tokenizer, out: str, zero3: bool, rank: int) -> Optional[str]:
-    """HF-format directory (config + model.safetensors + tokenizer) of the trained model, written by rank 0."""
+def export_hf(engine, model, tokenizer, out: str, zero3: bool, rank: int, export_format: str = "hf") -> Optional[str]:
+    """Directory (config + safetensors + tokenizer) of the trained model in the transformers (``"hf"``) or
+    original Janus layout (``train.export_format``), written by rank 0."""
     import torch.distributed as dist
 
     with zero3_gather(list(model.parameters()), zero3):
         if rank == 0:
             state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-            model.save_pretrained(out, state_dict=state, safe_serialization=True)
-            if hasattr(tokenizer, "save_pretrained"):
-                tokenizer.save_pretrained(out)
+            export_model(model, tokenizer, out, export_format, state=state)
     dist.barrier()
     return out if rank == 0 else None
 
@@ -997,7 +997,8 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
                                  save_checkpoint(engine, ckpt_root, step, data_position, rank, config=effective,
                                                  keep_last=t.keep_last))
         if t.export_hf:
-            summary["export"] = export_hf(engine, module, tokenizer, os.path.join(out_dir, "hf"), zero3, rank)
+            summary["export"] = export_hf(engine, module, tokenizer, os.path.join(out_dir, "hf"), zero3, rank,
+                                          t.export_format)
         if is_main and os.path.exists(logger.path) and read_metrics(logger.path):
             summary["plot"] = plot_curves(logger.path, os.path.join(out_dir, "curves.png"))
     if return_params:

@@ -1,0 +1,68 @@
+"""Subcommands ``convert`` (checkpoint layouts) and ``data`` (prompt files) of the ``egrpo`` command."""
+
+from __future__ import annotations
+
+import sys
+
+
+def run_convert(args) -> int:
+    from egrpo.checkpoints import CheckpointError, convert_checkpoint
+
+    try:
+        layout = convert_checkpoint(args.src, args.dst, to=args.to, max_shard_size=args.max_shard_size)
+    except CheckpointError as e:
+        print(f"egrpo convert: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.dst} ({'transformers' if layout == 'hf' else 'original Janus'} layout)")
+    return 0
+
+
+def run_data_geneval(args) -> int:
+    from egrpo.data import PromptFileError, write_geneval_prompts
+
+    try:
+        counts = write_geneval_prompts(args.out, args.n, ratio=args.ratio, seed=args.seed, exclude=args.exclude)
+    except (PromptFileError, ValueError) as e:
+        print(f"egrpo data geneval: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {sum(counts.values())} prompts to {args.out}: "
+          + ", ".join(f"{tag} {n}" for tag, n in counts.items()))
+    return 0
+
+
+def run_data_check(args) -> int:
+    from egrpo.data import PromptFileError, load_prompt_file
+
+    try:
+        records = load_prompt_file(args.file, schema=args.schema)
+    except PromptFileError as e:
+        print(f"egrpo data check: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.file}: {len(records)} valid records")
+    return 0
+
+
+def add_data_subcommands(subparsers) -> None:
+    p = subparsers.add_parser("convert", help="convert a Janus-Pro checkpoint between the original and transformers layouts")
+    p.add_argument("src", help="checkpoint directory (config.json + safetensors/.bin + tokenizer files)")
+    p.add_argument("dst", help="new output directory")
+    p.add_argument("--to", default="auto", choices=["auto", "hf", "original"],
+                   help="target layout (default: the other one)")
+    p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    p.set_defaults(func=run_convert)
+
+    p = subparsers.add_parser("data", help="prompt files: generate GenEval-style prompts, validate a file")
+    sub = p.add_subparsers(dest="data_command", required=True)
+    g = sub.add_parser("geneval", help="GenEval-style training prompts (Flow-GRPO schema) from COCO classes/colours")
+    g.add_argument("--out", required=True, help="output .jsonl")
+    g.add_argument("--n", type=int, required=True, help="number of prompts")
+    g.add_argument("--ratio", default="0:1:7:1:4:5",
+                   help="single_object:two_object:counting:colors:position:color_attr (default: STAGE's 0:1:7:1:4:5)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--exclude", default=None,
+                   help="jsonl of evaluation prompts to exclude as well (e.g. GenEval's evaluation_metadata.jsonl)")
+    g.set_defaults(func=run_data_geneval)
+    c = sub.add_parser("check", help="validate a prompt file and print its record count")
+    c.add_argument("file")
+    c.add_argument("--schema", default="auto", choices=["auto", "t2i", "geneval", "ocr", "plain"])
+    c.set_defaults(func=run_data_check)
