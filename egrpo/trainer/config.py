@@ -531,5 +531,6 @@ def load_prompts(data: DataConfig) -> Tuple[List[str], List[Dict[str, Any]]]:
         else:
             records = validate_records(read_prompts(data.prompts_file), data.schema, source=data.prompts_file)
     except PromptFileError as e:
-        raise ConfigError(str(e)) from None
+        key = "data.prompts" if data.prompts else "data.prompts_file"
+        raise ConfigError(f"{key}: {e}") from None
     return prompts_and_metadata(records)
