@@ -115,9 +115,13 @@ class Config:
                               "unless a model.tiny section builds a random model")
         if m.dtype not in ("bf16", "fp32"):
             raise ConfigError(f"model.dtype must be 'bf16' or 'fp32', got {m.dtype!r}")
-        if r.group_size < 2:
-            raise ConfigError(f"rollout.group_size must be >= 2 (advantages are normalised within a group), "
-                              f"got {r.group_size}")
+        try:
+            r.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if r.samples_per_prompt < 2:
+            raise ConfigError(f"rollout.group_size x rollout.images_per_cot must be >= 2 (advantages are normalised "
+                              f"within a prompt's images), got {r.samples_per_prompt}")
         if d.prompts_per_step < 1:
             raise ConfigError(f"data.prompts_per_step must be >= 1, got {d.prompts_per_step}")
         if d.prompts_per_step % world_size:
