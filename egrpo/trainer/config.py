@@ -120,8 +120,9 @@ class Config:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if r.samples_per_prompt < 2:
-            raise ConfigError(f"rollout.group_size x rollout.images_per_cot must be >= 2 (advantages are normalised "
-                              f"within a prompt's images), got {r.samples_per_prompt}")
+            name = "rollout.group_size x rollout.images_per_cot" if r.cot else "rollout.group_size"
+            raise ConfigError(f"{name} must be >= 2 (advantages are normalised within a prompt's images), "
+                              f"got {r.samples_per_prompt}")
         if d.prompts_per_step < 1:
             raise ConfigError(f"data.prompts_per_step must be >= 1, got {d.prompts_per_step}")
         if d.prompts_per_step % world_size:

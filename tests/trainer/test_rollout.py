@@ -595,8 +595,10 @@ def test_template_needs_one_placeholder(tmp_path, text):
 def test_config_file_errors_name_the_setting():
     with pytest.raises(ConfigError, match=r"^rollout\.top_k must be an integer >= 1 or null"):
         load_config(DEMO, ["rollout.top_k=0"]).validate()
-    with pytest.raises(ConfigError, match=r"rollout\.group_size x rollout\.images_per_cot must be >= 2"):
+    with pytest.raises(ConfigError, match=r"^rollout\.group_size must be >= 2 .*got 1$"):
         load_config(DEMO, ["rollout.group_size=1"]).validate()
+    with pytest.raises(ConfigError, match=r"^rollout\.group_size x rollout\.images_per_cot must be >= 2"):
+        load_config(DEMO, ["rollout.group_size=1", "rollout.cot=true"]).validate()
     cfg = load_config(DEMO, ["rollout.group_size=1", "rollout.cot=true", "rollout.images_per_cot=3"]).validate()
     assert cfg.rollout.samples_per_prompt == 3
 
