@@ -7,6 +7,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["egrpo", "egrpo.*"]),
+    # The released CoT reasoning template (rollout.cot_template default) ships inside the wheel.
+    package_data={"egrpo.trainer": ["templates/*.txt"]},
     python_requires=">=3.10",
     install_requires=[
         # Ranges, not pins: GPU users keep the CUDA torch they already have. The floors are the oldest versions

@@ -1,7 +1,7 @@
 """The EG-GRPO entropy analysis (paper's findings 1-3): per prompt, N CoTs x M images, with rewards and entropies.
 
-For each prompt, `rollout` samples N CoTs (one image each); M - 1 more images are then sampled for every CoT
-with the same KV-cached CFG loop. One teacher-forced forward (`head_inputs`) gives the per-token entropies:
+For each prompt, `rollout` samples N CoTs and M images per CoT (``rollout.images_per_cot``). The teacher-forced
+forwards of `head_inputs` give the per-token entropies:
 
 * CoT tokens: entropy of the LM head's distribution (temperature 1), over the valid CoT tokens;
 * image tokens: entropy of the conditional distribution (``logits="conditional"``, what training uses) or of the
@@ -81,8 +81,7 @@ def analyze_prompt(model, tokenizer, prompt: str, metadata: dict, reward_set, co
                    rollout_cfg, generator: torch.Generator, logits: str = "conditional",
                    text_entropy: str = "masked", entropy_bins: int = 0) -> List[dict]:
     """Records (one per image, CoT-major order) for one prompt; see the module docstring."""
-    from egrpo.trainer.rollout import (cfg_logits, decode_images, head_inputs, rollout, sample_image_tokens,
-                                       unconditional_ids)
+    from egrpo.trainer.rollout import cfg_logits, head_inputs, rollout, unconditional_ids
     from egrpo.trainer.tokenizer import janus_tokens
 
     if logits not in ENTROPY_SOURCES:
@@ -93,33 +92,17 @@ def analyze_prompt(model, tokenizer, prompt: str, metadata: dict, reward_set, co
         raise ValueError(f"entropy_bins must be an integer >= 0 (0: no histograms), got {entropy_bins!r}")
     if cots < 0 or images < 1:
         raise ValueError(f"need cots >= 0 and images >= 1, got cots={cots}, images={images}")
-    cfg = replace(rollout_cfg, cot=cots > 0, group_size=max(cots, 1))
-    native = hasattr(cfg, "images_per_cot")  # a rollout that samples N CoTs x M images itself (rows CoT-major)
-    if native:
-        cfg = replace(cfg, group_size=cots if cots > 0 else images, images_per_cot=images if cots > 0 else 1)
+    # N CoTs x M images (rollout.images_per_cot); without CoT, M images of the prompt.
+    cfg = replace(rollout_cfg, cot=cots > 0, group_size=cots if cots > 0 else images,
+                  images_per_cot=images if cots > 0 else 1)
     ro = rollout(model, tokenizer, [prompt], cfg, generator)
-    n_cot = cfg.group_size
-    if images > 1 and not native:
-        rep = lambda t: None if t is None else t.repeat_interleave(images, 0)
-        seq, mask = rep(ro.sequence_ids), rep(ro.attention_mask)
-        extra_rows = torch.arange(n_cot * images, device=seq.device) % images != 0
-        tokens = janus_tokens(tokenizer)
-        model.eval()
-        extra, _ = sample_image_tokens(model, seq[extra_rows], mask[extra_rows], tokens, cfg, generator)
-        image_tokens = rep(ro.image_tokens).clone()
-        image_tokens[extra_rows] = extra
-        pixels = rep(ro.images).clone()
-        pixels[extra_rows] = decode_images(model, extra)
-        ro = replace(ro, prompts=[prompt] * (n_cot * images), sequence_ids=seq, attention_mask=mask,
-                     image_tokens=image_tokens, images=pixels, cot_ids=rep(ro.cot_ids), cot_mask=rep(ro.cot_mask),
-                     cot_positions=rep(ro.cot_positions),
-                     cot_texts=None if ro.cot_texts is None else [t for t in ro.cot_texts for _ in range(images)])
     image_batch, text_batch = head_inputs(model, ro)
     if logits == "conditional":
         image_entropy = head_entropy(image_batch.hidden, image_batch.weight, image_batch.bias)
     else:
+        uncond_mask = torch.ones_like(ro.attention_mask) if ro.image_positions == "released" else ro.attention_mask
         uncond = replace(ro, sequence_ids=unconditional_ids(ro.sequence_ids, janus_tokens(tokenizer)),
-                         cot_ids=None, cot_mask=None, cot_positions=None)
+                         attention_mask=uncond_mask, cot_ids=None, cot_mask=None)
         uncond_batch, _ = head_inputs(model, uncond)
         rows = []
         for i in range(image_batch.hidden.shape[0]):

@@ -77,7 +77,8 @@ def _add_model_args(p):
     p.add_argument("--cfg-scale", type=float, default=5.0)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--cot-max-tokens", type=int, default=256)
+    p.add_argument("--cot-max-tokens", type=int, default=1024, help="as released training (released inference: 512)")
+    p.add_argument("--cot-template", default=None, help="reasoning template file with one {} (default: released)")
     p.add_argument("--cot-temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -102,7 +103,7 @@ def _load_model(args):
     model, tokenizer = build_model(cfg, device)
     rollout_cfg = RolloutConfig(
         cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, cot_max_tokens=args.cot_max_tokens,
-        cot_temperature=args.cot_temperature, image_tokens=num_image_tokens(model))
+        cot_temperature=args.cot_temperature, cot_template=args.cot_template, image_tokens=num_image_tokens(model))
     return model, tokenizer, rollout_cfg
 
 
@@ -155,7 +156,7 @@ def run_generate(args) -> int:
 
     prompts, metadata = load_prompts(args.prompts)
     model, tokenizer, rollout_cfg = _load_model(args)
-    rollout_cfg = replace(rollout_cfg, cot=args.cot)
+    rollout_cfg = replace(rollout_cfg, cot=args.cot, images_per_cot=args.images_per_cot if args.cot else 1)
     records = generate(model, tokenizer, prompts, args.out, rollout_cfg, images_per_prompt=args.images_per_prompt,
                        seed=args.seed, metadata=metadata, progress=not args.no_progress)
     print(f"wrote {len(records)} images to {args.out}")
@@ -205,7 +206,8 @@ def add_tool_subcommands(subparsers) -> None:
     _add_model_args(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--cot", action="store_true", help="write a semantic CoT before each image")
-    p.add_argument("--images-per-prompt", type=int, default=1)
+    p.add_argument("--images-per-prompt", type=int, default=1, help="CoTs per prompt with --cot, else images")
+    p.add_argument("--images-per-cot", type=int, default=1, help="images per CoT (with --cot)")
     p.set_defaults(func=run_generate)
 
     p = subparsers.add_parser("score", help="score a folder of images with rewards and print a table")

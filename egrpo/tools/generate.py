@@ -19,8 +19,11 @@ def tensor_to_png(image: torch.Tensor, path: str) -> None:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], out_dir: str, rollout_cfg, images_per_prompt: int = 1,
              seed: int = 0, metadata: Optional[Sequence[dict]] = None, progress: bool = True) -> List[dict]:
-    """Generate ``images_per_prompt`` images per prompt into ``out_dir``; prompt ``k`` is seeded with ``seed + k``
-    (so any prompt can be regenerated alone). Writes ``{k:05d}_{j:02d}.png`` and ``generations.jsonl``."""
+    """Generate images for every prompt into ``out_dir`` with the training rollout (same prompt layouts, CoT and
+    sampling settings as ``rollout_cfg``); prompt ``k`` is seeded with ``seed + k`` (so any prompt can be
+    regenerated alone). ``images_per_prompt`` is the number of CoTs with ``rollout_cfg.cot`` (each gets
+    ``rollout_cfg.images_per_cot`` images), else the number of images. Writes ``{k:05d}_{j:02d}.png`` and
+    ``generations.jsonl``."""
     from tqdm.auto import tqdm
 
     from egrpo.trainer.rollout import rollout
@@ -35,10 +38,11 @@ def generate(model, tokenizer, prompts: Sequence[str], out_dir: str, rollout_cfg
         for k, prompt in enumerate(tqdm(list(prompts), desc="generate", unit="prompt", disable=not progress)):
             generator = torch.Generator(device=device).manual_seed(seed + k)
             ro = rollout(model, tokenizer, [prompt], cfg, generator)
-            for j in range(images_per_prompt):
+            for j in range(ro.images.shape[0]):
                 name = f"{k:05d}_{j:02d}.png"
                 tensor_to_png(ro.images[j], os.path.join(out_dir, name))
                 record = {"file": name, "prompt": prompt, "prompt_index": k, "image_index": j, "seed": seed + k,
+                          "cot_index": j // ro.images_per_cot if ro.cot_texts is not None else None,
                           "cot": ro.cot_texts[j] if ro.cot_texts is not None else None,
                           "cfg_scale": cfg.cfg_scale, "temperature": cfg.temperature,
                           "metadata": dict((metadata or [{}] * len(prompts))[k] or {})}

@@ -141,23 +141,14 @@ class Config:
             raise ConfigError(f"train.export_format must be 'hf' or 'original', got {t.export_format!r}")
         if m.dtype not in ("bf16", "fp32"):
             raise ConfigError(f"model.dtype must be 'bf16' or 'fp32', got {m.dtype!r}")
-        rollout_check = getattr(r, "validate", None)
-        if callable(rollout_check):   # RolloutConfig checks its own sampling settings
-            try:
-                rollout_check()
-            except ConfigError:
-                raise
-            except ValueError as e:
-                raise ConfigError(f"rollout: {e}") from None
-        else:
-            if r.temperature <= 0:
-                raise ConfigError(f"rollout.temperature must be > 0 (sampling divides the logits by it), got "
-                                  f"{r.temperature}")
-            if r.cfg_scale < 0:
-                raise ConfigError(f"rollout.cfg_scale must be >= 0 (1 = no guidance), got {r.cfg_scale}")
-        if r.group_size < 2:
-            raise ConfigError(f"rollout.group_size must be >= 2 (advantages are normalised within a group), "
-                              f"got {r.group_size}")
+        try:
+            r.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if r.samples_per_prompt < 2:
+            name = "rollout.group_size x rollout.images_per_cot" if r.cot else "rollout.group_size"
+            raise ConfigError(f"{name} must be >= 2 (advantages are normalised within a prompt's images), "
+                              f"got {r.samples_per_prompt}")
         if d.prompts_per_step < 1:
             raise ConfigError(f"data.prompts_per_step must be >= 1, got {d.prompts_per_step}")
         if d.prompts_per_step % world_size:

@@ -1,18 +1,20 @@
-"""Rollouts of Janus-Pro: optional semantic CoT, then images by a batched, KV-cached CFG sampling loop.
+"""Rollouts of Janus-Pro as the released RL code makes them: optional CoT, then images by KV-cached CFG sampling.
 
-Layout of one rollout of B = len(prompts) * group_size rows (each prompt's rows consecutive):
+With ``rollout.cot`` (T2I-R1 / EG-GRPO) each prompt gets ``group_size`` CoTs, sampled with the LM head from the
+reasoning template in a conversation with the CoT system prompt; every CoT then gets ``images_per_cot`` images,
+sampled in a *new* conversation ``"{prompt}. {cot}"`` with an empty system prompt. Without CoT (STAGE) each prompt
+gets ``group_size`` images from ``User: {prompt}``. The layouts (and their padding and position ids) are in
+`egrpo.trainer.protocol`; docs/rollout.md ("Protocol") describes them with their sources.
 
-    sequence_ids  [B, L]  left-padded  <bos><|User|>: prompt\\n\\n<|Assistant|>: [CoT] <begin_of_image>
-    image_tokens  [B, T]  sampled with CFG from the conditional row and an unconditional twin
+One rollout of B = len(prompts) * group_size * images_per_cot rows (a prompt's rows consecutive, CoT-major):
 
-The unconditional twin (rows B..2B of the sampling batch) is the same sequence with every token
-other than BOS and the image-start token replaced by the pad token, as Janus does. Position ids are
-``cumsum(attention_mask) - 1`` everywhere (sampling and teacher-forced forward), as HF generate does,
-so every row starts at position 0 whatever its left padding.
+    sequence_ids  [B, L]   image-phase context: BOS, text, right pads, image start
+    image_tokens  [B, T]   sampled with CFG from the conditional row and its unconditional twin
+    text_ids      [B, P]   CoT-phase context: left pads, BOS, system + template (None without CoT)
+    cot_ids       [B, Lc]  the row's CoT (pad after EOS), cot_mask 1 through the first EOS
 
-`head_inputs` then runs ONE teacher-forced forward of the base language model over
-``sequence_ids + image_tokens[:, :-1]`` (conditional rows only, no LM head, last hidden state only)
-and hands the positions that predict CoT and image tokens to the fused heads as `HeadBatch`es.
+`head_inputs` gives the teacher-forced hidden states the losses need, each in its own context: image tokens after
+``sequence_ids`` (conditional branch only, no CFG), CoT tokens after ``text_ids`` (LM head).
 """
 
 from dataclasses import dataclass, field
@@ -24,70 +26,92 @@ import torch.nn.functional as F
 from egrpo.objectives import HeadBatch
 
 from .model import num_image_tokens
-from .tokenizer import JanusTokens, encode_prompt, janus_tokens
+from .protocol import (COT_SYSTEM_PROMPT, IMAGE_POSITIONS, Prefill, cot_prompt_text, image_positions, image_prefill,
+                       image_prompt_text, load_cot_template, text_prefill, unconditional_ids, valid_positions)
+from .tokenizer import JanusTokens, encode_with_bos, janus_tokens
 
+__all__ = ["RolloutConfig", "Rollout", "rollout", "head_inputs", "sample_cot", "sample_image_tokens", "cfg_logits",
+           "filter_logits", "decode_images", "codebook_vectors", "unconditional_ids"]
 
 
 @dataclass
 class RolloutConfig:
-    group_size: int = 8
-    cot: bool = False            # semantic CoT before the image (EG-GRPO); False = STAGE style
-    cot_max_tokens: int = 256
-    cot_temperature: float = 1.0
-    cot_top_k: Optional[int] = None
+    """Sampling settings; defaults are the released ones (docs/rollout.md gives each source)."""
+
+    group_size: int = 8              # CoTs per prompt (cot) or images per prompt (no cot); released: 8
+    images_per_cot: int = 1          # images per CoT (cot only); advantage group = group_size * images_per_cot
+    cot: bool = False                # CoT phase before the image (T2I-R1 / EG-GRPO); False = STAGE layout
+    cot_template: Optional[str] = None   # reasoning template file with one "{}"; None = the released one (packaged)
+    cot_system_prompt: str = COT_SYSTEM_PROMPT
+    cot_max_tokens: int = 1024       # released training scripts (inference scripts: 512)
+    cot_temperature: float = 1.0     # transformers' generate defaults: nothing else is passed by the released code
+    cot_top_k: Optional[int] = 50
     cot_top_p: Optional[float] = None
     cfg_scale: float = 5.0
-    temperature: float = 1.0
+    temperature: float = 1.0         # image tokens: released softmax at temperature 1, no top-k / top-p
     top_k: Optional[int] = None
-    image_tokens: int = 576      # must equal the model's num_image_tokens
+    image_positions: str = "released"    # "released": pads count as positions; "packed": only valid tokens do
+    image_tokens: int = 576          # must equal the model's num_image_tokens
+
+    @property
+    def samples_per_prompt(self) -> int:
+        """Rows (images) per prompt = the advantage group."""
+        return self.group_size * (self.images_per_cot if self.cot else 1)
+
+    def validate(self) -> "RolloutConfig":
+        """Raise ValueError naming the first bad setting; returns self."""
+        def bad(name, rule):
+            raise ValueError(f"rollout.{name} must be {rule}, got {getattr(self, name)!r}")
+
+        for name in ("group_size", "images_per_cot", "cot_max_tokens", "image_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                bad(name, "an integer >= 1")
+        for name in ("temperature", "cot_temperature"):
+            if not getattr(self, name) > 0:
+                bad(name, "> 0")
+        if not self.cfg_scale >= 0:
+            bad("cfg_scale", ">= 0")
+        for name in ("top_k", "cot_top_k"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                bad(name, "an integer >= 1 or null (no top-k)")
+        if self.cot_top_p is not None and not 0 < self.cot_top_p <= 1:
+            bad("cot_top_p", "in (0, 1] or null")
+        if self.image_positions not in IMAGE_POSITIONS:
+            bad("image_positions", " or ".join(repr(m) for m in IMAGE_POSITIONS))
+        if self.images_per_cot != 1 and not self.cot:
+            raise ValueError(f"rollout.images_per_cot={self.images_per_cot} needs rollout.cot=true; without a CoT "
+                             "set the images per prompt with rollout.group_size")
+        if self.cot:
+            load_cot_template(self.cot_template)   # readable, exactly one "{}"
+        return self
 
 
 @dataclass
 class Rollout:
-    prompts: List[str]                   # [B], each prompt repeated group_size times, consecutive
-    sequence_ids: torch.Tensor           # [B, L] int64, left-padded, everything before the image tokens
-    attention_mask: torch.Tensor         # [B, L] int64
+    prompts: List[str]                   # [B], each prompt's rows consecutive (CoT-major, then image)
+    sequence_ids: torch.Tensor           # [B, L] int64 image-phase context: BOS, text, right pads, image start
+    attention_mask: torch.Tensor         # [B, L] int64, 0 on the pads
     image_tokens: torch.Tensor           # [B, T] int64
     images: torch.Tensor                 # [B, 3, H, W] float32 in [0, 1]
     metrics: Dict[str, float] = field(default_factory=dict)
-    group_size: int = 1
+    group_size: int = 1                  # rows per prompt (the advantage group)
+    images_per_cot: int = 1              # consecutive rows sharing one CoT
+    image_positions: str = "released"    # how sequence_ids are given position ids (protocol.image_positions)
+    text_ids: Optional[torch.Tensor] = None       # [B, P] CoT-phase context, left-padded; None without CoT
+    text_mask: Optional[torch.Tensor] = None      # [B, P] int64
     cot_ids: Optional[torch.Tensor] = None        # [B, Lc] sampled CoT ids (pad after EOS); None without CoT
     cot_mask: Optional[torch.Tensor] = None       # [B, Lc] float32, 1 up to and including the first EOS
-    cot_positions: Optional[torch.Tensor] = None  # [B, Lc] index in sequence_ids whose hidden predicts cot_ids
-    cot_texts: Optional[List[str]] = None         # decoded CoTs (EOS and padding stripped)
+    cot_texts: Optional[List[str]] = None         # [B] decoded CoTs (special tokens skipped), as fed to the image
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-
-
-def left_pad(rows: List[List[int]], pad_id: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``[B, L]`` ids and attention mask, each row right-aligned."""
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, length - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[i, length - len(row):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def unconditional_ids(sequence_ids: torch.Tensor, tokens: JanusTokens) -> torch.Tensor:
-    """Janus' unconditional prompt: every token except BOS and the image start becomes the pad token."""
-    keep = sequence_ids == tokens.image_start
-    if tokens.bos is not None:
-        keep |= sequence_ids == tokens.bos
-    return torch.where(keep, sequence_ids, torch.full_like(sequence_ids, tokens.pad))
-
-
-def _language_model(model, embeds, attention_mask, cache=None):
+def _language_model(model, embeds, attention_mask, position_ids, cache=None):
     """Last hidden state [B, S, D] of the base LM over ``embeds`` (the last S positions of ``attention_mask``)."""
-    positions = position_ids_from_mask(attention_mask)[:, -embeds.shape[1]:]
     out = model.model.language_model(
         inputs_embeds=embeds,
         attention_mask=attention_mask,
-        position_ids=positions,
+        position_ids=position_ids,
         past_key_values=cache,
         use_cache=cache is not None,
     )
@@ -135,18 +159,19 @@ def _kl(sample_logits: torch.Tensor, cond_logits: torch.Tensor) -> torch.Tensor:
     return torch.where(p_s > 0, p_s * (logp_s - logp_c), torch.zeros_like(p_s)).sum(-1)
 
 
-def sample_cot(model, prompt_rows: List[List[int]], tokens: JanusTokens, cfg: RolloutConfig,
+def sample_cot(model, prefill: Prefill, tokens: JanusTokens, cfg: RolloutConfig,
                generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Sample a text CoT per row with the LM head (KV cache), stopping each row at its first EOS.
+    """Sample a text CoT per row of ``prefill`` with the LM head (KV cache), stopping each row at its first EOS.
 
-    Returns ``cot_ids [B, Lc]`` (pad after EOS) and ``cot_mask [B, Lc]`` (float, 1 up to and including EOS).
+    Returns ``cot_ids [R, Lc]`` (pad after EOS) and ``cot_mask [R, Lc]`` (float, 1 up to and including EOS).
+    Finished rows keep drawing (their draws are replaced by pad), as transformers' ``generate`` does.
     """
-    device = model.lm_head.weight.device
-    ids, mask = left_pad(prompt_rows, tokens.pad, device)
+    device = prefill.input_ids.device
     embed = model.get_input_embeddings()
-    hidden, cache = _language_model(model, embed(ids), mask, _new_cache(model))
-    batch = ids.shape[0]
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    mask, positions = prefill.attention_mask, prefill.position_ids[:, -1:]
+    hidden, cache = _language_model(model, embed(prefill.input_ids), mask, prefill.position_ids, _new_cache(model))
+    rows = prefill.rows
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
     sampled, valid = [], []
     for step in range(cfg.cot_max_tokens):
         logits = model.lm_head(hidden[:, -1]).float() / cfg.cot_temperature
@@ -159,38 +184,39 @@ def sample_cot(model, prompt_rows: List[List[int]], tokens: JanusTokens, cfg: Ro
         if bool(finished.all()) or step == cfg.cot_max_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        hidden, cache = _language_model(model, embed(token[:, None]), mask, cache)
-    if not sampled:
-        empty = torch.zeros((batch, 0), dtype=torch.long, device=device)
-        return empty, empty.float()
+        positions = positions + 1
+        hidden, cache = _language_model(model, embed(token[:, None]), mask, positions, cache)
     return torch.stack(sampled, 1), torch.stack(valid, 1).float()
 
 
-def sample_image_tokens(model, sequence_ids: torch.Tensor, attention_mask: torch.Tensor, tokens: JanusTokens,
-                        cfg: RolloutConfig, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Batched, KV-cached CFG sampling of ``cfg.image_tokens`` image tokens per row.
+def sample_image_tokens(model, cond: Prefill, uncond: Prefill, cfg: RolloutConfig,
+                        generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Batched, KV-cached CFG sampling of ``cfg.image_tokens`` image tokens per conditional row.
 
-    Rows 0..B-1 of the sampling batch are conditional, rows B..2B-1 their unconditional twins.
-    Returns ``(image_tokens [B, T], kl [B, T])`` with ``kl`` = KL(CFG sampling dist || conditional dist).
+    Rows 0..B-1 of the sampling batch are ``cond``, rows B..2B-1 their twins ``uncond``; every step appends the
+    sampled token's generation embedding to both. Returns ``(image_tokens [B, T], kl [B, T])`` with ``kl`` =
+    KL(CFG sampling distribution || conditional distribution).
     """
-    batch = sequence_ids.shape[0]
-    ids = torch.cat([sequence_ids, unconditional_ids(sequence_ids, tokens)], dim=0)
-    mask = attention_mask.repeat(2, 1)
-    hidden, cache = _language_model(model, model.get_input_embeddings()(ids), mask, _new_cache(model))
+    batch = cond.rows
+    both = Prefill.cat([cond, uncond])
+    mask, positions = both.attention_mask, both.position_ids[:, -1:]
+    hidden, cache = _language_model(model, model.get_input_embeddings()(both.input_ids), mask, both.position_ids,
+                                    _new_cache(model))
     head = model.model.generation_head
     image_tokens, kls = [], []
     for step in range(cfg.image_tokens):
         logits = head(hidden[:, -1]).float()
-        cond, uncond = logits[:batch], logits[batch:]
-        sample_logits = cfg_logits(cond, uncond, cfg.cfg_scale, cfg.temperature, cfg.top_k)
+        cond_logits, uncond_logits = logits[:batch], logits[batch:]
+        sample_logits = cfg_logits(cond_logits, uncond_logits, cfg.cfg_scale, cfg.temperature, cfg.top_k)
         token = _sample(sample_logits, generator)
         image_tokens.append(token)
-        kls.append(_kl(sample_logits, cond))
+        kls.append(_kl(sample_logits, cond_logits))
         if step == cfg.image_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions + 1
         embeds = model.prepare_embeddings_for_image_generation(token.repeat(2)[:, None])
-        hidden, cache = _language_model(model, embeds, mask, cache)
+        hidden, cache = _language_model(model, embeds, mask, positions, cache)
     return torch.stack(image_tokens, 1), torch.stack(kls, 1)
 
 
@@ -206,21 +232,10 @@ def decode_images(model, image_tokens: torch.Tensor, batch_size: int = 8) -> tor
 def _validate(model, prompts, cfg: RolloutConfig, generator):
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("rollout: prompts must be a non-empty list of strings")
-    if cfg.group_size < 1:
-        raise ValueError(f"rollout.group_size must be >= 1, got {cfg.group_size}")
+    cfg.validate()
     expected = num_image_tokens(model)
     if cfg.image_tokens != expected:
         raise ValueError(f"rollout.image_tokens={cfg.image_tokens} but the model generates {expected} image tokens")
-    if cfg.temperature <= 0 or cfg.cot_temperature <= 0:
-        raise ValueError("rollout.temperature and rollout.cot_temperature must be > 0")
-    if cfg.cot and cfg.cot_max_tokens < 1:
-        raise ValueError("rollout.cot_max_tokens must be >= 1 when cot=True")
-    if cfg.cot_top_p is not None and not 0 < cfg.cot_top_p <= 1:
-        raise ValueError(f"rollout.cot_top_p must be in (0, 1], got {cfg.cot_top_p}")
-    for name in ("top_k", "cot_top_k"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise ValueError(f"rollout.{name} must be >= 1 or None, got {value}")
     if not isinstance(generator, torch.Generator):
         raise TypeError("rollout: generator must be a torch.Generator")
     if generator.device.type != model.lm_head.weight.device.type:
@@ -229,7 +244,8 @@ def _validate(model, prompts, cfg: RolloutConfig, generator):
 
 @torch.no_grad()
 def rollout(model, tokenizer, prompts: List[str], cfg: RolloutConfig, generator: torch.Generator) -> Rollout:
-    """Sample ``group_size`` (CoT +) images per prompt; seeded by ``generator`` alone.
+    """Sample ``cfg.samples_per_prompt`` images (after ``group_size`` CoTs with ``cfg.cot``) per prompt; seeded by
+    ``generator`` alone.
 
     Runs in eval mode (restored afterwards): in training mode HF gradient checkpointing drops the KV cache.
     """
@@ -245,49 +261,54 @@ def rollout(model, tokenizer, prompts: List[str], cfg: RolloutConfig, generator:
 def _rollout(model, tokenizer, prompts, cfg, generator) -> Rollout:
     tokens = janus_tokens(tokenizer)
     device = model.lm_head.weight.device
-    rows = [p for p in prompts for _ in range(cfg.group_size)]
-    prompt_rows = [encode_prompt(tokenizer, p, tokens) for p in rows]
+    per_cot = cfg.images_per_cot if cfg.cot else 1
     metrics: Dict[str, float] = {}
-
-    cot_ids = cot_mask = cot_positions = cot_texts = None
+    extra = {}
     if cfg.cot:
-        cot_ids, cot_mask = sample_cot(model, prompt_rows, tokens, cfg, generator)
-        # The image is conditioned on prompt + CoT (without its EOS) + image start.
+        template = load_cot_template(cfg.cot_template)
+        cot_prompts = [p for p in prompts for _ in range(cfg.group_size)]
+        text = text_prefill([encode_with_bos(tokenizer, cot_prompt_text(p, template, cfg.cot_system_prompt), tokens)
+                             for p in cot_prompts], tokens.pad, device)
+        cot_ids, cot_mask = sample_cot(model, text, tokens, cfg, generator)
         lengths = cot_mask.sum(1).long().tolist()
-        cot_lists = [cot_ids[i, :n].tolist() for i, n in enumerate(lengths)]
-        cot_lists = [c[:-1] if c and c[-1] == tokens.eos else c for c in cot_lists]
-        cot_texts = [tokenizer.decode(c, skip_special_tokens=True) for c in cot_lists]
-        seq_rows = [p + c + [tokens.image_start] for p, c in zip(prompt_rows, cot_lists)]
-        sequence_ids, attention_mask = left_pad(seq_rows, tokens.pad, device)
-        # CoT token j of row i sits at sequence index start_i + j, so the hidden predicting it is at start_i + j - 1.
-        start = sequence_ids.shape[1] - torch.tensor([len(r) for r in seq_rows], device=device)
-        start = start + torch.tensor([len(p) for p in prompt_rows], device=device)
-        cot_positions = start[:, None] - 1 + torch.arange(cot_ids.shape[1], device=device)[None, :]
-        cot_positions = torch.where(cot_mask.bool(), cot_positions, torch.zeros_like(cot_positions))
+        # The released code decodes the whole completion with special tokens skipped (EOS and pads go).
+        cot_texts = [tokenizer.decode(cot_ids[i, :n].tolist(), skip_special_tokens=True) for i, n in enumerate(lengths)]
+        image_texts = [image_prompt_text(p, c) for p, c in zip(cot_prompts, cot_texts)]
         metrics["rollout/cot_tokens"] = float(cot_mask.sum(1).mean())
         metrics["rollout/cot_eos_frac"] = float((cot_ids == tokens.eos).any(1).float().mean())
+        rep = lambda t: t.repeat_interleave(per_cot, 0)
+        extra = dict(text_ids=rep(text.input_ids), text_mask=rep(text.attention_mask), cot_ids=rep(cot_ids),
+                     cot_mask=rep(cot_mask), cot_texts=[c for c in cot_texts for _ in range(per_cot)])
+        rows = [p for p in cot_prompts for _ in range(per_cot)]
+        image_texts = [t for t in image_texts for _ in range(per_cot)]
     else:
-        sequence_ids, attention_mask = left_pad([p + [tokens.image_start] for p in prompt_rows], tokens.pad, device)
+        rows = [p for p in prompts for _ in range(cfg.group_size)]
+        image_texts = [image_prompt_text(p) for p in rows]
 
-    image_tokens, kl = sample_image_tokens(model, sequence_ids, attention_mask, tokens, cfg, generator)
+    cond, uncond = image_prefill([encode_with_bos(tokenizer, t, tokens) for t in image_texts], tokens, device,
+                                 cfg.image_positions)
+    image_tokens, kl = sample_image_tokens(model, cond, uncond, cfg, generator)
     metrics["rollout/cfg_kl"] = float(kl.mean())
     images = decode_images(model, image_tokens)
     return Rollout(
-        prompts=rows, sequence_ids=sequence_ids, attention_mask=attention_mask, image_tokens=image_tokens,
-        images=images, metrics=metrics, group_size=cfg.group_size, cot_ids=cot_ids, cot_mask=cot_mask,
-        cot_positions=cot_positions, cot_texts=cot_texts,
+        prompts=rows, sequence_ids=cond.input_ids, attention_mask=cond.attention_mask, image_tokens=image_tokens,
+        images=images, metrics=metrics, group_size=cfg.samples_per_prompt, images_per_cot=per_cot,
+        image_positions=cfg.image_positions, **extra,
     )
 
 
 def head_inputs(model, rollout: Rollout, *, backend="auto", chunk_size=None) -> Tuple[HeadBatch, Optional[HeadBatch]]:
-    """(image, text) `HeadBatch`es from ONE teacher-forced forward of the base language model.
+    """(image, text) `HeadBatch`es from teacher-forced forwards of the base language model, one per context.
 
-    Conditional rows only, ``use_cache=False``, last hidden state only; no vocabulary projection happens here:
-    image positions go through the generation head's ``proj_out`` + activation (width D', cheap), and the
-    fused kernels apply ``vision_head`` [V_img, D'] (with bias) and ``lm_head`` [V_text, D] (no bias) later.
+    No vocabulary projection happens here: image positions go through the generation head's ``proj_out`` +
+    activation (width D', cheap), and the fused kernels apply ``vision_head`` [V_img, D'] (with bias) and
+    ``lm_head`` [V_text, D] (no bias) later.
 
-    image: hidden [B, T, D'], targets = image tokens, mask ones, temperature 1 (conditional distribution).
-    text (None without CoT): hidden [B, Lc, D] at the positions predicting the CoT tokens, mask = cot_mask.
+    image: the image-phase context ``sequence_ids`` (pads, image start) then the generation embeddings of the
+    image tokens, mask = prompt mask then ones, conditional branch only (no CFG), temperature 1; hidden [B, T, D'].
+    text (None without CoT): the CoT-phase context ``text_ids`` then the CoT, mask = text mask then ``cot_mask``;
+    hidden [B, Lc, D] at the positions predicting the CoT tokens. Rows sharing a CoT (``images_per_cot``) share
+    one forward; their hidden states are repeated, so gradients sum over the images of a CoT.
 
     Gradients flow to the language model when called with grad enabled. ``backend``/``chunk_size`` are
     accepted for symmetry with the kernels; nothing here projects onto a vocabulary.
@@ -300,7 +321,7 @@ def head_inputs(model, rollout: Rollout, *, backend="auto", chunk_size=None) -> 
         [model.get_input_embeddings()(seq), model.prepare_embeddings_for_image_generation(image_tokens[:, :-1])], dim=1
     )
     mask = torch.cat([rollout.attention_mask, rollout.attention_mask.new_ones(batch, n_image - 1)], dim=1)
-    hidden, _ = _language_model(model, embeds, mask)
+    hidden, _ = _language_model(model, embeds, mask, image_positions(mask, rollout.image_positions))
     head = model.model.generation_head
     image_hidden = head.activation_fn(head.proj_out(hidden[:, length - 1:]))
     image = HeadBatch(
@@ -309,9 +330,18 @@ def head_inputs(model, rollout: Rollout, *, backend="auto", chunk_size=None) -> 
     )
     text = None
     if rollout.cot_ids is not None and rollout.cot_ids.shape[1] > 0:
-        index = rollout.cot_positions[..., None].expand(-1, -1, hidden.shape[-1])
+        per_cot = rollout.images_per_cot
+        text_ids, text_mask = rollout.text_ids[::per_cot], rollout.text_mask[::per_cot]
+        cot_ids, cot_mask = rollout.cot_ids[::per_cot], rollout.cot_mask[::per_cot]
+        ids = torch.cat([text_ids, cot_ids], dim=1)
+        mask = torch.cat([text_mask, cot_mask.to(text_mask.dtype)], dim=1)
+        hidden, _ = _language_model(model, model.get_input_embeddings()(ids), mask, valid_positions(mask))
+        start = text_ids.shape[1] - 1     # the hidden state at the prompt's last token predicts the first CoT token
+        text_hidden = hidden[:, start:start + cot_ids.shape[1]]
+        if per_cot > 1:
+            text_hidden = text_hidden.repeat_interleave(per_cot, 0)
         text = HeadBatch(
-            hidden=hidden.gather(1, index), weight=model.lm_head.weight, bias=None, targets=rollout.cot_ids,
+            hidden=text_hidden, weight=model.lm_head.weight, bias=None, targets=rollout.cot_ids,
             mask=rollout.cot_mask, temperature=1.0,
         )
     return image, text

@@ -1,13 +1,14 @@
-"""Tokenizer helpers: a character-level tokenizer for tiny random Janus models, and the Janus prompt format.
+"""Tokenizer helpers: a character-level tokenizer for tiny random Janus models, special token ids, BOS encoding.
 
 Real checkpoints ship their own tokenizer (loaded from the checkpoint directory); a tiny random model
 has none and nothing can be downloaded, so `build_char_tokenizer` makes one from scratch with the
-special tokens Janus needs. Both are used through the same `JanusTokens` ids and `format_prompt`.
+special tokens Janus needs. Both are used through the same `JanusTokens` ids and `encode_with_bos`;
+the prompt layouts themselves live in `egrpo.trainer.protocol`.
 """
 
 from dataclasses import dataclass
 import string
-from typing import Optional
+from typing import List, Optional
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -19,6 +20,8 @@ PAD = "<｜▁pad▁｜>"
 IMAGE_START = "<begin_of_image>"
 IMAGE_END = "<end_of_image>"
 IMAGE_PLACEHOLDER = "<image_placeholder>"
+# Role tags of transformers' Janus chat template. The released RL code does not use them (its roles are the
+# plain words "User"/"Assistant", see egrpo.trainer.protocol); kept in the character vocabulary so ids stay stable.
 USER = "<|User|>"
 ASSISTANT = "<|Assistant|>"
 UNK = "<unk>"
@@ -78,18 +81,11 @@ def janus_tokens(tokenizer) -> JanusTokens:
     return JanusTokens(bos=tokenizer.bos_token_id, eos=int(eos), pad=int(pad), image_start=image_start)
 
 
-def format_prompt(prompt: str) -> str:
-    """Janus chat format of a single user turn, ready for the assistant's answer (CoT and/or image).
+def encode_with_bos(tokenizer, text: str, tokens: JanusTokens) -> List[int]:
+    """Token ids of ``text`` with BOS first, as the released code tokenizes its prompts (``add_special_tokens``).
 
-    Same as Janus' ``apply_sft_template_for_multi_turn_prompts`` with an empty system prompt:
-    ``"<|User|>: {prompt}\\n\\n<|Assistant|>:"``.
+    BOS is added here rather than by the tokenizer so that the checkpoint tokenizer and the character-level
+    one agree whatever their post-processor does.
     """
-    return f"{USER}: {prompt}\n\n{ASSISTANT}:"
-
-
-def encode_prompt(tokenizer, prompt: str, tokens: JanusTokens) -> list:
-    """Token ids of the formatted prompt, BOS first (added here so both tokenizer kinds agree)."""
-    ids = tokenizer(format_prompt(prompt), add_special_tokens=False)["input_ids"]
-    if tokens.bos is not None:
-        ids = [tokens.bos] + list(ids)
-    return list(ids)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ([tokens.bos] if tokens.bos is not None else []) + ids

@@ -128,7 +128,7 @@ class WarmupSchedule:
 
 def deepspeed_config(cfg: Config, world_size: int) -> Dict[str, Any]:
     micro_prompts = cfg.data.prompts_per_step // world_size // cfg.optim.grad_accum
-    micro_samples = micro_prompts * cfg.rollout.group_size
+    micro_samples = micro_prompts * cfg.rollout.samples_per_prompt
     bf16 = cfg.model.dtype == "bf16" if cfg.deepspeed.bf16 is None else cfg.deepspeed.bf16
     ds = {
         "train_micro_batch_size_per_gpu": micro_samples,
@@ -839,7 +839,7 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
     logger = MetricLogger(out_dir, enabled=is_main, tensorboard=t.tensorboard,
                           resume_step=step if resume_from is not None else None)
 
-    G = cfg.rollout.group_size
+    G = cfg.rollout.samples_per_prompt   # rows per prompt: group_size CoTs (or images) x images_per_cot
     local_prompts = cfg.data.prompts_per_step // world
     micro_prompts = local_prompts // cfg.optim.grad_accum
     reward_weights = reward_set.weights

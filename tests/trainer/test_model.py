@@ -3,7 +3,8 @@ import torch
 
 from egrpo.trainer.model import ModelConfig, build_model, set_trainable, tiny_janus_config
 from egrpo.trainer.rollout import codebook_vectors
-from egrpo.trainer.tokenizer import build_char_tokenizer, encode_prompt, janus_tokens
+from egrpo.trainer.protocol import image_prompt_text
+from egrpo.trainer.tokenizer import build_char_tokenizer, encode_with_bos, janus_tokens
 
 TINY = dict(image_size=32, patch_size=8, vq_channel_multiplier=(1, 1, 2, 2), initializer_range=0.2)  # 16 tokens, 32 px
 
@@ -71,12 +72,12 @@ def test_config_errors_are_clear():
 def test_char_tokenizer_roundtrip_and_janus_format():
     tokenizer = build_char_tokenizer()
     tokens = janus_tokens(tokenizer)
-    ids = encode_prompt(tokenizer, "a red\tcat!", tokens)
+    ids = encode_with_bos(tokenizer, image_prompt_text("a red\tcat!"), tokens)
     assert ids[0] == tokens.bos
     assert tokenizer.decode(ids, skip_special_tokens=False) == (
-        "<｜begin▁of▁sentence｜><|User|>: a red\tcat!\n\n<|Assistant|>:"
+        "<｜begin▁of▁sentence｜>User: a red\tcat!\n\nAssistant:"
     )
-    assert tokenizer.convert_ids_to_tokens(ids[1]) == "<|User|>"
+    assert tokenizer.convert_ids_to_tokens(ids[1]) == "U"   # released roles are plain words, one token per char
     assert len({tokens.bos, tokens.eos, tokens.pad, tokens.image_start}) == 4
 
 

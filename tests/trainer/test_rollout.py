@@ -1,13 +1,29 @@
+"""The rollout against hand-built expectations of the released protocol (tiny random Janus, char tokenizer).
+
+Expected token sequences are written here from the protocol's description (docs/rollout.md, "Protocol"): with the
+character-level tokenizer every character is one token, so a prompt's ids are BOS followed by its characters.
+"""
+
+import json
+
 import pytest
 import torch
 
+import egrpo.trainer.rollout as rollout_module
 from egrpo.kernels import linear_logprob_entropy
+from egrpo.trainer.config import ConfigError, load_config
 from egrpo.trainer.model import ModelConfig, build_model
-from egrpo.trainer.rollout import RolloutConfig, codebook_vectors, filter_logits, head_inputs, rollout
-from egrpo.trainer.tokenizer import encode_prompt, janus_tokens
+from egrpo.trainer.protocol import (COT_SYSTEM_PROMPT, Prefill, cot_prompt_text, deepseek_conversation,
+                                    load_cot_template, text_prefill)
+from egrpo.trainer.rollout import RolloutConfig, codebook_vectors, filter_logits, head_inputs, rollout, sample_cot
+from egrpo.trainer.tokenizer import janus_tokens
+
+from ._helpers import DEMO
 
 TINY = dict(image_size=32, patch_size=8, vq_channel_multiplier=(1, 1, 2, 2), initializer_range=0.2)  # 16 tokens, 32 px
-PROMPTS = ["a red square", "blue"]  # different lengths: left padding is exercised
+PROMPTS = ["a red square", "blue"]  # different lengths: padding is exercised
+SYSTEM = "Sys."
+TEMPLATE = ' Draw "{}" now: '      # leading/trailing spaces: the user turn is stripped
 
 
 @pytest.fixture(scope="module")
@@ -15,210 +31,480 @@ def tiny_model():
     return build_model(ModelConfig(tiny=TINY, dtype="fp32"), "cpu")
 
 
+@pytest.fixture(scope="module")
+def template_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("template") / "cot.txt"
+    path.write_text(TEMPLATE, encoding="utf-8")
+    return str(path)
+
+
 def _generator(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def _cot_rollout(model, tokenizer, seed=0, max_tokens=12):
-    """CoT rollout with the EOS logit raised during sampling so that most rows stop early."""
+# ------------------------------------------------------------------------------------------ hand-built layouts
+def chars(tokenizer, text):
+    """The char tokenizer's ids of ``text``, one per character, looked up one by one."""
+    ids = [tokenizer.convert_tokens_to_ids(c) for c in text]
+    assert tokenizer.unk_token_id not in ids, text
+    return ids
+
+
+def hand_text_rows(tokenizer, prompts, system=SYSTEM, template=TEMPLATE):
+    """CoT phase: BOS, system, blank line, "User: " + stripped filled template, blank line, "Assistant:"."""
+    bos = janus_tokens(tokenizer).bos
+    return [[bos] + chars(tokenizer, system + "\n\n" + "User: " + template.format(p).strip() + "\n\n" + "Assistant:")
+            for p in prompts]
+
+
+def hand_image_rows(tokenizer, prompts, cots=None):
+    """Image phase: BOS, "User: " + prompt (or "{prompt}. {cot}", stripped), blank line, "Assistant:"."""
+    bos = janus_tokens(tokenizer).bos
+    contents = prompts if cots is None else [f"{p}. {c}".strip() for p, c in zip(prompts, cots)]
+    return [[bos] + chars(tokenizer, "User: " + c + "\n\n" + "Assistant:") for c in contents]
+
+
+def hand_left_pad(rows, pad):
+    """Left padding; positions count valid tokens only (pads at 0)."""
+    length = max(map(len, rows))
+    ids = [[pad] * (length - len(r)) + r for r in rows]
+    mask = [[0] * (length - len(r)) + [1] * len(r) for r in rows]
+    positions = [[0] * (length - len(r)) + list(range(len(r))) for r in rows]
+    return torch.tensor(ids), torch.tensor(mask), torch.tensor(positions)
+
+
+def hand_image_layout(rows, tokens, mode="released"):
+    """Right padding, image start after the pads; unconditional twin = BOS, pads, image start."""
+    length = max(map(len, rows)) + 1
+    cond = [r + [tokens.pad] * (length - 1 - len(r)) + [tokens.image_start] for r in rows]
+    cond_mask = [[1] * len(r) + [0] * (length - 1 - len(r)) + [1] for r in rows]
+    uncond = [[tokens.bos] + [tokens.pad] * (length - 2) + [tokens.image_start] for _ in rows]
+    uncond_mask = [[1] * length for _ in rows] if mode == "released" else cond_mask
+    return torch.tensor(cond), torch.tensor(cond_mask), torch.tensor(uncond), torch.tensor(uncond_mask)
+
+
+def hand_positions(mask, mode):
+    if mode == "released":   # pads count: 0..L-1 on every row
+        return torch.arange(mask.shape[1]).expand_as(mask)
+    out = []
+    for row in mask.tolist():
+        count, pos = -1, []
+        for m in row:
+            count += m
+            pos.append(max(count, 0))
+        out.append(pos)
+    return torch.tensor(out)
+
+
+def hand_decode(tokenizer, ids):
+    """A CoT as text: its characters, special tokens (EOS, pad, ...) skipped."""
+    special = set(tokenizer.all_special_ids)
+    return "".join(tokenizer.convert_ids_to_tokens(i) for i in ids if i not in special)
+
+
+class LMCalls:
+    """Records the inputs of every call of the base language model."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __enter__(self):
+        def hook(module, args, kwargs):
+            self.calls.append({k: kwargs[k].detach().clone() for k in ("inputs_embeds", "attention_mask",
+                                                                         "position_ids")})
+        self.handle = self.model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _raise_eos(model, tokenizer, amount=5.0):
+    """Raise the EOS logit of the LM head so that CoTs stop at different lengths."""
     eos = janus_tokens(tokenizer).eos
 
-    def raise_eos(module, inputs, output):
+    def hook(module, inputs, output):
         output = output.clone()
-        output[..., eos] += 3.0
+        output[..., eos] += amount
         return output
 
-    hook = model.lm_head.register_forward_hook(raise_eos)
-    try:
-        cfg = RolloutConfig(group_size=4, cot=True, cot_max_tokens=max_tokens, cot_top_k=50, cot_top_p=0.95,
-                            image_tokens=16)
-        return rollout(model, tokenizer, PROMPTS, cfg, _generator(seed))
-    finally:
-        hook.remove()
+    return model.lm_head.register_forward_hook(hook)
+
+
+def _cot_cfg(template_file, **kw):
+    base = dict(group_size=2, images_per_cot=2, cot=True, cot_template=template_file, cot_system_prompt=SYSTEM,
+                cot_max_tokens=8, image_tokens=16)
+    return RolloutConfig(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
-def cot_rollout(tiny_model):
-    return _cot_rollout(*tiny_model)
+def cot_case(tiny_model, template_file):
+    """A CoT rollout (2 prompts x 2 CoTs x 2 images) and the language-model calls of sampling and teacher forcing."""
+    model, tokenizer = tiny_model
+    handle = _raise_eos(model, tokenizer)
+    try:
+        with LMCalls(model) as sampling:
+            out = rollout(model, tokenizer, PROMPTS, _cot_cfg(template_file), _generator(0))
+    finally:
+        handle.remove()
+    with torch.no_grad(), LMCalls(model) as forcing:
+        image, text = head_inputs(model, out)
+    return out, sampling.calls, forcing.calls, image, text
 
 
-def _naive_cfg_sampling(model, tokenizer, sequences, cfg, generator):
-    """Reference: per step, recompute the whole cond and uncond sequences without a KV cache, one row at a time."""
+# ------------------------------------------------------------------------------------------ protocol text
+def test_deepseek_conversation_format():
+    eos = "<｜end▁of▁sentence｜>"
+    assert deepseek_conversation([("User", "hi"), ("Assistant", "")]) == "User: hi\n\nAssistant:"
+    assert deepseek_conversation([("User", "  hi \n"), ("Assistant", "")], "S") == "S\n\nUser: hi\n\nAssistant:"
+    turns = [("User", "hi"), ("Assistant", " yo "), ("User", "q"), ("Assistant", "")]
+    assert deepseek_conversation(turns, "S") == f"S\n\nUser: hi\n\nAssistant: yo{eos}User: q\n\nAssistant:"
+    # The whole result is stripped too: a filled last turn loses its trailing blank line.
+    assert deepseek_conversation([("User", "hi")]) == "User: hi"
+
+
+def test_packaged_template_is_the_released_one():
+    template = load_cot_template()
+    lines = template.split("\n")
+    assert lines[0] == 'You are asked to generate an image based on this prompt: "{}"'
+    assert lines[-1] == "Do not miss objects. Output your visualization directly without explanation: "
+    assert len(lines) == 9 and [line[:2] for line in lines[2:8]] == ["1.", "2.", "3.", "4.", "5.", "6."]
+    assert COT_SYSTEM_PROMPT == ("You are a helpful assistant that receives an image prompt and generate a "
+                                 "visualization of the prompt.")
+    text = cot_prompt_text("a cat", template)
+    assert text == (COT_SYSTEM_PROMPT + "\n\nUser: " + template.replace("{}", "a cat").strip() + "\n\nAssistant:")
+
+
+def test_default_cot_rollout_uses_the_packaged_template_and_system_prompt(tiny_model):
+    model, tokenizer = tiny_model
+    cfg = RolloutConfig(group_size=2, cot=True, cot_max_tokens=1, image_tokens=16)
+    with LMCalls(model) as lm:
+        out = rollout(model, tokenizer, ["a cat"], cfg, _generator(0))
+    expected = hand_text_rows(tokenizer, ["a cat"] * 2, COT_SYSTEM_PROMPT, load_cot_template())
+    ids, mask, positions = hand_left_pad(expected, janus_tokens(tokenizer).pad)
+    embed = model.get_input_embeddings()
+    assert torch.equal(lm.calls[0]["inputs_embeds"], embed(ids))
+    assert torch.equal(lm.calls[0]["attention_mask"], mask) and torch.equal(lm.calls[0]["position_ids"], positions)
+    assert torch.equal(out.text_ids, ids)
+    assert out.cot_ids.shape == (2, 1)
+
+
+# ------------------------------------------------------------------------------------------ exact layouts
+def test_text_phase_prefill_is_the_released_layout(tiny_model, cot_case):
+    model, tokenizer = tiny_model
+    out, calls, _, _, _ = cot_case
     tokens = janus_tokens(tokenizer)
+    cot_prompts = [p for p in PROMPTS for _ in range(2)]
+    ids, mask, positions = hand_left_pad(hand_text_rows(tokenizer, cot_prompts), tokens.pad)
+    first = calls[0]
+    assert torch.equal(first["inputs_embeds"], model.get_input_embeddings()(ids))
+    assert torch.equal(first["attention_mask"], mask)
+    assert torch.equal(first["position_ids"], positions)
+    # Decode steps continue each row's positions and attend to everything so far.
+    second = calls[1]
+    assert second["inputs_embeds"].shape[1] == 1
+    assert torch.equal(second["position_ids"][:, 0], positions[:, -1] + 1)
+    assert torch.equal(second["attention_mask"], torch.cat([mask, torch.ones(4, 1, dtype=mask.dtype)], 1))
+    # Rollout keeps the context per image row (each CoT's rows consecutive).
+    assert torch.equal(out.text_ids, ids.repeat_interleave(2, 0))
+    assert torch.equal(out.text_mask, mask.repeat_interleave(2, 0))
+
+
+def test_cot_stops_at_eos_and_is_decoded_without_special_tokens(tiny_model, cot_case):
+    _, tokenizer = tiny_model
+    tokens = janus_tokens(tokenizer)
+    out = cot_case[0]
+    ids, mask = out.cot_ids, out.cot_mask
+    stopped = 0
+    for row in range(ids.shape[0]):
+        row_ids = ids[row].tolist()
+        end = row_ids.index(tokens.eos) + 1 if tokens.eos in row_ids else len(row_ids)
+        stopped += tokens.eos in row_ids
+        assert mask[row, :end].eq(1).all() and mask[row, end:].eq(0).all()
+        assert all(t == tokens.pad for t in row_ids[end:])
+        assert out.cot_texts[row] == hand_decode(tokenizer, row_ids[:end])
+    assert 0 < stopped and int(mask.sum(1).min()) < ids.shape[1]
+    assert out.metrics["rollout/cot_tokens"] == pytest.approx(float(mask[::2].sum(1).mean()))
+    # N CoTs x M images: rows are prompt-major, then CoT, then image; a CoT's images share it.
+    assert out.prompts == [p for p in PROMPTS for _ in range(4)]
+    assert out.group_size == 4 and out.images_per_cot == 2
+    for row in range(0, 8, 2):
+        assert torch.equal(ids[row], ids[row + 1]) and out.cot_texts[row] == out.cot_texts[row + 1]
+        assert not torch.equal(out.image_tokens[row], out.image_tokens[row + 1])
+
+
+def test_image_phase_prefill_is_the_released_layout(tiny_model, cot_case):
+    model, tokenizer = tiny_model
+    out, calls, _, _, _ = cot_case
+    tokens = janus_tokens(tokenizer)
+    prefills = [i for i, c in enumerate(calls) if c["inputs_embeds"].shape[1] > 1]
+    assert len(prefills) == 2                   # text phase, then image phase
+    image_call = calls[prefills[1]]
+    rows = hand_image_rows(tokenizer, out.prompts, [hand_decode(tokenizer, r) for r in out.cot_ids.tolist()])
+    cond, cond_mask, uncond, uncond_mask = hand_image_layout(rows, tokens)
+    assert cond_mask.eq(0).any()                # CoTs of different lengths: some rows are padded
+    embed = model.get_input_embeddings()
+    assert torch.equal(image_call["inputs_embeds"], embed(torch.cat([cond, uncond])))
+    assert torch.equal(image_call["attention_mask"], torch.cat([cond_mask, uncond_mask]))
+    length = cond.shape[1]
+    assert torch.equal(image_call["position_ids"], torch.arange(length).expand(16, length))
+    assert torch.equal(out.sequence_ids, cond) and torch.equal(out.attention_mask, cond_mask)
+    # First image decode step: the sampled token's generation embedding on both rows, position L, mask grows.
+    step = calls[prefills[1] + 1]
+    assert torch.equal(step["position_ids"], torch.full((16, 1), length))
+    assert torch.equal(step["inputs_embeds"],
+                       model.prepare_embeddings_for_image_generation(out.image_tokens[:, :1].repeat(2, 1)))
+    assert step["attention_mask"].shape == (16, length + 1) and step["attention_mask"][:, -1].eq(1).all()
+
+
+def test_teacher_forced_inputs_are_the_released_contexts(tiny_model, cot_case):
+    model, tokenizer = tiny_model
+    out, _, forcing, _, _ = cot_case
+    tokens = janus_tokens(tokenizer)
+    assert len(forcing) == 2
+    image_call, text_call = forcing
+    embed = model.get_input_embeddings()
+    # Image: image-phase ids (pads, image start) + the image tokens' generation embeddings, conditional rows only.
+    rows = hand_image_rows(tokenizer, out.prompts, [hand_decode(tokenizer, r) for r in out.cot_ids.tolist()])
+    cond, cond_mask, _, _ = hand_image_layout(rows, tokens)
+    images = out.image_tokens[:, :-1]
+    assert torch.equal(image_call["inputs_embeds"],
+                       torch.cat([embed(cond), model.prepare_embeddings_for_image_generation(images)], 1))
+    full_mask = torch.cat([cond_mask, torch.ones_like(images)], 1)
+    assert torch.equal(image_call["attention_mask"], full_mask)
+    assert torch.equal(image_call["position_ids"], hand_positions(full_mask, "released"))
+    # Text: BOS + system + template + CoT, once per CoT (not per image), mask = prompt mask then CoT mask.
+    cot_prompts = [p for p in PROMPTS for _ in range(2)]
+    ids, mask, _ = hand_left_pad(hand_text_rows(tokenizer, cot_prompts), tokens.pad)
+    cot = out.cot_ids[::2]
+    full_mask = torch.cat([mask, out.cot_mask[::2].long()], 1)
+    assert torch.equal(text_call["inputs_embeds"], embed(torch.cat([ids, cot], 1)))
+    assert torch.equal(text_call["attention_mask"], full_mask)
+    assert torch.equal(text_call["position_ids"], hand_positions(full_mask, "packed"))
+
+
+def test_no_cot_image_prefill_is_the_stage_layout(tiny_model):
+    model, tokenizer = tiny_model
+    tokens = janus_tokens(tokenizer)
+    with LMCalls(model) as lm:
+        out = rollout(model, tokenizer, PROMPTS, RolloutConfig(group_size=2, image_tokens=16), _generator(0))
+    rows = hand_image_rows(tokenizer, [p for p in PROMPTS for _ in range(2)])
+    cond, cond_mask, uncond, uncond_mask = hand_image_layout(rows, tokens)
+    first = lm.calls[0]
+    assert torch.equal(first["inputs_embeds"], model.get_input_embeddings()(torch.cat([cond, uncond])))
+    assert torch.equal(first["attention_mask"], torch.cat([cond_mask, uncond_mask]))
+    assert torch.equal(first["position_ids"], torch.arange(cond.shape[1]).expand(8, -1))
+    assert out.text_ids is None and out.cot_ids is None and out.group_size == 2
+
+
+# ------------------------------------------------------------------------------------------ sampling
+def _naive_cfg_sampling(model, cond, cond_mask, uncond, uncond_mask, mode, cfg, generator):
+    """Reference: at every step recompute each row and branch from scratch (no KV cache), one row at a time."""
     embed = model.get_input_embeddings()
     head = model.model.generation_head
-    sampled = [[] for _ in sequences]
+    sampled = [[] for _ in range(cond.shape[0])]
     kls = []
     for _ in range(cfg.image_tokens):
-        cond_logits, uncond_logits = [], []
-        for row, seq in enumerate(sequences):
-            uncond = [t if t in (tokens.bos, tokens.image_start) else tokens.pad for t in seq]
-            for ids, out in ((seq, cond_logits), (uncond, uncond_logits)):
-                prefix = embed(torch.tensor([ids]))
+        logits = {"c": [], "u": []}
+        for row in range(cond.shape[0]):
+            for branch, ids, mask in (("c", cond[row], cond_mask[row]), ("u", uncond[row], uncond_mask[row])):
+                x = embed(ids[None])
+                m = mask[None]
                 if sampled[row]:
-                    images = model.prepare_embeddings_for_image_generation(torch.tensor([sampled[row]]))
-                    prefix = torch.cat([prefix, images], dim=1)
-                hidden = model.model.language_model(inputs_embeds=prefix, use_cache=False).last_hidden_state
-                out.append(head(hidden[0, -1]).float())
-        cond, uncond = torch.stack(cond_logits), torch.stack(uncond_logits)
-        guided = (uncond + cfg.cfg_scale * (cond - uncond)) / cfg.temperature
+                    x = torch.cat([x, model.prepare_embeddings_for_image_generation(torch.tensor([sampled[row]]))], 1)
+                    m = torch.cat([m, torch.ones(1, len(sampled[row]), dtype=m.dtype)], 1)
+                hidden = model.model.language_model(inputs_embeds=x, attention_mask=m,
+                                                    position_ids=hand_positions(m, mode), use_cache=False)
+                logits[branch].append(head(hidden.last_hidden_state[0, -1]).float())
+        c, u = torch.stack(logits["c"]), torch.stack(logits["u"])
+        guided = (u + cfg.cfg_scale * (c - u)) / cfg.temperature
         if cfg.top_k is not None:
             kth = guided.topk(cfg.top_k, dim=-1).values[:, -1:]
             guided = guided.masked_fill(guided < kth, float("-inf"))
         probs = guided.softmax(-1)
         token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        log_ratio = guided.log_softmax(-1) - cond.log_softmax(-1)
-        kls.append(torch.where(probs > 0, probs * log_ratio, torch.zeros_like(probs)).sum(-1))
-        for row in range(len(sequences)):
+        ratio = guided.log_softmax(-1) - c.log_softmax(-1)
+        kls.append(torch.where(probs > 0, probs * ratio, torch.zeros_like(probs)).sum(-1))
+        for row in range(cond.shape[0]):
             sampled[row].append(int(token[row]))
     return torch.tensor(sampled), torch.stack(kls, 1)
 
 
 @torch.no_grad()
-def test_cfg_sampling_matches_naive_reference(tiny_model):
+@pytest.mark.parametrize("mode, temperature, top_k", [("released", 1.0, None), ("packed", 0.9, 100)])
+def test_cfg_sampling_matches_naive_reference(tiny_model, mode, temperature, top_k):
     model, tokenizer = tiny_model
     tokens = janus_tokens(tokenizer)
-    cfg = RolloutConfig(group_size=2, cfg_scale=3.0, temperature=0.9, top_k=100, image_tokens=16)
+    cfg = RolloutConfig(group_size=2, cfg_scale=3.0, temperature=temperature, top_k=top_k, image_tokens=16,
+                        image_positions=mode)
     out = rollout(model, tokenizer, PROMPTS, cfg, _generator(7))
-    sequences = [encode_prompt(tokenizer, p, tokens) + [tokens.image_start] for p in PROMPTS for _ in range(2)]
-    expected, kl = _naive_cfg_sampling(model, tokenizer, sequences, cfg, _generator(7))
+    rows = hand_image_rows(tokenizer, [p for p in PROMPTS for _ in range(2)])
+    layout = hand_image_layout(rows, tokens, mode)
+    expected, kl = _naive_cfg_sampling(model, *layout, mode, cfg, _generator(7))
     assert torch.equal(out.image_tokens, expected)
     assert out.metrics["rollout/cfg_kl"] == pytest.approx(float(kl.mean()), rel=1e-4)
     assert out.metrics["rollout/cfg_kl"] > 0
-    # The conditioning sequences are the Janus prompts, left-padded.
-    for row, seq in enumerate(sequences):
-        n = int(out.attention_mask[row].sum())
-        assert out.sequence_ids[row, -n:].tolist() == seq
-        assert not out.attention_mask[row, :-n].any()
+
+
+def _inverse_cdf_sampler():
+    """Deterministic stand-in for multinomial: the same uniform number for every row at a step."""
+    state = {"step": 0}
+
+    def sample(logits, generator):
+        u = (0.5 + 0.6180339887 * state["step"]) % 1.0
+        state["step"] += 1
+        cdf = torch.softmax(logits.double(), -1).cumsum(-1)
+        return (cdf < u).sum(-1).clamp_max(logits.shape[-1] - 1)
+
+    return sample
+
+
+@torch.no_grad()
+def test_packed_positions_make_a_row_independent_of_the_others_padding(tiny_model, monkeypatch):
+    model, tokenizer = tiny_model
+    cfg = RolloutConfig(group_size=1, image_tokens=16, image_positions="packed")
+    monkeypatch.setattr(rollout_module, "_sample", _inverse_cdf_sampler())
+    batched = rollout(model, tokenizer, PROMPTS, cfg, _generator(0))
+    assert batched.attention_mask[1].eq(0).any()      # "blue" is right-padded in the batch
+    for row, prompt in enumerate(PROMPTS):
+        monkeypatch.setattr(rollout_module, "_sample", _inverse_cdf_sampler())
+        alone = rollout(model, tokenizer, [prompt], cfg, _generator(0))
+        assert torch.equal(batched.image_tokens[row], alone.image_tokens[0]), prompt
+    # And the teacher-forced hidden states of the padded row equal those of the row alone.
+    image, _ = head_inputs(model, batched)
+    alone_image, _ = head_inputs(model, alone)
+    torch.testing.assert_close(image.hidden[1:], alone_image.hidden, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_cot_sampling_matches_naive_reference(tiny_model):
+    model, tokenizer = tiny_model
+    tokens = janus_tokens(tokenizer)
+    rows = [[tokens.bos] + chars(tokenizer, p) for p in PROMPTS for _ in range(2)]
+    cfg = RolloutConfig(cot=True, cot_max_tokens=6, cot_temperature=0.8, cot_top_k=20)
+    ids, mask = sample_cot(model, text_prefill(rows, tokens.pad, "cpu"), tokens, cfg, _generator(11))
+    # Reference: recompute every row alone from scratch at each step; finished rows keep drawing (and get pad).
+    generator = _generator(11)
+    sampled = [list(r) for r in rows]
+    expected = [[] for _ in rows]
+    done = [False] * len(rows)
+    for _ in range(cfg.cot_max_tokens):
+        logits = torch.stack([
+            model.lm_head(model.model.language_model(input_ids=torch.tensor([seq]), use_cache=False)
+                          .last_hidden_state[0, -1]) for seq in sampled]) / cfg.cot_temperature
+        kth = logits.topk(20, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+        token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+        for i, t in enumerate(token.tolist()):
+            expected[i].append(tokens.pad if done[i] else t)
+            sampled[i].append(t)
+            done[i] = done[i] or t == tokens.eos
+        if all(done):
+            break
+    assert ids.tolist() == expected
+    assert mask.shape == ids.shape
+
+
+def test_rollout_is_seeded(tiny_model, template_file):
+    model, tokenizer = tiny_model
+    cfg = _cot_cfg(template_file, cot_max_tokens=4, images_per_cot=1)
+    a = rollout(model, tokenizer, PROMPTS, cfg, _generator(1))
+    b = rollout(model, tokenizer, PROMPTS, cfg, _generator(1))
+    c = rollout(model, tokenizer, PROMPTS, cfg, _generator(2))
+    assert torch.equal(a.image_tokens, b.image_tokens) and torch.equal(a.images, b.images)
+    assert a.cot_texts == b.cot_texts and a.cot_texts != c.cot_texts
+    assert not torch.equal(a.image_tokens, c.image_tokens)
 
 
 def test_cfg_scale_one_samples_the_conditional_distribution(tiny_model):
     model, tokenizer = tiny_model
-    cfg = RolloutConfig(group_size=2, cfg_scale=1.0, image_tokens=16)
-    out = rollout(model, tokenizer, PROMPTS, cfg, _generator(0))
+    out = rollout(model, tokenizer, PROMPTS, RolloutConfig(group_size=2, cfg_scale=1.0, image_tokens=16),
+                  _generator(0))
     assert out.metrics["rollout/cfg_kl"] == pytest.approx(0.0, abs=1e-6)
-
-
-def test_rollout_is_seeded(tiny_model):
-    model, tokenizer = tiny_model
-    cfg = RolloutConfig(group_size=2, image_tokens=16)
-    a = rollout(model, tokenizer, PROMPTS, cfg, _generator(1))
-    b = rollout(model, tokenizer, PROMPTS, cfg, _generator(1))
-    c = rollout(model, tokenizer, PROMPTS, cfg, _generator(2))
-    assert torch.equal(a.image_tokens, b.image_tokens)
-    assert torch.equal(a.images, b.images)
-    assert not torch.equal(a.image_tokens, c.image_tokens)
-    # Samples of one group differ from each other.
-    assert not torch.equal(a.image_tokens[0], a.image_tokens[1])
-
-
-def test_cot_rollout_is_seeded(tiny_model, cot_rollout):
-    model, tokenizer = tiny_model
-    again = _cot_rollout(model, tokenizer, seed=0)
-    other = _cot_rollout(model, tokenizer, seed=1)
-    assert torch.equal(again.cot_ids, cot_rollout.cot_ids)
-    assert torch.equal(again.image_tokens, cot_rollout.image_tokens)
-    assert again.cot_texts == cot_rollout.cot_texts
-    assert other.cot_texts != cot_rollout.cot_texts
-    assert not torch.equal(other.image_tokens, cot_rollout.image_tokens)
 
 
 def test_images_decode_to_unit_range(tiny_model):
     model, tokenizer = tiny_model
     out = rollout(model, tokenizer, PROMPTS, RolloutConfig(group_size=3, image_tokens=16), _generator(3))
-    assert out.images.shape == (6, 3, 32, 32)
-    assert out.images.dtype == torch.float32
-    assert out.images.min() >= 0 and out.images.max() <= 1
+    assert out.images.shape == (6, 3, 32, 32) and out.images.dtype == torch.float32
     pixels = model.decode_image_tokens(out.image_tokens).permute(0, 3, 1, 2)
     torch.testing.assert_close(out.images, ((pixels + 1) / 2).clamp(0, 1))
     assert out.prompts == ["a red square"] * 3 + ["blue"] * 3
-    assert out.group_size == 3
 
 
-def test_cot_stops_at_eos_and_masks_after_it(tiny_model, cot_rollout):
-    _, tokenizer = tiny_model
+# ------------------------------------------------------------------------------------------ log-probs
+def _eager_row(model, tokenizer, out, row):
+    """Log-probs/entropies of one row from full eager logits, in hand-built contexts (no batch)."""
     tokens = janus_tokens(tokenizer)
-    out = cot_rollout
-    ids, mask = out.cot_ids, out.cot_mask
-    max_tokens = ids.shape[1]
-    stopped = 0
-    for row in range(ids.shape[0]):
-        row_ids = ids[row].tolist()
-        if tokens.eos in row_ids:
-            end = row_ids.index(tokens.eos) + 1
-            stopped += 1
-        else:
-            end = max_tokens
-        assert mask[row, :end].eq(1).all() and mask[row, end:].eq(0).all()
-        assert all(t == tokens.pad for t in row_ids[end:])
-        # The image is conditioned on prompt + CoT without its EOS + image start.
-        cot = row_ids[:end]
-        cot = cot[:-1] if cot and cot[-1] == tokens.eos else cot
-        seq = encode_prompt(tokenizer, out.prompts[row], tokens) + cot + [tokens.image_start]
-        n = int(out.attention_mask[row].sum())
-        assert out.sequence_ids[row, -n:].tolist() == seq
-        assert out.cot_texts[row] == tokenizer.decode(cot, skip_special_tokens=True)
-    assert stopped >= 1
-    assert int(mask.sum(1).min()) < max_tokens  # at least one row stopped early and is masked after its EOS
-    assert out.metrics["rollout/cot_tokens"] == pytest.approx(float(mask.sum(1).mean()))
-
-
-def _eager_row_logprobs(model, tokenizer, out, row):
-    """Log-probs/entropies of one row recomputed alone (no padding) from full eager logits of both heads."""
-    tokens = janus_tokens(tokenizer)
-    prompt = encode_prompt(tokenizer, out.prompts[row], tokens)
-    n = int(out.attention_mask[row].sum())
-    seq = out.sequence_ids[row, -n:]
+    rows = hand_image_rows(tokenizer, out.prompts, [hand_decode(tokenizer, r) for r in out.cot_ids.tolist()])
+    cond, cond_mask, _, _ = hand_image_layout(rows, tokens)      # the row keeps its pads: they count as positions
     images = out.image_tokens[row]
-    embeds = torch.cat([model.get_input_embeddings()(seq[None]),
-                        model.prepare_embeddings_for_image_generation(images[None, :-1])], dim=1)
-    hidden = model.model.language_model(inputs_embeds=embeds, use_cache=False).last_hidden_state[0]
-    image_logits = model.model.generation_head(hidden).double()[n - 1:]
-    image_logp_all = image_logits.log_softmax(-1)
-    image_logp = image_logp_all.gather(-1, images[:, None]).squeeze(-1)
-    image_entropy = -(image_logp_all.exp() * image_logp_all).sum(-1)
-    if out.cot_ids is None:
-        return image_logp, image_entropy, None, None
-    text_logp_all = model.lm_head(hidden).double().log_softmax(-1)
+    embeds = torch.cat([model.get_input_embeddings()(cond[row:row + 1]),
+                        model.prepare_embeddings_for_image_generation(images[None, :-1])], 1)
+    mask = torch.cat([cond_mask[row:row + 1], torch.ones(1, images.shape[0] - 1, dtype=torch.long)], 1)
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                        position_ids=hand_positions(mask, "released")).last_hidden_state[0]
+    logp_all = model.model.generation_head(hidden).double()[cond.shape[1] - 1:].log_softmax(-1)
+    image = (logp_all.gather(-1, images[:, None]).squeeze(-1), -(logp_all.exp() * logp_all).sum(-1))
+    # Text: the row's CoT-phase prompt alone (no padding), then its CoT through EOS.
+    prompt = hand_text_rows(tokenizer, [out.prompts[row]])[0]
     length = int(out.cot_mask[row].sum())
-    positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + length)
     cot = out.cot_ids[row, :length]
-    text_logp = text_logp_all[positions].gather(-1, cot[:, None]).squeeze(-1)
-    text_entropy = -(text_logp_all[positions].exp() * text_logp_all[positions]).sum(-1)
-    return image_logp, image_entropy, text_logp, text_entropy
+    hidden = model.model.language_model(input_ids=torch.tensor([prompt + cot.tolist()])).last_hidden_state[0]
+    logp_all = model.lm_head(hidden).double()[len(prompt) - 1:len(prompt) - 1 + length].log_softmax(-1)
+    text = (logp_all.gather(-1, cot[:, None]).squeeze(-1), -(logp_all.exp() * logp_all).sum(-1))
+    return image, text
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_head_inputs_logprobs_match_eager_full_logits(tiny_model, cot_rollout, backend):
+def test_trainer_logprobs_equal_eager_full_logits(tiny_model, cot_case, backend):
     model, tokenizer = tiny_model
-    out = cot_rollout
+    out, _, _, image, text = cot_case
+    assert image.mask.eq(1).all() and torch.equal(text.mask, out.cot_mask) and torch.equal(text.targets, out.cot_ids)
+    assert image.weight is model.model.generation_head.vision_head.weight and text.weight is model.lm_head.weight
+    assert text.bias is None and image.temperature == 1.0 and text.temperature == 1.0
     with torch.no_grad():
-        image, text = head_inputs(model, out)
-        image_logp, image_entropy = linear_logprob_entropy(
-            image.hidden, image.weight, image.targets, image.bias, backend=backend)
-        text_logp, text_entropy = linear_logprob_entropy(
-            text.hidden, text.weight, text.targets, text.bias, backend=backend)
-    assert image.mask.eq(1).all() and torch.equal(text.mask, out.cot_mask)
-    assert image.weight is model.model.generation_head.vision_head.weight and text.bias is None
-    assert text.weight is model.lm_head.weight
-    with torch.no_grad():
+        image_logp, image_entropy = linear_logprob_entropy(image.hidden, image.weight, image.targets, image.bias,
+                                                           backend=backend)
+        text_logp, text_entropy = linear_logprob_entropy(text.hidden, text.weight, text.targets, backend=backend)
         for row in range(out.image_tokens.shape[0]):
-            ref_il, ref_ie, ref_tl, ref_te = _eager_row_logprobs(model, tokenizer, out, row)
-            torch.testing.assert_close(image_logp[row].double(), ref_il, rtol=1e-4, atol=1e-4)
-            torch.testing.assert_close(image_entropy[row].double(), ref_ie, rtol=1e-4, atol=1e-4)
-            length = ref_tl.shape[0]
-            torch.testing.assert_close(text_logp[row, :length].double(), ref_tl, rtol=1e-4, atol=1e-4)
-            torch.testing.assert_close(text_entropy[row, :length].double(), ref_te, rtol=1e-4, atol=1e-4)
+            (il, ie), (tl, te) = _eager_row(model, tokenizer, out, row)
+            torch.testing.assert_close(image_logp[row].double(), il, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(image_entropy[row].double(), ie, rtol=1e-4, atol=1e-4)
+            n = tl.shape[0]
+            torch.testing.assert_close(text_logp[row, :n].double(), tl, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(text_entropy[row, :n].double(), te, rtol=1e-4, atol=1e-4)
 
 
-def test_head_inputs_without_cot_and_gradients_reach_trainable_only(tiny_model):
+def test_text_gradients_sum_over_the_images_of_a_cot(tiny_model, template_file):
+    """images_per_cot rows share one text forward; its gradient equals that of M separate copies."""
+    model, tokenizer = tiny_model
+    out = rollout(model, tokenizer, ["a red square"], _cot_cfg(template_file, group_size=1, cot_max_tokens=3),
+                  _generator(2))
+    weights = torch.tensor([[0.3], [-1.7]])          # per-image "advantages"
+    param = model.model.language_model.layers[0].self_attn.q_proj.weight
+    model.zero_grad(set_to_none=True)
+    _, text = head_inputs(model, out)
+    logp, _ = linear_logprob_entropy(text.hidden, text.weight, text.targets, backend="torch")
+    (weights * logp * text.mask).sum().backward()
+    shared = param.grad.clone()
+    model.zero_grad(set_to_none=True)
+    single = rollout_module.Rollout(**{**out.__dict__, "images_per_cot": 1})   # each row its own forward
+    _, text = head_inputs(model, single)
+    logp, _ = linear_logprob_entropy(text.hidden, text.weight, text.targets, backend="torch")
+    (weights * logp * text.mask).sum().backward()
+    torch.testing.assert_close(shared, param.grad, rtol=1e-4, atol=1e-5 * float(shared.abs().max()))
+    assert shared.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+
+
+def test_head_inputs_gradients_reach_trainable_only(tiny_model):
     model, tokenizer = tiny_model
     out = rollout(model, tokenizer, PROMPTS, RolloutConfig(group_size=2, image_tokens=16), _generator(5))
     model.zero_grad(set_to_none=True)
     image, text = head_inputs(model, out)
     assert text is None
     assert image.hidden.shape == (4, 16, 64) and image.hidden.requires_grad
-    assert torch.equal(image.targets, out.image_tokens)
     logp, entropy = linear_logprob_entropy(image.hidden, image.weight, image.targets, image.bias, backend="torch")
     (logp.sum() + entropy.sum()).backward()
     lm_grad = model.model.language_model.layers[0].self_attn.q_proj.weight.grad
@@ -229,18 +515,20 @@ def test_head_inputs_without_cot_and_gradients_reach_trainable_only(tiny_model):
     model.zero_grad(set_to_none=True)
 
 
-def test_head_inputs_is_padding_invariant(tiny_model):
-    # A row's hidden states must not depend on how much left padding its batch needed.
-    model, tokenizer = tiny_model
-    cfg = RolloutConfig(group_size=1, image_tokens=16)
-    out = rollout(model, tokenizer, PROMPTS, cfg, _generator(9))
+def test_bf16_rollout_and_head_inputs(template_file):
+    model, tokenizer = build_model(ModelConfig(tiny=TINY, dtype="bf16"), "cpu")
+    out = rollout(model, tokenizer, PROMPTS, _cot_cfg(template_file, cot_max_tokens=4), _generator(0))
+    assert out.images.dtype == torch.float32 and out.images.min() >= 0 and out.images.max() <= 1
+    image, text = head_inputs(model, out)
+    assert image.hidden.dtype == torch.bfloat16 and text.hidden.dtype == torch.bfloat16
     with torch.no_grad():
-        batched, _ = head_inputs(model, out)
-        short = rollout(model, tokenizer, PROMPTS[1:], cfg, _generator(9))
-        short.image_tokens = out.image_tokens[1:]
-        alone, _ = head_inputs(model, short)
-    assert out.attention_mask[1].eq(0).any()
-    torch.testing.assert_close(batched.hidden[1:], alone.hidden, rtol=1e-4, atol=1e-5)
+        for batch in (image, text):
+            logp, _ = linear_logprob_entropy(batch.hidden, batch.weight, batch.targets, batch.bias)
+            logits = batch.hidden.double() @ batch.weight.double().T
+            if batch.bias is not None:
+                logits = logits + batch.bias.double()
+            truth = logits.log_softmax(-1).gather(-1, batch.targets[..., None]).squeeze(-1)
+            torch.testing.assert_close(logp.double(), truth, rtol=0, atol=2e-2)
 
 
 def test_codebook_vectors_of_rollout(tiny_model):
@@ -257,17 +545,70 @@ def test_filter_logits_top_k_and_top_p():
     kept = filter_logits(logits, top_p=0.75).isfinite()
     assert kept[0].tolist() == [True, False, True, False]  # 0.5 + 0.3 is the smallest set reaching 0.75
     assert int(kept[1].sum()) == 3  # uniform row: any 3 of the 4 ties
-    kept = filter_logits(logits[:1], top_k=1).isfinite()
-    assert kept.tolist() == [[True, False, False, False]]
+    assert filter_logits(logits[:1], top_k=1).isfinite().tolist() == [[True, False, False, False]]
     assert filter_logits(logits, top_p=1.0).isfinite().all()
 
 
-def test_rollout_rejects_bad_config(tiny_model):
+def test_generate_writes_every_image_of_every_cot(tiny_model, template_file, tmp_path):
+    from egrpo.tools.generate import generate
+
+    model, tokenizer = tiny_model
+    records = generate(model, tokenizer, ["a cat"], str(tmp_path), _cot_cfg(template_file, cot_max_tokens=3),
+                       images_per_prompt=2, seed=4, progress=False)
+    assert [(r["cot_index"], r["image_index"]) for r in records] == [(0, 0), (0, 1), (1, 2), (1, 3)]
+    again = rollout(model, tokenizer, ["a cat"], _cot_cfg(template_file, cot_max_tokens=3), _generator(4))
+    assert [r["cot"] for r in records] == again.cot_texts
+    lines = (tmp_path / "generations.jsonl").read_text().splitlines()
+    assert [json.loads(line)["file"] for line in lines] == [f"00000_{j:02d}.png" for j in range(4)]
+
+
+# ------------------------------------------------------------------------------------------ settings
+@pytest.mark.parametrize("change, message", [
+    ({"temperature": 0}, "rollout.temperature must be > 0, got 0"),
+    ({"cot_temperature": -1.0}, "rollout.cot_temperature must be > 0, got -1.0"),
+    ({"top_k": 0}, "rollout.top_k must be an integer >= 1 or null"),
+    ({"cot_top_k": 0}, "rollout.cot_top_k must be an integer >= 1 or null"),
+    ({"cot_top_p": 0.0}, "rollout.cot_top_p must be in (0, 1]"),
+    ({"cot_top_p": 1.5}, "rollout.cot_top_p must be in (0, 1]"),
+    ({"cfg_scale": -1.0}, "rollout.cfg_scale must be >= 0, got -1.0"),
+    ({"group_size": 0}, "rollout.group_size must be an integer >= 1, got 0"),
+    ({"images_per_cot": 0, "cot": True}, "rollout.images_per_cot must be an integer >= 1, got 0"),
+    ({"cot_max_tokens": 0}, "rollout.cot_max_tokens must be an integer >= 1, got 0"),
+    ({"image_positions": "left"}, "rollout.image_positions must be 'released' or 'packed', got 'left'"),
+    ({"images_per_cot": 2}, "rollout.images_per_cot=2 needs rollout.cot=true"),
+    ({"cot": True, "cot_template": "/nonexistent/cot.txt"}, "rollout.cot_template: cannot read '/nonexistent/cot.txt'"),
+])
+def test_bad_settings_raise_one_line_errors(change, message):
+    with pytest.raises(ValueError) as info:
+        RolloutConfig(**change).validate()
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["no placeholder", "{} and {}", "{prompt}", "unbalanced {"])
+def test_template_needs_one_placeholder(tmp_path, text):
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"^rollout\.cot_template"):
+        RolloutConfig(cot=True, cot_template=str(path)).validate()
+
+
+def test_config_file_errors_name_the_setting():
+    with pytest.raises(ConfigError, match=r"^rollout\.top_k must be an integer >= 1 or null"):
+        load_config(DEMO, ["rollout.top_k=0"]).validate()
+    with pytest.raises(ConfigError, match=r"^rollout\.group_size must be >= 2 .*got 1$"):
+        load_config(DEMO, ["rollout.group_size=1"]).validate()
+    with pytest.raises(ConfigError, match=r"^rollout\.group_size x rollout\.images_per_cot must be >= 2"):
+        load_config(DEMO, ["rollout.group_size=1", "rollout.cot=true"]).validate()
+    cfg = load_config(DEMO, ["rollout.group_size=1", "rollout.cot=true", "rollout.images_per_cot=3"]).validate()
+    assert cfg.rollout.samples_per_prompt == 3
+
+
+def test_rollout_rejects_bad_arguments(tiny_model):
     model, tokenizer = tiny_model
     g = _generator(0)
     with pytest.raises(ValueError, match="image_tokens"):
         rollout(model, tokenizer, PROMPTS, RolloutConfig(image_tokens=576), g)
-    with pytest.raises(ValueError, match="temperature"):
+    with pytest.raises(ValueError, match="rollout.temperature"):
         rollout(model, tokenizer, PROMPTS, RolloutConfig(image_tokens=16, temperature=0.0), g)
     with pytest.raises(ValueError, match="prompts"):
         rollout(model, tokenizer, [], RolloutConfig(image_tokens=16), g)
@@ -275,48 +616,7 @@ def test_rollout_rejects_bad_config(tiny_model):
         rollout(model, tokenizer, PROMPTS, RolloutConfig(image_tokens=16), 0)
 
 
-def test_bf16_rollout_and_head_inputs():
-    model, tokenizer = build_model(ModelConfig(tiny=TINY, dtype="bf16"), "cpu")
-    cfg = RolloutConfig(group_size=2, cot=True, cot_max_tokens=4, image_tokens=16)
-    out = rollout(model, tokenizer, PROMPTS, cfg, _generator(0))
-    assert out.images.dtype == torch.float32 and out.images.min() >= 0 and out.images.max() <= 1
-    image, text = head_inputs(model, out)
-    assert image.hidden.dtype == torch.bfloat16 and text.hidden.dtype == torch.bfloat16
-    with torch.no_grad():
-        for batch in (image, text):
-            logp, _ = linear_logprob_entropy(batch.hidden, batch.weight, batch.targets, batch.bias)
-            logits = batch.hidden.double() @ batch.weight.double().T
-            if batch.bias is not None:
-                logits = logits + batch.bias.double()
-            truth = logits.log_softmax(-1).gather(-1, batch.targets[..., None]).squeeze(-1)
-            assert logp.isfinite().all()
-            torch.testing.assert_close(logp.double(), truth, rtol=0, atol=2e-2)
-
-
-@torch.no_grad()
-def test_cot_sampling_matches_naive_reference(tiny_model):
-    from egrpo.trainer.rollout import sample_cot
-
-    model, tokenizer = tiny_model
-    tokens = janus_tokens(tokenizer)
-    rows = [encode_prompt(tokenizer, p, tokens) for p in PROMPTS for _ in range(2)]
-    cfg = RolloutConfig(cot=True, cot_max_tokens=6, cot_temperature=0.8)
-    ids, mask = sample_cot(model, rows, tokens, cfg, _generator(11))
-    # Reference: recompute every row alone from scratch at each step; finished rows keep drawing (and get pad).
-    generator = _generator(11)
-    sampled = [list(r) for r in rows]
-    expected = [[] for _ in rows]
-    done = [False] * len(rows)
-    for _ in range(cfg.cot_max_tokens):
-        logits = torch.stack([
-            model.lm_head(model.model.language_model(input_ids=torch.tensor([seq]), use_cache=False)
-                          .last_hidden_state[0, -1]) for seq in sampled])
-        token = torch.multinomial((logits / cfg.cot_temperature).softmax(-1), 1, generator=generator).squeeze(-1)
-        for i, t in enumerate(token.tolist()):
-            expected[i].append(tokens.pad if done[i] else t)
-            sampled[i].append(t)
-            done[i] = done[i] or t == tokens.eos
-        if all(done):
-            break
-    assert ids.tolist() == expected
-    assert mask.shape == ids.shape
+def test_prefill_cat_stacks_rows():
+    a = Prefill(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long), torch.arange(3)[None])
+    both = Prefill.cat([a, a])
+    assert both.rows == 2 and both.position_ids.tolist() == [[0, 1, 2], [0, 1, 2]]
