@@ -21,6 +21,9 @@ def main(argv=None) -> int:
     from egrpo.tools.cli import add_tool_subcommands
 
     add_tool_subcommands(sub)
+    from egrpo.eval.cli import add_eval_subcommand
+
+    add_eval_subcommand(sub)
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is not None:
         return args.func(args)
