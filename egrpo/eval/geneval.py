@@ -241,16 +241,18 @@ class ClipColourClassifier:
             self._text[class_name] = F.normalize(text.mean(1), dim=-1)
         return self._text[class_name]
 
-    def crops(self, image: torch.Tensor, detections: Sequence[MaskedDetection]) -> torch.Tensor:
-        out = []
-        for det in detections:
-            pasted = image
-            if det.mask is not None:
-                pasted = torch.where(det.mask[None].to(image.device), image, torch.full_like(image, BACKGROUND))
-            x0, y0, x1, y1 = (int(v) for v in det.box)
-            crop = pasted[:, y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]
-            out.append(clip_preprocess(crop[None], self.size, self.mean, self.std)[0])
-        return torch.stack(out)
+    @staticmethod
+    def paste_and_crop(image: torch.Tensor, det: Detection) -> torch.Tensor:
+        """The object through its mask on flat #999999, cropped to its (pixel) box: ``[3, h, w]``."""
+        mask = getattr(det, "mask", None)
+        if mask is not None:
+            image = torch.where(mask[None].to(image.device), image, torch.full_like(image, BACKGROUND))
+        x0, y0, x1, y1 = (int(v) for v in det.box)
+        return image[:, y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]
+
+    def crops(self, image: torch.Tensor, detections: Sequence[Detection]) -> torch.Tensor:
+        return torch.stack([clip_preprocess(self.paste_and_crop(image, d)[None], self.size, self.mean, self.std)[0]
+                            for d in detections])
 
     @torch.no_grad()
     def __call__(self, image: torch.Tensor, detections: Sequence[MaskedDetection], class_name: str) -> List[str]:
