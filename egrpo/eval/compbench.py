@@ -124,26 +124,31 @@ class BlipVqaScorer:
 
     @torch.no_grad()
     def answer_yes(self, image: torch.Tensor, questions: Sequence[str]) -> List[float]:
-        """p(yes) / (p(yes) + p(no)) of the first answer token, per question."""
+        """p(yes) / (p(yes) + p(no)) of the first answer token, per question.
+
+        Questions are run one at a time: transformers' BLIP text decoder does not mask the question's padding in
+        its cross-attention, so a padded batch would make an answer depend on the other questions of the batch.
+        """
         model = self.model
-        pixels = self.pixels(image)
         interpolate = self.image_size != int(model.config.vision_config.image_size)
-        image_embeds = model.vision_model(pixel_values=pixels, interpolate_pos_encoding=interpolate)[0]
-        tokens = self.tokenizer(list(questions), padding="longest", truncation=True,
-                                max_length=self.max_question_tokens, return_tensors="pt").to(self.device)
-        input_ids = tokens["input_ids"].clone()
-        input_ids[:, 0] = self.enc_token_id
-        image_embeds = image_embeds.expand(len(questions), -1, -1)
+        image_embeds = model.vision_model(pixel_values=self.pixels(image), interpolate_pos_encoding=interpolate)[0]
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
-        question = model.text_encoder(input_ids=input_ids, attention_mask=tokens["attention_mask"],
-                                      encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask,
-                                      return_dict=False)[0]
-        start = torch.full((len(questions), 1), self.dec_token_id, dtype=torch.long, device=self.device)
-        logits = model.text_decoder(input_ids=start, encoder_hidden_states=question,
-                                    encoder_attention_mask=tokens["attention_mask"], return_dict=True).logits
-        probs = logits[:, 0].float().softmax(-1)
-        yes, no = probs[:, self.yes_id], probs[:, self.no_id]
-        return (yes / (yes + no)).tolist()
+        start = torch.full((1, 1), self.dec_token_id, dtype=torch.long, device=self.device)
+        answers = []
+        for text in questions:
+            tokens = self.tokenizer([text], truncation=True, max_length=self.max_question_tokens,
+                                    return_tensors="pt").to(self.device)
+            input_ids = tokens["input_ids"].clone()
+            input_ids[:, 0] = self.enc_token_id
+            question = model.text_encoder(input_ids=input_ids, attention_mask=tokens["attention_mask"],
+                                          encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask,
+                                          return_dict=False)[0]
+            logits = model.text_decoder(input_ids=start, encoder_hidden_states=question,
+                                        encoder_attention_mask=tokens["attention_mask"], return_dict=True).logits
+            probs = logits[0, 0].float().softmax(-1)
+            yes, no = probs[self.yes_id], probs[self.no_id]
+            answers.append(float(yes / (yes + no)))
+        return answers
 
     def __call__(self, image: torch.Tensor, prompt: str):
         questions = vqa_questions(prompt, self.chunker)
