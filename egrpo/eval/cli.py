@@ -69,7 +69,7 @@ def _report(summary: dict) -> None:
 def run_geneval(args) -> int:
     from .generation import generate_missing
     from .geneval import (ClipColourClassifier, Mask2FormerDetector, evaluate_geneval, load_geneval_prompts,
-                          sample_path, write_prompt_folder)
+                          read_layout, sample_path, write_prompt_folder)
 
     generator = _generator(args)
     if generator is not None:
@@ -79,6 +79,7 @@ def run_geneval(args) -> int:
             write_prompt_folder(args.images, i, meta)
         jobs = [(m["prompt"], [sample_path(args.images, i, j) for j in range(n)]) for i, m in enumerate(prompts)]
         generate_missing(jobs, generator, seed=args.seed, show_progress=not args.no_progress)
+    read_layout(args.images)                  # a bad folder is reported before any model is loaded
     device = _device(args)
     detector = Mask2FormerDetector(args.detector, device=device)
     colours = ClipColourClassifier(args.clip, device=device)
@@ -88,7 +89,7 @@ def run_geneval(args) -> int:
 
 def run_compbench(args) -> int:
     from .compbench import (AVAILABLE, BlipVqaScorer, ClipCosineScorer, check_category, evaluate_compbench,
-                            generation_jobs, read_prompt_file, spacy_chunker)
+                            generation_jobs, read_prompt_file, read_samples, spacy_chunker)
     from .generation import generate_missing
 
     check_category(args.category)
@@ -100,6 +101,7 @@ def run_compbench(args) -> int:
     if generator is not None:
         jobs = generation_jobs(read_prompt_file(args.prompts), args.images, args.images_per_prompt or 10)
         generate_missing(jobs, generator, seed=args.seed, show_progress=not args.no_progress)
+    read_samples(args.images)
     device = _device(args)
     if scorer_kind == "blip_vqa":
         scorer = BlipVqaScorer(args.blip, chunker=spacy_chunker(args.spacy_model), device=device)
@@ -129,13 +131,14 @@ def _generate_plain(args, default_n: int) -> None:
 
 
 def run_prefs(args) -> int:
-    from .prefs import METRICS, build_scorer, evaluate_prefs
+    from .prefs import METRICS, build_scorer, evaluate_prefs, folder_items
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
         raise EvalError(f"--metrics: unknown {unknown} (choose from {', '.join(METRICS)})")
     _generate_plain(args, default_n=1)
+    folder_items(args.images, args.prompt)
     paths = {k: getattr(args, k) for k in ("hps", "hps_tokenizer", "pickscore", "pickscore_processor", "clip",
                                             "aesthetic_head", "imagereward", "imagereward_med_config")}
     scorers = {m: build_scorer(m, paths, _device(args)) for m in metrics}
@@ -145,8 +148,10 @@ def run_prefs(args) -> int:
 
 def run_ocr(args) -> int:
     from .ocr import evaluate_ocr
+    from .prefs import folder_items
 
     _generate_plain(args, default_n=1)
+    folder_items(args.images, args.prompt)
     _report(evaluate_ocr(args.images, _out(args), prompt=args.prompt, show_progress=not args.no_progress))
     return 0
 
