@@ -162,3 +162,22 @@ def test_folder_and_prompt_errors(tmp_path):
     prompts.write_text(json.dumps(META[0]) + "\n" + json.dumps({"tag": "colors", "include": []}) + "\n")
     with pytest.raises(EvalError, match="line 2"):
         load_geneval_prompts(str(prompts))
+
+
+def test_colour_clause_goes_through_the_clip_classifier(tiny_dirs, tmp_path):
+    images = tmp_path / "images"
+    write_prompt_folder(str(images), 0, META[1])                      # "a photo of a red car"
+    write_png(images / "00000" / "samples" / "0000.png", rgb=(220, 20, 20), size=(30, 30))
+    mask = torch.zeros(30, 30, dtype=torch.bool)
+    mask[5:25, 5:25] = True
+    car = MaskedDetection("car", 0.8, (5.0, 5.0, 25.0, 25.0), mask=mask)
+    seen = []
+    classifier = ClipColourClassifier(tiny_dirs["clip"])
+    spy = lambda image, dets, name: seen.append((dets, name)) or classifier(image, dets, name)   # noqa: E731
+    evaluate_geneval(str(images), str(tmp_path / "out"), lambda image: [car], spy, show_progress=False)
+    with open(tmp_path / "out" / "results.jsonl") as f:
+        record = json.loads(f.readline())
+    assert seen == [([car], "car")]
+    image = torch.zeros(3, 30, 30)
+    image[0], image[1], image[2] = 220 / 255, 20 / 255, 20 / 255
+    assert record["correct"] is (classifier(image, [car], "car") == ["red"])
