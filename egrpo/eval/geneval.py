@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from egrpo.rewards.base import load_image_processor, local_path, require
-from egrpo.rewards.clip_score import OPENAI_MEAN, OPENAI_STD, clip_features, clip_preprocess, image_stats
+from egrpo.rewards.clip_score import OPENAI_MEAN, OPENAI_STD, clip_preprocess, image_stats
 from egrpo.rewards.detection import Detection, relative_position
 from egrpo.rewards.geneval import TAGS, check_geneval_metadata
 

@@ -92,21 +92,33 @@ def mean(values: Sequence[float]) -> Optional[float]:
 
 
 def score_items(items: Sequence[dict], store: ResultStore, score_one: Callable[[dict], dict], desc: str,
-                show_progress: bool = True) -> None:
+                show_progress: bool = True, stop_after_same_error: int = 8) -> None:
     """Score every item not already done: ``score_one(item) -> fields`` is stored as an ``"ok"`` record, an
     exception as a ``"failed"`` record (the loop goes on). ``KeyboardInterrupt`` stops it with what is done kept.
+
+    When the first ``stop_after_same_error`` images tried all fail with the same message (wrong weights, a device
+    out of memory, a judge that refuses every request), the loop stops with that message instead of recording the
+    same failure for every image.
 
     Each item is a dict with at least ``key``; its other plain fields (prompt, metadata, ...) are copied into the
     record so that the results file is self-describing.
     """
     todo = [item for item in items if not store.done(item["key"])]
+    same_errors, last_error, succeeded = 0, None, False
     for item in progress(todo, desc, enabled=show_progress):
         context = {k: v for k, v in item.items() if k != "key" and not k.startswith("_")}
         try:
             fields = score_one(item)
-        except (EvalError, RuntimeError, ValueError, OSError) as e:
+        except Exception as e:   # recorded per image: one bad image must not stop (or lose) the others
             store.failed(item["key"], e, **context)
+            message = f"{type(e).__name__}: {e}"
+            same_errors = same_errors + 1 if message == last_error else 1
+            last_error = message
+            if not succeeded and same_errors >= stop_after_same_error:
+                raise EvalError(f"the first {same_errors} images all failed with {message} (recorded in "
+                                f"{store.path}); fix the cause and rerun to resume") from None
             continue
+        succeeded = True
         store.add({"key": item["key"], "status": "ok", **context, **fields})
 
 
