@@ -4,7 +4,8 @@ summary (JSON + markdown table) and the progress bar.
 Per-image results live in ``<out>/results.jsonl``, one JSON object per scored image, appended and flushed as
 soon as the image is scored, so an interrupted evaluation keeps everything it finished. Each record has a
 ``key`` (the image's path relative to the evaluated folder), ``status`` (``"ok"`` or ``"failed"``) and, when
-failed, ``error``. A rerun skips every key whose latest record is ``"ok"`` and retries the failed ones.
+failed, ``error``. A rerun skips every key whose latest record is ``"ok"`` for the same image file (size and
+modification time, ``image_stamp``) and retries the failed ones and any image replaced since.
 """
 
 from __future__ import annotations
@@ -59,8 +60,10 @@ class ResultStore:
                     if isinstance(record, dict) and "key" in record:
                         self.records[record["key"]] = record
 
-    def done(self, key: str) -> bool:
-        return self.records.get(key, {}).get("status") == "ok"
+    def done(self, key: str, stamp: Optional[list] = None) -> bool:
+        """True once an ``"ok"`` record exists for ``key`` (and, when given, for the same image ``stamp``)."""
+        record = self.records.get(key, {})
+        return record.get("status") == "ok" and (stamp is None or record.get("image_stamp") == stamp)
 
     def add(self, record: dict) -> None:
         if "key" not in record or record.get("status") not in ("ok", "failed"):
@@ -103,10 +106,13 @@ def score_items(items: Sequence[dict], store: ResultStore, score_one: Callable[[
     Each item is a dict with at least ``key``; its other plain fields (prompt, metadata, ...) are copied into the
     record so that the results file is self-describing.
     """
-    todo = [item for item in items if not store.done(item["key"])]
+    todo = [item for item in items if not store.done(item["key"], image_stamp(item.get("path")))]
     same_errors, last_error, succeeded = 0, None, False
     for item in progress(todo, desc, enabled=show_progress):
         context = {k: v for k, v in item.items() if k != "key" and not k.startswith("_")}
+        stamp = image_stamp(item.get("path"))
+        if stamp is not None:
+            context["image_stamp"] = stamp
         try:
             fields = score_one(item)
         except Exception as e:   # recorded per image: one bad image must not stop (or lose) the others
@@ -120,6 +126,14 @@ def score_items(items: Sequence[dict], store: ResultStore, score_one: Callable[[
             continue
         succeeded = True
         store.add({"key": item["key"], "status": "ok", **context, **fields})
+
+
+def image_stamp(path: Optional[str]) -> Optional[list]:
+    """``[size, mtime_ns]`` of an image file (None if absent): a replaced image is scored again on resume."""
+    if not path or not os.path.isfile(path):
+        return None
+    stat = os.stat(path)
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def write_summary(out_dir: str, summary: dict, table: str) -> Dict[str, str]:

@@ -63,3 +63,20 @@ def test_load_image_errors(tmp_path):
 
 def test_markdown_table():
     assert markdown_table(["a", "b"], [["x", 0.5], ["y", None]]) == "| a | b |\n| --- | --- |\n| x | 0.5000 |\n| y | n/a |"
+
+
+def test_replaced_image_is_scored_again(tmp_path):
+    import os
+
+    path = write_png(tmp_path / "a.png", rgb=(1, 2, 3))
+    store = ResultStore(str(tmp_path / "out"))
+    calls = []
+    score = lambda item: calls.append(item["key"]) or {"v": 1}      # noqa: E731
+    items = [{"key": "a.png", "path": str(path)}]
+    score_items(items, store, score, "t", show_progress=False)
+    score_items(items, ResultStore(str(tmp_path / "out")), score, "t", show_progress=False)
+    assert calls == ["a.png"]
+    write_png(path, rgb=(9, 9, 9), size=(41, 32))
+    os.utime(path, ns=(1, 10**18))
+    score_items(items, ResultStore(str(tmp_path / "out")), score, "t", show_progress=False)
+    assert calls == ["a.png", "a.png"]
