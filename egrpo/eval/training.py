@@ -5,16 +5,20 @@ images into ``<run>/eval/step_<k>/``, scores them with one of the evaluators, an
 metric is the best so far (then the trainer saves ``checkpoints/best``, as STAGE's "Ours*" rows need).
 Models are loaded once, at the first evaluation, and kept.
 
-Wiring (the trainer's side)::
+Wiring (the trainer's side; call on EVERY process, the hook splits generation and scores on process 0)::
 
-    evaluator = TrainingEvaluator(cfg.eval, run_dir) if cfg.eval.every_steps else None
+    evaluator = TrainingEvaluator(cfg.eval, out_dir, device=str(device)) if cfg.eval.every_steps else None
     ...
     if evaluator is not None and evaluator.due(step):
-        result = evaluator.evaluate(step, generate_images)      # generate_images(prompts, n, seed) -> [P*n,3,H,W]
-        log_metrics(step, result.metrics)                      # keys "eval/<metric>"
-        if result.is_best:
-            save_checkpoint(os.path.join(run_dir, "checkpoints", "best"))
-    # checkpoint state: evaluator.state_dict() / evaluator.load_state_dict(...) keep the best value across --resume
+        def generate_images(prompts, n, seed):               # -> [len(prompts) * n, 3, H, W], prompt-major
+            g = torch.Generator(device=device).manual_seed(seed)
+            with zero3_gather(module.parameters(), zero3):
+                return rollout(module, tokenizer, list(prompts), replace(cfg.rollout, group_size=n), g).images
+        result = evaluator.evaluate(step, generate_images)
+        record.update(result.metrics)                          # "eval/<metric>", "eval/best": jsonl, tensorboard
+        if result.is_best:                                     # collective: every process calls it
+            engine.save_checkpoint(ckpt_root, tag="best", save_latest=False)   # keeps --resume on the last step
+    # resume: keep evaluator.state_dict() in the checkpoint's client_state, restore with load_state_dict()
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
-from .generation import ImageGenerator, generate_missing
+from .generation import ImageGenerator, generate_missing, save_png
 from .io import EvalError
 
 EVALUATORS = ("geneval", "prefs", "ocr", "compbench")
@@ -123,24 +127,63 @@ class TrainingEvaluator:
         self.best_value, self.best_step = state.get("best_value"), state.get("best_step")
 
     def evaluate(self, step: int, generate_images: ImageGenerator, show_progress: bool = False) -> EvalResult:
-        if self._evaluate is None:
+        """Generate, score, compare. Call it on EVERY process when torch.distributed is initialised: each process
+        generates its share of the prompts (same number of generator calls on every rank, so collective parameter
+        gathers under ZeRO-3 stay in step), process 0 scores, and every process gets the same `EvalResult`."""
+        dist, rank, world = _distributed()
+        if self._prompts is None:
             self._prompts = load_eval_prompts(self.cfg)
-            self._evaluate = self._scorer_factory(self.cfg, self.device)
         folder = os.path.join(self.run_dir, "eval", f"step_{step:06d}")
         images = os.path.join(folder, "images")
-        write_eval_images(self.cfg, self._prompts, images, generate_images, show_progress)
+        write_eval_images(self.cfg, self._prompts, images, generate_images, show_progress and rank == 0, rank, world)
+        if dist is None:
+            return self._score(step, images, folder, show_progress)
+        dist.barrier()
+        outcome = [None]
+        if rank == 0:
+            try:
+                outcome = [self._score(step, images, folder, show_progress)]
+            except Exception as e:    # every process must leave the broadcast below, with the same error
+                outcome = [EvalError(f"evaluation at step {step} failed on process 0: {type(e).__name__}: {e}")]
+        dist.broadcast_object_list(outcome, src=0)
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        result = outcome[0]
+        self.best_value, self.best_step = (result.metrics["eval/best"],
+                                           step if result.is_best else self.best_step)
+        return result
+
+    def _score(self, step: int, images: str, folder: str, show_progress: bool) -> EvalResult:
+        if self._evaluate is None:
+            self._evaluate = self._scorer_factory(self.cfg, self.device)
         summary = self._evaluate(images, os.path.join(folder, "scores"), show_progress)
-        metrics = {f"eval/{k}": float(v) for k, v in flat_metrics(summary).items()}
-        value = flat_metrics(summary).get(self.cfg.metric)
+        flat = flat_metrics(summary)
+        value = flat.get(self.cfg.metric)
         if value is None or not math.isfinite(value):
-            raise EvalError(f"eval.metric {self.cfg.metric!r} is not among the finite results "
-                            f"{sorted(flat_metrics(summary))}")
+            raise EvalError(f"eval.metric {self.cfg.metric!r} is not among the finite results {sorted(flat)}")
         better = self.best_value is None or (value > self.best_value if self.cfg.higher_is_better
                                              else value < self.best_value)
         if better:
             self.best_value, self.best_step = value, step
+        metrics = {f"eval/{k}": float(v) for k, v in flat.items()}
         metrics["eval/best"] = float(self.best_value)
         return EvalResult(step=step, metrics=metrics, value=value, is_best=better, summary=summary)
+
+
+def _distributed():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist, dist.get_rank(), dist.get_world_size()
+    return None, 0, 1
+
+
+def rank_share(jobs: Sequence, rank: int, world: int) -> Tuple[list, int]:
+    """Process ``rank``'s jobs (every ``world``-th, from ``rank``) and how many dummy generator calls it must add
+    so that every process makes the same number of calls."""
+    mine = list(jobs[rank::world])
+    most = -(-len(jobs) // world)
+    return mine, most - len(mine)
 
 
 def flat_metrics(summary: dict) -> Dict[str, float]:
@@ -173,14 +216,16 @@ def load_eval_prompts(cfg: EvalConfig):
 
 
 def write_eval_images(cfg: EvalConfig, prompts, folder: str, generate_images: ImageGenerator,
-                      show_progress: bool = False) -> None:
-    """Generate the eval images in the evaluator's layout (skipping any already there)."""
+                      show_progress: bool = False, rank: int = 0, world: int = 1) -> None:
+    """Generate the eval images in the evaluator's layout; alone, images already there are kept (resume), across
+    several processes each generates its share (`rank_share`) and always regenerates it (equal call counts)."""
     n = int(cfg.images_per_prompt)
     if cfg.evaluator == "geneval":
         from .geneval import sample_path, write_prompt_folder
 
-        for i, meta in enumerate(prompts):
-            write_prompt_folder(folder, i, meta)
+        if rank == 0:
+            for i, meta in enumerate(prompts):
+                write_prompt_folder(folder, i, meta)
         jobs = [(m["prompt"], [sample_path(folder, i, j) for j in range(n)]) for i, m in enumerate(prompts)]
     elif cfg.evaluator == "compbench":
         from .compbench import generation_jobs
@@ -189,8 +234,17 @@ def write_eval_images(cfg: EvalConfig, prompts, folder: str, generate_images: Im
     else:
         jobs = [(p["prompt"], [os.path.join(folder, f"{i:05d}_{j:02d}.png") for j in range(n)])
                 for i, p in enumerate(prompts)]
-        write_generations_index(folder, prompts, n)
-    generate_missing(jobs, generate_images, seed=cfg.seed, show_progress=show_progress)
+        if rank == 0:
+            write_generations_index(folder, prompts, n)
+    if world == 1:
+        generate_missing(jobs, generate_images, seed=cfg.seed, show_progress=show_progress)
+        return
+    mine, padding = rank_share(list(enumerate(jobs)), rank, world)
+    for index, (prompt, paths) in mine:
+        for image, path in zip(generate_images([prompt], len(paths), cfg.seed + index), paths):
+            save_png(image, path)
+    for _ in range(padding):                     # keeps ZeRO-3's collective gathers in step across processes
+        generate_images([jobs[0][0]], n, cfg.seed)
 
 
 def write_generations_index(folder: str, prompts, n: int) -> None:

@@ -131,3 +131,58 @@ def test_cli_errors_are_one_line(tiny_dirs, tmp_path, capsys):
     rc = run_cli("wise", "--images", str(tmp_path), "--prompts", str(tmp_path / "none.json"),
                  "--judge-url", "http://127.0.0.1:9/v1")
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_rank_share_gives_equal_call_counts():
+    from egrpo.eval.training import rank_share
+
+    jobs = list(range(5))
+    shares = [rank_share(jobs, r, 2) for r in range(2)]
+    assert shares == [([0, 2, 4], 0), ([1, 3], 1)]
+    assert sorted(j for mine, _ in shares for j in mine) == jobs
+    assert rank_share(jobs, 3, 4) == ([3], 1) and rank_share([], 0, 2) == ([], 0)
+
+
+def _distributed_worker(rank, world, port, run_dir, prompts, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        factory_calls = []
+
+        def factory(cfg, device):
+            factory_calls.append(rank)
+            return lambda images, out, progress: {"overall": float(len(os.listdir(images))) / 10}
+
+        cfg = EvalConfig(every_steps=1, prompts=prompts, images_per_prompt=2)
+        evaluator = TrainingEvaluator(cfg, run_dir, scorer_factory=factory)
+        calls = []
+        result = evaluator.evaluate(1, fake_generator(calls))
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump({"calls": calls, "factory": factory_calls, "metrics": result.metrics, "best": result.is_best,
+                       "state": evaluator.state_dict()}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_evaluation_splits_generation_and_agrees(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    prompts = prompts_file(tmp_path)
+    # fork: the workers need nothing re-imported (spawn would re-import torch, several seconds each)
+    mp.start_processes(_distributed_worker, args=(2, port, str(tmp_path / "run"), prompts, str(tmp_path)), nprocs=2,
+                       start_method="fork")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [len(r["calls"]) for r in ranks] == [2, 2]                       # prompts 0, 2 | prompt 1 + padding
+    assert [c[0][0] for c in ranks[0]["calls"]] == ["a photo of a dog", "a photo of two dogs"]
+    assert ranks[1]["calls"][0] == [["a photo of a cat and a car"], 2, 1]
+    assert ranks[0]["factory"] == [0] and ranks[1]["factory"] == []          # only process 0 loads scorers
+    images = tmp_path / "run" / "eval" / "step_000001" / "images"
+    assert all(len(os.listdir(images / f"{i:05d}" / "samples")) == 2 for i in range(3))
+    assert ranks[0]["metrics"] == ranks[1]["metrics"] == {"eval/overall": 0.3, "eval/best": 0.3}
+    assert ranks[0]["state"] == ranks[1]["state"] == {"best_value": 0.3, "best_step": 1}
