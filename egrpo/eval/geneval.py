@@ -148,7 +148,7 @@ class Mask2FormerDetector:
     """COCO instance segmentation with transformers' ``Mask2FormerForUniversalSegmentation`` from a local dir.
 
     ``detector(image [3, H, W] in [0, 1]) -> List[MaskedDetection]`` (pixel boxes, masks at the image's size).
-    Class names: `OBJECT_NAMES` when the model has 80 classes, else the config's ``id2label``.
+    The model must have the 80 COCO classes in COCO order; they are named as in `OBJECT_NAMES`.
     """
 
     def __init__(self, path: str, device: str = "cpu", dtype: str = "fp32", short_side: int = 800,
@@ -160,8 +160,10 @@ class Mask2FormerDetector:
         self.model = transformers.Mask2FormerForUniversalSegmentation.from_pretrained(path, local_files_only=True)
         self.model.to(self.device, self.dtype).eval().requires_grad_(False)
         num_labels = int(self.model.config.num_labels)
-        self.names = list(OBJECT_NAMES) if num_labels == len(OBJECT_NAMES) else \
-            [self.model.config.id2label[i] for i in range(num_labels)]
+        if num_labels != len(OBJECT_NAMES):
+            raise EvalError(f"geneval --detector: {path} predicts {num_labels} classes; GenEval needs a COCO "
+                            f"instance-segmentation Mask2Former (80 classes in COCO order), not panoptic/semantic")
+        self.names = list(OBJECT_NAMES)        # class i = COCO class i, named as GenEval's object_names.txt
         mean_std = (None, None)
         if os.path.exists(os.path.join(path, "preprocessor_config.json")):
             processor = load_image_processor(path, "geneval detector")

@@ -47,6 +47,13 @@ def test_detector_scores_boxes_and_labels_by_hand(tiny_dirs):
     assert mouse and all(d.score == 0.0 and d.box == (0.0, 0.0, 0.0, 0.0) for d in mouse)
 
 
+def test_detector_must_have_the_80_coco_classes(tmp_path):
+    from tests.eval._tiny import save_tiny_mask2former
+
+    with pytest.raises(EvalError, match="predicts 133 classes"):
+        Mask2FormerDetector(save_tiny_mask2former(tmp_path / "panoptic", num_labels=133))
+
+
 def test_mask_box_is_tight_and_exclusive():
     mask = torch.zeros(10, 12, dtype=torch.bool)
     mask[2:5, 3:9] = True
