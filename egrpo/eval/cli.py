@@ -59,7 +59,22 @@ def _out(args) -> str:
     return args.out or os.path.join(args.images, "scores")
 
 
-def _report(summary: dict) -> None:
+def _record_settings(summary: dict, args) -> None:
+    """Add the command's options (weights paths, generation settings) to summary.json, for provenance. The
+    judge's API key is never among them (only the name of its environment variable)."""
+    import json
+
+    settings = {k: v for k, v in vars(args).items() if k not in ("func", "eval_func", "command", "local_rank")
+                and isinstance(v, (str, int, float, bool, type(None)))}
+    summary["settings"] = settings
+    with open(summary["files"]["json"], "w", encoding="utf-8") as f:
+        json.dump({k: v for k, v in summary.items() if k != "files"}, f, indent=2)
+        f.write("\n")
+
+
+def _report(summary: dict, args=None) -> None:
+    if args is not None:
+        _record_settings(summary, args)
     with open(summary["files"]["markdown"], encoding="utf-8") as f:
         print(f.read().rstrip())
     for kind, path in summary["files"].items():
@@ -83,7 +98,7 @@ def run_geneval(args) -> int:
     device = _device(args)
     detector = Mask2FormerDetector(args.detector, device=device)
     colours = ClipColourClassifier(args.clip, device=device)
-    _report(evaluate_geneval(args.images, _out(args), detector, colours, show_progress=not args.no_progress))
+    _report(evaluate_geneval(args.images, _out(args), detector, colours, show_progress=not args.no_progress), args)
     return 0
 
 
@@ -107,7 +122,8 @@ def run_compbench(args) -> int:
         scorer = BlipVqaScorer(args.blip, chunker=spacy_chunker(args.spacy_model), device=device)
     else:
         scorer = ClipCosineScorer(args.clip, device=device)
-    _report(evaluate_compbench(args.category, args.images, _out(args), scorer, show_progress=not args.no_progress))
+    summary = evaluate_compbench(args.category, args.images, _out(args), scorer, show_progress=not args.no_progress)
+    _report(summary, args)
     return 0
 
 
@@ -142,7 +158,8 @@ def run_prefs(args) -> int:
     paths = {k: getattr(args, k) for k in ("hps", "hps_tokenizer", "pickscore", "pickscore_processor", "clip",
                                             "aesthetic_head", "imagereward", "imagereward_med_config")}
     scorers = {m: build_scorer(m, paths, _device(args)) for m in metrics}
-    _report(evaluate_prefs(args.images, _out(args), scorers, prompt=args.prompt, show_progress=not args.no_progress))
+    summary = evaluate_prefs(args.images, _out(args), scorers, prompt=args.prompt, show_progress=not args.no_progress)
+    _report(summary, args)
     return 0
 
 
@@ -152,7 +169,7 @@ def run_ocr(args) -> int:
 
     _generate_plain(args, default_n=1)
     folder_items(args.images, args.prompt)
-    _report(evaluate_ocr(args.images, _out(args), prompt=args.prompt, show_progress=not args.no_progress))
+    _report(evaluate_ocr(args.images, _out(args), prompt=args.prompt, show_progress=not args.no_progress), args)
     return 0
 
 
@@ -171,7 +188,7 @@ def run_wise(args) -> int:
             instructions = f.read()
     judge = OpenAIJudge(args.judge_url, model=args.judge_model, api_key=os.environ.get(args.judge_key_env),
                         instructions=instructions, timeout=args.judge_timeout, retries=args.judge_retries)
-    _report(evaluate_wise(args.images, _out(args), prompts, judge, show_progress=not args.no_progress))
+    _report(evaluate_wise(args.images, _out(args), prompts, judge, show_progress=not args.no_progress), args)
     return 0
 
 
