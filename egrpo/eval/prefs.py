@@ -87,7 +87,7 @@ class ImageRewardScorer:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return torch.tensor([float(self.model.score(p, [img])) for p, img in zip(prompts, to_pil(images))])
+        return torch.tensor([float(self.model.score(p, img)) for p, img in zip(prompts, to_pil(images))])
 
 
 def build_scorer(metric: str, paths: Dict[str, Optional[str]], device: str = "cpu") -> Callable:

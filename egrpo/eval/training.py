@@ -47,8 +47,9 @@ class EvalConfig:
     # Prompt file of the evaluator (GenEval: evaluation_metadata.jsonl; prefs/ocr: .txt/.jsonl prompts;
     # compbench: <category>_val.txt). Required when every_steps > 0.
     prompts: Optional[str] = None
-    # Use only the first this many prompts (a fixed subset keeps the steps comparable). None = all. Default 64:
-    # our choice, about 1/9 of GenEval's 553 prompts so that an evaluation costs a few minutes.
+    # Use this many prompts, evenly spaced through the file (a fixed subset keeps the steps comparable, and the
+    # spacing covers every task of a file grouped by task, as GenEval's is). None = all. Default 64: our choice,
+    # about 1/9 of GenEval's 553 prompts, so that an evaluation costs a few minutes.
     max_prompts: Optional[int] = 64
     # Images per prompt. Default 4 = GenEval's protocol (T2I-CompBench uses 10, prefs/OCR our choice).
     images_per_prompt: int = 4
@@ -212,7 +213,15 @@ def load_eval_prompts(cfg: EvalConfig):
 
         texts, metadata = load_prompts(cfg.prompts)
         prompts = [{"prompt": t, **(m or {})} for t, m in zip(texts, metadata)]
-    return prompts[:cfg.max_prompts] if cfg.max_prompts else prompts
+    return evenly_spaced(prompts, cfg.max_prompts)
+
+
+def evenly_spaced(items: Sequence, count: Optional[int]) -> list:
+    """``count`` items at indices ``floor(i * len / count)`` (all of them when ``count`` is None or too large)."""
+    items = list(items)
+    if not count or count >= len(items):
+        return items
+    return [items[i * len(items) // count] for i in range(count)]
 
 
 def write_eval_images(cfg: EvalConfig, prompts, folder: str, generate_images: ImageGenerator,

@@ -91,6 +91,16 @@ def test_training_evaluator_with_tiny_geneval_models(tiny_dirs, tmp_path):
             1, fake_generator([]))
 
 
+def test_prompt_subset_is_evenly_spaced():
+    from egrpo.eval.training import evenly_spaced
+
+    tags = ["single"] * 80 + ["two"] * 99 + ["count"] * 80 + ["colors"] * 94 + ["position"] * 100 + ["attr"] * 100
+    subset = evenly_spaced(tags, 64)
+    assert len(subset) == 64 and set(subset) == set(tags)              # every GenEval task is represented
+    assert evenly_spaced(range(10), 4) == [0, 2, 5, 7] and evenly_spaced(range(3), None) == [0, 1, 2]
+    assert evenly_spaced(range(3), 5) == [0, 1, 2]
+
+
 def test_flat_metrics_skips_counts_and_missing():
     assert flat_metrics({"overall": 0.5, "scored": 3, "failed": 0, "complete": True, "score": None,
                          "metrics": {"hps": 0.3, "aesthetic": None}}) == {"overall": 0.5, "hps": 0.3}
