@@ -149,3 +149,28 @@ def test_ocr_end_to_end_with_fake_reader(tmp_path):
     # "open0" -> 1; "open9" vs "open1": 1 edit of 5 -> 0.8; "nothing" vs "open2": 7 edits capped at 5 -> 0
     assert summary["scored"] == 3 and summary["failed"] == 2
     assert summary["accuracy"] == pytest.approx((1.0 + 0.8 + 0.0) / 3)
+
+
+def test_imagereward_goes_through_its_package_api(tmp_path, monkeypatch):
+    """The optional package is not installed here: a stand-in module checks the calls the adapter makes."""
+    import sys
+    import types
+
+    calls = []
+
+    class Model:
+        def score(self, prompt, image):
+            calls.append((prompt, image.size))
+            return 0.25 * len(prompt)
+
+    fake = types.ModuleType("ImageReward")
+    fake.load = lambda path, device, med_config: calls.append((path, device, med_config)) or Model()
+    monkeypatch.setitem(sys.modules, "ImageReward", fake)
+    (tmp_path / "ir.pt").write_bytes(b"x")
+    (tmp_path / "med.json").write_text("{}")
+    scorer = build_scorer("imagereward", {"imagereward": str(tmp_path / "ir.pt"),
+                                          "imagereward_med_config": str(tmp_path / "med.json")})
+    got = scorer(torch.rand(2, 3, 8, 6), ["ab", "abcd"])
+    assert calls[0] == (str(tmp_path / "ir.pt"), "cpu", str(tmp_path / "med.json"))
+    assert calls[1:] == [("ab", (6, 8)), ("abcd", (6, 8))]
+    assert got.tolist() == [0.5, 1.0]
