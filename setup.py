@@ -31,6 +31,9 @@ setup(
         # Reward adapters: OCR engine with bundled ONNX models (CPU onnxruntime; no torch dependency), optional
         # scipy for p-values (egrpo.tools.stats has its own fallback). Model-based adapters only need transformers.
         "rewards": ["pillow", "rapidocr-onnxruntime>=1.3", "scipy"],
+        # `egrpo eval`: spaCy (+ `python -m spacy download en_core_web_sm`) for T2I-CompBench's BLIP-VQA noun chunks,
+        # RapidOCR for the OCR accuracy. ImageReward's own package (`image-reward`) is optional and not listed.
+        "eval": ["pillow", "rapidocr-onnxruntime>=1.3", "spacy>=3.5,<4"],
         "flash-attn": ["flash-attn>=2.5"],
     },
     entry_points={"console_scripts": ["egrpo=egrpo.cli:main"]},

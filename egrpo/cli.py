@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     from egrpo.tools.cli import add_tool_subcommands
 
     add_tool_subcommands(sub)
+    from egrpo.eval.cli import add_eval_subcommand
+
+    add_eval_subcommand(sub)
     for command in sub.choices.values():
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the full traceback of an error")

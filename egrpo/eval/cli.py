@@ -1,0 +1,271 @@
+"""``egrpo eval {geneval,compbench,prefs,ocr,wise}``: score a folder of images, or generate it first.
+
+With ``--model DIR`` (or ``--tiny JSON``) the images are generated into ``--images`` in the benchmark's layout
+(skipping those already there), then scored. Scores go to ``--out`` (default ``<images>/scores``):
+``results*.jsonl`` (per image, resumable), ``summary.json`` and ``summary.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .io import EvalError
+
+
+def _add_common(p, prompts_help: str, prompts_required: bool = False):
+    p.add_argument("--images", required=True, help="image folder (read, or written when --model/--tiny is given)")
+    p.add_argument("--out", default=None, help="where scores go (default: <images>/scores)")
+    p.add_argument("--prompts", default=None, required=prompts_required, help=prompts_help)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("generation (optional; needs --prompts)")
+    g.add_argument("--model", default=None, help="local HF-format Janus-Pro directory to generate the images with")
+    g.add_argument("--tiny", default=None, help="JSON overrides of a tiny random Janus instead of --model (tests)")
+    g.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
+    g.add_argument("--images-per-prompt", type=int, default=None, help="default: the benchmark's own number")
+    g.add_argument("--cfg-scale", type=float, default=5.0)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--cot", action="store_true", help="write a semantic CoT before each image")
+    g.add_argument("--cot-max-tokens", type=int, default=256)
+    g.add_argument("--cot-temperature", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0, help="prompt i is generated with seed + i")
+
+
+def _device(args) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _generator(args):
+    """An image generator when --model/--tiny is given, else None."""
+    if args.model is None and args.tiny is None:
+        return None
+    if args.prompts is None:
+        raise EvalError("generating images (--model/--tiny) needs --prompts")
+    from dataclasses import replace
+
+    from egrpo.tools.cli import _load_model
+
+    from .generation import janus_generator
+
+    model, tokenizer, rollout_cfg = _load_model(args)
+    return janus_generator(model, tokenizer, replace(rollout_cfg, cot=args.cot))
+
+
+def _out(args) -> str:
+    return args.out or os.path.join(args.images, "scores")
+
+
+def _record_settings(summary: dict, args) -> None:
+    """Add the command's options (weights paths, generation settings) to summary.json, for provenance. The
+    judge's API key is never among them (only the name of its environment variable)."""
+    import json
+
+    settings = {k: v for k, v in vars(args).items() if k not in ("func", "eval_func", "command", "local_rank")
+                and isinstance(v, (str, int, float, bool, type(None)))}
+    summary["settings"] = settings
+    with open(summary["files"]["json"], "w", encoding="utf-8") as f:
+        json.dump({k: v for k, v in summary.items() if k != "files"}, f, indent=2)
+        f.write("\n")
+
+
+def _report(summary: dict, args=None) -> None:
+    if args is not None:
+        _record_settings(summary, args)
+    with open(summary["files"]["markdown"], encoding="utf-8") as f:
+        print(f.read().rstrip())
+    for kind, path in summary["files"].items():
+        print(f"{kind}: {path}")
+
+
+def run_geneval(args) -> int:
+    from .generation import generate_missing
+    from .geneval import (ClipColourClassifier, Mask2FormerDetector, evaluate_geneval, load_geneval_prompts,
+                          read_layout, sample_path, write_prompt_folder)
+
+    generator = _generator(args)
+    if generator is not None:
+        prompts = load_geneval_prompts(args.prompts)
+        n = args.images_per_prompt or 4
+        for i, meta in enumerate(prompts):
+            write_prompt_folder(args.images, i, meta)
+        jobs = [(m["prompt"], [sample_path(args.images, i, j) for j in range(n)]) for i, m in enumerate(prompts)]
+        generate_missing(jobs, generator, seed=args.seed, show_progress=not args.no_progress)
+    read_layout(args.images)                  # a bad folder is reported before any model is loaded
+    device = _device(args)
+    detector = Mask2FormerDetector(args.detector, device=device)
+    colours = ClipColourClassifier(args.clip, device=device)
+    _report(evaluate_geneval(args.images, _out(args), detector, colours, show_progress=not args.no_progress), args)
+    return 0
+
+
+def run_compbench(args) -> int:
+    from .compbench import (AVAILABLE, BlipVqaScorer, ClipCosineScorer, check_category, evaluate_compbench,
+                            generation_jobs, read_prompt_file, read_samples, spacy_chunker)
+    from .generation import generate_missing
+
+    check_category(args.category)
+    scorer_kind = AVAILABLE[args.category]
+    weights = args.blip if scorer_kind == "blip_vqa" else args.clip
+    if not weights:
+        raise EvalError(f"compbench {args.category}: give --{'blip' if scorer_kind == 'blip_vqa' else 'clip'} DIR")
+    generator = _generator(args)
+    if generator is not None:
+        jobs = generation_jobs(read_prompt_file(args.prompts), args.images, args.images_per_prompt or 10)
+        generate_missing(jobs, generator, seed=args.seed, show_progress=not args.no_progress)
+    read_samples(args.images)
+    device = _device(args)
+    if scorer_kind == "blip_vqa":
+        scorer = BlipVqaScorer(args.blip, chunker=spacy_chunker(args.spacy_model), device=device)
+    else:
+        scorer = ClipCosineScorer(args.clip, device=device)
+    summary = evaluate_compbench(args.category, args.images, _out(args), scorer, show_progress=not args.no_progress)
+    _report(summary, args)
+    return 0
+
+
+def _generate_plain(args, default_n: int) -> None:
+    """prefs / OCR: generate with ``egrpo generate``'s layout (PNGs + generations.jsonl)."""
+    generator = _generator(args)
+    if generator is None:
+        return
+    from egrpo.tools.analyze import load_prompts
+
+    from .generation import generate_missing
+    from .training import write_generations_index
+
+    texts, metadata = load_prompts(args.prompts)
+    prompts = [{"prompt": t, **(m or {})} for t, m in zip(texts, metadata)]
+    n = args.images_per_prompt or default_n
+    write_generations_index(args.images, prompts, n)
+    jobs = [(p["prompt"], [os.path.join(args.images, f"{i:05d}_{j:02d}.png") for j in range(n)])
+            for i, p in enumerate(prompts)]
+    generate_missing(jobs, generator, seed=args.seed, show_progress=not args.no_progress)
+
+
+def run_prefs(args) -> int:
+    from .prefs import METRICS, build_scorer, evaluate_prefs, folder_items
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise EvalError(f"--metrics: unknown {unknown} (choose from {', '.join(METRICS)})")
+    _generate_plain(args, default_n=1)
+    folder_items(args.images, args.prompt)
+    paths = {k: getattr(args, k) for k in ("hps", "hps_tokenizer", "pickscore", "pickscore_processor", "clip",
+                                            "aesthetic_head", "imagereward", "imagereward_med_config")}
+    scorers = {m: build_scorer(m, paths, _device(args)) for m in metrics}
+    summary = evaluate_prefs(args.images, _out(args), scorers, prompt=args.prompt, show_progress=not args.no_progress)
+    _report(summary, args)
+    return 0
+
+
+def run_ocr(args) -> int:
+    from .ocr import evaluate_ocr
+    from .prefs import folder_items
+
+    _generate_plain(args, default_n=1)
+    folder_items(args.images, args.prompt)
+    _report(evaluate_ocr(args.images, _out(args), prompt=args.prompt, show_progress=not args.no_progress), args)
+    return 0
+
+
+def run_wise(args) -> int:
+    from .generation import generate_missing
+    from .wise import JUDGE_INSTRUCTIONS, OpenAIJudge, evaluate_wise, load_wise_prompts
+
+    prompts = load_wise_prompts(args.prompts.split(","))
+    generator = _generator(args)
+    if generator is not None:
+        jobs = [(row["Prompt"], [os.path.join(args.images, f"{int(row['prompt_id'])}.png")]) for row in prompts]
+        generate_missing(jobs, generator, seed=args.seed, show_progress=not args.no_progress)
+    instructions = JUDGE_INSTRUCTIONS
+    if args.judge_prompt:
+        with open(args.judge_prompt, encoding="utf-8") as f:
+            instructions = f.read()
+    judge = OpenAIJudge(args.judge_url, model=args.judge_model, api_key=os.environ.get(args.judge_key_env),
+                        instructions=instructions, timeout=args.judge_timeout, retries=args.judge_retries)
+    _report(evaluate_wise(args.images, _out(args), prompts, judge, show_progress=not args.no_progress), args)
+    return 0
+
+
+def run(args) -> int:
+    from egrpo.rewards.base import MissingDependencyError
+
+    try:
+        return args.eval_func(args)
+    except (EvalError, MissingDependencyError, FileNotFoundError) as e:
+        print(f"egrpo eval {args.benchmark}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\negrpo eval {args.benchmark}: interrupted; finished scores are kept in {_out(args)} "
+              "(rerun the same command to resume)", file=sys.stderr)
+        return 130
+
+
+def add_eval_subcommand(subparsers) -> None:
+    """Register ``eval`` and its benchmarks on the ``egrpo`` command's subparsers."""
+    p = subparsers.add_parser("eval", help="benchmarks: GenEval, T2I-CompBench, preference scores, OCR, WISE",
+                              description=__doc__)
+    sub = p.add_subparsers(dest="benchmark", required=True)
+
+    g = sub.add_parser("geneval", help="GenEval (Mask2Former + CLIP colour, official rules)")
+    _add_common(g, "GenEval's evaluation_metadata.jsonl (only to generate)")
+    g.add_argument("--detector", required=True, help="local Mask2Former COCO instance-segmentation dir")
+    g.add_argument("--clip", required=True, help="local CLIP ViT-L/14 dir (openai/clip-vit-large-patch14)")
+    g.set_defaults(eval_func=run_geneval)
+
+    c = sub.add_parser("compbench", help="T2I-CompBench categories available through transformers")
+    _add_common(c, "the category's <category>_val.txt (only to generate)")
+    c.add_argument("--category", required=True, help="color, shape, texture, non_spatial (others: not available)")
+    c.add_argument("--blip", default=None, help="local BLIP VQA dir (Salesforce/blip-vqa-capfilt-large)")
+    c.add_argument("--clip", default=None, help="local CLIP ViT-B/32 dir (openai/clip-vit-base-patch32)")
+    c.add_argument("--spacy-model", default="en_core_web_sm", help="installed spaCy pipeline for noun chunks")
+    c.set_defaults(eval_func=run_compbench)
+
+    r = sub.add_parser("prefs", help="HPS v2.1, PickScore, CLIPScore, aesthetic, ImageReward")
+    _add_common(r, "prompts (.txt/.jsonl; only to generate)")
+    r.add_argument("--metrics", default="hps", help="comma-separated: hps,pickscore,clipscore,aesthetic,imagereward")
+    r.add_argument("--prompt", default=None, help="one prompt for every image (folders without generations.jsonl)")
+    r.add_argument("--hps", default=None, help="HPS_v2.1_compressed.pt")
+    r.add_argument("--hps-tokenizer", default=None, help="CLIP tokenizer dir (laion/CLIP-ViT-H-14-laion2B-s32B-b79K)")
+    r.add_argument("--pickscore", default=None, help="local PickScore_v1 CLIPModel dir")
+    r.add_argument("--pickscore-processor", default=None, help="tokenizer/processor dir if not in --pickscore")
+    r.add_argument("--clip", default=None, help="CLIP ViT-L/14 dir (clipscore, aesthetic)")
+    r.add_argument("--aesthetic-head", default=None, help="sac+logos+ava1-l14-linearMSE.pth")
+    r.add_argument("--imagereward", default=None, help="ImageReward.pt (needs `pip install image-reward`)")
+    r.add_argument("--imagereward-med-config", default=None, help="ImageReward's med_config.json")
+    r.set_defaults(eval_func=run_prefs)
+
+    o = sub.add_parser("ocr", help="OCR accuracy on quoted prompt text (STAGE / Flow-GRPO protocol)")
+    _add_common(o, "prompts (.txt/.jsonl; only to generate)")
+    o.add_argument("--prompt", default=None, help="one prompt for every image (folders without generations.jsonl)")
+    o.set_defaults(eval_func=run_ocr)
+
+    w = sub.add_parser("wise", help="WISE with an external OpenAI-compatible multimodal judge")
+    _add_common(w, "WISE prompt JSON file(s), comma-separated", prompts_required=True)
+    w.add_argument("--judge-url", required=True, help="OpenAI-compatible API base, e.g. https://api.openai.com/v1")
+    w.add_argument("--judge-model", default="gpt-4o-2024-05-13")
+    w.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    w.add_argument("--judge-prompt", default=None, help="template file with {prompt} and {explanation}")
+    w.add_argument("--judge-timeout", type=float, default=120.0)
+    w.add_argument("--judge-retries", type=int, default=2)
+    w.set_defaults(eval_func=run_wise)
+
+    p.set_defaults(func=run)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="egrpo")
+    add_eval_subcommand(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""WISE (world-knowledge-informed generation) scored by an EXTERNAL multimodal LLM judge.
+
+**Needs an external service**: an OpenAI-compatible chat-completions endpoint (``--judge-url``, e.g.
+``https://api.openai.com/v1`` or a local vLLM server) serving a vision model. WISE's original judge is
+``gpt-4o-2024-05-13`` at temperature 0. The API key is read from an environment variable (``--judge-key-env``,
+default ``OPENAI_API_KEY``) and never written anywhere.
+
+Protocol: 1000 prompts (``Prompt``, ``Explanation``, ``Category``, ``Subcategory``, ``prompt_id``), one image each
+named ``{prompt_id}.png``. The judge sees the prompt, the explanation and the image and gives Consistency,
+Realism and Aesthetic Quality in {0, 1, 2}. WiScore = (0.7 C + 0.2 R + 0.1 A) / 2. Categories by prompt id:
+Cultural 1-400, Time 401-567, Space 568-700, Biology 701-800, Physics 801-900, Chemistry 901-1000; overall =
+0.4 Cultural + 0.167 Time + 0.133 Space + 0.1 (Biology + Physics + Chemistry).
+
+The judge instruction (`JUDGE_INSTRUCTIONS`) is this project's wording of WISE's rubric; ``--judge-prompt FILE``
+replaces it (a template with ``{prompt}`` and ``{explanation}``), e.g. by WISE's own text for exact parity.
+A reply whose three scores cannot be read is a failed record (retried by a rerun), never a guessed score.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from egrpo.rewards.base import to_pil
+
+from .io import EvalError, ResultStore, load_image, markdown_table, mean, score_items, write_summary
+
+CATEGORIES = (("Cultural", 1, 400), ("Time", 401, 567), ("Space", 568, 700), ("Biology", 701, 800),
+              ("Physics", 801, 900), ("Chemistry", 901, 1000))
+OVERALL_WEIGHTS = {"Cultural": 0.4, "Time": 0.167, "Space": 0.133, "Biology": 0.1, "Physics": 0.1, "Chemistry": 0.1}
+ASPECTS = ("consistency", "realism", "aesthetic_quality")
+DEFAULT_JUDGE_MODEL = "gpt-4o-2024-05-13"
+JUDGE_INSTRUCTIONS = (
+    "You are grading an image generated from a text prompt that requires world knowledge.\n"
+    "Prompt: {prompt}\n"
+    "What the prompt implies (explanation): {explanation}\n\n"
+    "Rate the image on three aspects, each with an integer 0, 1 or 2:\n"
+    "- Consistency: 2 = the image fully shows what the prompt and its explanation imply; 1 = partly; 0 = not.\n"
+    "- Realism: 2 = physically and visually plausible; 1 = noticeable flaws; 0 = implausible.\n"
+    "- Aesthetic Quality: 2 = well composed and pleasing; 1 = acceptable; 0 = poor.\n"
+    "Answer with exactly three lines and nothing else:\n"
+    "Consistency: <0|1|2>\nRealism: <0|1|2>\nAesthetic Quality: <0|1|2>"
+)
+SCORE_LINES = {
+    "consistency": re.compile(r"consistency\W*?([0-2])\b", re.I),
+    "realism": re.compile(r"realism\W*?([0-2])\b", re.I),
+    "aesthetic_quality": re.compile(r"aesthetic(?:\s+quality)?\W*?([0-2])\b", re.I),
+}
+
+
+def category_of(prompt_id: int) -> str:
+    for name, first, last in CATEGORIES:
+        if first <= prompt_id <= last:
+            return name
+    raise EvalError(f"WISE prompt_id {prompt_id} is outside 1..1000")
+
+
+def wiscore(consistency: float, realism: float, aesthetic: float) -> float:
+    return (0.7 * consistency + 0.2 * realism + 0.1 * aesthetic) / 2
+
+
+def parse_judgement(text: str) -> Dict[str, int]:
+    """The three scores from the judge's reply; `EvalError` when any is missing."""
+    scores = {}
+    for aspect, pattern in SCORE_LINES.items():
+        match = pattern.search(text or "")
+        if match is None:
+            raise EvalError(f"judge reply has no {aspect.replace('_', ' ')} score in 0..2: {text[:200]!r}")
+        scores[aspect] = int(match.group(1))
+    return scores
+
+
+class OpenAIJudge:
+    """``judge(image [3, H, W], prompt, explanation) -> reply text`` through an OpenAI-compatible endpoint."""
+
+    def __init__(self, url: str, model: str = DEFAULT_JUDGE_MODEL, api_key: Optional[str] = None,
+                 instructions: str = JUDGE_INSTRUCTIONS, timeout: float = 120.0, retries: int = 2,
+                 max_tokens: int = 64):
+        if not url or not url.startswith(("http://", "https://")):
+            raise EvalError(f"--judge-url must be an http(s) URL of an OpenAI-compatible API, got {url!r}")
+        url = url.rstrip("/")
+        self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
+        self.model, self.api_key, self.instructions = model, api_key, instructions
+        self.timeout, self.retries, self.max_tokens = float(timeout), int(retries), int(max_tokens)
+
+    def request_body(self, image: torch.Tensor, prompt: str, explanation: str) -> dict:
+        buffer = io.BytesIO()
+        to_pil(image[None])[0].save(buffer, format="PNG")
+        data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+        text = self.instructions.format(prompt=prompt, explanation=explanation)
+        return {"model": self.model, "temperature": 0, "max_tokens": self.max_tokens,
+                "messages": [{"role": "user", "content": [{"type": "text", "text": text},
+                                                          {"type": "image_url", "image_url": {"url": data_url}}]}]}
+
+    def __call__(self, image: torch.Tensor, prompt: str, explanation: str) -> str:
+        body = json.dumps(self.request_body(image, prompt, explanation)).encode("utf-8")
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        last = None
+        for attempt in range(self.retries + 1):
+            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    reply = json.loads(response.read().decode("utf-8"))
+                return reply["choices"][0]["message"]["content"]
+            except urllib.error.HTTPError as e:
+                last = f"HTTP {e.code} from {self.url}: {e.read()[:200]!r}"
+                if e.code < 500 and e.code != 429:
+                    break          # a client error (bad key, bad model name) will not go away by retrying
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                last = f"cannot reach the judge at {self.url}: {e}"
+            except (KeyError, IndexError, TypeError, json.JSONDecodeError) as e:
+                last = f"judge reply from {self.url} is not a chat completion ({type(e).__name__}: {e})"
+                break
+            if attempt < self.retries:
+                time.sleep(min(2 ** attempt, 30))
+        raise RuntimeError(last)
+
+
+def load_wise_prompts(paths: Sequence[str]) -> List[dict]:
+    """WISE's prompt JSON files (lists of objects with ``prompt_id``, ``Prompt``, ``Explanation``)."""
+    prompts = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise EvalError(f"--prompts: {path} does not exist (WISE's data/*.json)")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise EvalError(f"--prompts: {path} is not JSON ({e})") from None
+        for row in data if isinstance(data, list) else []:
+            if not isinstance(row, dict) or "prompt_id" not in row or "Prompt" not in row:
+                raise EvalError(f"--prompts: {path}: every entry needs 'prompt_id' and 'Prompt', got {row!r:.120}")
+            prompts.append(row)
+    if not prompts:
+        raise EvalError("--prompts: no WISE prompts found")
+    return prompts
+
+
+def summarise(records: Sequence[dict], failed: int = 0) -> dict:
+    per_category: Dict[str, List[float]] = {}
+    for r in records:
+        per_category.setdefault(r["category"], []).append(r["wiscore"])
+    categories = {name: mean(per_category.get(name, [])) for name, _, _ in CATEGORIES}
+    complete = all(v is not None for v in categories.values())
+    overall = sum(OVERALL_WEIGHTS[c] * v for c, v in categories.items()) if complete else None
+    return {"benchmark": "wise", "overall": overall, "categories": categories,
+            "images": {c: len(v) for c, v in per_category.items()}, "scored": len(records), "failed": failed,
+            "complete": failed == 0 and complete,
+            "note": None if complete else "overall needs every category; some have no scored image"}
+
+
+def evaluate_wise(images_root: str, out_dir: str, prompts: Sequence[dict], judge: Callable,
+                  show_progress: bool = True) -> dict:
+    """Judge ``<images_root>/{prompt_id}.png`` for every prompt (resumable); write results + summary."""
+    if not os.path.isdir(images_root):
+        raise EvalError(f"--images: {images_root} does not exist")
+    items = []
+    for row in prompts:
+        pid = int(row["prompt_id"])
+        items.append({"key": f"{pid}.png", "path": os.path.join(images_root, f"{pid}.png"), "prompt": row["Prompt"],
+                      "prompt_id": pid, "category": category_of(pid), "_explanation": row.get("Explanation", "")})
+    store = ResultStore(out_dir)
+
+    def score_one(item):
+        reply = judge(load_image(item["path"]), item["prompt"], item["_explanation"])
+        scores = parse_judgement(reply)
+        return {**scores, "wiscore": wiscore(scores["consistency"], scores["realism"], scores["aesthetic_quality"]),
+                "reply": reply}
+
+    score_items(items, store, score_one, "wise", show_progress)
+    keys = {item["key"] for item in items}
+    summary = summarise([r for r in store.ok() if r["key"] in keys],
+                        failed=sum(r["key"] in keys for r in store.failures()))
+    rows = [[c, summary["images"].get(c, 0), summary["categories"][c]] for c, _, _ in CATEGORIES]
+    rows.append(["**overall**", summary["scored"], summary["overall"]])
+    table = markdown_table(["category", "images", "WiScore"], rows)
+    table += "\n\nJudge: external multimodal LLM service (see docs/evaluation.md)."
+    summary["files"] = write_summary(out_dir, summary, table)
+    summary["files"]["results"] = store.path
+    return summary
