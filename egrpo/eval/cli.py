@@ -28,7 +28,8 @@ def _add_common(p, prompts_help: str, prompts_required: bool = False):
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--cot", action="store_true", help="write a semantic CoT before each image")
-    g.add_argument("--cot-max-tokens", type=int, default=256)
+    g.add_argument("--cot-max-tokens", type=int, default=1024, help="as released training (released inference: 512)")
+    g.add_argument("--cot-template", default=None, help="reasoning template file with one {} (default: released)")
     g.add_argument("--cot-temperature", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0, help="prompt i is generated with seed + i")
 
