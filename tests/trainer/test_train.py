@@ -4,6 +4,9 @@ import copy
 import json
 import math
 import os
+import random
+
+import numpy as np
 
 import pytest
 import torch
@@ -14,7 +17,10 @@ from egrpo.trainer.metrics import read_metrics
 from egrpo.trainer.model import build_model
 from egrpo.trainer.rewards import build_rewards
 from egrpo.trainer.rollout import codebook_vectors, head_inputs, rollout
-from egrpo.trainer.train import MicroBatch, derived_seed, head_logp_entropy, micro_loss, train
+from egrpo.trainer.config import RewardConfig
+from egrpo.trainer.rewards import ColourReward
+from egrpo.trainer.train import (MicroBatch, derived_seed, head_logp_entropy, micro_loss, rng_state, set_rng_state,
+                                 train)
 
 from tests import _float64 as f64
 
@@ -206,3 +212,70 @@ def test_updates_per_rollout_reuses_the_rollout_with_clipped_ratios(tmp_path):
     assert r2["clip/frac_low"] + r2["clip/frac_high"] > 0.0             # second update: clipped tokens
     moved = [n for n in single["params"] if not torch.equal(single["params"][n], double["params"][n])]
     assert moved   # the second update changed the weights further
+
+
+# ---------------------------------------------------------------------------------------------- RNG state
+
+
+def _draws():
+    return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+
+def test_rng_state_round_trip_through_a_checkpoint_file(tmp_path):
+    """rng_state / set_rng_state restore Python's, NumPy's and torch's global generators, also after a
+    torch.save / torch.load round trip (how checkpoints carry them)."""
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    _draws()
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = _draws()
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    assert _draws() != expected
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=False))
+    assert _draws() == expected
+    # each generator separately: dropping any one of them changes its draw
+    for key, draw in (("python", lambda: random.random()), ("numpy", lambda: float(np.random.rand())),
+                      ("torch", lambda: torch.rand(1).item())):
+        state = rng_state()
+        first = draw()
+        draw()
+        set_rng_state(state)
+        assert draw() == first, key
+
+
+class GlobalRngReward:
+    """The colour reward plus noise from the global torch, NumPy and Python generators: a consumer of the
+    process-wide RNG (like dropout or a sampling reward model), whose draws a resume must continue."""
+
+    def __init__(self):
+        self.colour = ColourReward()
+
+    def __call__(self, images, prompts, metadata):
+        noise = torch.rand(len(prompts)) + float(np.random.rand()) + random.random()
+        return self.colour(images, prompts, metadata) + 0.1 * noise
+
+
+def test_resume_continues_the_global_rng(tmp_path):
+    """Two steps straight and one step + resume + one step see the same global-RNG draws (the rewards of step 2
+    depend on them), so a resume that does not restore the RNG state would log other rewards."""
+    overrides = ["objective.name=grpo", "objective.beta=0.0", "train.steps=2", "train.save_every=1"]
+
+    def config(out):
+        cfg = small_config(out, *overrides)
+        cfg.rewards = [RewardConfig(name="tests.trainer.test_train:GlobalRngReward")]
+        return cfg
+
+    straight = train(config(tmp_path / "straight"))
+    first = train(config(tmp_path / "killed"), stop_after=1)
+    assert first["step"] == 1
+    random.seed(123)   # the resuming process's global RNG starts elsewhere
+    np.random.seed(123)
+    torch.manual_seed(123)
+    resumed = train(config(tmp_path / "killed"), resume=str(tmp_path / "killed"))
+    a, b = read_metrics(straight["metrics"]), read_metrics(resumed["metrics"])
+    assert [r["step"] for r in b] == [1, 2]
+    assert a[1]["reward/mean"] == b[1]["reward/mean"] and a[1]["reward/std"] == b[1]["reward/std"]
+    assert a[0]["reward/mean"] != a[1]["reward/mean"]
