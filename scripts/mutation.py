@@ -301,6 +301,8 @@ def main(argv=None):
     ap.add_argument("--no-curated", action="store_true")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per mutant (exceeded = killed)")
     ap.add_argument("--out", default="runs/mutation.json")
+    ap.add_argument("--tests", nargs="+", default=None,
+                    help="run these test entries ('path' or 'path|-k EXPR') for every mutant instead of TESTS")
     ap.add_argument("--list", action="store_true", help="print the mutants and exit")
     args = ap.parse_args(argv)
 
@@ -317,13 +319,14 @@ def main(argv=None):
           + (f"; stale curated: {stale}" if stale else ""))
     if args.list:
         for kind, path, desc, _, _ in mutants:
-            print(f"[{kind}] {desc}  <- {tests_for(path)}")
+            print(f"[{kind}] {desc}  <- {args.tests or tests_for(path)}")
         return 0
 
+    select = (lambda _path: list(args.tests)) if args.tests else tests_for  # noqa: E731
     results = []
     with tempfile.TemporaryDirectory(prefix="egrpo-mutation-") as work:
         copy_repo(work)
-        baseline_entries = sorted({e for _, path, *_ in mutants for e in tests_for(path)})
+        baseline_entries = sorted({e for _, path, *_ in mutants for e in select(path)})
         t0 = time.time()
         if run_tests(work, baseline_entries, 3 * args.timeout) != "survived":
             sys.exit(f"the unmutated tests fail: {baseline_entries}")
@@ -336,7 +339,7 @@ def main(argv=None):
                 f.write(mutated)
             t0 = time.time()
             try:
-                status = run_tests(work, tests_for(path), args.timeout)
+                status = run_tests(work, select(path), args.timeout)
             finally:
                 with open(dst, "w") as f:
                     f.write(pristine)
