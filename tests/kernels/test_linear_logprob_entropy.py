@@ -270,3 +270,51 @@ _DLOGITS_SIG = {"logits_ptr": "*fp32", "stride_logits": "i64", "dz_ptr": "*bf16"
 ])
 def test_kernels_compile_for_h100(kernel, signature, constexprs):
     compile_for_sm90("egrpo.kernels.linear_logprob_entropy", kernel, dict(signature), constexprs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_entropy_bonus_loss_gradient_parity(backend, dtype):
+    """The one loss in use that differentiates entropy is an entropy bonus built on this head
+    (``grpo_loss`` and the objectives detach it): ``loss = -sum(H m) / sum(m) + 0.1 sum(logp m) / sum(m)`` with a
+    ragged mask and a temperature, values and gradients against the hand-written float64 head
+    (tests/_float64.py), never worse than eager PyTorch at the same dtype."""
+    from tests import _float64 as f64
+
+    B, T, D, V = 3, 9, 32, 16387
+    hidden, weight, b, targets = make_inputs(B * T, D, V, dtype, bias=True)
+    hidden, targets = hidden.view(B, T, D), targets.view(B, T)
+    mask = torch.rand(B, T) > 0.3
+    mask[0] = True
+    m = mask.double()
+
+    def loss_of(logp, ent):
+        return (-(ent.double() * m).sum() + 0.1 * (logp.double() * m).sum()) / m.sum()
+
+    def grads(fn, cast, **kw):
+        leaves = [cast(t).detach().clone().requires_grad_() for t in (hidden, weight, b)]
+        loss = loss_of(*fn(leaves[0], leaves[1], targets, leaves[2], 0.7, **kw))
+        return loss.detach(), torch.autograd.grad(loss, leaves)
+
+    truth, g_truth = grads(f64.logp_entropy, lambda t: t.double())
+    ours, g_ours = grads(linear_logprob_entropy, lambda t: t, backend=backend, chunk_size=8)
+    eager, g_eager = grads(reference, lambda t: t)
+    assert abs(ours - truth).item() <= abs(eager - truth).item() + 1e-6
+    for go, ge, gt in zip(g_ours, g_eager, g_truth):
+        scale = gt.abs().max().item()
+        assert max_abs_err(go, gt) / scale <= max_abs_err(ge, gt) / scale + GRAD_TOL[dtype]
+    # the entropy term's share of the gradient is far above the tolerance
+    h = hidden.double().requires_grad_()
+    logp, ent = f64.logp_entropy(h, weight, targets, b, 0.7)
+    (g_bonus,) = torch.autograd.grad(-(ent * m).sum() / m.sum(), h)
+    assert g_bonus.abs().max() > 10 * GRAD_TOL[dtype] * g_truth[0].abs().max()
+
+
+def test_grpo_loss_does_not_differentiate_entropy():
+    """grpo_loss's entropy is an output only: it carries no gradient (so no entropy-gradient path to test there)."""
+    from egrpo.kernels import grpo_loss
+
+    hidden, weight, b, targets = make_inputs(8, 16, 100, torch.float32)
+    out = grpo_loss(hidden.view(2, 4, 16).requires_grad_(), weight, targets.view(2, 4), torch.ones(2, 4),
+                    torch.randn(2), b, backend="torch")
+    assert not out.entropy.requires_grad and out.loss.requires_grad
