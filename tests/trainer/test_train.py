@@ -192,7 +192,6 @@ def test_fused_and_eager_loss_paths_match_float64_by_hand(tmp_path, name, term):
         # fused alike); 1e-5 leaves room for summation order and is far below what any piece of the objective
         # contributes (a mask, a weight, a std convention: >= 1e-2 of the magnitude).
         err = abs(float(loss) - float(expected))
-        print(impl, name, term, err / magnitude)
         assert err <= 1e-5 * magnitude, (impl, float(loss), float(expected), magnitude)
         assert grads.keys() == grads64.keys() and grads
         for n in grads:
