@@ -299,9 +299,13 @@ def test_stage_bf16_no_worse_than_eager_bf16(monkeypatch):
                         lambda h, w, t, b, tau, compute_dtype=None: full_precision_head(h, w, t, b, tau, softmax_dtype=None))
     eager, _ = stage_loss_reference(*args, **kw)
     monkeypatch.undo()
-    assert abs(loss.item() - truth.item()) <= abs(eager.item() - truth.item()) + 1e-2
-    for ours, exact in zip(_grads(loss, batch), _grads(truth, batch)):
-        assert max_abs_err(ours, exact) <= 3e-2 * max(1.0, exact.abs().max().item())
+    # Never worse than eager bf16 plus a margin sized from fp32 (loss) and from a bf16 result's rounding
+    # (gradients): measured, the fused loss is within 1e-8 and its gradients within 1e-4 of their largest
+    # element, eager bf16's within 2e-5..2e-4 and 5e-3..5e-2.
+    assert abs(loss.item() - truth.item()) <= abs(eager.item() - truth.item()) + 1e-6
+    for ours, exact, plain in zip(_grads(loss, batch), _grads(truth, batch), _grads(eager, batch)):
+        scale = exact.abs().max().item()
+        assert max_abs_err(ours, exact) <= max_abs_err(plain, exact) + 4e-3 * scale
 
 
 def test_eg_token_shaping_combination_matches_reference():

@@ -52,6 +52,14 @@ def test_one_step_changes_only_trainable_params(tmp_path, name):
         assert "corr/reward_vs_cot_entropy_mean" in record
     if name == "eg_grpo":
         assert 0 < record["mask/high_frac_image"] < 1 and 0 < record["mask/low_frac_image"] < 1
+        # released percentiles over the 16 image tokens of each row: floor(0.5 * 16) = 8 -> 7 above the median,
+        # floor(0.2 * 16) = 3 -> 3 below the low threshold (the sharp random head leaves no ties)
+        assert record["mask/high_frac_image"] == 7 / 16 and record["mask/low_frac_image"] == 3 / 16
+    # Values known without running the objective: group-centred advantages average 0; the first update is
+    # on-policy (no ratio is clipped); the reference is the initial policy, so the first step's KL is 0.
+    assert abs(record["adv/mean"]) < 1e-6
+    assert record["clip/frac_low"] == 0.0 and record["clip/frac_high"] == 0.0
+    assert abs(record["kl/image"]) < 1e-6
 
     initial, _ = build_model(cfg.model, "cpu")
     trained = load_file(os.path.join(summary["export"], "model.safetensors"))
