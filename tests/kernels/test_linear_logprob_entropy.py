@@ -318,3 +318,15 @@ def test_grpo_loss_does_not_differentiate_entropy():
     out = grpo_loss(hidden.view(2, 4, 16).requires_grad_(), weight, targets.view(2, 4), torch.ones(2, 4),
                     torch.randn(2), b, backend="torch")
     assert not out.entropy.requires_grad and out.loss.requires_grad
+
+
+def test_gpu_warp_counts_are_powers_of_two(monkeypatch):
+    """The launch's warp count (unused by the interpreter, so no CPU parity test sees it) must be a power of
+    two on a GPU, where Triton rejects any other count."""
+    import importlib
+
+    head = importlib.import_module("egrpo.kernels.linear_logprob_entropy")   # the module, not the function
+    monkeypatch.setattr(head, "INTERPRETING", False)
+    for block in (16, 1024, 2048, 4096):
+        n = head._num_warps(block)
+        assert n >= 1 and n & (n - 1) == 0, (block, n)
