@@ -26,7 +26,7 @@ GPU_SUITE_ARGS ?= --time-budget 500 --resume
 GPU_PYTEST_ARGS ?=
 CAPACITY_ARGS ?= $(if $(filter gpu-check gpu-capacity,$(MAKECMDGOALS)),--time-budget 480 --resume,)
 
-.PHONY: setup demo test test-device-stack bench bench-pytest bench-capacity gpu-wheels gpu-tests gpu-bench \
+.PHONY: setup demo test mutation test-device-stack bench bench-pytest bench-capacity gpu-wheels gpu-tests gpu-bench \
 	gpu-capacity gpu-check cuda-available clean
 
 # The venv sees the system site-packages, and also those of the interpreter that made it when that
@@ -54,6 +54,13 @@ demo: setup
 
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) -q tests
+
+# Mutation testing (docs/testing.md): plants one bug at a time in a copy of the kernels and objectives and
+# checks that their tests fail. A developer command, not part of `make test` (~1 min per mutant on 2 cores).
+# MUTATION_ARGS e.g. "--budget 40 --seed 1" or "--targets 'egrpo/kernels/grpo_loss.py' --budget 10".
+MUTATION_ARGS ?= --budget 20 --seed 0
+mutation: setup
+	OMP_NUM_THREADS=1 $(PY) scripts/mutation.py $(MUTATION_ARGS)
 
 # Kernel micro-benchmarks: writes bench/results/suite_<cpu|cuda>.json and re-renders bench/README.md
 # and bench/plots/*.png. On a CPU it runs small shapes (a few minutes on 2 cores).

@@ -4,12 +4,7 @@ import pytest
 import torch
 
 from egrpo.kernels._common import INTERPRETING
-from egrpo.kernels.reference import (
-    eg_grpo_loss_reference,
-    eg_grpo_token_advantages_reference,
-    grpo_loss_reference,
-    linear_logprob_entropy_reference,
-)
+from egrpo.kernels.reference import eg_grpo_loss_reference, linear_logprob_entropy_reference
 from egrpo.objectives import (
     OBJECTIVES,
     HeadBatch,
@@ -17,6 +12,7 @@ from egrpo.objectives import (
     eg_grpo_token_advantages,
     group_advantages,
 )
+from tests import _float64 as f64
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     not INTERPRETING, reason="CPU tensors need TRITON_INTERPRET=1; compiled Triton is covered by the gpu tests"))]
@@ -59,13 +55,17 @@ def rel_err(a, b):
 def test_group_advantages_formula_and_zero_std_groups():
     r = torch.tensor([1.0, 2.0, 4.0, 0.5, 0.5, 0.5, 3.0, -1.0, 0.0])
     a = group_advantages(r, 3)
-    g = r.view(3, 3)
-    expected = ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-4)).reshape(-1)
-    assert torch.allclose(a, expected, atol=1e-6)
+    # by hand: group 1 mean 7/3, unbiased std sqrt(((4/3)^2 + (1/3)^2 + (5/3)^2) / 2) = sqrt(7/3)
+    s1 = math.sqrt(7 / 3)
+    assert torch.allclose(a[:3].double(), torch.tensor([-4 / 3, -1 / 3, 5 / 3], dtype=torch.float64) / (s1 + 1e-4),
+                          rtol=1e-6, atol=0)
+    assert torch.allclose(a.double(), f64.group_advantages(r, 3), rtol=1e-6, atol=1e-7)
     assert torch.equal(a[3:6], torch.zeros(3)), "a zero-std group gets advantage 0, not NaN"
-    assert torch.allclose(group_advantages(r, 3, scale="none"), (g - g.mean(1, keepdim=True)).reshape(-1))
-    assert torch.allclose(group_advantages(r, 3, scale="batch"),
-                          (g - g.mean(1, keepdim=True)).reshape(-1) / (r.std() + 1e-4))
+    assert torch.allclose(group_advantages(r, 3, scale="none").double(), f64.group_advantages(r, 3, scale="none"),
+                          atol=1e-6)
+    assert torch.allclose(group_advantages(r, 3, scale="batch").double(), f64.group_advantages(r, 3, scale="batch"),
+                          rtol=1e-6, atol=1e-7)
+    assert torch.allclose(group_advantages(r, 3, eps=0.5).double(), f64.group_advantages(r, 3, eps=0.5), atol=1e-6)
     with pytest.raises(ValueError, match="group_size"):
         group_advantages(r, 4)
     with pytest.raises(ValueError, match="NaN"):
@@ -83,7 +83,7 @@ def test_eg_token_advantages_576_row_and_sign_property(backend):
     adv = torch.tensor([1.5, -0.7, 0.0, 3e-3])
     a_tok, low, high = eg_grpo_token_advantages(adv, entropy, torch.ones(B, 576), V, backend=backend)
     assert low.sum(1).tolist() == [115] * B and high.sum(1).tolist() == [287] * B
-    ref, ref_low, ref_high = eg_grpo_token_advantages_reference(adv, entropy, torch.ones(B, 576), V)
+    ref, ref_low, ref_high = f64.eg_token_advantages(adv, entropy, torch.ones(B, 576), V)
     assert torch.equal(low, ref_low) and torch.equal(high, ref_high)
     assert torch.allclose(a_tok.double(), ref, atol=1e-6)
     ratio = a_tok / adv[:, None]
@@ -105,8 +105,8 @@ def test_text_padding_excluded_by_default_and_included_in_compat_mode():
     adv = torch.tensor([1.0, -2.0, 0.5])
     default, low_d, high_d = eg_grpo_token_advantages(adv, entropy, mask, V, backend="torch")
     compat, low_c, high_c = eg_grpo_token_advantages(adv, entropy, mask, V, include_invalid=True, backend="torch")
-    ref_d, _, _ = eg_grpo_token_advantages_reference(adv, entropy, mask, V)
-    ref_c, _, _ = eg_grpo_token_advantages_reference(adv, entropy, mask, V, include_invalid=True)
+    ref_d, _, _ = f64.eg_token_advantages(adv, entropy, mask, V)
+    ref_c, _, _ = f64.eg_token_advantages(adv, entropy, mask, V, include_invalid=True)
     assert torch.allclose(default.double() * mask, ref_d * mask, atol=1e-6)
     assert torch.allclose(compat.double() * mask, ref_c * mask, atol=1e-6)
     assert high_d.sum(1).tolist() == [5] * B and high_c.sum() == 0  # floor(0.5*12)=6 -> 5 above; padding wins
@@ -124,33 +124,38 @@ def test_eg_grpo_image_only_matches_released_eager(backend):
     out = build_objective("eg_grpo", backend=backend, chunk_size=24)(rewards, 2, image)
     out.loss.backward()
     truth = fresh(image)
-    adv = group_advantages(rewards, 2)
+    adv = f64.group_advantages(rewards, 2)
     expected = eg_grpo_loss_reference(truth.hidden.double(), truth.weight.double(), truth.targets, truth.mask, adv,
                                       truth.bias.double(), ref_logp=truth.ref_logp, beta=0.01,
                                       compute_dtype=torch.float64)
     expected.backward()
+    # and the same loss written by hand (tests/_float64.py), on-policy: ratio 1, token mean over B * T
+    lp, ent = f64.logp_entropy(truth.hidden, truth.weight, truth.targets, truth.bias)
+    a_tok, _, _ = f64.eg_token_advantages(adv, ent, truth.mask, V)
+    by_hand = (-(f64.clipped_surrogate(lp, None, a_tok)[0]) + 0.01 * f64.k3_kl(lp, truth.ref_logp)).mean()
+    assert abs(by_hand.item() - expected.item()) < 1e-8   # the released code takes ln V in fp32
     assert abs(out.loss.item() - expected.item()) < 1e-5
     for g, gt in zip(grads(image), grads(truth)):
         assert rel_err(g, gt) < 1e-4
-    assert torch.equal(out.advantages, adv)
+    assert torch.allclose(out.advantages.double(), adv, rtol=1e-6, atol=1e-7)
     assert out.metrics["mask/high_frac_image"] == 7 / 16 and out.metrics["mask/low_frac_image"] == 3 / 16
 
 
 def expected_two_part_loss(image, text, rewards, G, *, shape_text=True, shape_image=True, compat=False,
                            budget_kappa=None, beta=0.01):
-    """Written from ALGORITHMS.md 1-2 with the float64 references; one token mean over both parts."""
-    adv = group_advantages(rewards.double(), G)
+    """Written by hand in float64 (tests/_float64.py): one token mean over both parts."""
+    adv = f64.group_advantages(rewards, G)
     parts = [("text", text), ("image", image)]
     n_total = sum(b.mask.double().sum() for _, b in parts)
-    tok = {}
+    tok, lp = {}, {}
     for name, b in parts:
+        lp[name], ent = f64.logp_entropy(b.hidden, b.weight, b.targets, b.bias)
         shaped = shape_text if name == "text" else shape_image
         if shaped:
-            _, ent = linear_logprob_entropy_reference(b.hidden.double(), b.weight.double(), b.targets, b.bias.double())
-            tok[name] = eg_grpo_token_advantages_reference(adv, ent.detach(), b.mask, b.weight.shape[0],
-                                                           include_invalid=(name == "text" and compat))[0]
+            tok[name] = f64.eg_token_advantages(adv, ent, b.mask, b.weight.shape[0],
+                                                include_invalid=(name == "text" and compat))[0]
         else:
-            tok[name] = adv[:, None].expand(b.mask.shape)
+            tok[name] = adv[:, None].expand(b.mask.shape) * b.mask.double()
     scale = 1.0
     if budget_kappa is not None:
         grpo_budget = sum((b.mask.double() * adv.abs()[:, None]).sum() for _, b in parts)
@@ -158,12 +163,9 @@ def expected_two_part_loss(image, text, rewards, G, *, shape_text=True, shape_im
         scale = budget_kappa * grpo_budget / eg_budget
     total = 0
     for name, b in parts:
-        pg = grpo_loss_reference(b.hidden.double(), b.weight.double(), b.targets, b.mask, tok[name] * scale,
-                                 b.bias.double(), normalizer=n_total, compute_dtype=torch.float64)[0]
-        kl = grpo_loss_reference(b.hidden.double(), b.weight.double(), b.targets, b.mask, torch.zeros_like(tok[name]),
-                                 b.bias.double(), ref_logp=b.ref_logp, beta=beta, normalizer=n_total,
-                                 compute_dtype=torch.float64)[0]
-        total = total + pg + kl
+        m = b.mask.double()
+        surr = f64.clipped_surrogate(lp[name], None, tok[name] * scale)[0]
+        total = total + (-(surr * m).sum() + beta * (f64.k3_kl(lp[name], b.ref_logp) * m).sum()) / n_total
     return total, scale
 
 
@@ -207,7 +209,8 @@ def test_eg_without_shaping_equals_grpo_and_compat_switch_matters():
     eg_off = build_objective("eg_grpo", backend="torch", shape_text=False, shape_image=False)(
         rewards, 2, fresh(image), fresh(text), reward_weights=weights)
     assert abs(grpo.loss.item() - eg_off.loss.item()) < 1e-12
-    assert torch.allclose(grpo.advantages, group_advantages(rewards @ torch.tensor(weights), 2))
+    assert torch.allclose(grpo.advantages.double(), f64.group_advantages(rewards @ torch.tensor(weights), 2),
+                          rtol=1e-5, atol=1e-6)
     eg = build_objective("eg_grpo", backend="torch")(rewards, 2, fresh(image), fresh(text), reward_weights=weights)
     assert abs(eg.loss.item() - grpo.loss.item()) > 1e-6
 
@@ -218,14 +221,18 @@ def test_grpo_other_normalisations_span_both_heads(normalization):
     image, text = head(B, 6, D, 1000), head(B, 5, D, 1037, padded=True)
     rewards = torch.randn(B)
     out = build_objective("grpo", backend="torch", normalization=normalization, beta=0.05)(rewards, 2, image, text)
-    adv = group_advantages(rewards.double(), 2)
+    adv = f64.group_advantages(rewards, 2)
+    den = image.mask.double().sum(1) + text.mask.double().sum(1)   # sequence_mean: per sample, both heads
+    per_sample = 0
+    for b in (image, text):
+        lp, _ = f64.logp_entropy(b.hidden, b.weight, b.targets, b.bias)
+        m = b.mask.double()
+        per_token = -f64.clipped_surrogate(lp, None, adv[:, None].expand_as(m))[0] + 0.05 * f64.k3_kl(lp, b.ref_logp)
+        per_sample = per_sample + (per_token * m).sum(1)
     if normalization == "sequence_mean":
-        den = image.mask.double().sum(1) + text.mask.double().sum(1)
-    else:
-        den = torch.tensor(float(B * (6 + 5)), dtype=torch.float64)
-    expected = sum(grpo_loss_reference(b.hidden.double(), b.weight.double(), b.targets, b.mask, adv, b.bias.double(),
-                                       ref_logp=b.ref_logp, beta=0.05, normalization=normalization, normalizer=den)[0]
-                   for b in (image, text))
+        expected = (per_sample / den).mean()
+    else:   # Dr. GRPO: one constant, B * (tokens per sample over both heads)
+        expected = per_sample.sum() / (B * (6 + 5))
     assert abs(out.loss.item() - expected.item()) < 1e-6
 
 

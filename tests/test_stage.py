@@ -1,5 +1,3 @@
-import math
-
 import pytest
 import torch
 
@@ -15,6 +13,8 @@ from egrpo.stage import (
     stage_policy_weights,
     top_reward_mask,
 )
+
+from tests import _float64 as f64
 
 from .kernels._utils import max_abs_err
 
@@ -197,6 +197,43 @@ def _image_batch(n_groups=3, G=4, T=10, D=12, V=37, dtype=torch.float32, ragged_
     return batch, codes
 
 
+def check_metrics(metrics, info, batch, rewards, rw, obj, G):
+    """The logged STAGE metrics against values computed here from the reference's float64 pieces."""
+    m = batch.mask.double()
+    n = m.sum()
+    mean = lambda t: ((t.double() * m).sum() / n).item()  # noqa: E731
+    w, kl_w = info["w"].clone(), info["kl_w"].clone()
+    combined = (rewards.double() * rw.double()).view(-1, G, rewards.shape[1])
+    spread = combined.std(1)   # [n_groups, R]
+    no_signal = ~(spread > obj.zero_spread_tol).any(1)
+    group_raw = (combined * (spread > obj.zero_spread_tol)[:, None, :]).sum(-1)   # [n_groups, G]
+    zero_std = group_raw.std(1) <= obj.zero_spread_tol
+    expected = {
+        "stage/sim_mean_image": mean(info["sim"]),
+        "stage/w_mean_image": mean(w),
+        "stage/kl_w_mean_image": mean(kl_w * (~zero_std).repeat_interleave(G)[:, None]
+                                      if obj.drop_kl_for_zero_std_groups else kl_w),
+        "stage/groups_without_signal_frac": no_signal.double().mean().item() if obj.drop_zero_spread_rewards else 0.0,
+        "stage/zero_std_groups_frac": zero_std.double().mean().item() if obj.drop_zero_spread_rewards else None,
+        "adv/mean": info["advantages"].mean().item(),
+        "adv/abs_mean": info["advantages"].abs().mean().item(),
+        "reward/mean": info["rewards"].mean().item(),
+        "entropy/image_mean": mean(info["entropy"]),
+        "logp/image_mean": mean(info["logp"]),
+    }
+    if obj.entropy_reward:
+        expected["entropy/image_policy_mean_nograd"] = ((info["entropy"] * m).sum(1) / m.sum(1)).mean().item()
+        expected["entropy/image_ref_mean"] = ((batch.ref_entropy.double() * m).sum(1) / m.sum(1)).mean().item()
+    if batch.ref_logp is not None:
+        d = batch.ref_logp.double() - info["logp"]
+        expected["kl/image"] = mean(torch.exp(d) - d - 1)
+    for key, value in expected.items():
+        if value is None:
+            continue
+        assert key in metrics, key
+        assert metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (key, metrics[key], value)
+
+
 def _grads(loss, batch):
     return torch.autograd.grad(loss, (batch.hidden, batch.weight, batch.bias))
 
@@ -238,12 +275,10 @@ def test_stage_loss_and_grads_match_reference(backend, dtype, hparams, batch_kw)
     for ours, truth in zip(_grads(out.loss, batch), _grads(ref_loss, batch)):
         assert ours.dtype == dtype
         assert max_abs_err(ours, truth) <= atol * max(1.0, truth.abs().max().item()), max_abs_err(ours, truth)
-    # The reference's weights are what the objective used.
-    sim, w, kl_w = obj.weights(out.advantages, codes, G, codes.shape[1])
-    assert max_abs_err(sim, info["sim"]) <= 1e-6
-    assert out.metrics["stage/w_mean_image"] == pytest.approx(
-        ((info["w"] * batch.mask).sum() / batch.mask.sum()).item(), abs=1e-6)
-    assert all(math.isfinite(v) for v in out.metrics.values())
+    # The weights by hand (tests/_float64.py) from the reference's advantages are the reference's.
+    sim = f64.similarity(codes, info["advantages"], G)
+    assert max_abs_err(sim, info["sim"]) <= 1e-12
+    check_metrics(out.metrics, info, batch, rewards, rw, obj, G)
 
 
 def test_stage_bf16_no_worse_than_eager_bf16(monkeypatch):
@@ -262,9 +297,13 @@ def test_stage_bf16_no_worse_than_eager_bf16(monkeypatch):
                         lambda h, w, t, b, tau, compute_dtype=None: full_precision_head(h, w, t, b, tau, softmax_dtype=None))
     eager, _ = stage_loss_reference(*args, **kw)
     monkeypatch.undo()
-    assert abs(loss.item() - truth.item()) <= abs(eager.item() - truth.item()) + 1e-2
-    for ours, exact in zip(_grads(loss, batch), _grads(truth, batch)):
-        assert max_abs_err(ours, exact) <= 3e-2 * max(1.0, exact.abs().max().item())
+    # Never worse than eager bf16 plus a margin sized from fp32 (loss) and from a bf16 result's rounding
+    # (gradients): measured, the fused loss is within 1e-8 and its gradients within 1e-4 of their largest
+    # element, eager bf16's within 2e-5..2e-4 and 5e-3..5e-2.
+    assert abs(loss.item() - truth.item()) <= abs(eager.item() - truth.item()) + 1e-6
+    for ours, exact, plain in zip(_grads(loss, batch), _grads(truth, batch), _grads(eager, batch)):
+        scale = exact.abs().max().item()
+        assert max_abs_err(ours, exact) <= max_abs_err(plain, exact) + 4e-3 * scale
 
 
 def test_eg_token_shaping_combination_matches_reference():

@@ -28,7 +28,7 @@ def text_image(text: str, size=(256, 96)) -> torch.Tensor:
 
 
 def test_rapidocr_reads_drawn_text():
-    pytest.importorskip("rapidocr_onnxruntime")
+    # rapidocr-onnxruntime is a declared test dependency (setup.py extras "test"): missing, this must fail
     from egrpo.rewards.ocr import OCRReward
 
     images = torch.stack([text_image("HELLO 42"), text_image("HELLO 42"), torch.ones(3, 96, 256)])

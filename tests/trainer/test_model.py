@@ -176,3 +176,11 @@ def test_build_model_from_local_checkpoint(tmp_path, tiny_model):
     out = rollout(loaded, loaded_tokenizer, ["red"], RolloutConfig(group_size=2, image_tokens=16),
                   torch.Generator().manual_seed(0))
     assert out.images.dtype == torch.float32 and out.images.isfinite().all()
+    # Values: an fp32 load of the same directory reproduces the in-memory model's rollout exactly.
+    loaded32, _ = build_model(ModelConfig(path=str(tmp_path), dtype="fp32"), "cpu")
+    for name, p in model.state_dict().items():
+        assert torch.equal(loaded32.state_dict()[name], p), name
+    a = rollout(loaded32, loaded_tokenizer, ["red"], RolloutConfig(group_size=2, image_tokens=16),
+                torch.Generator().manual_seed(0))
+    b = rollout(model, tokenizer, ["red"], RolloutConfig(group_size=2, image_tokens=16), torch.Generator().manual_seed(0))
+    assert torch.equal(a.image_tokens, b.image_tokens) and torch.equal(a.images, b.images)
