@@ -159,30 +159,41 @@ def test_cfg_and_cot_entropies_equal_eager_full_logits():
         if tok not in (tokens.bos, tokens.image_start):
             uncond_ids[0, t] = tokens.pad
 
-    def last_hidden(ids):
+    def last_hidden(ids, dtype):
         embeds = torch.cat([model.get_input_embeddings()(ids),
                             model.prepare_embeddings_for_image_generation(ro.image_tokens[:, :-1])], 1)
-        return model.model.language_model(inputs_embeds=embeds.double()).last_hidden_state
+        return model.model.language_model(inputs_embeds=embeds.to(dtype)).last_hidden_state
 
     def entropy(logits):
         p = logits.softmax(-1)
         return -torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum(-1)
 
-    model.double()
-    with torch.no_grad():
-        n = ro.sequence_ids.shape[1]
-        cond_hidden = last_hidden(ro.sequence_ids)
-        cond = model.model.generation_head(cond_hidden[:, n - 1:])[0]
-        unc = model.model.generation_head(last_hidden(uncond_ids)[:, n - 1:])[0]
-        guided = (unc + cfg.cfg_scale * (cond - unc)) / cfg.temperature
-        kth = guided.topk(cfg.top_k, dim=-1).values[:, -1:]
-        guided = torch.where(guided < kth, torch.full_like(guided, float("-inf")), guided)
-        image_h = entropy(guided) / math.log(guided.shape[-1])
-        cot_logits = model.lm_head(cond_hidden[0, ro.cot_positions[0]])
-        valid = ro.cot_mask[0].bool()
-        cot_h = (entropy(cot_logits) / math.log(cot_logits.shape[-1]))[valid]
+    def eager(dtype):
+        """Image (CFG-guided, top-k) and CoT entropies from full logits, the whole model in ``dtype``."""
+        model.to(dtype)
+        with torch.no_grad():
+            n = ro.sequence_ids.shape[1]
+            cond_hidden = last_hidden(ro.sequence_ids, dtype)
+            cond = model.model.generation_head(cond_hidden[:, n - 1:])[0]
+            unc = model.model.generation_head(last_hidden(uncond_ids, dtype)[:, n - 1:])[0]
+            guided = (unc + cfg.cfg_scale * (cond - unc)) / cfg.temperature
+            kth = guided.topk(cfg.top_k, dim=-1).values[:, -1:]
+            guided = torch.where(guided < kth, torch.full_like(guided, float("-inf")), guided)
+            image_h = entropy(guided) / math.log(guided.shape[-1])
+            # CoT entropies come from the text phase's own context (system + template + CoT), one unpadded row
+            p_len, c_len = ro.text_ids.shape[1], ro.cot_ids.shape[1]
+            text_embeds = model.get_input_embeddings()(torch.cat([ro.text_ids, ro.cot_ids], 1)).to(dtype)
+            text_hidden = model.model.language_model(inputs_embeds=text_embeds).last_hidden_state
+            cot_logits = model.lm_head(text_hidden[0, p_len - 1:p_len - 1 + c_len])
+            valid = ro.cot_mask[0].bool()
+            cot_h = (entropy(cot_logits) / math.log(cot_logits.shape[-1]))[valid]
+        return {"image_entropy_mean": float(image_h.mean()), "image_entropy_std": float(image_h.std()),
+                "cot_entropy_mean": float(cot_h.mean())}, valid, image_h
+
+    eager32, _, _ = eager(torch.float32)
+    truth, valid, image_h = eager(torch.float64)
     assert valid.sum() >= 2 and image_h.std() > 1e-3
-    assert rows[0]["image_entropy_mean"] == pytest.approx(float(image_h.mean()), rel=1e-5)
-    assert rows[0]["image_entropy_std"] == pytest.approx(float(image_h.std()), rel=1e-4)
-    assert rows[0]["cot_entropy_mean"] == pytest.approx(float(cot_h.mean()), rel=1e-5)
+    # never worse than eager fp32 against float64 (CFG with w = 5 amplifies fp32 rounding) plus a small margin
+    for key, value in truth.items():
+        assert abs(rows[0][key] - value) <= 2 * abs(eager32[key] - value) + 1e-6 * abs(value), key
     assert rows[0]["cot_tokens"] == int(valid.sum())
