@@ -257,7 +257,7 @@ def stage_loss_reference(
 ):
     """STAGE loss of one image micro-batch (ALGORITHMS.md section 3) in float64 through full logits.
 
-    Written sample by sample from the spec, sharing no code with :mod:`egrpo.stage`. ``rewards`` is
+    Written sample by sample from the spec, sharing no code with :mod:`egrpo.objectives.stage`. ``rewards`` is
     ``[B]`` or ``[B, R]``. Returns ``(loss, info)``: ``loss`` is differentiable w.r.t. ``hidden``,
     ``weight`` and ``bias``; ``info`` holds the float64 ``rewards`` (after dropping and the entropy
     reward), ``advantages [B]``, ``sim``, ``w``, ``kl_w`` (``[B, T]``), ``logp`` and ``entropy``.
@@ -308,8 +308,9 @@ def stage_loss_reference(
     kl_w = kl_a + kl_b * (sim + 1).clamp(0, 1)
     for g in range(n_groups):
         sl = slice(g * group_size, (g + 1) * group_size)
-        if no_signal[g] and not entropy_reward:
+        if no_signal[g] and not entropy_reward:   # released trainer: Sim := 1 there
             w[sl] = 0.0
+            kl_w[sl] = kl_a + kl_b
         if drop_kl_for_zero_std_groups and zero_std[g]:
             kl_w[sl] = 0.0
     ratio = torch.exp(logp - (old_logp.double() if old_logp is not None else logp.detach()))

@@ -21,6 +21,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from egrpo.objectives import OBJECTIVES, ObjectiveSettings, objective_class
+
 from .model import ModelConfig
 from .rollout import RolloutConfig
 
@@ -31,11 +33,67 @@ class ConfigError(ValueError):
 
 @dataclass
 class ObjectiveConfig:
-    """``name`` picks the objective; every other key of the YAML section is a hyper-parameter passed to
-    ``egrpo.objectives.build_objective(name, **hparams)`` (e.g. ``beta``, ``eps_low``, ``c1``, ``low_q``)."""
+    """The ``objective`` section, ``{name: ..., <settings>}``: ``name`` picks the objective (``grpo``, ``eg_grpo``,
+    ``stage``) and every other key is one of its typed settings (``egrpo.objectives``: ``GRPOSettings``,
+    ``EGGRPOSettings``, ``STAGESettings``; each field documents its meaning, default and source, and
+    docs/algorithms.md has the formulas). Unknown keys and out-of-range values are one-line errors."""
 
     name: str = "eg_grpo"
-    hparams: Dict[str, Any] = field(default_factory=dict)
+    settings: Optional[ObjectiveSettings] = None   # None = the objective's defaults
+    given: Tuple[str, ...] = field(default=(), repr=False)   # the keys the config wrote (the rest are defaults)
+
+    def __post_init__(self):
+        try:
+            cls = objective_class(self.name)
+        except ValueError:
+            raise ConfigError(f"objective.name={self.name!r} is unknown (known: {', '.join(sorted(OBJECTIVES))})") from None
+        if self.settings is None:
+            self.settings = cls.Settings()
+        elif not isinstance(self.settings, cls.Settings):
+            raise ConfigError(f"objective.settings must be {cls.Settings.__name__} for objective {self.name!r}, got "
+                              f"{type(self.settings).__name__}")
+
+    @classmethod
+    def from_mapping(cls, raw: Any, where: str = "objective") -> "ObjectiveConfig":
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: expected a mapping of keys, got {raw!r}")
+        name = raw.get("name", cls.name)
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}.name: expected a string, got {name!r}")
+        try:
+            settings_cls = objective_class(name).Settings
+        except ValueError:
+            raise ConfigError(f"{where}.name={name!r} is unknown (known: {', '.join(sorted(OBJECTIVES))})") from None
+        hints = typing.get_type_hints(settings_cls)
+        valid = [f.name for f in dataclasses.fields(settings_cls)]
+        values: Dict[str, Any] = {}
+        for key, value in raw.items():
+            if key == "name":
+                continue
+            if key not in valid:
+                raise ConfigError(f"unknown key {key!r} in section {where!r} for objective {name!r} "
+                                  f"(valid keys: name, {', '.join(valid)})")
+            values[key] = _coerce(value, hints[key], f"{where}.{key}")
+        try:
+            settings = settings_cls(**values)
+        except ValueError as e:
+            raise ConfigError(f"{where}.{e}") from None
+        return cls(name=name, settings=settings, given=tuple(values))
+
+    @property
+    def hparams(self) -> Dict[str, Any]:
+        """The settings the config wrote, with their values (:meth:`effective` adds the defaults)."""
+        return {k: getattr(self.settings, k) for k in self.given}
+
+    def effective(self) -> Dict[str, Any]:
+        """Every setting of the objective, defaults included."""
+        return self.settings.to_dict()
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The section as YAML writes it, with the EFFECTIVE settings: ``{name, <every setting>}``."""
+        return {"name": self.name, **self.effective()}
 
 
 @dataclass
@@ -168,20 +226,14 @@ class Config:
                 raise ConfigError(f"rewards[{i}].name={rc.name!r} is not a registered reward (known: "
                                   f"{sorted(REWARDS)}; or give 'package.module:Class'); adapters to reward "
                                   "models register themselves when their module is imported")
-        try:
-            from egrpo.objectives import OBJECTIVES
-            import egrpo.stage  # noqa: F401  (registers "stage")
-        except ImportError:  # pragma: no cover - objectives are part of the package
-            OBJECTIVES = None
-        if OBJECTIVES is not None and self.objective.name not in OBJECTIVES:
-            raise ConfigError(f"objective.name={self.objective.name!r} is unknown (known: {sorted(OBJECTIVES)})")
+        ObjectiveConfig(self.objective.name, self.objective.settings)   # name and settings agree
         return self
 
     def to_dict(self) -> Dict[str, Any]:
-        """The config in the same shape as the YAML it came from (hyper-parameters and kwargs inlined)."""
+        """The config in the same shape as the YAML it came from (objective settings with their effective values,
+        reward kwargs inlined)."""
         out = dataclasses.asdict(self)
-        obj = out.pop("objective")
-        out["objective"] = {"name": obj["name"], **obj["hparams"]}
+        out["objective"] = self.objective.to_dict()
         out["rewards"] = [{"name": r["name"], "weight": r["weight"], **r["kwargs"]} for r in out["rewards"]]
         out["optim"]["betas"] = list(out["optim"]["betas"])
         return out
@@ -354,7 +406,7 @@ def config_from_dict(raw: Dict[str, Any]) -> Config:
             kwargs[name] = [_build_section(RewardConfig, v, f"rewards[{i}]", extra_key="kwargs")
                             for i, v in enumerate(value)]
         elif name == "objective":
-            kwargs[name] = _build_section(ObjectiveConfig, value, "objective", extra_key="hparams")
+            kwargs[name] = ObjectiveConfig.from_mapping(value)
         else:
             kwargs[name] = _build_section(cls, value, name)
     return Config(**kwargs)
