@@ -18,7 +18,7 @@ ref, loss, update) and ``memory/peak_mb`` are recorded. If even one group of ``g
 not fit, smaller groups (4, then 2 images) are tried, so that a model that fits only a few images still
 gets a number.
 
-Model shapes (ALGORITHMS.md section 5), random init, bf16, built directly on the GPU:
+Model shapes (docs/algorithms.md, Janus-Pro shapes), random init, bf16, built directly on the GPU:
 
 - ``janus-pro-1b``: LM 2048 x 24 layers x 16 heads (MLP 5632), text vocab 102400, generation head
   2048 -> 2048 -> 16384, SigLIP-L-sized vision tower (frozen, unused by generation), VQ decoder of

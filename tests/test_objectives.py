@@ -138,7 +138,7 @@ def test_eg_grpo_image_only_matches_released_eager(backend):
 
 def expected_two_part_loss(image, text, rewards, G, *, shape_text=True, shape_image=True, compat=False,
                            budget_kappa=None, beta=0.01):
-    """Written from ALGORITHMS.md 1-2 with the float64 references; one token mean over both parts."""
+    """Written from docs/algorithms.md (GRPO, EG-GRPO) with the float64 references; one token mean over both parts."""
     adv = group_advantages(rewards.double(), G)
     parts = [("text", text), ("image", image)]
     n_total = sum(b.mask.double().sum() for _, b in parts)

@@ -17,7 +17,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from ..kernels.entropy_masks import METHODS, entropy_masks
-from .base import OURS, PAPER, RELEASED, HeadBatch, Objective, ObjectiveOutput, ObjectiveSettings, setting
+from .base import OURS, RELEASED, HeadBatch, Objective, ObjectiveOutput, ObjectiveSettings, setting
 from .metrics import base_metrics, mask_metrics
 
 
@@ -109,9 +109,9 @@ def shaping_fn(settings: EntropyShapingSettings, part: str, batch: HeadBatch, ad
 class EGGRPOSettings(EntropyShapingSettings):
     budget_neutral: bool = setting(
         False, "rescale all token advantages of the micro-batch by one scalar so that sum m|A_EG| = kappa sum "
-        "m|A_GRPO| (the project's reading of the paper's Proposition 1; the released code has no such step)",
-        PAPER, "bool")
-    kappa: float = setting(1.0, "budget ratio of budget_neutral", PAPER, "positive")
+        "m|A_GRPO| (an option: the project's reading of the paper's Proposition 1; the released code has no such "
+        "step, hence off)", RELEASED, "bool")
+    kappa: float = setting(1.0, "budget ratio of budget_neutral (1: the same budget as GRPO)", OURS, "positive")
 
 
 class EGGRPOObjective(Objective):

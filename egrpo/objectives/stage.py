@@ -118,7 +118,7 @@ class STAGESettings(EntropyShapingSettings):
     zero_spread_tol: float = setting(ZERO_SPREAD_TOL, "spread at or below which a reward function is constant",
                                      RELEASED, "nonneg")
     drop_kl_for_zero_std_groups: bool = setting(False, "KL weight 0 in groups whose combined reward has zero spread "
-                                                "(the paper's 'w/o KL' ablation)", PAPER, "bool")
+                                                "(the paper's 'w/o KL' ablation; the released code keeps the KL)", RELEASED, "bool")
     include_self_when_zero_advantage: bool = setting(
         False, "true reproduces the released similarity, which keeps j = i (cosine 0) in the denominator when "
         "A_i = 0", OURS, "bool")

@@ -3,7 +3,7 @@
 It checks the search (doubling then bisection, cap, early stop, smaller-group fallback, non-OOM errors), a
 real run of the harness through its command line with a simulated OOM limit (both head implementations,
 with and without CoT, real training steps, OOM recovery, the JSON and the README section), and that the
-Janus-Pro-1B/-7B plans have the ALGORITHMS.md section 5 sizes.
+Janus-Pro-1B/-7B plans have the sizes in docs/algorithms.md (Janus-Pro shapes).
 """
 
 import json
