@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 import torch
 
 REWARD_SCALES = ("group", "batch", "none")
+REWARD_AGGREGATIONS = ("sum", "normalize_then_sum")
 ZERO_SPREAD_TOL = 1e-6   # released STAGE code: a reward function with std <= 1e-6 in a group carries no signal
 
 
@@ -137,3 +138,19 @@ def combine_group_rewards(
     keep_rows = keep.repeat_interleave(group_size, dim=0)  # [B, R]
     combined = (per_fn * weights * keep_rows).sum(dim=1)
     return combined, keep.any(dim=1)
+
+
+def normalize_then_sum(rewards: torch.Tensor, group_size: int, reward_weights=None, eps: float = 1e-4,
+                       scale: str = "group") -> torch.Tensor:
+    """GDPO's multi-reward advantages: each reward column of ``rewards [B, R]`` group-normalised on its own
+    (:func:`group_advantages` with ``scale``), the weighted sum of those, then normalised over the micro-batch:
+    ``(s - mean(s)) / (std(s) + eps)``. Returns ``[B]``."""
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 2:
+        raise ValueError(f"normalize_then_sum needs per-function rewards [B, R], got {getattr(rewards, 'shape', None)}")
+    r = rewards.detach().float() if rewards.dtype != torch.float64 else rewards.detach()
+    weights = reward_weight_vector(reward_weights, r)
+    per_fn = torch.stack([group_advantages(r[:, k], group_size, eps=eps, scale=scale) for k in range(r.shape[1])], 1)
+    summed = per_fn @ weights.to(per_fn.dtype)
+    if summed.numel() < 2:
+        return summed - summed.mean()
+    return (summed - summed.mean()) / (summed.std() + eps)

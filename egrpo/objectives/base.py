@@ -20,7 +20,8 @@ import torch
 
 from ..kernels.grpo_loss import NORMALIZATIONS, WEIGHTED_EPS, GRPOLossOutput
 from . import heads
-from .advantages import REWARD_SCALES, combine_rewards, group_advantages
+from .advantages import (REWARD_AGGREGATIONS, REWARD_SCALES, ZERO_SPREAD_TOL, combine_rewards, group_advantages,
+                         group_spread, normalize_then_sum)
 from .metrics import to_host
 
 HEAD_IMPLS = tuple(heads.HEAD_LOSSES)
@@ -126,6 +127,19 @@ class ObjectiveSettings:
                            choices=("auto", "triton", "torch"))
     chunk_size: Optional[int] = setting(None, "rows per chunk of the fused head kernels; null = from the device's "
                                         "memory", OURS, "positive_int_or_none")
+    reward_aggregation: str = setting("sum", "how [B, R] rewards become one advantage: sum (weighted sum, then group "
+                                      "normalisation), normalize_then_sum (GDPO: each function group-normalised, "
+                                      "weighted sum, then normalised over the micro-batch)", RELEASED,
+                                      choices=REWARD_AGGREGATIONS)
+    drop_zero_spread_groups: bool = setting(False, "DAPO-style: groups whose combined reward has zero spread (std <= "
+                                            "1e-6) leave the loss entirely (no policy, no KL, not in the "
+                                            "denominators)", RELEASED, "bool")
+    top_entropy_quantile: float = setting(1.0, "rho: only the rho fraction of valid tokens with the highest entropy "
+                                          "(per part, per micro-batch) get a policy update; KL stays on every token; "
+                                          "1 = all tokens", RELEASED, "unit_half_open")
+    tis_clip_max: Optional[float] = setting(None, "truncated importance-sampling correction: the policy term of each "
+                                            "token is multiplied by min(exp(old_logp - sampling_logp), tis_clip_max); "
+                                            "null = off", RELEASED, "positive_or_none")
 
     def __post_init__(self):
         self.validate()
@@ -200,7 +214,8 @@ class Objective:
 
     @property
     def needs(self) -> Needs:
-        return Needs(reference_logp=self.settings.beta > 0)
+        s = self.settings
+        return Needs(reference_logp=s.beta > 0, sampling_logp=s.tis_clip_max is not None)
 
     def __repr__(self):
         return f"{type(self).__name__}({self.settings!r})"
@@ -228,10 +243,56 @@ class Objective:
 
     def sequence_advantages(self, rewards, group_size, reward_weights=None, B=None):
         """``(combined rewards [B], sequence advantages [B])`` (docs/algorithms.md, "Rewards to advantages")."""
+        s = self.settings
         r = combine_rewards(rewards, reward_weights)
         if B is not None and r.shape[0] != B:
             raise ValueError(f"rewards has {r.shape[0]} samples but the head batches have B = {B}")
-        return r, group_advantages(r, group_size, eps=self.settings.adv_eps, scale=self.settings.scale_rewards)
+        if s.reward_aggregation == "normalize_then_sum" and rewards.dim() == 2:
+            return r, normalize_then_sum(rewards, group_size, reward_weights, eps=s.adv_eps, scale=s.scale_rewards)
+        return r, group_advantages(r, group_size, eps=s.adv_eps, scale=s.scale_rewards)
+
+    def drop_flat_groups(self, parts, rewards: torch.Tensor, group_size: int, metrics: Dict[str, torch.Tensor]):
+        """With ``drop_zero_spread_groups``: the parts with the rows of zero-spread groups masked out (they then
+        count nowhere: policy term, KL term, denominators, metrics). Without it: the parts unchanged."""
+        if not self.settings.drop_zero_spread_groups:
+            return parts
+        flat = group_spread(rewards.detach().double(), group_size) <= ZERO_SPREAD_TOL
+        metrics["groups/dropped_frac"] = flat.float().mean()
+        keep = (~flat).repeat_interleave(group_size)[:, None]
+        return [(name, dataclasses.replace(b, mask=b.mask * keep.to(device=b.mask.device, dtype=b.mask.dtype)))
+                for name, b in parts]
+
+    def token_options(self, name: str, batch: HeadBatch, seen: Dict[str, torch.Tensor]):
+        """``post(a_tok, logp, entropy) -> a_tok`` applying top-rho entropy masking and the truncated IS correction
+        to a head's token advantages, or None when both are off. Both multiply the advantage by a factor >= 0,
+        which scales the clipped surrogate by the same factor and keeps every clip decision."""
+        s = self.settings
+        if s.top_entropy_quantile >= 1.0 and s.tis_clip_max is None:
+            return None
+        valid = batch.mask.bool()
+        if s.tis_clip_max is not None and batch.sampling_logp is None:
+            raise ValueError(f"{name}.sampling_logp ([B, T] log-probs of the sampling distribution) is required by "
+                             "tis_clip_max")
+
+        def post(a_tok, logp, entropy):
+            a = a_tok if a_tok.dim() == 2 else a_tok[:, None].expand_as(logp)
+            a = a.to(torch.promote_types(a.dtype, logp.dtype))   # float64 advantages stay float64
+            if s.top_entropy_quantile < 1.0:
+                values = entropy[valid.to(entropy.device)].float()
+                thr = torch.quantile(values, 1.0 - s.top_entropy_quantile) if values.numel() else values.new_zeros(())
+                keep = (entropy >= thr) & valid.to(entropy.device)
+                seen[f"mask/top_entropy_frac_{name}"] = keep.float().sum() / valid.float().sum().clamp(min=1.0)
+                a = a * keep
+            if s.tis_clip_max is not None:
+                base = logp.to(a.dtype) if batch.old_logp is None else batch.old_logp.to(a.dtype)
+                delta = torch.where(valid.to(logp.device), base - batch.sampling_logp.to(a.dtype),
+                                    torch.zeros_like(base))
+                weight = torch.exp(delta).clamp(max=s.tis_clip_max)
+                seen[f"tis/weight_mean_{name}"] = (weight * valid).sum() / valid.float().sum().clamp(min=1.0)
+                a = a * weight
+            return a
+
+        return post
 
     def shared_denominators(self, parts, policy_weights: Optional[Dict[str, torch.Tensor]] = None):
         """``(normalizer, kl_normalizer)`` over the tokens of all parts together, so that the per-head losses
@@ -253,12 +314,18 @@ class Objective:
                   for m, (n, _) in zip(masks, parts))
         return pol + WEIGHTED_EPS, sum(m.sum() for m in masks).clamp(min=1.0)
 
-    def run_head(self, batch: HeadBatch, normalizer, kl_normalizer, *, head: str = "fused",
-                 **kw) -> GRPOLossOutput:
+    def run_head(self, batch: HeadBatch, normalizer, kl_normalizer, *, head: str = "fused", part: str = "image",
+                 seen: Optional[Dict[str, torch.Tensor]] = None, **kw) -> GRPOLossOutput:
         """One head's share of the loss through the fused kernel (``head="fused"``) or full logits (``"eager"``)."""
         if head not in heads.HEAD_LOSSES:
             raise ValueError(f"head must be one of {HEAD_IMPLS}, got {head!r}")
         s = self.settings
+        post = self.token_options(part, batch, {} if seen is None else seen)
+        if post is not None:   # the options need the current log-probs / entropies: one advantage_fn call
+            inner = kw.pop("advantage_fn", None)
+            fixed = kw.pop("advantages", None)
+            kw["advantage_fn"] = lambda logp, entropy: post(
+                inner(logp, entropy) if inner is not None else fixed.to(logp.device), logp, entropy)
         return heads.HEAD_LOSSES[head](
             batch.hidden, batch.weight, batch.targets, batch.mask, kw.pop("advantages", None), batch.bias,
             old_logp=batch.old_logp, ref_logp=batch.ref_logp, beta=s.beta if batch.ref_logp is not None else 0.0,

@@ -113,6 +113,12 @@ class EGGRPOSettings(EntropyShapingSettings):
         "step, hence off)", RELEASED, "bool")
     kappa: float = setting(1.0, "budget ratio of budget_neutral (1: the same budget as GRPO)", OURS, "positive")
 
+    def check_combination(self) -> None:
+        super().check_combination()
+        if self.budget_neutral and (self.top_entropy_quantile < 1.0 or self.tis_clip_max is not None):
+            raise ValueError("budget_neutral cannot be combined with top_entropy_quantile < 1 or tis_clip_max "
+                             "(the budget would be measured before their factors)")
+
 
 class EGGRPOObjective(Objective):
     """EG-GRPO, released-code semantics by default; ``budget_neutral`` is the paper's Proposition 1 as an option.
@@ -139,16 +145,17 @@ class EGGRPOObjective(Objective):
         parts = self.parts(image, text)
         B = image.hidden.shape[0]
         r, adv = self.sequence_advantages(rewards, group_size, reward_weights, B)
+        extra: Dict[str, torch.Tensor] = {}
+        parts = self.drop_flat_groups(parts, r, group_size, extra)
         den, kl_den = self.shared_denominators(parts)
         masks_seen: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
         results = {}
-        extra: Dict[str, torch.Tensor] = {}
 
         if not s.budget_neutral:
             for name, batch in parts:
                 kw = (dict(advantage_fn=shaping_fn(s, name, batch, adv, masks_seen)) if s.shapes(name)
                       else dict(advantages=adv.to(batch.hidden.device)))
-                results[name] = self.run_head(batch, den, kl_den, head=head, **kw)
+                results[name] = self.run_head(batch, den, kl_den, head=head, part=name, seen=extra, **kw)
         else:
             shaped = [(n, b) for n, b in parts if s.shapes(n)]
             pivot = shaped[-1] if shaped else None

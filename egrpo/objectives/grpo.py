@@ -26,8 +26,13 @@ class GRPOObjective(Objective):
         parts = self.parts(image, text)
         B = image.hidden.shape[0]
         r, adv = self.sequence_advantages(rewards, group_size, reward_weights, B)
+        extra = {}
+        parts = self.drop_flat_groups(parts, r, group_size, extra)
         den, kl_den = self.shared_denominators(parts)
-        results = {name: self.run_head(batch, den, kl_den, head=head, advantages=adv.to(batch.hidden.device))
+        results = {name: self.run_head(batch, den, kl_den, head=head, part=name, seen=extra,
+                                       advantages=adv.to(batch.hidden.device))
                    for name, batch in parts}
         loss = sum(out.loss for out in results.values())
-        return self.finish(loss, base_metrics(r, adv, loss, results, parts), adv)
+        metrics = base_metrics(r, adv, loss, results, parts)
+        metrics.update(extra)
+        return self.finish(loss, metrics, adv)

@@ -122,6 +122,12 @@ class STAGESettings(EntropyShapingSettings):
     include_self_when_zero_advantage: bool = setting(
         False, "true reproduces the released similarity, which keeps j = i (cosine 0) in the denominator when "
         "A_i = 0", OURS, "bool")
+    def check_combination(self) -> None:
+        super().check_combination()
+        if self.reward_aggregation != "sum":
+            raise ValueError("reward_aggregation must be 'sum' for STAGE (it combines reward functions per group "
+                             "itself, dropping the constant ones)")
+
     token_shaping: str = setting("none", "none, or eg: EG-GRPO token advantages (c1, c2, low_q, high_q, ...) times "
                                  "STAGE's w", OURS, choices=TOKEN_SHAPINGS)
 
@@ -252,6 +258,7 @@ class STAGEObjective(Objective):
         row_kl = torch.ones_like(row_policy)
         if s.drop_kl_for_zero_std_groups:
             row_kl = (~zero_std).repeat_interleave(group_size).to(w.dtype)[:, None]
+        parts = self.drop_flat_groups(parts, final, group_size, extra)
         policy_weights, kl_weights = {}, {}
         for name, batch in parts:
             if name == "image":
@@ -269,11 +276,11 @@ class STAGEObjective(Objective):
                 kw["advantage_fn"] = shaping_fn(s, name, batch, adv, masks_seen)
             else:
                 kw["advantages"] = adv.to(batch.hidden.device)
-            results[name] = self.run_head(batch, den, kl_den, head=head, **kw)
+            results[name] = self.run_head(batch, den, kl_den, head=head, part=name, seen=extra, **kw)
         loss = sum(results[n].loss for n, _ in parts)
 
         metrics = base_metrics(final, adv, loss, results, parts)
-        m = image.mask.to(torch.float32)
+        m = dict(parts)["image"].mask.to(torch.float32)
         n = m.sum().clamp(min=1.0)
         metrics.update(extra)
         metrics.update({

@@ -362,6 +362,9 @@ def train(cfg: Config, resume: Optional[str] = None, *, stop_after: Optional[int
         raise ConfigError(f"rollout.image_tokens={cfg.rollout.image_tokens} but the model makes "
                           f"{num_image_tokens(model)} image tokens per image")
     objective = build_objective(cfg.objective.name, cfg.objective.settings)
+    if objective.needs.sampling_logp:
+        raise ConfigError("objective.tis_clip_max needs the log-probs of the sampling (CFG) distribution, which the "
+                          "rollout does not record yet; leave objective.tis_clip_max null")
     ref_model = None
     if needs_reference(objective):
         ref_model, _ = build_model(cfg.model, device)   # the initial policy, frozen
