@@ -301,7 +301,7 @@ def run_trial(plan: ModelPlan, head_impl: str, cot: bool, n_prompts: int, group_
             result["status"] = "ok"
             result["metrics"] = {k: v for k, v in record.items()
                                  if k.startswith(("time/", "memory/")) or k in ("rollout/cot_tokens", "loss", "grad_norm")}
-            # Which loss path ran: the fused objectives log entropy/mask/clip metrics, the eager one only "loss".
+            # The objective's own loss metrics (the same names through the fused and the eager head).
             result["loss_metric_names"] = sorted(k for k in record if k.split("/")[0] in
                                                  ("entropy", "mask", "clip", "kl", "adv"))
         except Exception as exc:  # noqa: BLE001 - classified below, re-raised never: the search goes on
