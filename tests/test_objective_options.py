@@ -164,3 +164,14 @@ def test_option_combinations_that_are_refused():
         build_objective("stage", reward_aggregation="normalize_then_sum")
     with pytest.raises(ValueError, match=r"top_entropy_quantile must be a number in \(0, 1\]"):
         build_objective("grpo", top_entropy_quantile=0.0)
+
+
+def test_trainer_refuses_the_is_correction_until_the_rollout_records_sampling_logprobs(tmp_path):
+    from egrpo.trainer.config import ConfigError
+    from egrpo.trainer.train import train
+
+    from .trainer._helpers import small_config
+
+    cfg = small_config(tmp_path, "objective.name=grpo", "objective.tis_clip_max=2.0")
+    with pytest.raises(ConfigError, match="objective.tis_clip_max needs the log-probs of the sampling"):
+        train(cfg)

@@ -356,15 +356,15 @@ def train(cfg: Config, resume: Optional[str] = None, *, stop_after: Optional[int
         os.makedirs(out_dir, exist_ok=True)
         save_config(cfg, os.path.join(out_dir, "config.yaml"))
 
-    # ---- model, reference, objective, rewards, data
-    model, tokenizer = build_model(cfg.model, device)
-    if cfg.rollout.image_tokens != num_image_tokens(model):
-        raise ConfigError(f"rollout.image_tokens={cfg.rollout.image_tokens} but the model makes "
-                          f"{num_image_tokens(model)} image tokens per image")
+    # ---- objective, model, reference, rewards, data
     objective = build_objective(cfg.objective.name, cfg.objective.settings)
     if objective.needs.sampling_logp:
         raise ConfigError("objective.tis_clip_max needs the log-probs of the sampling (CFG) distribution, which the "
                           "rollout does not record yet; leave objective.tis_clip_max null")
+    model, tokenizer = build_model(cfg.model, device)
+    if cfg.rollout.image_tokens != num_image_tokens(model):
+        raise ConfigError(f"rollout.image_tokens={cfg.rollout.image_tokens} but the model makes "
+                          f"{num_image_tokens(model)} image tokens per image")
     ref_model = None
     if needs_reference(objective):
         ref_model, _ = build_model(cfg.model, device)   # the initial policy, frozen
