@@ -18,7 +18,7 @@ ref, loss, update) and ``memory/peak_mb`` are recorded. If even one group of ``g
 not fit, smaller groups (4, then 2 images) are tried, so that a model that fits only a few images still
 gets a number.
 
-Model shapes (ALGORITHMS.md section 5), random init, bf16, built directly on the GPU:
+Model shapes (docs/algorithms.md, Janus-Pro shapes), random init, bf16, built directly on the GPU:
 
 - ``janus-pro-1b``: LM 2048 x 24 layers x 16 heads (MLP 5632), text vocab 102400, generation head
   2048 -> 2048 -> 16384, SigLIP-L-sized vision tower (frozen, unused by generation), VQ decoder of
@@ -303,7 +303,7 @@ def run_trial(plan: ModelPlan, head_impl: str, cot: bool, n_prompts: int, group_
             result["status"] = "ok"
             result["metrics"] = {k: v for k, v in record.items()
                                  if k.startswith(("time/", "memory/")) or k in ("rollout/cot_tokens", "loss", "grad_norm")}
-            # Which loss path ran: the fused objectives log entropy/mask/clip metrics, the eager one only "loss".
+            # The objective's own loss metrics (the same names through the fused and the eager head).
             result["loss_metric_names"] = sorted(k for k in record if k.split("/")[0] in
                                                  ("entropy", "mask", "clip", "kl", "adv"))
         except Exception as exc:  # noqa: BLE001 - classified below, re-raised never: the search goes on

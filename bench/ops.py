@@ -33,7 +33,7 @@ from egrpo.kernels.reference import (
     linear_logprob_entropy_reference,
 )
 from egrpo.objectives import eg_grpo_token_advantages
-from egrpo.stage import stage_kl_weights, stage_policy_weights
+from egrpo.objectives import stage_kl_weights, stage_policy_weights
 
 IMPLS = ("ours_triton", "ours_torch", "eager", "compile", "torch_lce", "liger_flce", "liger_grpo")
 IMPL_LABELS = {

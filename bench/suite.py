@@ -1,6 +1,6 @@
 """Kernel micro-benchmark suite: every op x case x implementation, one JSON, one README.
 
-    python -m bench.suite                  # CPU: small shapes (~5-10 min on 2 cores); CUDA: KERNELS.md cases
+    python -m bench.suite                  # CPU: small shapes (~5-10 min on 2 cores); CUDA: docs/kernels.md cases
     python -m bench.suite --ops head,grpo --cases image --impls ours_torch,eager --reps 5
     python -m bench.suite --tiny --reps 1  # toy shapes, seconds (what the smoke test runs)
     python -m bench.suite --time-budget 500 --resume   # in pieces: each call measures what is still missing

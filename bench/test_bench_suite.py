@@ -2,7 +2,7 @@
 (`pytest bench/test_bench_suite.py --benchmark-enable`).
 
 Same ops, cases and implementations as ``python -m bench.suite`` (small shapes on CPU, the
-KERNELS.md section 5 cases on CUDA; the headline cases, not the sweeps); one round is one
+docs/kernels.md benchmark cases on CUDA; the headline cases, not the sweeps); one round is one
 forward+backward. Rows an implementation cannot run (``n/a``, ``needs CUDA``) are skipped with the
 suite's reason. Peak memory and the derived ratios are only in the suite's JSON.
 """

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -48,11 +49,13 @@ def group_advantages(rewards, group_size, eps=1e-4, scale="group"):
 
 
 def eg_token_advantages(seq_adv, entropy, mask, vocab_size, *, low_q=0.2, high_q=0.5, c1=0.3, c2=0.3,
-                        include_invalid=False):
+                        released_text_percentiles=False):
     """EG-GRPO token advantages, released semantics, one token at a time.
 
-    ``Hn = H / ln V``; per row, over its valid tokens (all tokens with ``include_invalid``):
-    ``lo = sorted[floor(low_q n)]``, ``hi = sorted[floor(high_q n)]``; a valid token with ``Hn < lo`` gets 0,
+    ``Hn = H / ln V``; per row, over its valid tokens: ``lo = sorted[floor(low_q n)]``,
+    ``hi = sorted[floor(high_q n)]`` (with ``released_text_percentiles``, the released text rule: the whole padded
+    row of length L sorted, n = #(Hn > 0), ``hi = sorted[L - max(1, floor(high_q n))]``,
+    ``lo = sorted[L - n + max(1, floor(low_q n))]``, each index capped at L - 1, q n taken in float32); a valid token with ``Hn < lo`` gets 0,
     one with ``Hn > hi`` gets ``A + min(c1 |A|, c2 Hn)``, the others ``A``. Returns ``(A_tok, low, high)``.
     """
     B, T = entropy.shape
@@ -62,11 +65,17 @@ def eg_token_advantages(seq_adv, entropy, mask, vocab_size, *, low_q=0.2, high_q
     high = torch.zeros(B, T, dtype=torch.bool)
     for i in range(B):
         a = float(seq_adv[i])
-        pool = [float(hn[i, t]) for t in range(T) if include_invalid or bool(mask[i, t])]
+        pool = [float(hn[i, t]) for t in range(T) if released_text_percentiles or bool(mask[i, t])]
         if not pool:
             continue
         pool.sort()
-        lo, hi = pool[int(low_q * len(pool))], pool[int(high_q * len(pool))]
+        if released_text_percentiles:
+            L, n = len(pool), sum(1 for v in pool if v > 0)
+            k_hi = max(1, int(float(np.float32(n) * np.float32(high_q))))
+            k_lo = max(1, int(float(np.float32(n) * np.float32(low_q))))
+            lo, hi = pool[min(L - n + k_lo, L - 1)], pool[min(L - k_hi, L - 1)]
+        else:
+            lo, hi = pool[int(low_q * len(pool))], pool[int(high_q * len(pool))]
         for t in range(T):
             if not bool(mask[i, t]):
                 continue

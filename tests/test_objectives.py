@@ -104,9 +104,10 @@ def test_text_padding_excluded_by_default_and_included_in_compat_mode():
     entropy[:, 12:] = 6.0  # post-EOS padding with large entropy
     adv = torch.tensor([1.0, -2.0, 0.5])
     default, low_d, high_d = eg_grpo_token_advantages(adv, entropy, mask, V, backend="torch")
-    compat, low_c, high_c = eg_grpo_token_advantages(adv, entropy, mask, V, include_invalid=True, backend="torch")
+    compat, low_c, high_c = eg_grpo_token_advantages(adv, entropy, mask, V, released_text_percentiles=True,
+                                                         backend="torch")
     ref_d, _, _ = f64.eg_token_advantages(adv, entropy, mask, V)
-    ref_c, _, _ = f64.eg_token_advantages(adv, entropy, mask, V, include_invalid=True)
+    ref_c, _, _ = f64.eg_token_advantages(adv, entropy, mask, V, released_text_percentiles=True)
     assert torch.allclose(default.double() * mask, ref_d * mask, atol=1e-6)
     assert torch.allclose(compat.double() * mask, ref_c * mask, atol=1e-6)
     assert high_d.sum(1).tolist() == [5] * B and high_c.sum() == 0  # floor(0.5*12)=6 -> 5 above; padding wins
@@ -153,7 +154,7 @@ def expected_two_part_loss(image, text, rewards, G, *, shape_text=True, shape_im
         shaped = shape_text if name == "text" else shape_image
         if shaped:
             tok[name] = f64.eg_token_advantages(adv, ent, b.mask, b.weight.shape[0],
-                                                include_invalid=(name == "text" and compat))[0]
+                                                released_text_percentiles=(name == "text" and compat))[0]
         else:
             tok[name] = adv[:, None].expand(b.mask.shape) * b.mask.double()
     scale = 1.0

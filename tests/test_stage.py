@@ -4,7 +4,7 @@ import torch
 from egrpo.kernels import cross_sample_similarity
 from egrpo.kernels._common import INTERPRETING
 from egrpo.kernels.reference import stage_loss_reference
-from egrpo.stage import (
+from egrpo.objectives import (
     STAGE,
     add_entropy_reward,
     combine_group_rewards,

@@ -1,5 +1,5 @@
 """STAGE's cross-sample similarity: per image and grid position, the mean cosine similarity of its
-VQ codebook vector to those of the opposite-advantage images of its group (ALGORITHMS.md 3.1).
+VQ codebook vector to those of the opposite-advantage images of its group (docs/algorithms.md, STAGE step 4).
 
 Math (groups are ``group_size`` consecutive rows; ``q`` = L2-normalised codebook vectors)::
 
@@ -200,7 +200,7 @@ def cross_sample_similarity(
         backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
         include_self_when_zero_advantage: released-code compatibility: an image with advantage 0
             also counts itself in the denominator (with cosine 0), i.e. its Sim shrinks by a factor
-            (n / (n + 1)). Off by default (ALGORITHMS.md 3.1).
+            (n / (n + 1)). Off by default (docs/algorithms.md, STAGE step 4).
 
     Returns:
         ``Sim [B, T]`` float32 in [-1, 1]; 0 where no image of the group qualifies.

@@ -49,7 +49,7 @@ def cross_sample_similarity_reference(
     codebook: Optional[torch.Tensor] = None,
     include_self_when_zero_advantage: bool = False,
 ) -> torch.Tensor:
-    """STAGE ``Sim [B, T]`` (ALGORITHMS.md 3.1) by explicit loops over image pairs, in float64.
+    """STAGE ``Sim [B, T]`` (docs/algorithms.md, STAGE step 4) by explicit loops over image pairs, in float64.
 
     ``codes`` are ``[B, T, C]`` vectors, or ``[B, T]`` ids into ``codebook [K, C]``; ``advantages``
     are ``[B]`` or ``[B, T]``. Written straight from the formula: ``M[i, j] = 1[A_i * A_j <= 0]`` for
@@ -100,7 +100,7 @@ def grpo_loss_reference(
     temperature: float = 1.0,
     compute_dtype: Optional[torch.dtype] = None,
 ):
-    """Eager GRPO loss (ALGORITHMS.md 1) through full logits, written the way trainers write it.
+    """Eager GRPO loss (docs/algorithms.md, GRPO and The token loss) through full logits, written the way trainers write it.
 
     Returns ``(loss, logp, entropy, kl)``; ``loss`` is differentiable through the full logits
     (``torch.min`` / ``torch.clamp`` autograd decides which side of the clip carries gradient).
@@ -177,7 +177,7 @@ def eg_grpo_token_advantages_reference(
     seq_advantages, entropy, mask, vocab_size, *, low_q=0.2, high_q=0.5, c1=0.3, c2=0.3,
     include_invalid=False, method="index",
 ):
-    """EG-GRPO token advantages (ALGORITHMS.md 2.1-2.3) in float64, one row at a time.
+    """EG-GRPO token advantages (docs/algorithms.md, EG-GRPO steps 1-3) in float64, one row at a time.
 
     ``entropy`` is raw (nats); it is normalised by ``ln(vocab_size)`` here.
     """
@@ -255,13 +255,13 @@ def stage_loss_reference(
     eg_low_q: float = 0.2,
     eg_high_q: float = 0.5,
 ):
-    """STAGE loss of one image micro-batch (ALGORITHMS.md section 3) in float64 through full logits.
+    """STAGE loss of one image micro-batch (docs/algorithms.md, STAGE) in float64 through full logits.
 
-    Written sample by sample from the spec, sharing no code with :mod:`egrpo.stage`. ``rewards`` is
+    Written sample by sample from the spec, sharing no code with :mod:`egrpo.objectives.stage`. ``rewards`` is
     ``[B]`` or ``[B, R]``. Returns ``(loss, info)``: ``loss`` is differentiable w.r.t. ``hidden``,
     ``weight`` and ``bias``; ``info`` holds the float64 ``rewards`` (after dropping and the entropy
     reward), ``advantages [B]``, ``sim``, ``w``, ``kl_w`` (``[B, T]``), ``logp`` and ``entropy``.
-    ``eg_token_shaping``: EG-GRPO token advantages (ALGORITHMS.md 2.3, released "index"
+    ``eg_token_shaping``: EG-GRPO token advantages (docs/algorithms.md, EG-GRPO step 3, released "index"
     percentiles ``sorted[floor(q n)]`` of ``H / ln V`` over each row's valid tokens) times ``w``.
     """
     logp, entropy = linear_logprob_entropy_reference(
@@ -308,8 +308,9 @@ def stage_loss_reference(
     kl_w = kl_a + kl_b * (sim + 1).clamp(0, 1)
     for g in range(n_groups):
         sl = slice(g * group_size, (g + 1) * group_size)
-        if no_signal[g] and not entropy_reward:
+        if no_signal[g] and not entropy_reward:   # released trainer: Sim := 1 there
             w[sl] = 0.0
+            kl_w[sl] = kl_a + kl_b
         if drop_kl_for_zero_std_groups and zero_std[g]:
             kl_w[sl] = 0.0
     ratio = torch.exp(logp - (old_logp.double() if old_logp is not None else logp.detach()))

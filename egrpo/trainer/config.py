@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from egrpo.errors import ConfigError  # noqa: F401  (re-exported: `from egrpo.trainer.config import ConfigError`)
+from egrpo.objectives import OBJECTIVES, ObjectiveSettings, objective_class
 
 from .model import TINY_DEFAULTS, ModelConfig
 from .rollout import RolloutConfig
@@ -28,11 +29,67 @@ from .rollout import RolloutConfig
 
 @dataclass
 class ObjectiveConfig:
-    """``name`` picks the objective; every other key of the YAML section is a hyper-parameter passed to
-    ``egrpo.objectives.build_objective(name, **hparams)`` (e.g. ``beta``, ``eps_low``, ``c1``, ``low_q``)."""
+    """The ``objective`` section, ``{name: ..., <settings>}``: ``name`` picks the objective (``grpo``, ``eg_grpo``,
+    ``stage``) and every other key is one of its typed settings (``egrpo.objectives``: ``GRPOSettings``,
+    ``EGGRPOSettings``, ``STAGESettings``; each field documents its meaning, default and source, and
+    docs/algorithms.md has the formulas). Unknown keys and out-of-range values are one-line errors."""
 
     name: str = "eg_grpo"
-    hparams: Dict[str, Any] = field(default_factory=dict)
+    settings: Optional[ObjectiveSettings] = None   # None = the objective's defaults
+    given: Tuple[str, ...] = field(default=(), repr=False)   # the keys the config wrote (the rest are defaults)
+
+    def __post_init__(self):
+        try:
+            cls = objective_class(self.name)
+        except ValueError:
+            raise ConfigError(f"objective.name={self.name!r} is unknown (known: {', '.join(sorted(OBJECTIVES))})") from None
+        if self.settings is None:
+            self.settings = cls.Settings()
+        elif not isinstance(self.settings, cls.Settings):
+            raise ConfigError(f"objective.settings must be {cls.Settings.__name__} for objective {self.name!r}, got "
+                              f"{type(self.settings).__name__}")
+
+    @classmethod
+    def from_mapping(cls, raw: Any, where: str = "objective") -> "ObjectiveConfig":
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: expected a mapping of keys, got {raw!r}")
+        name = raw.get("name", cls.name)
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}.name: expected a string, got {name!r}")
+        try:
+            settings_cls = objective_class(name).Settings
+        except ValueError:
+            raise ConfigError(f"{where}.name={name!r} is unknown (known: {', '.join(sorted(OBJECTIVES))})") from None
+        hints = typing.get_type_hints(settings_cls)
+        valid = [f.name for f in dataclasses.fields(settings_cls)]
+        values: Dict[str, Any] = {}
+        for key, value in raw.items():
+            if key == "name":
+                continue
+            if key not in valid:
+                raise ConfigError(f"unknown key {key!r} in section {where!r} for objective {name!r} "
+                                  f"(valid keys: name, {', '.join(valid)})")
+            values[key] = _coerce(value, hints[key], f"{where}.{key}")
+        try:
+            settings = settings_cls(**values)
+        except ValueError as e:
+            raise ConfigError(f"{where}.{e}") from None
+        return cls(name=name, settings=settings, given=tuple(values))
+
+    @property
+    def hparams(self) -> Dict[str, Any]:
+        """The settings the config wrote, with their values (:meth:`effective` adds the defaults)."""
+        return {k: getattr(self.settings, k) for k in self.given}
+
+    def effective(self) -> Dict[str, Any]:
+        """Every setting of the objective, defaults included."""
+        return self.settings.to_dict()
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The section as YAML writes it, with the EFFECTIVE settings: ``{name, <every setting>}``."""
+        return {"name": self.name, **self.effective()}
 
 
 @dataclass
@@ -208,30 +265,24 @@ class Config:
                 check_reward_arguments(resolve_reward(rc.name), rc.kwargs, f"rewards[{i}] ({rc.name!r})")
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-        try:
-            from egrpo.objectives import OBJECTIVES
-            import egrpo.stage  # noqa: F401  (registers "stage")
-        except ImportError:  # pragma: no cover - objectives are part of the package
-            OBJECTIVES = None
-        if OBJECTIVES is not None and self.objective.name not in OBJECTIVES:
-            raise ConfigError(f"objective.name={self.objective.name!r} is unknown (known: {sorted(OBJECTIVES)})")
+        ObjectiveConfig(self.objective.name, self.objective.settings)   # name and settings agree
         return self
 
     def to_dict(self) -> Dict[str, Any]:
-        """The config in the same shape as the YAML it came from (hyper-parameters and kwargs inlined)."""
+        """The config in the same shape as the YAML it came from (objective settings with their effective values,
+        reward kwargs inlined)."""
         out = dataclasses.asdict(self)
-        obj = out["objective"]
-        out["objective"] = {"name": obj["name"], **obj["hparams"]}
+        out["objective"] = self.objective.to_dict()
         out["rewards"] = [{"name": r["name"], "weight": r["weight"], "retries": r["retries"], "on_error": r["on_error"],
                            **r["kwargs"]} for r in out["rewards"]]
         out["optim"]["betas"] = list(out["optim"]["betas"])
         return out
 
-    def effective_dict(self, objective=None) -> Dict[str, Any]:
-        """`to_dict` with every default spelled out: the objective's effective settings (from the built
-        ``objective`` if given) and each reward's constructor defaults. This is what ``config.yaml`` holds."""
+    def effective_dict(self) -> Dict[str, Any]:
+        """`to_dict` with every default spelled out: the objective's effective settings (already in `to_dict`) and
+        each reward's constructor defaults. This is what ``config.yaml`` holds."""
         out = self.to_dict()
-        out["objective"] = {"name": self.objective.name, **objective_settings(self.objective, objective)}
+        out["objective"] = _plain(out["objective"])
         from egrpo.rewards.registry import resolve_reward, reward_defaults
 
         for entry, rc in zip(out["rewards"], self.rewards):
@@ -242,35 +293,6 @@ class Config:
             for key, value in defaults.items():
                 entry.setdefault(key, value)
         return out
-
-
-def objective_settings(section: "ObjectiveConfig", objective=None) -> Dict[str, Any]:
-    """The objective's effective hyper-parameters (defaults included) as a plain dict. Uses, in order, the
-    objective's ``effective_settings()``, a ``settings`` dataclass (``to_dict()`` or `dataclasses.asdict`), its
-    ``hparams`` dict; without a built objective, builds one from ``section``; falls back to what was typed."""
-    if objective is None:
-        try:
-            from egrpo.objectives import build_objective
-
-            objective = build_objective(section.name, **section.hparams)
-        except Exception:   # an invalid section is reported by validation, not here
-            return dict(section.hparams)
-    for getter in ("effective_settings", "to_dict"):
-        fn = getattr(objective, getter, None)
-        if callable(fn):
-            return _plain(fn())
-    settings = getattr(objective, "settings", None)
-    if settings is not None:
-        if callable(getattr(settings, "to_dict", None)):
-            return _plain(settings.to_dict())
-        if dataclasses.is_dataclass(settings):
-            return _plain(dataclasses.asdict(settings))
-    hparams = getattr(objective, "hparams", None)
-    if isinstance(hparams, dict):
-        return _plain(hparams)
-    if dataclasses.is_dataclass(hparams):
-        return _plain(dataclasses.asdict(hparams))
-    return dict(section.hparams)
 
 
 def _plain(value: Any) -> Any:
@@ -467,7 +489,7 @@ def config_from_dict(raw: Dict[str, Any]) -> Config:
             kwargs[name] = [_build_section(RewardConfig, v, f"rewards[{i}]", extra_key="kwargs")
                             for i, v in enumerate(value)]
         elif name == "objective":
-            kwargs[name] = _build_section(ObjectiveConfig, value, "objective", extra_key="hparams")
+            kwargs[name] = ObjectiveConfig.from_mapping(value)
         else:
             kwargs[name] = _build_section(cls, value, name)
     return Config(**kwargs)
@@ -501,11 +523,11 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
     return cfg
 
 
-def save_config(cfg: Config, path: str, objective=None) -> None:
+def save_config(cfg: Config, path: str) -> None:
     """Write the effective config (every default spelled out, see `Config.effective_dict`), atomically."""
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(cfg.effective_dict(objective), f, sort_keys=False)
+        yaml.safe_dump(cfg.effective_dict(), f, sort_keys=False)
     os.replace(tmp, path)
 
 

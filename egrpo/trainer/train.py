@@ -50,6 +50,7 @@ import yaml
 
 from egrpo.errors import CheckpointError, ConfigError, DivergenceError, ResumeError, RunDirError
 from egrpo.checkpoints import export_model
+from egrpo.objectives import build_objective
 from egrpo.rewards.base import mask_failed_rewards
 from egrpo.rewards.registry import build_rewards
 
@@ -229,91 +230,33 @@ class MicroBatch:
 
 
 def head_logp_entropy(model, ro, backend: str, chunk_size) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-    """Per part ("image", "text"): (logp, entropy) [B, T] of the sampled tokens, no grad, fused head."""
-    from egrpo.kernels import linear_logprob_entropy
-
-    out = {}
+    """Per part ("image", "text"): (logp, entropy) [B, T] float32 of the sampled tokens, no grad, fused head."""
     with torch.no_grad():
         image, text = head_inputs(model, ro)
-        for name, batch in (("image", image), ("text", text)):
-            if batch is None:
-                continue
-            logp, entropy = linear_logprob_entropy(batch.hidden, batch.weight, batch.targets, batch.bias,
-                                                   batch.temperature, backend=backend, chunk_size=chunk_size)
-            out[name] = (logp.float(), entropy.float())
-    return out
+        return {name: tuple(t.float() for t in batch.logp_entropy(backend, chunk_size))
+                for name, batch in (("image", image), ("text", text)) if batch is not None}
 
 
 def needs_reference(objective) -> bool:
-    return float(getattr(objective, "beta", 0.0)) > 0 or bool(getattr(objective, "entropy_reward", False))
+    """Whether the objective needs a frozen reference model (KL term, reference entropies); it says so itself."""
+    return objective.needs.reference_model
 
 
-def eager_objective_loss(objective, rewards, group_size, image, text, reward_weights, codes) -> torch.Tensor:
-    """The same objective through full [N, V] logits (``train.head_impl=eager``), from the eager references
-    in :mod:`egrpo.kernels.reference`: the way the released trainers compute it, kept for comparison
-    (memory/speed) and to check the fused path inside the trainer."""
-    from egrpo.kernels.reference import (eg_grpo_token_advantages_reference, grpo_loss_reference,
-                                         linear_logprob_entropy_reference, stage_loss_reference)
-
-    h = objective.hparams
-    if objective.name == "stage":
-        unsupported = {k: h[k] for k in ("reweight_advantages", "reweight_kl", "include_self_when_zero_advantage",
-                                         "token_shaping", "normalization", "scale_rewards")
-                       if h[k] != type(objective).HPARAMS[k]}
-        if text is not None or unsupported:
-            raise ConfigError(f"train.head_impl=eager supports STAGE on images only with default options; got "
-                              f"text={text is not None}, {unsupported}")
-        loss, _ = stage_loss_reference(
-            image.hidden, image.weight, image.targets, image.mask, rewards, group_size, codes, image.bias,
-            ref_logp=image.ref_logp, old_logp=image.old_logp, ref_entropy=image.ref_entropy,
-            reward_weights=reward_weights, beta=h["beta"], eps_low=h["eps_low"], eps_high=h["eps_high"],
-            kl_a=h["kl_a"], kl_b=h["kl_b"], entropy_reward=h["entropy_reward"],
-            entropy_reward_coef=h["entropy_reward_coef"], entropy_reward_centered=h["entropy_reward_centered"],
-            drop_zero_spread_rewards=h["drop_zero_spread_rewards"],
-            drop_kl_for_zero_std_groups=h["drop_kl_for_zero_std_groups"], adv_eps=h["adv_eps"],
-            temperature=image.temperature,
-        )
-        return loss.to(image.hidden.dtype if image.hidden.dtype != torch.bfloat16 else torch.float32)
-    if objective.name == "eg_grpo" and h.get("budget_neutral"):
-        raise ConfigError("train.head_impl=eager does not implement EG-GRPO's budget_neutral option")
-    parts = objective.parts(image, text)
-    _, adv = objective.sequence_advantages(rewards, group_size, reward_weights, image.hidden.shape[0])
-    den, kl_den = objective.shared_denominators(parts)
-    loss = 0.0
-    for name, batch in parts:
-        adv_tok = adv.to(batch.hidden.device)
-        if objective.name == "eg_grpo" and objective.shapes(name):
-            with torch.no_grad():
-                _, entropy = linear_logprob_entropy_reference(batch.hidden.detach(), batch.weight.detach(),
-                                                              batch.targets, None if batch.bias is None else
-                                                              batch.bias.detach(), batch.temperature)
-            adv_tok, _, _ = eg_grpo_token_advantages_reference(
-                adv.cpu(), entropy.cpu(), batch.mask.cpu(), batch.weight.shape[0], low_q=h["low_q"],
-                high_q=h["high_q"], c1=h["c1"], c2=h["c2"], method=h["percentile_method"],
-                include_invalid=(name == "text" and h["include_padding_in_text_percentiles"]))
-            adv_tok = adv_tok.to(batch.hidden.device)
-        part_loss, *_ = grpo_loss_reference(
-            batch.hidden, batch.weight, batch.targets, batch.mask, adv_tok, batch.bias, old_logp=batch.old_logp,
-            ref_logp=batch.ref_logp, beta=h["beta"] if batch.ref_logp is not None else 0.0,
-            normalization=h["normalization"], normalizer=den, kl_normalizer=kl_den, eps_low=h["eps_low"],
-            eps_high=h["eps_high"], temperature=batch.temperature)
-        loss = loss + part_loss.float()
-    return loss
-
-
-def micro_loss(model, objective, mb: MicroBatch, group_size: int, reward_weights: torch.Tensor, head_impl: str):
-    """Policy forward + objective for one micro-batch -> (loss, metrics). Grad enabled."""
+def micro_loss(model, objective, mb: MicroBatch, group_size: int, reward_weights: torch.Tensor,
+               head_impl: str = "fused"):
+    """Policy forward + objective for one micro-batch -> (loss, metrics). Grad enabled. ``head_impl``: the
+    objective's token loss through the fused kernels or through full logits (``train.head_impl``)."""
     image, text = head_inputs(model, mb.rollout)
+    if not objective.needs.text:
+        text = None
     for name, batch in (("image", image), ("text", text)):
         if batch is None:
             continue
         if name in mb.ref:
             batch.ref_logp, batch.ref_entropy = mb.ref[name]
         batch.old_logp = mb.old.get(name)
-    if head_impl == "eager":
-        loss = eager_objective_loss(objective, mb.rewards, group_size, image, text, reward_weights, mb.codes)
-        return loss, {"loss": float(loss.detach())}
-    out = objective(mb.rewards, group_size, image, text, reward_weights=reward_weights, codes=mb.codes)
+    out = objective(mb.rewards, group_size, image, text, reward_weights=reward_weights, codes=mb.codes,
+                    head=head_impl)
     return out.loss, dict(out.metrics)
 
 
@@ -744,13 +687,12 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
     out_dir = t.out_dir
     ckpt_root = os.path.join(out_dir, "checkpoints")
 
-    from egrpo.objectives import build_objective
-
-    try:
-        objective = build_objective(cfg.objective.name, **cfg.objective.hparams)
-    except ValueError as e:
-        raise ConfigError(f"objective: {e}") from None
-    effective = cfg.effective_dict(objective)
+    # ---- objective first: a setting the trainer cannot serve fails before any weights load
+    objective = build_objective(cfg.objective.name, cfg.objective.settings)
+    if objective.needs.sampling_logp:
+        raise ConfigError("objective.tis_clip_max needs the log-probs of the sampling (CFG) distribution, which the "
+                          "rollout does not record yet; leave objective.tis_clip_max null")
+    effective = cfg.effective_dict()
 
     # ---- run directory: never destroy a run; a resume may change only what its policy allows
     step, data_position, resume_from, changes = 0, 0, None, []
@@ -804,8 +746,7 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
         raise ConfigError(f"rewards: {e}") from e
     prompts, metadata = load_prompts(cfg.data)
     stream = PromptStream(prompts, metadata, t.seed, cfg.data.shuffle)
-    backend = objective.hparams.get("backend", "auto")
-    chunk_size = objective.hparams.get("chunk_size")
+    backend, chunk_size = objective.settings.backend, objective.settings.chunk_size
 
     # ---- DeepSpeed engine
     total_updates = t.steps * t.updates_per_rollout
@@ -831,7 +772,7 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
         for line in changes:
             say(f"resume changes {line}", is_main)
     if is_main:
-        save_config(cfg, os.path.join(out_dir, "config.yaml"), objective)
+        save_config(cfg, os.path.join(out_dir, "config.yaml"))
         with open(os.path.join(out_dir, "config_history.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step,
                                 "event": "resume" if resume_from else "start", "resumed_from": resume_from,
@@ -883,7 +824,7 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
                         if "inf" in str(e) or "nan" in str(e):
                             raise diverged(f"non-finite sampling probabilities ({str(e).splitlines()[0]})") from e
                         raise
-                    codes = codebook_vectors(module, ro.image_tokens) if objective.name == "stage" else None
+                    codes = codebook_vectors(module, ro.image_tokens) if objective.needs.codebook_vectors else None
                 timers["rollout"] += time.perf_counter() - t0
                 rollout_metrics.append(ro.metrics)
                 t0 = time.perf_counter()

@@ -220,7 +220,7 @@ def test_gpu_similarity_and_weights_cost_under_one_percent_of_image_head():
     # Issue 4's goal: similarity + reweighting for 8 groups of 8 images x 576 tokens costs < 1% of
     # the fused image head's forward+backward (Janus-Pro-7B sizes: D = 4096, V = 16384, bf16).
     from egrpo.kernels import linear_logprob_entropy
-    from egrpo.stage import stage_kl_weights, stage_policy_weights
+    from egrpo.objectives import stage_kl_weights, stage_policy_weights
 
     B, T, C, D, V = 64, 576, 8, 4096, 16384
     codebook = torch.nn.functional.normalize(torch.randn(V, C, device="cuda"), dim=-1)

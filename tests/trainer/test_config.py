@@ -106,7 +106,7 @@ def test_prompt_files(tmp_path):
         load_prompts(cfg.data)
 
 
-# The published recipes (ALGORITHMS.md sections 1-3). Their reward names refer to adapters a later module
+# The published recipes (docs/algorithms.md: GRPO, EG-GRPO, STAGE). Their reward names refer to adapters a later module
 # registers, so only the hyper-parameters are checked here, not the reward registry.
 RECIPES = {
     "eg_grpo_janus_pro_7b.yaml": dict(objective="eg_grpo", beta=0.01, lr=1e-6, grad_accum=2),

@@ -1,0 +1,104 @@
+"""The two ways an objective's token loss meets a head: the fused kernels, or full ``[B, T, V]`` logits.
+
+``"fused"`` is :func:`egrpo.kernels.grpo_loss` / :func:`egrpo.kernels.linear_logprob_entropy` (no ``N x V``
+tensor). ``"eager"`` computes the same quantities from full logits with plain autograd, the way the released
+trainers do (``train.head_impl=eager``): kept to compare memory and speed, and to check the fused path inside
+the trainer. Both take the same arguments and return the same :class:`~egrpo.kernels.GRPOLossOutput`, so every
+objective option runs on either. Formulas: docs/algorithms.md ("The token loss").
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.grpo_loss import WEIGHTED_EPS, GRPOLossOutput, grpo_loss
+from ..kernels.linear_logprob_entropy import linear_logprob_entropy
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # The released trainers upcast half-precision logits before the softmax; so do we.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def eager_logits_logp_entropy(hidden, weight, targets, bias=None, temperature: float = 1.0):
+    """Full logits -> ``(logp, entropy)`` ``[B, T]``; differentiable (logp) through plain autograd."""
+    dt = _compute_dtype(hidden.dtype)
+    logits = F.linear(hidden.to(dt), weight.to(dt), None if bias is None else bias.to(dt)) / temperature
+    logprobs = torch.log_softmax(logits, dim=-1)
+    logp = logprobs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return logp, entropy
+
+
+def eager_logp_entropy(hidden, weight, targets, bias=None, temperature: float = 1.0, *, backend=None,
+                       chunk_size=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    del backend, chunk_size   # full logits: nothing to choose
+    return eager_logits_logp_entropy(hidden, weight, targets, bias, temperature)
+
+
+def eager_grpo_loss(
+    hidden, weight, targets, mask, advantages, bias=None, *, old_logp=None, ref_logp=None, beta: float = 0.0,
+    kl_weights=None, policy_weights=None, normalization: str = "token_mean", normalizer=None, kl_normalizer=None,
+    eps_low: float = 0.2, eps_high: float = 0.2, temperature: float = 1.0,
+    advantage_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None, backend=None,
+    chunk_size=None,
+) -> GRPOLossOutput:
+    """:func:`egrpo.kernels.grpo_loss` through full logits (same arguments, same outputs)."""
+    del backend, chunk_size
+    B, T = targets.shape
+    logp, entropy = eager_logits_logp_entropy(hidden, weight, targets, bias, temperature)
+    dt = logp.dtype
+    valid = mask.bool()
+    m = valid.to(dt)
+    if advantage_fn is not None:
+        advantages = advantage_fn(logp.detach().float(), entropy.detach().float())
+    if advantages is None:
+        raise ValueError("advantages must be given (or advantage_fn)")
+    adv = advantages.detach().to(device=logp.device, dtype=dt)
+    adv = (adv[:, None].expand(B, T) if adv.dim() == 1 else adv) * m
+    # Without old_logp the ratio is 1 in value with d ratio / d logp = 1 (on-policy).
+    old = logp.detach() if old_logp is None else old_logp.detach().to(dt)
+    ratio = torch.exp(torch.where(valid, logp - old, torch.zeros_like(logp)))
+    surr = torch.minimum(ratio * adv, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv)
+    clipped_low = valid & (ratio.detach() < 1.0 - eps_low) & (adv < 0)
+    clipped_high = valid & (ratio.detach() > 1.0 + eps_high) & (adv > 0)
+    w = m if policy_weights is None else m * policy_weights.detach().to(dt)
+    as_den = lambda v: v.detach().to(device=logp.device, dtype=dt) if isinstance(v, torch.Tensor) else \
+        torch.tensor(float(v), dtype=dt, device=logp.device)  # noqa: E731
+    if normalization == "sequence_mean":
+        den = m.sum(1).clamp(min=1.0) if normalizer is None else as_den(normalizer)
+        kl_den = den if kl_normalizer is None else as_den(kl_normalizer)
+        den_rows, kl_rows = (den * B).expand(B), (kl_den * B).expand(B)
+        pg_scale, kl_base = w / den_rows[:, None], m / kl_rows[:, None]
+    else:
+        if normalizer is not None:
+            den = as_den(normalizer)
+        elif normalization == "token_mean":
+            den = m.sum().clamp(min=1.0)
+        elif normalization == "constant":
+            den = torch.tensor(float(max(B * T, 1)), dtype=dt, device=logp.device)
+        else:
+            den = w.sum() + WEIGHTED_EPS
+        if kl_normalizer is not None:
+            kl_den = as_den(kl_normalizer)
+        elif normalization == "weighted":
+            kl_den = m.sum().clamp(min=1.0)
+        else:
+            kl_den = den
+        pg_scale, kl_base = w / den, m / kl_den
+    loss = -(surr * pg_scale).sum()
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None:
+        delta = torch.where(valid, ref_logp.detach().to(dt) - logp, torch.zeros_like(logp))
+        kl = torch.exp(delta) - delta - 1.0
+        if beta != 0.0:
+            kl_w = kl_base if kl_weights is None else kl_base * kl_weights.detach().to(dt)
+            loss = loss + beta * (kl * kl_w).sum()
+    return GRPOLossOutput(loss, logp.detach(), entropy.detach(), kl.detach(), clipped_low, clipped_high, adv)
+
+
+HEAD_LOSSES = {"fused": grpo_loss, "eager": eager_grpo_loss}
+HEAD_LOGP_ENTROPY = {"fused": linear_logprob_entropy, "eager": eager_logp_entropy}
