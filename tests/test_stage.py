@@ -208,8 +208,11 @@ def check_metrics(metrics, info, batch, rewards, rw, obj, G):
     no_signal = ~(spread > obj.zero_spread_tol).any(1)
     group_raw = (combined * (spread > obj.zero_spread_tol)[:, None, :]).sum(-1)   # [n_groups, G]
     zero_std = group_raw.std(1) <= obj.zero_spread_tol
+    sim = info["sim"].clone()
+    if obj.drop_zero_spread_rewards and not obj.entropy_reward:   # released: Sim := 1 in groups without signal
+        sim[no_signal.repeat_interleave(G)] = 1.0
     expected = {
-        "stage/sim_mean_image": mean(info["sim"]),
+        "stage/sim_mean_image": mean(sim),
         "stage/w_mean_image": mean(w),
         "stage/kl_w_mean_image": mean(kl_w * (~zero_std).repeat_interleave(G)[:, None]
                                       if obj.drop_kl_for_zero_std_groups else kl_w),

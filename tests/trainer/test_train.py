@@ -114,8 +114,9 @@ def _float64_loss(name, h, model64, ro, per_function, reward_weights, ref, old, 
         w, kl_w = f64.stage_weights(f64.similarity(codes, adv, G), h["kl_a"], h["kl_b"])
         if not h["entropy_reward"]:
             for g, signal in enumerate(has_signal):
-                if not signal:
+                if not signal:   # released: Sim := 1 there, so policy weight 0 and KL weight a + b
                     w[g * G:(g + 1) * G] = 0.0
+                    kl_w[g * G:(g + 1) * G] = h["kl_a"] + h["kl_b"]
         m = mask["image"]
         surr, _, _ = f64.clipped_surrogate(lp["image"], old.get("image"), adv[:, None].expand_as(m),
                                            h["eps_low"], h["eps_high"])
