@@ -33,9 +33,11 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 # Bytes of fp32 logits one chunk may hold. 256 MiB keeps the GEMMs large enough to run near
-# peak on an H100 (4096 rows at V=16384) while staying far below the [N, V] eager buffers.
+# peak on an H100 (4096 rows at V=16384) while staying far below the [N, V] eager buffers. On CPU,
+# larger chunks were faster up to the sizes we tried; 64 MiB (1024 rows at V = 16384) keeps the two
+# live fp32 [chunk, V] buffers of the torch row passes at 128 MiB (our choice; bench/cpu_paired.py).
 DEFAULT_CHUNK_BYTES_CUDA = 256 * 2**20
-DEFAULT_CHUNK_BYTES_CPU = 32 * 2**20
+DEFAULT_CHUNK_BYTES_CPU = 64 * 2**20
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -96,9 +98,18 @@ def check_interpreter_works() -> None:
         raise RuntimeError(_INTERPRETER_ERROR)
 
 
+# On CUDA a chunk holds at least this many rows whatever V is: the dW GEMM's inner dimension is the
+# chunk's row count, and below ~2048 it stops being compute-bound on an H100 (our choice, from the
+# GEMM-efficiency argument in docs/kernels.md). At V = 102400 that is 800 MiB of fp32 logits plus
+# 400 MiB of bf16 dz per chunk.
+MIN_CHUNK_ROWS_CUDA = 2048
+
+
 def default_chunk_rows(n_rows: int, vocab: int, device: torch.device) -> int:
     budget = DEFAULT_CHUNK_BYTES_CUDA if device.type == "cuda" else DEFAULT_CHUNK_BYTES_CPU
     rows = max(1, budget // (4 * vocab))
+    if device.type == "cuda":
+        rows = max(rows, MIN_CHUNK_ROWS_CUDA)
     if rows >= 128:
         rows -= rows % 128  # whole tensor-core tiles
     return max(1, min(rows, max(n_rows, 1)))
