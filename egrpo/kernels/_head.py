@@ -120,8 +120,8 @@ def num_warps(block: int, interpreting: bool = INTERPRETING) -> int:
 # --------------------------------------------------------------------------------------------
 # Row passes over one chunk. ``z`` is the fp32 (fp64) logits buffer of the chunk. The Triton passes
 # leave it untouched (they apply bias and 1/tau themselves); the PyTorch passes turn it into the
-# row log-softmax in place (two live [rows, V] buffers: ``z`` and ``tmp``). ``prepare`` brings a
-# recomputed chunk into the state the backend's dlogits pass expects.
+# row log-softmax in place and leave the probabilities in ``tmp`` (two live [rows, V] buffers).
+# ``prepare`` brings a recomputed chunk into the state the backend's dlogits pass expects.
 # --------------------------------------------------------------------------------------------
 
 def _stats_triton(z, tmp, bias, targets, inv_tau, logp, entropy, lse):
@@ -147,7 +147,7 @@ def _dlogits_triton(z, tmp, bias, targets, lse, entropy, g_logp, g_entropy, inv_
     )
 
 
-def _prepare_triton(z, bias, inv_tau, lse):
+def _prepare_triton(z, tmp, bias, inv_tau, lse):
     return None
 
 
@@ -164,21 +164,24 @@ def _stats_torch(z, tmp, bias, targets, inv_tau, logp, entropy, lse):
     z.sub_(log_s[:, None])  # z = log p
     lse.copy_(m + log_s)
     logp.copy_(z.gather(1, targets[:, None]).squeeze(1))
-    tmp.mul_(z)  # exp(z - m) * log p
-    entropy.copy_(-tmp.sum(dim=1) / s)
+    # H = -sum_j e_j log p_j / s with e = exp(z - m), as a batched dot product: no [rows, V] temporary
+    entropy.copy_(-torch.bmm(tmp.unsqueeze(1), z.unsqueeze(2)).view(-1) / s)
+    tmp.div_(s[:, None])  # tmp = p, reused by the dlogits pass of the same chunk (one exp per element)
 
 
-def _prepare_torch(z, bias, inv_tau, lse):
+def _prepare_torch(z, tmp, bias, inv_tau, lse):
     if bias is not None:
         z.add_(bias)
     if inv_tau != 1.0:
         z.mul_(inv_tau)
     z.sub_(lse[:, None])
+    torch.exp(z, out=tmp)
 
 
 def _dlogits_torch(z, tmp, bias, targets, lse, entropy, g_logp, g_entropy, inv_tau, out):
-    # z holds log p; dz = g_lp (onehot - p) - g_H p (log p + H), all in place in z
-    p = torch.exp(z, out=tmp)
+    # z holds log p and tmp holds p (left there by _stats_torch or _prepare_torch);
+    # dz = g_lp (onehot - p) - g_H p (log p + H), formed in place in z
+    p = tmp
     if g_entropy is None:
         torch.mul(p, (-g_logp.to(z.dtype))[:, None], out=z)
     else:
@@ -217,8 +220,10 @@ class HeadGrads:
 
     def __init__(self, hidden, weight, bias, need_dx, need_dw, need_db, dx_dtype=None):
         acc = logits_dtype(hidden.dtype)
+        self.n_rows = hidden.shape[0]
         self.dx = torch.empty(hidden.shape, dtype=dx_dtype or hidden.dtype, device=hidden.device) if need_dx else None
-        self.dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
+        # dW is created by the first chunk's GEMM (no zero fill, no add); see accumulate()
+        self.need_dw, self.dw, self._acc_dtype = bool(need_dw), None, acc
         self.db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if (need_db and bias is not None) else None
         self._dw_part = None  # reusable [V, D] buffer for a CPU half-precision dW GEMM's output
 
@@ -228,8 +233,15 @@ class HeadGrads:
                 torch.mm(dz, w_gemm, out=self.dx[rows])
             else:
                 self.dx[rows] = mm_wide(dz, w_gemm, logits_dtype(dz.dtype)).to(self.dx.dtype)
-        if self.dw is not None:
-            if dz.dtype != self.dw.dtype and not dz.is_cuda:
+        if self.need_dw:
+            if self.dw is None:
+                if rows.start == 0 and rows.stop >= self.n_rows:
+                    # one chunk: a single GEMM with fp32 accumulation inside it, rounded once, exactly as the
+                    # final cast of an fp32 accumulator would be
+                    self.dw = torch.mm(dz.t(), x_chunk)
+                else:
+                    self.dw = mm_wide(dz.t(), x_chunk, self._acc_dtype)
+            elif dz.dtype != self.dw.dtype and not dz.is_cuda:
                 # CPU half GEMM: write into one reused [V, D] buffer, add it (widening) to the accumulator
                 if self._dw_part is None:
                     self._dw_part = torch.empty(self.dw.shape, dtype=dz.dtype, device=dz.device)
@@ -242,9 +254,11 @@ class HeadGrads:
 
     @property
     def any(self):
-        return self.dx is not None or self.dw is not None or self.db is not None
+        return self.dx is not None or self.need_dw or self.db is not None
 
     def results(self, weight, bias):
+        if self.need_dw and self.dw is None:  # no rows at all
+            self.dw = torch.zeros(weight.shape, dtype=self._acc_dtype, device=weight.device)
         dw = self.dw.to(weight.dtype) if self.dw is not None else None
         db = self.db.to(bias.dtype) if self.db is not None else None
         return self.dx, dw, db
@@ -375,7 +389,7 @@ def head_backward(
         rows = slice(start, min(n_rows, start + chunk_size))
         x_grad, x_logits = ops.x(hidden, rows)
         z, tmp, half = bufs.logits(x_logits, ops.w_logits)
-        passes.prepare(z, bias, inv_tau, lse[rows])
+        passes.prepare(z, tmp, bias, inv_tau, lse[rows])
         dz = z if half is None else half
         passes.dlogits(
             z, tmp, bias, targets[rows], lse[rows], entropy[rows],
