@@ -105,10 +105,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile(eager) (it compiles for minutes)")
     p.add_argument("--quick", action="store_true", help="first case only, 2 rounds (a smoke run)")
     p.add_argument("--ops", default="head,grpo,grpo_frozen")
+    p.add_argument("--case", action="append", default=None, metavar="N,D,V", help="instead of the default cases")
     p.add_argument("--out", default=str(RESULTS / "cpu_paired.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cases = CASES[:1] if args.quick else CASES
+    cases = [tuple(int(v) for v in c.split(",")) for c in args.case] if args.case else (
+        CASES[:1] if args.quick else CASES)
     rounds = 2 if args.quick else args.rounds
     report = {"device": device_name("cpu"), "threads": args.threads, "versions": versions(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -103,13 +103,15 @@ def check_interpreter_works() -> None:
 # GEMM-efficiency argument in docs/kernels.md). At V = 102400 that is 800 MiB of fp32 logits plus
 # 400 MiB of bf16 dz per chunk.
 MIN_CHUNK_ROWS_CUDA = 2048
+# The same argument on CPU (our choice, bench/cpu_paired.py): at V = 102400 the 64 MiB budget alone gives
+# 128-row chunks, whose short-K dW GEMMs ran ~1.2-1.35x eager's time; 512 rows cost 200 MiB per buffer.
+MIN_CHUNK_ROWS_CPU = 512
 
 
 def default_chunk_rows(n_rows: int, vocab: int, device: torch.device) -> int:
     budget = DEFAULT_CHUNK_BYTES_CUDA if device.type == "cuda" else DEFAULT_CHUNK_BYTES_CPU
     rows = max(1, budget // (4 * vocab))
-    if device.type == "cuda":
-        rows = max(rows, MIN_CHUNK_ROWS_CUDA)
+    rows = max(rows, MIN_CHUNK_ROWS_CUDA if device.type == "cuda" else MIN_CHUNK_ROWS_CPU)
     if rows >= 128:
         rows -= rows % 128  # whole tensor-core tiles
     return max(1, min(rows, max(n_rows, 1)))
