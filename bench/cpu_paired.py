@@ -81,6 +81,10 @@ def impls(kind, compile_eager):
 
 
 def measure(kind, N, D, V, dtype, rounds, compile_eager):
+    if compile_eager:
+        # every row compiles afresh: dynamo caches per code object and, past its recompile limit (8),
+        # silently runs the eager code, which would then be reported as "compiled"
+        torch._dynamo.reset()
     hidden, weight, targets = make(N, D, V, dtype)
     runs = impls(kind, compile_eager)
     for step in runs.values():  # warm-up (and compile)
