@@ -18,7 +18,7 @@ EGRPO_WHEELS ?=
 # For `make gpu-wheels`: the GPU machine's Python, and where the wheels go.
 GPU_PYTHON_VERSION ?= 3.12
 GPU_WHEELS_DIR ?= .whl
-GPU_WHEELS ?= deepspeed==0.19.8 liger-kernel==0.8.5 hjson pydantic==2.14.3 pydantic-core==2.50.4 \
+GPU_WHEELS ?= deepspeed==0.19.8 liger-kernel==0.8.5 cut-cross-entropy==25.1.1 hjson pydantic==2.14.3 pydantic-core==2.50.4 \
 	annotated-types typing-inspection typing-extensions
 # One `make` call per part keeps each under ten minutes on an H100 (see the README's GPU section).
 GPU_SUITE_ARGS ?= --time-budget 500 --resume
@@ -26,8 +26,8 @@ GPU_SUITE_ARGS ?= --time-budget 500 --resume
 GPU_PYTEST_ARGS ?=
 CAPACITY_ARGS ?= $(if $(filter gpu-check gpu-capacity,$(MAKECMDGOALS)),--time-budget 480 --resume,)
 
-.PHONY: setup demo test mutation test-device-stack bench bench-pytest bench-capacity gpu-wheels gpu-tests gpu-bench \
-	gpu-capacity gpu-check cuda-available clean
+.PHONY: setup demo test mutation test-device-stack bench bench-pytest bench-capacity gpu-wheels gpu-quick gpu-tests \
+	gpu-bench 	gpu-capacity gpu-check cuda-available clean
 
 # The venv sees the system site-packages, and also those of the interpreter that made it when that
 # interpreter is itself a virtualenv (a GPU image's /opt/.../.venv/bin/python3 holding torch): a plain
@@ -111,6 +111,13 @@ gpu-bench: cuda-available
 
 gpu-capacity: cuda-available
 	$(PY) -m bench.bench_capacity --device cuda $(CAPACITY_ARGS) 2>&1 | tee bench/results/capacity_cuda.log
+
+# The short GPU check (bench/gpu_quick.py): gpu-marked kernel tests, then the fused head / GRPO / EG-GRPO
+# at the image and text cases vs eager, Liger and Cut Cross-Entropy (+ frozen-head rows, + rollout decode
+# when bench/rollout.py exists); bench/results/gpu_quick.json is rewritten after every row. ~8 min on an
+# H100 including set-up; `python -m bench.gpu_quick --dry-run` runs the same code on CPU.
+gpu-quick: cuda-available
+	$(PY) -m bench.gpu_quick 2>&1 | tee bench/results/gpu_quick.log
 
 gpu-check: cuda-available
 	$(MAKE) --no-print-directory gpu-tests; tests_rc=$$?; \

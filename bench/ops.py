@@ -35,7 +35,9 @@ from egrpo.kernels.reference import (
 from egrpo.objectives import eg_grpo_token_advantages
 from egrpo.objectives import stage_kl_weights, stage_policy_weights
 
-IMPLS = ("ours_triton", "ours_torch", "eager", "compile", "torch_lce", "liger_flce", "liger_grpo")
+IMPLS = ("ours_triton", "ours_torch", "eager", "compile", "torch_lce", "liger_flce", "liger_grpo", "cce")
+# The trainer's frozen image head (no dW): our GRPO loss with weight/bias not requiring grad.
+FROZEN_IMPLS = ("ours_triton_frozen", "ours_torch_frozen")
 IMPL_LABELS = {
     "ours_triton": "ours (Triton)",
     "ours_torch": "ours (torch chunked)",
@@ -44,6 +46,9 @@ IMPL_LABELS = {
     "torch_lce": "F.linear_cross_entropy (chunked)",
     "liger_flce": "Liger fused linear CE",
     "liger_grpo": "Liger LigerFusedLinearGRPOLoss",
+    "cce": "Cut Cross-Entropy (Apple)",
+    "ours_triton_frozen": "ours (Triton), frozen head",
+    "ours_torch_frozen": "ours (torch chunked), frozen head",
 }
 GEMM_OPS = ("head", "grpo", "eg_grpo", "stage")
 OPS = GEMM_OPS + ("entropy_masks", "similarity")
@@ -206,6 +211,22 @@ def build_impl(op: str, impl: str, case: Case, device: str, allow_compile: bool 
     if impl in ("ours_triton", "ours_torch"):
         backend = "triton" if impl == "ours_triton" else "torch"
         return _ours(op, case, backend)
+    if impl in FROZEN_IMPLS:
+        if op not in ("grpo", "eg_grpo"):
+            return "n/a: frozen-head rows are measured for the GRPO losses"
+        if impl == "ours_triton_frozen" and not on_cuda:
+            return "needs CUDA (the Triton interpreter is far too slow to time)"
+        return _ours(op, case, "triton" if impl == "ours_triton_frozen" else "torch", frozen=True)
+    if impl == "cce":
+        if op != "head":
+            return "n/a: cross-entropy only (no advantages, KL, entropy or masks)"
+        if not on_cuda:
+            return "needs CUDA (compiled Triton)"
+        try:
+            from cut_cross_entropy import linear_cross_entropy  # noqa: F401
+        except Exception:
+            return "not installed: pip install cut-cross-entropy (make gpu-wheels)"
+        return _cce(case)
     if impl == "eager":
         return _eager(op, case)
     if impl == "compile":
@@ -239,30 +260,43 @@ def build_impl(op: str, impl: str, case: Case, device: str, allow_compile: bool 
     raise ValueError(f"unknown impl {impl!r}")
 
 
-def _ours(op, case, backend):
+def _head_params(inp, frozen):
+    """(weight, bias) as the loss sees them: detached for a frozen head, so no dW/db GEMM runs."""
+    if not frozen:
+        return inp["weight"], inp["bias"]
+    return inp["weight"].detach(), None if inp["bias"] is None else inp["bias"].detach()
+
+
+def _ours(op, case, backend, frozen=False):
     if op == "head":
         def forward(inp):
             x, y = _flat(inp)
             lp, h = linear_logprob_entropy(x, inp["weight"], y, inp["bias"], backend=backend)
             return (lp, h), (inp["g_logp"].reshape(-1), inp["g_entropy"].reshape(-1)), lp
         return Runner(forward, computes_entropy=True)
+    cost = "4NDV: frozen head, no dW" if frozen else "6NDV"
     if op == "grpo":
         def forward(inp):
-            out = grpo_loss(inp["hidden"], inp["weight"], inp["targets"], inp["mask"], inp["advantages"], inp["bias"],
+            weight, bias = _head_params(inp, frozen)
+            out = grpo_loss(inp["hidden"], weight, inp["targets"], inp["mask"], inp["advantages"], bias,
                             ref_logp=inp["ref_logp"], beta=BETA, backend=backend)
             return (out.loss,), (None,), out.loss
-        return Runner(forward, computes_entropy=True, notes=["gradients formed in the forward pass (6NDV)"])
+        return Runner(forward, computes_entropy=True, notes=[f"gradients formed in the forward pass ({cost})"])
     if op == "eg_grpo":
         def forward(inp):
             V = inp["weight"].shape[0]
+            weight, bias = _head_params(inp, frozen)
 
-            def advantage_fn(_logp, entropy):
-                return eg_grpo_token_advantages(inp["advantages"], entropy, inp["mask"], V, backend=backend)[0]
+            def advantage_fn(_logp, entropy, seqs):  # per-row percentiles: whole sequences suffice
+                return eg_grpo_token_advantages(inp["advantages"][seqs], entropy, inp["mask"][seqs], V,
+                                                backend=backend)[0]
 
-            out = grpo_loss(inp["hidden"], inp["weight"], inp["targets"], inp["mask"], None, inp["bias"],
-                            ref_logp=inp["ref_logp"], beta=BETA, advantage_fn=advantage_fn, backend=backend)
+            out = grpo_loss(inp["hidden"], weight, inp["targets"], inp["mask"], None, bias,
+                            ref_logp=inp["ref_logp"], beta=BETA, advantage_fn=advantage_fn,
+                            advantage_fn_scope="sequence", backend=backend)
             return (out.loss,), (None,), out.loss
-        return Runner(forward, computes_entropy=True, notes=["two passes (8NDV): masks need the whole row"])
+        return Runner(forward, computes_entropy=True,
+                      notes=[f"chunks of whole sequences, g formed in the same pass ({cost})"])
     if op == "stage":
         def forward(inp):
             adv = inp["advantages"]
@@ -343,6 +377,22 @@ def _torch_lce(case, device):
         loss = F.linear_cross_entropy(x, inp["weight"], y, linear_bias=inp["bias"], reduction="sum", options=options)
         return (loss,), (None,), -loss.float() / x.shape[0]  # mean log-prob
     return Runner(forward, computes_entropy=False, notes=notes)
+
+
+def _cce(case):
+    import inspect
+
+    from cut_cross_entropy import linear_cross_entropy
+
+    if case.bias and "bias" not in inspect.signature(linear_cross_entropy).parameters:
+        return "n/a: this cut-cross-entropy version has no bias argument"
+
+    def forward(inp):
+        x, y = _flat(inp)
+        loss = linear_cross_entropy(x, inp["weight"], y, bias=inp["bias"], reduction="sum")
+        return (loss,), (None,), -loss.float() / x.shape[0]  # mean log-prob
+    return Runner(forward, computes_entropy=False,
+                  notes=["log-prob only: cannot compute entropy", "reduction='sum'"])
 
 
 def _liger_flce(case):

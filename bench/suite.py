@@ -36,6 +36,7 @@ from typing import Dict, List, Optional
 import torch
 
 from bench import ops as bench_ops
+from bench.env import device_name, versions  # noqa: F401 (re-exported)
 from bench.measure import PHASES, cpu_peak_memory, cuda_peak_memory, matmul_rate, time_runner
 from bench.ops import GEMM_OPS, IMPL_LABELS, IMPLS, OPS, Case, build_impl, make_inputs
 
@@ -47,36 +48,6 @@ FLOOR_FLOPS = {"forward_ms": 2, "backward_ms": 4, "forward_backward_ms": 6}  # x
 # ------------------------------------------------------------------------------------------------
 # The suite
 # ------------------------------------------------------------------------------------------------
-
-def versions() -> Dict[str, Optional[str]]:
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "cuda": torch.version.cuda if torch.cuda.is_available() else None}
-    for mod in ("triton", "liger_kernel", "transformers"):
-        try:
-            m = __import__(mod)
-            out[mod] = getattr(m, "__version__", None)
-            if out[mod] is None:
-                from importlib.metadata import version
-
-                out[mod] = version(mod.replace("_", "-"))
-        except Exception:
-            out[mod] = None
-    return out
-
-
-def device_name(device) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu ({cpu}; {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads)"
-
 
 def _status_of(reason: str) -> str:
     if reason.startswith("n/a"):

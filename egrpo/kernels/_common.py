@@ -33,9 +33,11 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 # Bytes of fp32 logits one chunk may hold. 256 MiB keeps the GEMMs large enough to run near
-# peak on an H100 (4096 rows at V=16384) while staying far below the [N, V] eager buffers.
+# peak on an H100 (4096 rows at V=16384) while staying far below the [N, V] eager buffers. On CPU,
+# larger chunks were faster up to the sizes we tried; 64 MiB (1024 rows at V = 16384) keeps the two
+# live fp32 [chunk, V] buffers of the torch row passes at 128 MiB (our choice; bench/cpu_paired.py).
 DEFAULT_CHUNK_BYTES_CUDA = 256 * 2**20
-DEFAULT_CHUNK_BYTES_CPU = 32 * 2**20
+DEFAULT_CHUNK_BYTES_CPU = 64 * 2**20
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -96,9 +98,20 @@ def check_interpreter_works() -> None:
         raise RuntimeError(_INTERPRETER_ERROR)
 
 
+# On CUDA a chunk holds at least this many rows whatever V is: the dW GEMM's inner dimension is the
+# chunk's row count, and below ~2048 it stops being compute-bound on an H100 (our choice, from the
+# GEMM-efficiency argument in docs/kernels.md). At V = 102400 that is 800 MiB of fp32 logits plus
+# 400 MiB of bf16 dz per chunk.
+MIN_CHUNK_ROWS_CUDA = 2048
+# The same argument on CPU (our choice, bench/cpu_paired.py): at V = 102400 the 64 MiB budget alone gives
+# 128-row chunks, whose short-K dW GEMMs ran ~1.2-1.35x eager's time; 512 rows cost 200 MiB per buffer.
+MIN_CHUNK_ROWS_CPU = 512
+
+
 def default_chunk_rows(n_rows: int, vocab: int, device: torch.device) -> int:
     budget = DEFAULT_CHUNK_BYTES_CUDA if device.type == "cuda" else DEFAULT_CHUNK_BYTES_CPU
     rows = max(1, budget // (4 * vocab))
+    rows = max(rows, MIN_CHUNK_ROWS_CUDA if device.type == "cuda" else MIN_CHUNK_ROWS_CPU)
     if rows >= 128:
         rows -= rows % 128  # whole tensor-core tiles
     return max(1, min(rows, max(n_rows, 1)))
@@ -173,13 +186,32 @@ def check_head_inputs(hidden, weight, targets, bias):
     return V, D
 
 
-def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU runs bf16 GEMMs natively (oneDNN with AVX512-BF16 / AMX)."""
+    global _CPU_BF16
+    if _CPU_BF16 is None:
+        try:
+            _CPU_BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except Exception:  # pragma: no cover - depends on the build
+            _CPU_BF16 = False
+    return _CPU_BF16
+
+
+_CPU_BF16: Optional[bool] = None
+
+
+def gemm_dtype(dtype: torch.dtype, device: torch.device, backend: str = "torch") -> torch.dtype:
     """Operand dtype of the chunk GEMMs.
 
-    Half inputs use tensor-core GEMMs on CUDA; CPU half matmuls are slow and imprecise, so the
-    CPU path upcasts them to fp32 (which only makes it more accurate).
+    Half inputs use tensor-core GEMMs on CUDA. On CPU, bf16 inputs stay bf16 where the CPU has native
+    bf16 GEMMs (about 4x the fp32 rate on AVX512-BF16 parts; the logits are then rounded to bf16 once,
+    as eager bf16 code does, and widened to fp32 before any softmax statistic); fp16, and bf16 on CPUs
+    without bf16 units, are upcast to fp32 (slow half GEMMs there). The Triton backend on CPU (the
+    interpreter, a test vehicle for the CUDA path) keeps fp32 GEMMs, i.e. the CUDA path's fp32 logits.
     """
     if dtype in HALF_DTYPES and device.type != "cuda":
+        if dtype == torch.bfloat16 and backend == "torch" and cpu_has_fast_bf16():
+            return dtype
         return torch.float32
     return dtype
 

@@ -26,14 +26,22 @@ Gradient: the loss is ``sum_t g_t * logp_t`` to first order, with the elementwis
 shapes advantages and is detached). The [chunk, V] work goes through
 :func:`~egrpo.kernels.linear_logprob_entropy.head_pass`'s Triton (or torch) row passes.
 
-Cost (N = B*T rows, D hidden, V vocab):
+Cost in GEMM FLOPs (N = B*T rows, D hidden, V vocab; the logits GEMM is 2NDV, and each gradient
+the caller needs adds one 2NDV GEMM: dx if ``hidden`` requires grad, dW if ``weight`` does):
 
-* advantages given up front: **6NDV**. One streaming pass; each chunk's logits are turned into
-  dz in the same pass (``head_pass(grad_fn=...)``), then dx and dW GEMMs. No recompute.
-* ``advantage_fn`` given (advantages depend on the current entropies, e.g. EG-GRPO's per-row
-  percentiles need the whole row first): **8NDV**. A first pass computes logp/entropy of every
-  row (2NDV), ``advantage_fn(logp, entropy)`` returns ``[B, T]`` token advantages, then a second
-  pass recomputes each chunk's logits and forms the gradients (6NDV).
+* advantages given up front: one streaming pass; each chunk's logits become dz in the same pass
+  (``head_pass(grad_fn=...)``). Trainable head **6NDV**; frozen head (``weight.requires_grad`` False,
+  the image head in every recipe) **4NDV**: no dW GEMM, no recompute.
+* ``advantage_fn`` with ``advantage_fn_scope="sequence"`` or a group size: chunks are aligned to
+  whole sequences / groups, ``advantage_fn`` runs per chunk, and g is formed in the same pass:
+  the same **6NDV / 4NDV**.
+* ``advantage_fn`` over the whole batch (``"batch"``, the default; also what a batch-level factor
+  such as EG-GRPO's ``budget_neutral`` scale needs): entropy carries no gradient, so each row's
+  ``dz`` is ``g_row`` times a g-free vector and ``dx_row = g_row * ((onehot - p_row) W / tau)``; the
+  first pass forms that bracket (kept in fp32, ``N x D``), and dx is scaled once ``advantage_fn``
+  has run. Frozen head: **4NDV**, no recompute. dW and db sum over rows with g inside, so a
+  trainable head still needs a second pass that recomputes the logits: **8NDV** (2 logits +
+  2 dx bracket + 2 recompute + 2 dW). This is the one setting that still recomputes.
 
 The autograd function computes loss and gradients in its forward (stored, O(N D + V D)) and its
 backward only scales them by the incoming gradient. Extra memory is O(chunk x V), never O(N x V).
@@ -41,16 +49,18 @@ backward only scales them by the incoming gradient. Extra memory is O(chunk x V)
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
 from ._common import check_chunk_size, check_head_inputs, check_temperature, logits_dtype, resolve_backend
 from .entropy_masks import check_mask
-from .linear_logprob_entropy import HeadGrads, head_backward, head_pass
+from ._head import HeadGrads, head_backward, head_pass
 
 NORMALIZATIONS = ("token_mean", "sequence_mean", "constant", "weighted")
 WEIGHTED_EPS = 1e-6
+# log-probs are <= 0; this slack admits rounding in a caller's own log-softmax
+LOGP_SLACK = 1e-4
 
 
 class GRPOLossOutput(NamedTuple):
@@ -74,7 +84,8 @@ class _Plan:
         valid = self.valid[rows]
         pg_scale = self.pg_scale[rows]
         if self.old_logp is None:
-            ratio = torch.ones_like(logp)
+            # 1 in value, but a NaN/inf log-prob at a valid token must still poison the loss
+            ratio = torch.exp(torch.where(valid, logp - logp, torch.zeros_like(logp)))
         else:
             ratio = torch.exp(torch.where(valid, logp - self.old_logp[rows], torch.zeros_like(logp)))
         adv = torch.where(valid, adv, torch.zeros_like(adv))
@@ -98,9 +109,11 @@ class _Plan:
 
 
 def _run(plan, hidden2, weight, bias, targets1, need):
+    """Loss, per-token outputs and gradients (scaled by d loss = 1) at the cheapest GEMM cost.
+
+    ``need = (dx, dW, db)``. Paths (see the module docstring for the cost of each)."""
     n_rows = hidden2.shape[0]
     ldt = logits_dtype(hidden2.dtype)
-    grads = HeadGrads(hidden2, weight, bias, *need) if any(need) else None
     loss_t = torch.zeros(n_rows, dtype=ldt, device=hidden2.device)
     kl = torch.zeros_like(loss_t)
     clipped_low = torch.zeros(n_rows, dtype=torch.bool, device=hidden2.device)
@@ -113,28 +126,55 @@ def _run(plan, hidden2, weight, bias, targets1, need):
         loss_t[rows] = loss_rows
         return g_rows
 
-    if plan.advantage_fn is None:
-        def grad_fn(rows, logp_rows, _entropy_rows):
-            g = store(rows, logp_rows, plan.advantages[rows])
-            return (g if grads is not None else None), None
+    def run_advantage_fn(rows, logp_rows, entropy_rows):
+        """``advantage_fn`` on whole sequences ``rows`` (a multiple of T rows) -> flat advantages."""
+        b0, b1 = rows.start // plan.T, rows.stop // plan.T
+        shape = (b1 - b0, plan.T)
+        args = (logp_rows.detach().view(shape).float(), entropy_rows.detach().view(shape).float())
+        if plan.scope_rows is not None:
+            args = args + (slice(b0, b1),)
+        adv = plan.advantage_fn(*args)
+        adv = _check_token_tensor("advantage_fn's result", adv, shape[0], plan.T,
+                                  plan.valid[rows].view(shape), allow_per_sequence=True)
+        return adv.reshape(-1).to(ldt)
 
-        logp, entropy, _ = head_pass(
-            hidden2, weight, targets1, bias, plan.inv_tau, plan.chunk, plan.backend,
-            grad_fn=grad_fn if grads is not None else None, grads=grads,
-        )
-        if grads is None:
-            store(slice(0, n_rows), logp, plan.advantages)
-    else:
-        logp, entropy, lse = head_pass(hidden2, weight, targets1, bias, plan.inv_tau, plan.chunk, plan.backend)
-        adv = plan.advantage_fn(logp.detach().view(plan.B, plan.T).float(), entropy.detach().view(plan.B, plan.T).float())
-        adv = _check_token_tensor("advantage_fn's result", adv, plan.B, plan.T, plan.valid.view(plan.B, plan.T),
-                                  allow_per_sequence=True)
-        g = store(slice(0, n_rows), logp, adv.reshape(-1).to(ldt))
-        if grads is not None:
-            head_backward(hidden2, weight, targets1, bias, lse, entropy, g.contiguous(), None,
-                          plan.inv_tau, plan.chunk, plan.backend, grads)
-    loss = loss_t.sum()
-    return loss, (logp, entropy, kl, clipped_low, clipped_high, adv_used), grads
+    if plan.advantage_fn is None or plan.scope_rows is not None:
+        # One pass; g is formed per chunk (chunks hold whole sequences/groups when advantage_fn is
+        # scoped), so dz comes from the logits in hand: 2NDV + 2NDV per gradient (dx, dW) needed.
+        def grad_fn(rows, logp_rows, entropy_rows):
+            adv_rows = plan.advantages[rows] if plan.advantage_fn is None else run_advantage_fn(
+                rows, logp_rows, entropy_rows)
+            return store(rows, logp_rows, adv_rows), None
+
+        grads = HeadGrads(hidden2, weight, bias, *need)
+        logp, entropy, _ = head_pass(hidden2, weight, targets1, bias, plan.inv_tau, plan.chunk, plan.backend,
+                                     grad_fn=grad_fn, grads=grads)
+        return loss_t.sum(), (logp, entropy, kl, clipped_low, clipped_high, adv_used), grads
+
+    # advantage_fn over the whole batch: g is known only after every row has been seen. Entropy is
+    # detached, so a row's dz is g_row (onehot - p_row) / tau and dx_row = g_row * [(onehot - p_row) W / tau]:
+    # the bracket ("unit dx", g = 1) is formed in the first pass and scaled once g is known. dW and db
+    # sum over rows with g inside, so they need a second pass that recomputes the logits.
+    unit = HeadGrads(hidden2, weight, bias, need[0], False, False, dx_dtype=ldt)
+    ones = None
+
+    def unit_grad_fn(rows, _logp_rows, _entropy_rows):
+        nonlocal ones
+        if ones is None:
+            ones = torch.ones(plan.chunk, dtype=ldt, device=hidden2.device)
+        return ones[: rows.stop - rows.start], None
+
+    logp, entropy, lse = head_pass(hidden2, weight, targets1, bias, plan.inv_tau, plan.chunk, plan.backend,
+                                   grad_fn=unit_grad_fn if need[0] else None, grads=unit)
+    adv = run_advantage_fn(slice(0, n_rows), logp, entropy)
+    g = store(slice(0, n_rows), logp, adv)
+    grads = HeadGrads(hidden2, weight, bias, False, need[1], need[2])
+    if grads.any:
+        head_backward(hidden2, weight, targets1, bias, lse, entropy, g.contiguous(), None,
+                      plan.inv_tau, plan.chunk, plan.backend, grads)
+    if need[0]:
+        grads.dx = unit.dx.mul_(g[:, None]).to(hidden2.dtype)
+    return loss_t.sum(), (logp, entropy, kl, clipped_low, clipped_high, adv_used), grads
 
 
 class GRPOLossFunction(torch.autograd.Function):
@@ -143,7 +183,7 @@ class GRPOLossFunction(torch.autograd.Function):
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         with torch.no_grad():
             loss, per_token, grads = _run(plan, hidden2, weight, bias, targets1, need)
-        dx, dw, db = grads.results(weight, bias) if grads is not None else (None, None, None)
+        dx, dw, db = grads.results(weight, bias)
         ctx.save_for_backward(dx, dw, db)
         ctx.mark_non_differentiable(*per_token)
         return (loss,) + per_token
@@ -191,6 +231,26 @@ def _check_denominator(name, value, B, allow_vector, device, dtype):
     return value
 
 
+def _check_scope(scope, B, T):
+    """Rows per ``advantage_fn`` call: None for the whole batch, else T (sequence) or G * T (group)."""
+    if scope == "batch":
+        return None
+    if scope == "sequence":
+        return T
+    if isinstance(scope, bool) or not isinstance(scope, int) or scope < 1:
+        raise ValueError(f"advantage_fn_scope must be 'batch', 'sequence' or a group size >= 1, got {scope!r}")
+    if B % scope:
+        raise ValueError(f"advantage_fn_scope={scope} (group size) must divide the batch size B={B}")
+    return scope * T
+
+
+def _aligned_chunk(chunk, scope_rows):
+    """Round ``chunk`` to whole scopes (at least one) so no sequence/group straddles two chunks."""
+    if scope_rows is None:
+        return chunk
+    return max(1, chunk // scope_rows) * scope_rows
+
+
 def _check_float(name, value, lo=None):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {value!r}")
@@ -219,7 +279,8 @@ def grpo_loss(
     eps_low: float = 0.2,
     eps_high: float = 0.2,
     temperature: float = 1.0,
-    advantage_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+    advantage_fn: Optional[Callable[..., torch.Tensor]] = None,
+    advantage_fn_scope: Union[str, int] = "batch",
     backend: str = "auto",
     chunk_size: Optional[int] = None,
 ) -> GRPOLossOutput:
@@ -237,8 +298,15 @@ def grpo_loss(
         normalization: ``"token_mean"``, ``"sequence_mean"``, ``"constant"`` or ``"weighted"``.
         normalizer, kl_normalizer: denominator overrides (scalar; ``[B]`` for ``"sequence_mean"``).
         eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]``; temperature: logits / tau.
-        advantage_fn: ``fn(logp [B, T], entropy [B, T]) -> [B, T]`` (detached fp32 inputs), called
-            after a first pass when advantages depend on the current entropies (8NDV instead of 6NDV).
+        advantage_fn: token advantages from the current (detached, fp32) log-probs and entropies, for
+            advantages that depend on them (EG-GRPO). With ``advantage_fn_scope="batch"`` it is called
+            once as ``fn(logp [B, T], entropy [B, T]) -> [B, T] or [B]`` after a first pass.
+        advantage_fn_scope: which rows ``advantage_fn`` must see together. ``"batch"`` (default): all
+            of them (a trainable head then pays a recompute: 8NDV; a frozen head does not: 4NDV).
+            ``"sequence"`` or an int ``G`` (groups of G consecutive sequences): chunks are aligned to
+            whole sequences / groups and ``fn(logp [b, T], entropy [b, T], seqs: slice) -> [b, T] or [b]``
+            is called per chunk for sequences ``seqs``, so the gradient is formed in the same pass
+            (6NDV trainable, 4NDV frozen). A chunk then holds at least ``T`` (``G * T``) rows.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``; chunk_size: rows per chunk.
 
     Returns:
@@ -257,8 +325,15 @@ def grpo_loss(
     beta = _check_float("beta", beta, lo=0.0)
     eps_low = _check_float("eps_low", eps_low, lo=0.0)
     eps_high = _check_float("eps_high", eps_high, lo=0.0)
+    if beta > 0.0 and ref_logp is None:
+        raise ValueError("beta > 0 needs ref_logp (the reference policy's log-probs of the targets); pass "
+                         "ref_logp or set beta=0")
+    if eps_low >= 1.0:
+        raise ValueError(f"eps_low must lie in [0, 1) (the clip range's lower end 1 - eps_low must stay "
+                         f"positive), got {eps_low!r}")
     if advantage_fn is not None and not callable(advantage_fn):
         raise TypeError("advantage_fn must be callable or None")
+    scope_rows = _check_scope(advantage_fn_scope, B, T)
     valid2 = check_mask(mask, targets, like_name="targets")
     ldt = logits_dtype(hidden.dtype)
     dev = hidden.device
@@ -277,6 +352,10 @@ def grpo_loss(
         adv = None
     old = token_input("old_logp", old_logp)
     ref = token_input("ref_logp", ref_logp)
+    for name, t in (("old_logp", old), ("ref_logp", ref)):
+        if t is not None and bool((torch.where(valid2.reshape(-1), t, torch.zeros_like(t)) > LOGP_SLACK).any()):
+            raise ValueError(f"{name} has positive values at valid tokens: it must hold log-probabilities "
+                             f"(<= 0) of the targets, not probabilities or logits")
     kl_w = token_input("kl_weights", kl_weights)
     pol_w = token_input("policy_weights", policy_weights)
     if pol_w is not None and bool((pol_w < 0).any()):
@@ -318,7 +397,9 @@ def grpo_loss(
         B=B, T=T, valid=valid, advantages=adv, old_logp=old, ref_logp=ref,
         pg_scale=pg_scale.contiguous(), kl_scale=kl_scale, eps_low=eps_low, eps_high=eps_high,
         inv_tau=inv_tau, backend=backend, advantage_fn=advantage_fn,
-        chunk=check_chunk_size(chunk_size, B * T, weight.shape[0], dev),
+        scope_rows=scope_rows if advantage_fn is not None else None,
+        chunk=_aligned_chunk(check_chunk_size(chunk_size, B * T, weight.shape[0], dev),
+                             scope_rows if advantage_fn is not None else None),
     )
     hidden2 = hidden.reshape(B * T, D)
     if hidden2.stride(-1) != 1:

@@ -1,0 +1,400 @@
+"""The chunk engine shared by the head-based losses: one streaming pass over row chunks.
+
+Every head op (:mod:`.linear_logprob_entropy`, :mod:`.grpo_loss`) is this loop with a different
+upstream gradient. Per chunk of rows of ``hidden [N, D]``:
+
+1. one GEMM writes the chunk's logits ``[rows, V]`` in fp32 into a buffer reused by every chunk (fp32
+   output from bf16 operands on CUDA; an fp32 GEMM on CPU, whose dx/dW GEMMs run in bf16 where the CPU
+   has bf16 units, see :class:`_Operands`);
+2. a row pass (Triton kernel, or in-place PyTorch ops) reduces them to ``logp``, ``entropy``, ``lse``;
+3. if the caller already knows the upstream gradient of these rows (``grad_fn``), a second row pass
+   turns the same logits into ``dz`` in place and the dx / dW / db GEMMs consume it: no recompute.
+
+The losses only parameterise ``grad_fn`` (and which gradients they need); :func:`head_backward` is
+the recompute pass for callers whose gradient is known only after every row has been seen.
+
+Buffers per chunk: the fp32 logits, one fp32 temporary in the PyTorch row passes (none in Triton),
+and a half-precision copy for the GEMMs when the operands are bf16/fp16: at most 2.5 fp32
+``[chunk, V]`` buffers live at once. No ``[N, V]`` tensor is ever allocated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+from ._common import HAS_TRITON, INTERPRETING, addmm_wide, gemm_dtype, logits_dtype, mm_wide
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _head_stats_kernel(
+        logits_ptr, stride_logits, bias_ptr, targets_ptr,
+        logp_ptr, entropy_ptr, lse_ptr,
+        V, inv_tau,
+        HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + row * stride_logits
+        cols = tl.arange(0, BLOCK_V)
+        m = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), axis=0)  # running max
+        s = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)  # sum exp(z - m)
+        u = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)  # sum exp(z - m) (z - m)
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            valid = offs < V
+            z = tl.load(row_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                z += tl.load(bias_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+            z = tl.where(valid, z * inv_tau, float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            shift = tl.where(s > 0, m - m_new, 0.0)  # m may still be -inf on the first block
+            scale = tl.exp(shift)
+            d = tl.where(valid, z - m_new, 0.0)
+            e = tl.where(valid, tl.exp(d), 0.0)
+            u = scale * (u + s * shift) + tl.sum(e * d, axis=0)
+            s = scale * s + tl.sum(e, axis=0)
+            m = m_new
+        log_s = tl.log(s)
+        lse = m + log_s
+        y = tl.load(targets_ptr + row)
+        z_y = tl.load(row_ptr + y).to(tl.float32)
+        if HAS_BIAS:
+            z_y += tl.load(bias_ptr + y).to(tl.float32)
+        tl.store(logp_ptr + row, z_y * inv_tau - lse)
+        tl.store(entropy_ptr + row, log_s - u / s)
+        tl.store(lse_ptr + row, lse)
+
+    @triton.jit
+    def _head_dlogits_kernel(
+        logits_ptr, stride_logits, dz_ptr, stride_dz, bias_ptr, targets_ptr,
+        lse_ptr, entropy_ptr, g_logp_ptr, g_entropy_ptr,
+        V, inv_tau,
+        HAS_BIAS: tl.constexpr, HAS_G_LOGP: tl.constexpr, HAS_G_ENTROPY: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + row * stride_logits
+        out_ptr = dz_ptr + row * stride_dz
+        cols = tl.arange(0, BLOCK_V)
+        lse = tl.load(lse_ptr + row)
+        ent = tl.load(entropy_ptr + row)
+        y = tl.load(targets_ptr + row)
+        g_lp = 0.0
+        g_h = 0.0
+        if HAS_G_LOGP:
+            g_lp = tl.load(g_logp_ptr + row).to(tl.float32)
+        if HAS_G_ENTROPY:
+            g_h = tl.load(g_entropy_ptr + row).to(tl.float32)
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            valid = offs < V
+            z = tl.load(row_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                z += tl.load(bias_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+            logp = z * inv_tau - lse
+            p = tl.exp(logp)
+            dz = tl.zeros([BLOCK_V], tl.float32)
+            if HAS_G_LOGP:
+                dz = tl.where(offs == y, g_lp, 0.0) - g_lp * p
+            if HAS_G_ENTROPY:
+                dz -= g_h * p * (logp + ent)
+            tl.store(out_ptr + offs, (dz * inv_tau).to(out_ptr.dtype.element_ty), mask=valid)
+
+
+
+def block_v(V: int) -> int:
+    """Columns per Triton block (also what the GPU compile check must use)."""
+    return min(4096, triton.next_power_of_2(V))
+
+
+def num_warps(block: int, interpreting: bool = INTERPRETING) -> int:
+    """Warps per row program (1 under the interpreter, where warps only cost time)."""
+    return 1 if interpreting else (8 if block >= 2048 else 4)
+
+
+# --------------------------------------------------------------------------------------------
+# Row passes over one chunk. ``z`` is the fp32 (fp64) logits buffer of the chunk. The Triton passes
+# leave it untouched (they apply bias and 1/tau themselves); the PyTorch passes turn it into the
+# row log-softmax in place and leave the probabilities in ``tmp`` (two live [rows, V] buffers).
+# ``prepare`` brings a recomputed chunk into the state the backend's dlogits pass expects.
+# --------------------------------------------------------------------------------------------
+
+def _stats_triton(z, tmp, bias, targets, inv_tau, logp, entropy, lse):
+    rows, V = z.shape
+    block = block_v(V)
+    _head_stats_kernel[(rows,)](
+        z, z.stride(0), bias if bias is not None else z, targets,
+        logp, entropy, lse, V, inv_tau,
+        HAS_BIAS=bias is not None, BLOCK_V=block, num_warps=num_warps(block),
+    )
+
+
+def _dlogits_triton(z, tmp, bias, targets, lse, entropy, g_logp, g_entropy, inv_tau, out):
+    rows, V = z.shape
+    block = block_v(V)
+    _head_dlogits_kernel[(rows,)](
+        z, z.stride(0), out, out.stride(0), bias if bias is not None else z, targets,
+        lse, entropy,
+        g_logp if g_logp is not None else lse, g_entropy if g_entropy is not None else lse,
+        V, inv_tau,
+        HAS_BIAS=bias is not None, HAS_G_LOGP=g_logp is not None, HAS_G_ENTROPY=g_entropy is not None,
+        BLOCK_V=block, num_warps=num_warps(block),
+    )
+
+
+def _prepare_triton(z, tmp, bias, inv_tau, lse):
+    return None
+
+
+def _stats_torch(z, tmp, bias, targets, inv_tau, logp, entropy, lse):
+    if bias is not None:
+        z.add_(bias)
+    if inv_tau != 1.0:
+        z.mul_(inv_tau)
+    m = z.amax(dim=1)
+    z.sub_(m[:, None])
+    torch.exp(z, out=tmp)
+    s = tmp.sum(dim=1)
+    log_s = s.log()
+    z.sub_(log_s[:, None])  # z = log p
+    lse.copy_(m + log_s)
+    logp.copy_(z.gather(1, targets[:, None]).squeeze(1))
+    # H = -sum_j e_j log p_j / s with e = exp(z - m), as a batched dot product: no [rows, V] temporary
+    entropy.copy_(-torch.bmm(tmp.unsqueeze(1), z.unsqueeze(2)).view(-1) / s)
+    tmp.div_(s[:, None])  # tmp = p, reused by the dlogits pass of the same chunk (one exp per element)
+
+
+def _prepare_torch(z, tmp, bias, inv_tau, lse):
+    if bias is not None:
+        z.add_(bias)
+    if inv_tau != 1.0:
+        z.mul_(inv_tau)
+    z.sub_(lse[:, None])
+    torch.exp(z, out=tmp)
+
+
+def _dlogits_torch(z, tmp, bias, targets, lse, entropy, g_logp, g_entropy, inv_tau, out):
+    # z holds log p and tmp holds p (left there by _stats_torch or _prepare_torch);
+    # dz = g_lp (onehot - p) - g_H p (log p + H), formed in place in z
+    p = tmp
+    if g_entropy is None:
+        torch.mul(p, (-g_logp.to(z.dtype))[:, None], out=z)
+    else:
+        z.add_(entropy[:, None]).mul_(g_entropy.to(z.dtype)[:, None])
+        if g_logp is not None:
+            z.add_(g_logp.to(z.dtype)[:, None])
+        z.mul_(p).neg_()
+    if g_logp is not None:
+        z.scatter_add_(1, targets[:, None], g_logp.to(z.dtype)[:, None])
+    if inv_tau != 1.0:
+        z.mul_(inv_tau)
+    if out is not z:
+        out.copy_(z)
+
+
+class RowPasses(NamedTuple):
+    stats: Callable
+    dlogits: Callable
+    prepare: Callable
+    needs_tmp: bool
+
+
+ROW_PASSES = {
+    "triton": RowPasses(_stats_triton, _dlogits_triton, _prepare_triton, False),
+    "torch": RowPasses(_stats_torch, _dlogits_torch, _prepare_torch, True),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient accumulators and chunk buffers
+# --------------------------------------------------------------------------------------------
+
+class HeadGrads:
+    """Gradient accumulators of one pass: dx in ``dx_dtype`` (default the input dtype), dW and db
+    in fp32 (fp64 for fp64 inputs)."""
+
+    def __init__(self, hidden, weight, bias, need_dx, need_dw, need_db, dx_dtype=None):
+        acc = logits_dtype(hidden.dtype)
+        self.n_rows = hidden.shape[0]
+        self.dx = torch.empty(hidden.shape, dtype=dx_dtype or hidden.dtype, device=hidden.device) if need_dx else None
+        # dW is created by the first chunk's GEMM (no zero fill, no add); see accumulate()
+        self.need_dw, self.dw, self._acc_dtype = bool(need_dw), None, acc
+        self.db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if (need_db and bias is not None) else None
+        self._dw_part = None  # reusable [V, D] buffer for a CPU half-precision dW GEMM's output
+
+    def accumulate(self, dz, rows, x_chunk, w_gemm):
+        if self.dx is not None:
+            if dz.dtype == self.dx.dtype:
+                torch.mm(dz, w_gemm, out=self.dx[rows])
+            else:
+                self.dx[rows] = mm_wide(dz, w_gemm, logits_dtype(dz.dtype)).to(self.dx.dtype)
+        if self.need_dw:
+            if self.dw is None:
+                if rows.start == 0 and rows.stop >= self.n_rows:
+                    # one chunk: a single GEMM with fp32 accumulation inside it, rounded once, exactly as the
+                    # final cast of an fp32 accumulator would be
+                    self.dw = torch.mm(dz.t(), x_chunk)
+                else:
+                    self.dw = mm_wide(dz.t(), x_chunk, self._acc_dtype)
+            elif dz.dtype != self.dw.dtype and not dz.is_cuda:
+                # CPU half GEMM: write into one reused [V, D] buffer, add it (widening) to the accumulator
+                if self._dw_part is None:
+                    self._dw_part = torch.empty(self.dw.shape, dtype=dz.dtype, device=dz.device)
+                torch.mm(dz.t(), x_chunk, out=self._dw_part)
+                self.dw.add_(self._dw_part)
+            else:
+                self.dw = addmm_wide(self.dw, dz.t(), x_chunk)
+        if self.db is not None:
+            self.db += dz.sum(0, dtype=self.db.dtype)
+
+    @property
+    def any(self):
+        return self.dx is not None or self.need_dw or self.db is not None
+
+    def results(self, weight, bias):
+        if self.need_dw and self.dw is None:  # no rows at all
+            self.dw = torch.zeros(weight.shape, dtype=self._acc_dtype, device=weight.device)
+        dw = self.dw.to(weight.dtype) if self.dw is not None else None
+        db = self.db.to(bias.dtype) if self.db is not None else None
+        return self.dx, dw, db
+
+
+class _ChunkBuffers:
+    """[chunk, V] buffers allocated once per pass and reused by every chunk (fresh large allocations
+    cost page faults on CPU and allocator traffic on CUDA)."""
+
+    def __init__(self, chunk, V, ldt, gdt, device, need_tmp, need_half):
+        # CUDA half operands: the fp32-output GEMM allocates z itself (the caching allocator reuses it)
+        self.z = None if (gdt != ldt and device.type == "cuda") else torch.empty(chunk, V, dtype=ldt, device=device)
+        self.tmp = torch.empty(chunk, V, dtype=ldt, device=device) if need_tmp else None
+        self.half = torch.empty(chunk, V, dtype=gdt, device=device) if (gdt != ldt and need_half) else None
+        self.bf16_products = gdt == torch.bfloat16 and device.type != "cuda"
+
+    def logits(self, x_logits, w_logits):
+        """The chunk's fp32 (fp64) logits, and views of the temporaries sized to its rows."""
+        r = x_logits.shape[0]
+        if self.z is None:
+            z = mm_wide(x_logits, w_logits.t(), logits_dtype(x_logits.dtype))  # fp32 output where torch has it
+        else:
+            z = self.z[:r]
+            with (_cpu_bf16_products() if self.bf16_products else contextlib.nullcontext()):
+                torch.mm(x_logits, w_logits.t(), out=z)
+        return z, (None if self.tmp is None else self.tmp[:r]), (None if self.half is None else self.half[:r])
+
+
+@contextlib.contextmanager
+def _cpu_bf16_products():
+    """fp32 CPU GEMMs computed by oneDNN with bf16 products and fp32 accumulation and output.
+
+    Used only for the logits GEMM of bf16 inputs: their values are exact in bf16, so the result equals
+    an fp32 GEMM's (fp32 accumulation) at ~2x its speed. CPU GEMMs cannot write fp32 from bf16 operands
+    directly, and a bf16 GEMM's bf16-rounded logits would cost up to ~0.03 nats of log-prob accuracy."""
+    mm = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    old = getattr(mm, "fp32_precision", None)
+    if old is None:  # older torch: a plain fp32 GEMM
+        yield
+        return
+    try:
+        mm.fp32_precision = "bf16"
+        yield
+    finally:
+        mm.fp32_precision = old
+
+
+class _Operands:
+    """The weight in the dtypes the chunk GEMMs use: logits GEMM (``w_logits``) and dx/dW GEMMs (``w_grad``).
+
+    On CUDA both are the input dtype (bf16 tensor cores, fp32 output for the logits). On a CPU with bf16
+    GEMMs the gradient GEMMs run in bf16 (as eager bf16 autograd does) and the logits GEMM runs on fp32
+    copies with bf16 products (:func:`_cpu_bf16_products`), which keeps one fp32 copy of the weight
+    for the duration of the call."""
+
+    def __init__(self, hidden, weight, backend):
+        self.ldt = logits_dtype(hidden.dtype)
+        self.gdt = gemm_dtype(hidden.dtype, hidden.device, backend)
+        self.cpu_split = self.gdt != self.ldt and hidden.device.type != "cuda"
+        self.w_grad = weight.to(self.gdt)
+        self.w_logits = weight.to(self.ldt) if self.cpu_split else self.w_grad
+
+    def x(self, hidden, rows):
+        x_grad = hidden[rows].to(self.gdt)
+        return x_grad, (hidden[rows].to(self.ldt) if self.cpu_split else x_grad)
+
+
+def _chunk_setup(hidden, weight, chunk_size, backend, need_dz_half):
+    n_rows, V = hidden.shape[0], weight.shape[0]
+    ops = _Operands(hidden, weight, backend)
+    chunk = max(1, min(chunk_size, n_rows))
+    passes = ROW_PASSES[backend]
+    bufs = _ChunkBuffers(chunk, V, ops.ldt, ops.gdt, hidden.device, passes.needs_tmp, need_dz_half)
+    return passes, ops, bufs
+
+
+# --------------------------------------------------------------------------------------------
+# The two chunk loops
+# --------------------------------------------------------------------------------------------
+
+def head_pass(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    inv_tau: float,
+    chunk_size: int,
+    backend: str,
+    grad_fn: Optional[Callable] = None,
+    grads: Optional[HeadGrads] = None,
+):
+    """One streaming pass over ``hidden [N, D]`` in row chunks of ``chunk_size``.
+
+    Returns ``(logp, entropy, lse)``, each ``[N]`` fp32 (fp64 for fp64 inputs). If ``grad_fn``
+    is given, it is called per chunk as ``grad_fn(rows: slice, logp_chunk, entropy_chunk)`` and
+    returns the upstream ``(g_logp, g_entropy)`` for those rows (either may be ``None``); the
+    gradients are then formed from the logits already in hand (no recompute) into ``grads``.
+    A caller that needs whole sequences (or groups) per call passes a ``chunk_size`` that is a
+    multiple of their length: chunk boundaries are ``0, chunk_size, 2 chunk_size, ...``.
+    """
+    n_rows = hidden.shape[0]
+    with_grads = grad_fn is not None and grads is not None and grads.any
+    passes, ops, bufs = _chunk_setup(hidden, weight, chunk_size, backend, with_grads)
+    logp = torch.empty(n_rows, dtype=ops.ldt, device=hidden.device)
+    entropy = torch.empty_like(logp)
+    lse = torch.empty_like(logp)
+    for start in range(0, n_rows, chunk_size):
+        rows = slice(start, min(n_rows, start + chunk_size))
+        x_grad, x_logits = ops.x(hidden, rows)
+        z, tmp, half = bufs.logits(x_logits, ops.w_logits)
+        passes.stats(z, tmp, bias, targets[rows], inv_tau, logp[rows], entropy[rows], lse[rows])
+        if grad_fn is not None:
+            g_logp, g_entropy = grad_fn(rows, logp[rows], entropy[rows])
+            if with_grads and (g_logp is not None or g_entropy is not None):
+                dz = z if half is None else half
+                passes.dlogits(z, tmp, bias, targets[rows], lse[rows], entropy[rows], g_logp, g_entropy, inv_tau, dz)
+                grads.accumulate(dz, rows, x_grad, ops.w_grad)
+    return logp, entropy, lse
+
+
+def head_backward(
+    hidden, weight, targets, bias, lse, entropy, g_logp, g_entropy, inv_tau, chunk_size, backend, grads
+):
+    """Recompute each chunk's logits and accumulate the gradients of ``g_logp . logp + g_entropy . H``."""
+    n_rows = hidden.shape[0]
+    passes, ops, bufs = _chunk_setup(hidden, weight, chunk_size, backend, True)
+    for start in range(0, n_rows, chunk_size):
+        rows = slice(start, min(n_rows, start + chunk_size))
+        x_grad, x_logits = ops.x(hidden, rows)
+        z, tmp, half = bufs.logits(x_logits, ops.w_logits)
+        passes.prepare(z, tmp, bias, inv_tau, lse[rows])
+        dz = z if half is None else half
+        passes.dlogits(
+            z, tmp, bias, targets[rows], lse[rows], entropy[rows],
+            None if g_logp is None else g_logp[rows], None if g_entropy is None else g_entropy[rows],
+            inv_tau, dz,
+        )
+        grads.accumulate(dz, rows, x_grad, ops.w_grad)
+    return grads

@@ -1,0 +1,21 @@
+"""`make gpu-quick`'s script runs end to end on CPU (--dry-run) and writes a JSON row per measurement."""
+
+import json
+
+from bench.gpu_quick import main
+
+
+def test_gpu_quick_dry_run_writes_every_row(tmp_path):
+    out = tmp_path / "gpu_quick.json"
+    assert main(["--dry-run", "--skip-tests", "--reps", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["dry_run"] and report["matmul_rate"]["flops_per_s"] > 0
+    rows = {(r["case"], r["op"], r["impl"]): r for r in report["rows"]}
+    for case in ("image", "text"):
+        for op in ("head", "grpo", "eg_grpo"):
+            ours, eager = rows[(case, op, "ours_torch")], rows[(case, op, "eager")]
+            assert ours["status"] == "ok" and eager["status"] == "ok"
+            assert ours["max_abs_diff_vs_eager"] is not None and ours["max_abs_diff_vs_eager"] < 1e-3
+            assert 0 < ours["fraction_of_floor"]
+        assert rows[(case, "grpo", "ours_torch_frozen")]["useful_ndv"] == 4
+        assert rows[(case, "head", "cce")]["status"].startswith(("needs CUDA", "not installed"))
