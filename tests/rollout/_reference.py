@@ -8,7 +8,7 @@ from egrpo.rollout.sampling import sample_torch
 
 def _forward(model, embeds, mask, positions, cache):
     out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                     past_key_values=cache, use_cache=True)
+                                     cache=cache, use_cache=True)
     return out.last_hidden_state[:, -1], out.past_key_values
 
 
