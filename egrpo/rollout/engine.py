@@ -178,6 +178,20 @@ def _rotate(x, cos, sin):
     return x * cos + rotated * sin
 
 
+def _decode_attention(q, keys, values, key_mask, scale):
+    """Attention of ONE query position per row (CPU): two batched matmuls and a masked softmax.
+
+    PyTorch's CPU SDPA kernel (flash, blocked over queries) costs milliseconds for a single query with a
+    mask; this costs microseconds. q [R, H, 1, d]; keys/values [R, Hkv, S, d]; key_mask bool [R, 1, 1, S]."""
+    rows, heads, _, dim = q.shape
+    kv_heads = keys.shape[1]
+    q = q.reshape(rows, kv_heads, heads // kv_heads, dim)  # query heads grouped by their shared K/V head
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale  # [R, Hkv, G, S]
+    scores = scores.masked_fill(~key_mask.view(rows, 1, 1, -1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    return torch.matmul(probs, values).reshape(rows, heads, 1, dim)
+
+
 class RolloutEngine:
     """Fast sampling for a `JanusForConditionalGeneration` (text CoT, CFG image tokens, VQ decode).
 
@@ -217,10 +231,12 @@ class RolloutEngine:
         else:  # a device tensor: graph/compile-safe in-place write
             keys.index_copy_(2, write_at, k)
             values.index_copy_(2, write_at, v)
-        out = F.scaled_dot_product_attention(
-            q, keys[:, :, :key_len], values[:, :, :key_len], attn_mask=key_mask,
-            scale=attn.scaling, enable_gqa=state.kv_heads != state.heads,
-        )
+        keys, values = keys[:, :, :key_len], values[:, :, :key_len]
+        if q.shape[2] == 1 and q.device.type == "cpu":
+            out = _decode_attention(q, keys, values, key_mask, attn.scaling)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=key_mask, scale=attn.scaling,
+                                                 enable_gqa=state.kv_heads != state.heads)
         return attn.o_proj(out.transpose(1, 2).reshape(rows, -1, state.heads * state.head_dim))
 
     def _layers(self, h, state, cos, sin, write_at, key_len, key_mask):
