@@ -9,6 +9,9 @@ rounds, median), so the ratios are side by side. Measured per implementation:
 
 * ``ms/step``: image-phase sampling time / image tokens (prefill included, VQ decode excluded);
 * ``images/s``: images / (sampling + VQ decode) time;
+* on CUDA, ``engine-graph`` (the eager step captured as a CUDA graph) and the bandwidth floor per step:
+  (weights of one layer + its K/V cache at the mean length, bf16) x layers + generation head, over the
+  device copy bandwidth measured in the same run; reported per layer as well;
 * ``decode ms``: the VQ decode alone (today: chunks of 8 rows NCHW; engine: all rows, channels-last).
 
 Implementations: ``today`` = ``egrpo.trainer.rollout.sample_image_tokens`` + ``decode_images`` (the loop
@@ -103,6 +106,8 @@ def _implementations(model, tokenizer, ids, mask, image_tokens, device, compile_
                                   generation_config=generation_config)
         impls["hf-generate"] = (hf, lambda t: today.decode_images(model, t))
     engines = {"engine": RolloutEngine(model, EngineConfig(cuda_graph=False))}
+    if device == "cuda":  # the eager step (full buffer) captured as a CUDA graph, no compilation
+        engines["engine-graph"] = RolloutEngine(model, EngineConfig(cuda_graph=True))
     if compile_step:
         engines["engine-compiled"] = RolloutEngine(model, EngineConfig(compile=True))
     for name, engine in engines.items():
@@ -151,6 +156,24 @@ def bench_config(name, model, tokenizer, ids, mask, image_tokens, device, thread
     return dict(config=name, threads=threads, images=rows, image_tokens=image_tokens, results=table, notes=notes)
 
 
+def bench_vq(model, rows, image_tokens, device, repeats):
+    """VQ decode variants side by side: rows per decoder call (8 = today's chunks, all) x memory format."""
+    from egrpo.rollout.vq import decode_images
+
+    codes = torch.randint(0, model.config.vq_config.num_embeddings, (rows, image_tokens), device=device)
+    variants = {f"batch {'all' if b == 0 else b}, {'channels-last' if cl else 'NCHW'}": (b, cl)
+                for b in (8, 0) for cl in (False, True)}
+    times = {name: [] for name in variants}
+    for name, (batch, channels_last) in variants.items():  # warm-up
+        decode_images(model, codes, batch, channels_last)
+    for _ in range(repeats):
+        for name, (batch, channels_last) in variants.items():
+            times[name].append(_timed(lambda: decode_images(model, codes, batch, channels_last), device)[0])
+    base = statistics.median(times["batch 8, NCHW"])
+    return {name: dict(ms=1e3 * statistics.median(t), speedup_vs_batch8_nchw=base / statistics.median(t))
+            for name, t in times.items()}
+
+
 def run_cpu(args):
     runs = []
     for name in args.configs:
@@ -165,6 +188,7 @@ def run_cpu(args):
                                args.compile)
             run["shape"] = dict(spec["tiny"], prompts=spec["prompts"], group_size=spec["group"],
                                 prompt_len=ids.shape[1])
+            run["vq_decode"] = bench_vq(model, ids.shape[0], image_tokens, "cpu", args.repeats)
             runs.append(run)
             _print_run(run)
     return runs
@@ -231,6 +255,8 @@ def _print_run(run):
               flush=True)
     for impl, note in run["notes"].items():
         print(f"  {impl}: {note}")
+    for variant, r in run.get("vq_decode", {}).items():
+        print(f"  vq decode {variant:28s} {r['ms']:8.1f} ms  x{r['speedup_vs_batch8_nchw']:.2f}")
 
 
 def _markdown(payload):
@@ -256,6 +282,14 @@ def _markdown(payload):
             if impl not in run["results"]:
                 lines.append(f"| {run['config']} | {run['threads'] or '-'} | {run['images']} x {run['image_tokens']} "
                              f"| {impl} | | | | | | {note} |")
+    vq_runs = [run for run in payload["runs"] if run.get("vq_decode")]
+    if vq_runs:
+        lines += ["", "VQ decode variants (same tokens, side by side; speed-up vs today's 8-row NCHW chunks):", "",
+                  "| config | threads | images | variant | ms | speed-up |", "|---|---|---|---|---|---|"]
+        for run in vq_runs:
+            for variant, r in run["vq_decode"].items():
+                lines.append(f"| {run['config']} | {run['threads']} | {run['images']} | {variant} | {r['ms']:.1f} | "
+                             f"{r['speedup_vs_batch8_nchw']:.2f}x |")
     lines.append(END)
     return "\n".join(lines)
 
