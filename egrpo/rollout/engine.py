@@ -407,4 +407,4 @@ class RolloutEngine:
 
 def seeds_from_generator(generator: torch.Generator, count: int = 2) -> List[int]:
     """``count`` phase seeds drawn from ``generator`` (one host op per rollout; keeps rollouts seeded by it)."""
-    return [int(s) for s in torch.randint(0, 2**62, (count,), generator=generator, device=generator.device)]
+    return [int(s) for s in torch.randint(0, 2**31, (count,), generator=generator, device=generator.device)]

@@ -132,3 +132,12 @@ def test_bad_phase_arguments(tiny):
         engine.generate_image_tokens(text_prefill(model, ids[:3], mask[:3]), 4, SamplingParams(cfg_scale=1.0), 0)
     with pytest.raises(ValueError, match="layout"):
         cfg_prefill(model, ids, mask, tokens.pad, "middle")
+
+
+def test_seeds_follow_the_generator():
+    from egrpo.rollout.engine import seeds_from_generator
+
+    a = seeds_from_generator(torch.Generator().manual_seed(3))
+    b = seeds_from_generator(torch.Generator().manual_seed(3))
+    c = seeds_from_generator(torch.Generator().manual_seed(4))
+    assert a == b and a != c and len(set(a)) == 2
