@@ -309,11 +309,12 @@ class RolloutEngine:
             return lambda step: fn(*static_args, step=step)
         step_fn = fn
         if cfg.compile:
-            key = (kind, id(fn))
-            if key not in self._compiled:
+            # One compiled function per phase kind; torch.compile specialises it per (rows, prompt length)
+            # (static shapes), so bucketing prompt lengths avoids recompiling for every new length.
+            if kind not in self._compiled:
                 kwargs = {"mode": cfg.compile_mode} if cfg.compile_mode else {}
-                self._compiled[key] = torch.compile(fn, dynamic=False, backend=cfg.compile_backend, **kwargs)
-            step_fn = self._compiled[key]
+                self._compiled[kind] = torch.compile(fn, dynamic=False, backend=cfg.compile_backend, **kwargs)
+            step_fn = self._compiled[kind]
         if not (cfg.cuda_graph and on_cuda):
             return lambda step: step_fn(*static_args, step=None)
         return self._capture(step_fn, state, static_args)
