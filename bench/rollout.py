@@ -44,6 +44,7 @@ from egrpo.trainer.tokenizer import build_char_tokenizer, janus_tokens
 
 BENCH_DIR = Path(__file__).resolve().parent
 BEGIN, END = "<!-- rollout:begin -->", "<!-- rollout:end -->"
+VQ_BEGIN, VQ_END = "<!-- rollout-vq:begin -->", "<!-- rollout-vq:end -->"
 
 # Shapes. demo = configs/demo.yaml's model (TINY_DEFAULTS + its overrides), 2 prompts x G = 8, 64 tokens.
 # mid = the mid-size random Janus: hidden 256, 4 layers, 144 image tokens, image vocab 4096.
@@ -188,7 +189,6 @@ def run_cpu(args):
                                args.compile)
             run["shape"] = dict(spec["tiny"], prompts=spec["prompts"], group_size=spec["group"],
                                 prompt_len=ids.shape[1])
-            run["vq_decode"] = bench_vq(model, ids.shape[0], image_tokens, "cpu", args.repeats)
             runs.append(run)
             _print_run(run)
     return runs
@@ -248,6 +248,48 @@ def run_cuda(args):
     return runs
 
 
+def run_vq_only(args):
+    import transformers
+
+    lines = [VQ_BEGIN, "### VQ decode variants (`python -m bench.rollout --vq-only`)", "",
+             "Same tokens, variants alternating in one process; speed-up vs today's 8-row NCHW chunks.", ""]
+    runs = []
+    for name in args.configs:
+        spec = CPU_CONFIGS[name]
+        model, _ = build_model(ModelConfig(tiny=dict(spec["tiny"]), dtype="fp32"), "cpu")
+        images = spec["prompts"] * spec["group"]
+        image_tokens = int(model.config.vision_config.num_image_tokens)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            result = bench_vq(model, images, image_tokens, "cpu", args.repeats)
+            runs.append(dict(config=name, threads=threads, images=images, shape=spec["tiny"], variants=result))
+            for variant, r in result.items():
+                print(f"  {name} {threads}t vq decode {variant:28s} {r['ms']:8.1f} ms  x{r['speedup_vs_batch8_nchw']:.2f}")
+    payload = dict(device="cpu", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   cpu=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible",
+                   dtype="float32", torch=torch.__version__, transformers=transformers.__version__,
+                   repeats=args.repeats, runs=runs)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "rollout_vq_cpu.json").write_text(json.dumps(payload, indent=1))
+    lines += [f"- {payload['cpu']}; float32; {payload['date']}; torch {payload['torch']}; median of {args.repeats}", "",
+              "| config | threads | images | variant | ms | speed-up |", "|---|---|---|---|---|---|"]
+    for run in runs:
+        for variant, r in run["variants"].items():
+            lines.append(f"| {run['config']} | {run['threads']} | {run['images']} | {variant} | {r['ms']:.1f} | "
+                         f"{r['speedup_vs_batch8_nchw']:.2f}x |")
+    lines.append(VQ_END)
+    _replace_section(args.readme, VQ_BEGIN, VQ_END, "\n".join(lines))
+
+
+def _replace_section(readme: Path, begin: str, end: str, section: str):
+    text = readme.read_text() if readme.exists() else ""
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    readme.write_text(text)
+
+
 def _print_run(run):
     for impl, r in run["results"].items():
         print(f"  {impl:16s} {r['ms_per_step']:8.2f} ms/step  {r['images_per_s']:7.2f} img/s  "
@@ -255,8 +297,6 @@ def _print_run(run):
               flush=True)
     for impl, note in run["notes"].items():
         print(f"  {impl}: {note}")
-    for variant, r in run.get("vq_decode", {}).items():
-        print(f"  vq decode {variant:28s} {r['ms']:8.1f} ms  x{r['speedup_vs_batch8_nchw']:.2f}")
 
 
 def _markdown(payload):
@@ -282,14 +322,6 @@ def _markdown(payload):
             if impl not in run["results"]:
                 lines.append(f"| {run['config']} | {run['threads'] or '-'} | {run['images']} x {run['image_tokens']} "
                              f"| {impl} | | | | | | {note} |")
-    vq_runs = [run for run in payload["runs"] if run.get("vq_decode")]
-    if vq_runs:
-        lines += ["", "VQ decode variants (same tokens, side by side; speed-up vs today's 8-row NCHW chunks):", "",
-                  "| config | threads | images | variant | ms | speed-up |", "|---|---|---|---|---|---|"]
-        for run in vq_runs:
-            for variant, r in run["vq_decode"].items():
-                lines.append(f"| {run['config']} | {run['threads']} | {run['images']} | {variant} | {r['ms']:.1f} | "
-                             f"{r['speedup_vs_batch8_nchw']:.2f}x |")
     lines.append(END)
     return "\n".join(lines)
 
@@ -298,13 +330,7 @@ def _write(payload, out_dir: Path, readme: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"rollout_{payload['device']}.json"
     path.write_text(json.dumps(payload, indent=1))
-    text = readme.read_text() if readme.exists() else ""
-    section = _markdown(payload)
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    readme.write_text(text)
+    _replace_section(readme, BEGIN, END, _markdown(payload))
     print(f"wrote {path} and the rollout section of {readme}")
 
 
@@ -318,12 +344,16 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="skip engine-compiled (CPU compilation takes about a minute per config)")
+    parser.add_argument("--vq-only", action="store_true",
+                        help="CPU: only the VQ decode variants (rollout_vq_cpu.json, own README section)")
     parser.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results")
     parser.add_argument("--readme", type=Path, default=BENCH_DIR / "README.md")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
     torch.manual_seed(0)
+    if args.vq_only:
+        return run_vq_only(args)
     runs = run_cuda(args) if args.device == "cuda" else run_cpu(args)
     import transformers
 
