@@ -111,7 +111,7 @@ def test_decode_matches_hf(tiny):
     model, tokens = tiny
     image_tokens = torch.randint(0, model.config.vq_config.num_embeddings, (3, IMAGE_TOKENS))
     expected = ((model.decode_image_tokens(image_tokens).float() + 1) / 2).clamp(0, 1).permute(0, 3, 1, 2)
-    for config in (EngineConfig(), EngineConfig(vq_batch_size=2, vq_channels_last=False)):
+    for config in (EngineConfig(), EngineConfig(vq_batch_size=0), EngineConfig(vq_batch_size=2, vq_channels_last=False)):
         torch.testing.assert_close(RolloutEngine(model, config).decode(image_tokens), expected, rtol=1e-5,
                                    atol=1e-5)
 
