@@ -52,8 +52,8 @@ class EngineConfig:
     cuda_graph: bool = True          # CUDA only: capture the decode step as a CUDA graph
     sampler: str = "auto"            # "auto" (Triton on CUDA, torch on CPU) | "triton" | "torch"
     eos_check_every: int = 16        # text phase: host check for "all rows finished" every k steps
-    vq_batch_size: int = 8           # VQ decode chunk (rows; 0 = all at once): all-at-once was slower on CPU
-    vq_channels_last: bool = True    # VQ decode in channels-last memory format (1.3x on CPU, bench/rollout.py)
+    vq_batch_size: int = 8           # VQ decode chunk (rows; 0 = all at once); today's value, see docs
+    vq_channels_last: bool = True    # VQ decode in channels-last memory format (faster on CPU, see docs)
 
     def __post_init__(self):
         if self.sampler not in ("auto", "triton", "torch"):
