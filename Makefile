@@ -27,7 +27,7 @@ GPU_PYTEST_ARGS ?=
 CAPACITY_ARGS ?= $(if $(filter gpu-check gpu-capacity,$(MAKECMDGOALS)),--time-budget 480 --resume,)
 
 .PHONY: setup demo test mutation test-device-stack bench bench-pytest bench-capacity gpu-wheels gpu-quick gpu-tests \
-	gpu-bench 	gpu-capacity gpu-check cuda-available clean
+	gpu-bench gpu-capacity gpu-check cuda-available clean
 
 # The venv sees the system site-packages, and also those of the interpreter that made it when that
 # interpreter is itself a virtualenv (a GPU image's /opt/.../.venv/bin/python3 holding torch): a plain

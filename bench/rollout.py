@@ -1,0 +1,371 @@
+"""Rollout benchmark: today's loop vs transformers' generate vs the rollout engine (eager, compiled).
+
+    python -m bench.rollout                       # CPU: demo + mid-size configs, 1 and 2 threads
+    python -m bench.rollout --configs mid --threads 1 --no-compile
+    python -m bench.rollout --device cuda --quick # GPU: Janus-Pro-1B / 7B shapes, 2 layers, 16 and 128 images
+
+Per configuration and thread count, the implementations run alternately in one process (``--repeats``
+rounds, median), so the ratios are side by side. Measured per implementation:
+
+* ``ms/step``: image-phase sampling time / image tokens (prefill included, VQ decode excluded);
+* ``images/s``: images / (sampling + VQ decode) time;
+* on CUDA, ``engine-graph`` (the eager step captured as a CUDA graph) and the bandwidth floor per step:
+  (weights of one layer + its K/V cache at the mean length, bf16) x layers + generation head, over the
+  device copy bandwidth measured in the same run; reported per layer as well;
+* ``decode ms``: the VQ decode alone (today: chunks of 8 rows NCHW; engine: all rows, channels-last).
+
+Implementations: ``today`` = ``egrpo.trainer.rollout.sample_image_tokens`` + ``decode_images`` (the loop
+of the trainer on main); ``hf-generate`` = ``JanusForConditionalGeneration.generate(generation_mode="image")``
+(static cache, transformers' sampling; no KL metric; timed where it runs); ``engine`` = `RolloutEngine`
+eager; ``engine-compiled`` = the decode step under ``torch.compile`` (default mode; on CUDA also captured as
+a CUDA graph); its compile time is reported separately and excluded (one warm-up phase first).
+
+Results: ``bench/results/rollout_<cpu|cuda>.json`` and a section of ``bench/README.md`` between the
+``rollout:begin`` / ``rollout:end`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from egrpo.rollout.engine import EngineConfig, RolloutEngine, cfg_prefill
+from egrpo.rollout.sampling import SamplingParams
+from egrpo.trainer.model import ModelConfig, build_model
+from egrpo.trainer.tokenizer import build_char_tokenizer, janus_tokens
+
+BENCH_DIR = Path(__file__).resolve().parent
+BEGIN, END = "<!-- rollout:begin -->", "<!-- rollout:end -->"
+VQ_BEGIN, VQ_END = "<!-- rollout-vq:begin -->", "<!-- rollout-vq:end -->"
+
+# Shapes. demo = configs/demo.yaml's model (TINY_DEFAULTS + its overrides), 2 prompts x G = 8, 64 tokens.
+# mid = the issue's mid-size random Janus: hidden 256, 4 layers, 144 image tokens, image vocab 4096.
+CPU_CONFIGS = {
+    "demo": dict(tiny=dict(vq_base_channels=128, vq_channel_multiplier=[1, 1, 1, 1], initializer_range=0.2),
+                 prompts=2, group=8),
+    "mid": dict(tiny=dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=512, image_size=96,
+                          patch_size=8, image_vocab_size=4096), prompts=2, group=8),
+}
+# Janus-Pro shapes with 2 layers (report per layer); 384 px, 16 px patches = 576 tokens, 16384 codes.
+GPU_SHAPES = {
+    "janus-pro-1b": dict(hidden_size=2048, num_layers=2, num_heads=16, intermediate_size=5632, full_layers=24),
+    "janus-pro-7b": dict(hidden_size=4096, num_layers=2, num_heads=32, intermediate_size=11008, full_layers=30),
+}
+PROMPTS = ["a red apple on a wooden table", "two blue cars"]
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device):
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - start, out
+
+
+def _prompt_batch(tokenizer, tokens, prompts, group, device):
+    from egrpo.trainer.rollout import encode_prompt, left_pad
+
+    rows = [encode_prompt(tokenizer, p, tokens) + [tokens.image_start] for p in prompts for _ in range(group)]
+    return left_pad(rows, tokens.pad, device)
+
+
+def _implementations(model, tokenizer, ids, mask, image_tokens, device, compile_step, hf_generate):
+    """name -> (sample() -> tokens, decode(tokens))."""
+    from egrpo.trainer import rollout as today
+
+    tokens = janus_tokens(tokenizer)
+    cfg = today.RolloutConfig(group_size=1, cfg_scale=5.0, image_tokens=image_tokens)
+    generator = torch.Generator(device=device).manual_seed(0)
+    params = SamplingParams(cfg_scale=5.0)
+    impls = {
+        "today": (lambda: today.sample_image_tokens(model, ids, mask, tokens, cfg, generator)[0],
+                  lambda t: today.decode_images(model, t)),
+    }
+    if hf_generate:
+        import copy
+
+        generation_config = copy.deepcopy(model.generation_config)
+        generation_config.generation_kwargs = {"boi_token_id": tokens.image_start}
+        generation_config.update(do_sample=True, guidance_scale=5.0, top_k=None, top_p=None, temperature=1.0,
+                                 pad_token_id=tokens.pad, bos_token_id=tokens.bos)
+
+        def hf():
+            return model.generate(input_ids=ids, attention_mask=mask, generation_mode="image",
+                                  generation_config=generation_config)
+        impls["hf-generate"] = (hf, lambda t: today.decode_images(model, t))
+    engines = {"engine": RolloutEngine(model, EngineConfig(cuda_graph=False))}
+    if device == "cuda":  # the eager step (full buffer) captured as a CUDA graph, no compilation
+        engines["engine-graph"] = RolloutEngine(model, EngineConfig(cuda_graph=True))
+    if compile_step:
+        engines["engine-compiled"] = RolloutEngine(model, EngineConfig(compile=True))
+    for name, engine in engines.items():
+        def run(engine=engine):
+            prefill = cfg_prefill(model, ids, mask, tokens.pad, "left", keep_ids=(tokens.bos, tokens.image_start))
+            return engine.generate_image_tokens(prefill, image_tokens, params, seed=0).tokens
+        impls[name] = (run, engine.decode)
+    return impls
+
+
+def bench_config(name, model, tokenizer, ids, mask, image_tokens, device, threads, repeats, compile_step,
+                 hf_generate=True):
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    impls = _implementations(model, tokenizer, ids, mask, image_tokens, device, compile_step, hf_generate)
+    results = {k: {"sample_s": [], "decode_s": []} for k in impls}
+    notes = {}
+    for impl, (sample_fn, _) in list(impls.items()):  # warm-up (compilation, allocator); drop what fails
+        try:
+            elapsed, _ = _timed(sample_fn, device)
+            if impl == "engine-compiled":
+                notes[impl] = f"first call incl. compilation {elapsed:.1f} s"
+        except Exception as error:  # noqa: BLE001 - a peer that cannot run keeps its row with the reason
+            notes[impl] = f"n/a: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+            impls.pop(impl)
+            results.pop(impl)
+    with torch.no_grad():
+        for _ in range(repeats):
+            for impl, (sample_fn, decode_fn) in impls.items():
+                seconds, out = _timed(sample_fn, device)
+                sampled = out if isinstance(out, torch.Tensor) else out
+                results[impl]["sample_s"].append(seconds)
+                results[impl]["decode_s"].append(_timed(lambda: decode_fn(sampled), device)[0])
+    rows = ids.shape[0]
+    table = {}
+    for impl, r in results.items():
+        sample_s, decode_s = statistics.median(r["sample_s"]), statistics.median(r["decode_s"])
+        table[impl] = dict(ms_per_step=1e3 * sample_s / image_tokens, sample_ms=1e3 * sample_s,
+                           decode_ms=1e3 * decode_s, images_per_s=rows / (sample_s + decode_s),
+                           samples_ms=[1e3 * s for s in r["sample_s"]])
+    base = table.get("today")
+    for impl, row in table.items():
+        if base:
+            row["speedup_step_vs_today"] = base["ms_per_step"] / row["ms_per_step"]
+            row["speedup_images_vs_today"] = row["images_per_s"] / base["images_per_s"]
+    return dict(config=name, threads=threads, images=rows, image_tokens=image_tokens, results=table, notes=notes)
+
+
+def bench_vq(model, rows, image_tokens, device, repeats):
+    """VQ decode variants side by side: rows per decoder call (8 = today's chunks, all) x memory format."""
+    from egrpo.rollout.vq import decode_images
+
+    codes = torch.randint(0, model.config.vq_config.num_embeddings, (rows, image_tokens), device=device)
+    variants = {f"batch {'all' if b == 0 else b}, {'channels-last' if cl else 'NCHW'}": (b, cl)
+                for b in (8, 0) for cl in (False, True)}
+    times = {name: [] for name in variants}
+    for name, (batch, channels_last) in variants.items():  # warm-up
+        decode_images(model, codes, batch, channels_last)
+    for _ in range(repeats):
+        for name, (batch, channels_last) in variants.items():
+            times[name].append(_timed(lambda: decode_images(model, codes, batch, channels_last), device)[0])
+    base = statistics.median(times["batch 8, NCHW"])
+    return {name: dict(ms=1e3 * statistics.median(t), speedup_vs_batch8_nchw=base / statistics.median(t))
+            for name, t in times.items()}
+
+
+def run_cpu(args):
+    runs = []
+    for name in args.configs:
+        spec = CPU_CONFIGS[name]
+        model, tokenizer = build_model(ModelConfig(tiny=dict(spec["tiny"]), dtype="fp32"), "cpu")
+        tokens = janus_tokens(tokenizer)
+        ids, mask = _prompt_batch(tokenizer, tokens, PROMPTS[:spec["prompts"]], spec["group"], "cpu")
+        image_tokens = int(model.config.vision_config.num_image_tokens)
+        for threads in args.threads:
+            print(f"[rollout] {name}: {threads} thread(s)", flush=True)
+            run = bench_config(name, model, tokenizer, ids, mask, image_tokens, "cpu", threads, args.repeats,
+                               args.compile)
+            run["shape"] = dict(spec["tiny"], prompts=spec["prompts"], group_size=spec["group"],
+                                prompt_len=ids.shape[1])
+            runs.append(run)
+            _print_run(run)
+    return runs
+
+
+def _bandwidth_gbs(device):
+    """Measured device copy bandwidth (read + write) in GB/s."""
+    x = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(20):
+        y.copy_(x)
+    _sync(device)
+    return 2 * x.numel() * 20 / (time.perf_counter() - start) / 1e9
+
+
+def run_cuda(args):
+    from transformers import JanusForConditionalGeneration
+
+    from egrpo.trainer.model import tiny_janus_config
+
+    tokenizer = build_char_tokenizer()
+    tokens = janus_tokens(tokenizer)
+    bandwidth = _bandwidth_gbs("cuda")
+    runs = []
+    for shape_name, shape in GPU_SHAPES.items():
+        overrides = {k: v for k, v in shape.items() if k != "full_layers"}
+        config = tiny_janus_config(tokenizer, image_size=384, patch_size=16, image_vocab_size=16384,
+                                   vq_channel_multiplier=(1, 1, 2, 2, 4), vq_base_channels=128,
+                                   max_position_embeddings=4096, **overrides)
+        config._attn_implementation = config.text_config._attn_implementation = "sdpa"
+        model = JanusForConditionalGeneration(config).to("cuda", torch.bfloat16).eval()
+        layer_bytes = sum(p.numel() * p.element_size() for p in model.model.language_model.layers[0].parameters())
+        head_bytes = sum(p.numel() * p.element_size() for m in (model.model.generation_head,
+                         model.model.generation_aligner) for p in m.parameters())
+        for images in args.rows:
+            group = max(1, images // 2)
+            ids, mask = _prompt_batch(tokenizer, tokens, PROMPTS[:2], group, "cuda")
+            print(f"[rollout] {shape_name}: {ids.shape[0]} images", flush=True)
+            run = bench_config(shape_name, model, tokenizer, ids, mask, 576, "cuda", 0, args.repeats,
+                               args.compile, hf_generate=False)
+            # Floor per step: weights once + the KV cache of all 2B rows (mean length), over the copy bandwidth.
+            rows2, length = 2 * ids.shape[0], ids.shape[1] + 576 / 2
+            kv_bytes = 2 * rows2 * length * shape["hidden_size"] * 2  # K and V, bf16, per layer
+            floor_ms = 1e3 * (shape["num_layers"] * (layer_bytes + kv_bytes) + head_bytes) / (bandwidth * 1e9)
+            run["floor_ms_per_step"] = floor_ms
+            run["per_layer"] = {impl: r["ms_per_step"] / shape["num_layers"] for impl, r in run["results"].items()}
+            run["shape"] = dict(overrides, full_layers=shape["full_layers"], images=ids.shape[0])
+            run["bandwidth_gbs"] = bandwidth
+            runs.append(run)
+            _print_run(run)
+        del model
+        torch.cuda.empty_cache()
+    return runs
+
+
+def run_vq_only(args):
+    import transformers
+
+    lines = [VQ_BEGIN, "### VQ decode variants (`python -m bench.rollout --vq-only`)", "",
+             "Same tokens, variants alternating in one process; speed-up vs today's 8-row NCHW chunks.", ""]
+    runs = []
+    for name in args.configs:
+        spec = CPU_CONFIGS[name]
+        model, _ = build_model(ModelConfig(tiny=dict(spec["tiny"]), dtype="fp32"), "cpu")
+        images = spec["prompts"] * spec["group"]
+        image_tokens = int(model.config.vision_config.num_image_tokens)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            result = bench_vq(model, images, image_tokens, "cpu", args.repeats)
+            runs.append(dict(config=name, threads=threads, images=images, shape=spec["tiny"], variants=result))
+            for variant, r in result.items():
+                print(f"  {name} {threads}t vq decode {variant:28s} {r['ms']:8.1f} ms  x{r['speedup_vs_batch8_nchw']:.2f}")
+    payload = dict(device="cpu", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   cpu=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible",
+                   dtype="float32", torch=torch.__version__, transformers=transformers.__version__,
+                   repeats=args.repeats, runs=runs)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "rollout_vq_cpu.json").write_text(json.dumps(payload, indent=1))
+    lines += [f"- {payload['cpu']}; float32; {payload['date']}; torch {payload['torch']}; median of {args.repeats}", "",
+              "| config | threads | images | variant | ms | speed-up |", "|---|---|---|---|---|---|"]
+    for run in runs:
+        for variant, r in run["variants"].items():
+            lines.append(f"| {run['config']} | {run['threads']} | {run['images']} | {variant} | {r['ms']:.1f} | "
+                         f"{r['speedup_vs_batch8_nchw']:.2f}x |")
+    lines.append(VQ_END)
+    _replace_section(args.readme, VQ_BEGIN, VQ_END, "\n".join(lines))
+
+
+def _replace_section(readme: Path, begin: str, end: str, section: str):
+    text = readme.read_text() if readme.exists() else ""
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    readme.write_text(text)
+
+
+def _print_run(run):
+    for impl, r in run["results"].items():
+        print(f"  {impl:16s} {r['ms_per_step']:8.2f} ms/step  {r['images_per_s']:7.2f} img/s  "
+              f"decode {r['decode_ms']:8.1f} ms  x{r.get('speedup_images_vs_today', float('nan')):.2f} img/s vs today",
+              flush=True)
+    for impl, note in run["notes"].items():
+        print(f"  {impl}: {note}")
+
+
+def _markdown(payload):
+    lines = [BEGIN, "## Rollout engine (`python -m bench.rollout`)", "",
+             f"Generated by `bench/rollout.py` into `bench/results/rollout_{payload['device']}.json`; "
+             "docs/rollout.md explains what is measured.", "",
+             f"- device: {payload['device']} ({payload['cpu']}); dtype {payload['dtype']}; date {payload['date']}",
+             f"- versions: torch {payload['torch']}, transformers {payload['transformers']}; "
+             f"{payload['repeats']} timed rounds (median), implementations alternating in one process", ""]
+    if payload["device"] == "cpu":
+        lines.append("CPU numbers are noisy (2 shared cores); read the side-by-side ratios.")
+        lines.append("")
+    lines += ["| config | threads | images x tokens | implementation | ms/step | decode ms | images/s | "
+              "step speed-up vs today | images/s vs today | notes |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for run in payload["runs"]:
+        for impl, r in run["results"].items():
+            lines.append(
+                f"| {run['config']} | {run['threads'] or '-'} | {run['images']} x {run['image_tokens']} | {impl} | "
+                f"{r['ms_per_step']:.2f} | {r['decode_ms']:.1f} | {r['images_per_s']:.2f} | "
+                f"{r.get('speedup_step_vs_today', float('nan')):.2f}x | "
+                f"{r.get('speedup_images_vs_today', float('nan')):.2f}x | {run['notes'].get(impl, '')} |")
+        for impl, note in run["notes"].items():
+            if impl not in run["results"]:
+                lines.append(f"| {run['config']} | {run['threads'] or '-'} | {run['images']} x {run['image_tokens']} "
+                             f"| {impl} | | | | | | {note} |")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def _write(payload, out_dir: Path, readme: Path):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"rollout_{payload['device']}.json"
+    path.write_text(json.dumps(payload, indent=1))
+    _replace_section(readme, BEGIN, END, _markdown(payload))
+    print(f"wrote {path} and the rollout section of {readme}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="GPU: 2 layers of each Janus-Pro shape")
+    parser.add_argument("--configs", nargs="+", default=list(CPU_CONFIGS), choices=list(CPU_CONFIGS))
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--rows", nargs="+", type=int, default=[16, 128], help="GPU: images per rollout")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="skip engine-compiled (CPU compilation takes about a minute per config)")
+    parser.add_argument("--vq-only", action="store_true",
+                        help="CPU: only the VQ decode variants (rollout_vq_cpu.json, own README section)")
+    parser.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results")
+    parser.add_argument("--readme", type=Path, default=BENCH_DIR / "README.md")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    torch.manual_seed(0)
+    if args.vq_only:
+        return run_vq_only(args)
+    runs = run_cuda(args) if args.device == "cuda" else run_cpu(args)
+    import transformers
+
+    payload = dict(
+        device=args.device, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        cpu=(torch.cuda.get_device_name() if args.device == "cuda" else
+             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible"),
+        dtype="bfloat16" if args.device == "cuda" else "float32", torch=torch.__version__,
+        transformers=transformers.__version__, repeats=args.repeats, runs=runs,
+    )
+    _write(payload, args.out_dir, args.readme)
+
+
+if __name__ == "__main__":
+    main()

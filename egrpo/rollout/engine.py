@@ -1,0 +1,411 @@
+"""The rollout engine: static KV cache, one decode step per token, fused sampling, batched VQ decode.
+
+Protocol-agnostic: a phase starts from a `Prefill` (padded input embeddings, attention mask, position
+ids, built by the caller or by :func:`text_prefill` / :func:`cfg_prefill`) and the engine only decodes.
+
+Per phase (text CoT or image tokens) the engine
+
+1. allocates one K/V buffer per layer for every row, sized prompt + new tokens, and the rotary
+   cos/sin of every position it will visit (positions continue from each row's last prompt position);
+2. runs the prompt through the language model in ONE batched forward, writing K/V into the buffer;
+3. runs the decode step ``embed -> LM over one position -> head -> sample -> next embedding`` once per
+   token. The step reads and writes only preallocated buffers, reads the step index from a device
+   tensor and never synchronises with the host; the text phase checks for "all rows finished" every
+   ``eos_check_every`` steps.
+
+Decode step variants (`EngineConfig`):
+
+* eager (default on CPU): attends over the filled prefix only (a view; the length is known on the host).
+* ``compile=True``: ``torch.compile`` of the step; attends over the full buffer with a mask, so the
+  shapes never change and one compilation serves the whole phase.
+* ``cuda_graph=True`` (CUDA only): the (compiled or eager) full-buffer step captured once per phase
+  shape as a ``torch.cuda.CUDAGraph`` and replayed; its random numbers come from the in-graph counter
+  (see :mod:`egrpo.rollout.sampling`), so replays differ without host work.
+
+The language model is driven through its own submodules (``input_layernorm``, ``self_attn.q_proj`` ...,
+``mlp``), so kernel patches of those modules (Liger) still apply; attention is
+``torch.nn.functional.scaled_dot_product_attention``. This matches HF's Llama (``sdpa`` or ``eager``)
+to float rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .sampling import SamplingParams, sample
+from .vq import decode_images
+
+LAYOUTS = ("left", "right")
+
+
+@dataclass
+class EngineConfig:
+    """Settings of the engine (all defaults: our choice)."""
+
+    compile: bool = False            # torch.compile the decode step (mode below); off: eager step
+    compile_mode: Optional[str] = None  # torch.compile mode; None = torch's default mode
+    compile_backend: str = "inductor"   # torch.compile backend ("eager" exercises the compiled-shape path fast)
+    cuda_graph: bool = True          # CUDA only: capture the decode step as a CUDA graph
+    sampler: str = "auto"            # "auto" (Triton on CUDA, torch on CPU) | "triton" | "torch"
+    eos_check_every: int = 16        # text phase: host check for "all rows finished" every k steps
+    vq_batch_size: int = 8           # VQ decode chunk (rows; 0 = all at once); today's value, see docs
+    vq_channels_last: bool = True    # VQ decode in channels-last memory format (faster on CPU, see docs)
+
+    def __post_init__(self):
+        if self.sampler not in ("auto", "triton", "torch"):
+            raise ValueError(f"engine.sampler must be auto, triton or torch, got {self.sampler!r}")
+        if not isinstance(self.eos_check_every, int) or self.eos_check_every < 1:
+            raise ValueError(f"engine.eos_check_every must be an integer >= 1, got {self.eos_check_every!r}")
+        if not isinstance(self.vq_batch_size, int) or self.vq_batch_size < 0:
+            raise ValueError(f"engine.vq_batch_size must be an integer >= 0 (0 = all rows), got {self.vq_batch_size!r}")
+
+
+@dataclass
+class Prefill:
+    """A padded prompt batch: ``inputs_embeds [R, L, D]``, ``attention_mask [R, L]`` (1 = real token),
+    ``position_ids [R, L]`` (the rotary position of each slot). Decoding continues at
+    ``position_ids[:, -1] + 1`` for every row, so the last slot must be each row's last real token."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+
+    def __post_init__(self):
+        rows, length = self.attention_mask.shape
+        if self.inputs_embeds.shape[:2] != (rows, length) or self.position_ids.shape != (rows, length):
+            raise ValueError(
+                f"Prefill: inputs_embeds {tuple(self.inputs_embeds.shape)}, attention_mask {(rows, length)} and "
+                f"position_ids {tuple(self.position_ids.shape)} must agree on [rows, length]"
+            )
+        if length == 0:
+            raise ValueError("Prefill: the prompt is empty (length 0)")
+
+
+@dataclass
+class TextOutput:
+    ids: torch.Tensor    # [R, Lc] int64, pad after each row's EOS
+    mask: torch.Tensor   # [R, Lc] float32, 1 up to and including the first EOS
+
+
+@dataclass
+class ImageOutput:
+    tokens: torch.Tensor  # [B, T] int64
+    kl: torch.Tensor      # [B, T] float32, KL(sampling dist || conditional dist) per step
+
+
+def _positions(attention_mask: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "left":  # each row starts at position 0 after its left padding (HF generate)
+        return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    # right: positions are absolute slot indices, pads included (released Janus image prompts)
+    length = attention_mask.shape[1]
+    return torch.arange(length, device=attention_mask.device).expand(attention_mask.shape[0], length)
+
+
+def text_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: str = "left") -> Prefill:
+    """Prefill of token ids for the text phase; ``layout`` "left" (position = count of real tokens before)
+    or "right" (position = slot index)."""
+    embeds = model.get_input_embeddings()(input_ids)
+    return Prefill(embeds, attention_mask, _positions(attention_mask, layout))
+
+
+def cfg_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int, layout: str = "left",
+                keep_ids=()) -> Prefill:
+    """Conditional rows then their unconditional twins (``2B`` rows) for the image phase.
+
+    * ``layout="left"`` (today's loop, HF ``generate``): left-padded; the unconditional row replaces every id
+      not in ``keep_ids`` (pass BOS and the image-start id) by ``pad_id`` and keeps the conditional mask;
+      positions count real tokens.
+    * ``layout="right"`` (the released Janus trainers): ``[BOS text pads BOI]``; the unconditional row is the
+      pad embedding at slots 1..L-2 with an all-ones mask; positions are slot indices.
+    """
+    if layout == "left":
+        keep = torch.zeros_like(input_ids, dtype=torch.bool)
+        for token in keep_ids:
+            if token is not None:
+                keep |= input_ids == token
+        uncond_ids = torch.where(keep, input_ids, torch.full_like(input_ids, pad_id))
+        uncond_mask = attention_mask
+    elif layout == "right":
+        uncond_ids = input_ids.clone()
+        uncond_ids[:, 1:-1] = pad_id
+        uncond_mask = torch.ones_like(attention_mask)
+    else:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    ids = torch.cat([input_ids, uncond_ids], 0)
+    mask = torch.cat([attention_mask, uncond_mask], 0)
+    positions = torch.cat([_positions(attention_mask, layout), _positions(uncond_mask, layout)], 0)
+    return Prefill(model.get_input_embeddings()(ids), mask, positions)
+
+
+class _PhaseState:
+    """Everything one phase's decode steps read or write, allocated once."""
+
+    def __init__(self, lm, prefill: Prefill, new_tokens: int, seed: int):
+        config = lm.config
+        rows, length = prefill.attention_mask.shape
+        device, dtype = prefill.inputs_embeds.device, prefill.inputs_embeds.dtype
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        total = length + max(new_tokens, 1)
+        self.rows, self.prompt_len, self.total = rows, length, total
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.keys = [torch.zeros(rows, kv_heads, total, head_dim, device=device, dtype=dtype) for _ in lm.layers]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        # Key validity of every slot: prompt mask, then the generated slots (filled in order).
+        self.key_valid = torch.ones(rows, total, dtype=torch.bool, device=device)
+        self.key_valid[:, :length] = prefill.attention_mask.bool()
+        positions = torch.cat([
+            prefill.position_ids.long(),
+            prefill.position_ids[:, -1:].long() + 1 + torch.arange(total - length, device=device),
+        ], 1)
+        cos, sin = lm.rotary_emb(prefill.inputs_embeds, positions)
+        self.cos, self.sin = cos[:, None], sin[:, None]  # [R, 1, total, d]
+        self.slot = torch.arange(total, device=device)
+        self.step = torch.zeros((), dtype=torch.int64, device=device)  # slot index of the next decode input
+        self.rng = torch.tensor([seed, 0], dtype=torch.int64, device=device)
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _decode_attention(q, keys, values, key_mask, scale):
+    """Attention of ONE query position per row (CPU): two batched matmuls and a masked softmax.
+
+    PyTorch's CPU SDPA kernel (flash, blocked over queries) costs milliseconds for a single query with a
+    mask; this costs microseconds. q [R, H, 1, d]; keys/values [R, Hkv, S, d]; key_mask bool [R, 1, 1, S]."""
+    rows, heads, _, dim = q.shape
+    kv_heads = keys.shape[1]
+    q = q.reshape(rows, kv_heads, heads // kv_heads, dim)  # query heads grouped by their shared K/V head
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale  # [R, Hkv, G, S]
+    scores = scores.masked_fill(~key_mask.view(rows, 1, 1, -1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    return torch.matmul(probs, values).reshape(rows, heads, 1, dim)
+
+
+class RolloutEngine:
+    """Fast sampling for a `JanusForConditionalGeneration` (text CoT, CFG image tokens, VQ decode).
+
+    Usage (B prompts x G rows each, consecutive)::
+
+        engine = RolloutEngine(model, EngineConfig())
+        cot = engine.generate_text(text_prefill(model, ids, mask), max_new_tokens=1024, eos_id=eos, pad_id=pad,
+                                   params=SamplingParams(top_k=50), seed=seed_text)
+        img = engine.generate_image_tokens(cfg_prefill(model, ids2, mask2, pad, layout="right"), num_tokens=576,
+                                           params=SamplingParams(cfg_scale=5.0), seed=seed_image)
+        images = engine.decode(img.tokens)          # [B, 3, H, W] float32 in [0, 1]
+
+    Weights are read at every call, so the engine follows training updates; build it once per model.
+    Run under ``torch.no_grad()`` semantics (the engine disables grad itself).
+    """
+
+    def __init__(self, model, config: Optional[EngineConfig] = None):
+        self.model = model
+        self.config = config or EngineConfig()
+        self.lm = model.model.language_model
+        self._compiled = {}
+        self._graphs = {}
+
+    # ---- the language model over one new position per row -------------------------------------------
+
+    def _attention_layer(self, layer, index, h, state: _PhaseState, cos, sin, write_at, key_len, key_mask):
+        attn = layer.self_attn
+        rows = h.shape[0]
+        q = attn.q_proj(h).view(rows, -1, state.heads, state.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(rows, -1, state.kv_heads, state.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(rows, -1, state.kv_heads, state.head_dim).transpose(1, 2)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        keys, values = state.keys[index], state.values[index]
+        if isinstance(write_at, int):
+            keys[:, :, write_at:write_at + k.shape[2]] = k
+            values[:, :, write_at:write_at + v.shape[2]] = v
+        else:  # a device tensor: graph/compile-safe in-place write
+            keys.index_copy_(2, write_at, k)
+            values.index_copy_(2, write_at, v)
+        keys, values = keys[:, :, :key_len], values[:, :, :key_len]
+        if q.shape[2] == 1 and q.device.type == "cpu":
+            out = _decode_attention(q, keys, values, key_mask, attn.scaling)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=key_mask, scale=attn.scaling,
+                                                 enable_gqa=state.kv_heads != state.heads)
+        return attn.o_proj(out.transpose(1, 2).reshape(rows, -1, state.heads * state.head_dim))
+
+    def _layers(self, h, state, cos, sin, write_at, key_len, key_mask):
+        for index, layer in enumerate(self.lm.layers):
+            h = h + self._attention_layer(layer, index, layer.input_layernorm(h), state, cos, sin, write_at, key_len,
+                                          key_mask)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.lm.norm(h)
+
+    def _prefill(self, prefill: Prefill, state: _PhaseState) -> torch.Tensor:
+        """One batched forward over the prompt; returns the last hidden state [R, D]."""
+        length = state.prompt_len
+        causal = torch.ones(length, length, dtype=torch.bool, device=state.slot.device).tril()
+        mask = causal[None] & state.key_valid[:, None, :length]
+        # A query whose keys are all padding would give NaN; letting it see itself keeps pad slots finite.
+        mask |= torch.eye(length, dtype=torch.bool, device=mask.device)[None]
+        hidden = self._layers(prefill.inputs_embeds, state, state.cos[:, :, :length], state.sin[:, :, :length], 0,
+                              length, mask[:, None])
+        return hidden[:, -1]
+
+    def _decode_hidden(self, embeds: torch.Tensor, state: _PhaseState, step: Optional[int]) -> torch.Tensor:
+        """LM over one new position per row ([R, D] -> [R, D]). ``step`` (host int) selects the eager variant
+        attending over the filled prefix; None reads ``state.step`` (device) and attends over the full buffer."""
+        h = embeds[:, None]
+        if step is not None:
+            slot = state.prompt_len + step
+            cos, sin = state.cos[:, :, slot:slot + 1], state.sin[:, :, slot:slot + 1]
+            key_mask = state.key_valid[:, None, None, :slot + 1]
+            return self._layers(h, state, cos, sin, slot, slot + 1, key_mask)[:, 0]
+        slot = state.prompt_len + state.step
+        cos = state.cos.index_select(2, slot.view(1))
+        sin = state.sin.index_select(2, slot.view(1))
+        key_mask = (state.key_valid & (state.slot <= slot))[:, None, None, :]
+        return self._layers(h, state, cos, sin, slot.view(1), state.total, key_mask)[:, 0]
+
+    # ---- decode steps ----------------------------------------------------------------------------------
+
+    def _image_step(self, token, state, params, out_tokens, out_kl, step=None):
+        """Embed ``token`` [B] for both branches, one LM position, generation head, CFG sampling.
+        Writes the next token and its KL at column ``state.step + 1`` and advances the counters."""
+        embeds = self.model.prepare_embeddings_for_image_generation(token)
+        hidden = self._decode_hidden(torch.cat([embeds, embeds], 0), state, step)
+        logits = self.model.model.generation_head(hidden)
+        batch = token.shape[0]
+        next_token, kl = sample(logits[:batch], logits[batch:], params, state.rng, True, self.config.sampler)
+        column = (state.step + 1).view(1)
+        out_tokens.index_copy_(1, column, next_token[:, None])
+        out_kl.index_copy_(1, column, kl[:, None])
+        state.step += 1
+        state.rng[1] += 1
+        return next_token
+
+    def _text_step(self, token, finished, state, params, pad_id, eos_id, out_ids, out_valid, step=None):
+        hidden = self._decode_hidden(self.model.get_input_embeddings()(token), state, step)
+        next_token, _ = sample(self.model.lm_head(hidden), None, params, state.rng, False, self.config.sampler)
+        column = (state.step + 1).view(1)
+        out_valid.index_copy_(1, column, (~finished)[:, None])
+        next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
+        out_ids.index_copy_(1, column, next_token[:, None])
+        finished |= next_token == eos_id
+        state.step += 1
+        state.rng[1] += 1
+        return next_token
+
+    def _runner(self, kind: str, fn: Callable, state: _PhaseState, static_args: tuple):
+        """Return ``run(step)`` performing one decode step in the configured mode."""
+        cfg = self.config
+        on_cuda = state.slot.device.type == "cuda"
+        if not cfg.compile and not (cfg.cuda_graph and on_cuda):
+            return lambda step: fn(*static_args, step=step)
+        step_fn = fn
+        if cfg.compile:
+            # One compiled function per phase kind; torch.compile specialises it per (rows, prompt length)
+            # (static shapes), so bucketing prompt lengths avoids recompiling for every new length.
+            if kind not in self._compiled:
+                kwargs = {"mode": cfg.compile_mode} if cfg.compile_mode else {}
+                self._compiled[kind] = torch.compile(fn, dynamic=False, backend=cfg.compile_backend, **kwargs)
+            step_fn = self._compiled[kind]
+        if not (cfg.cuda_graph and on_cuda):
+            return lambda step: step_fn(*static_args, step=None)
+        return self._capture(step_fn, state, static_args)
+
+    def _capture(self, step_fn, state: _PhaseState, static_args: tuple):
+        """Capture one full-buffer decode step as a CUDA graph; replays advance the device counters."""
+        saved_step, saved_rng = state.step.clone(), state.rng.clone()
+        saved = [t.clone() for t in static_args if isinstance(t, torch.Tensor)]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up (compilation, autotuning, allocator) outside the graph
+                step_fn(*static_args, step=None)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step_fn(*static_args, step=None)
+        # Undo the warm-up and capture side effects (the capture itself also ran nothing; warm-up did).
+        state.step.copy_(saved_step)
+        state.rng.copy_(saved_rng)
+        for tensor, value in zip([t for t in static_args if isinstance(t, torch.Tensor)], saved):
+            tensor.copy_(value)
+        return lambda step: graph.replay()
+
+    # ---- phases ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_image_tokens(self, prefill: Prefill, num_tokens: int, params: SamplingParams,
+                              seed: int) -> ImageOutput:
+        """CFG sampling of ``num_tokens`` image tokens. ``prefill`` holds the B conditional rows then their B
+        unconditional twins (see :func:`cfg_prefill`). Returns tokens and the per-step CFG KL, each [B, T]."""
+        if params.cfg_scale is None:
+            raise ValueError("generate_image_tokens: params.cfg_scale must be set (image sampling uses CFG)")
+        rows = prefill.attention_mask.shape[0]
+        if rows % 2:
+            raise ValueError(f"generate_image_tokens: the prefill must hold 2B rows (cond then uncond), got {rows}")
+        if num_tokens < 1:
+            raise ValueError(f"generate_image_tokens: num_tokens must be >= 1, got {num_tokens}")
+        batch = rows // 2
+        state = _PhaseState(self.lm, prefill, num_tokens - 1, seed)
+        device = prefill.inputs_embeds.device
+        tokens = torch.zeros(batch, num_tokens, dtype=torch.int64, device=device)
+        kl = torch.zeros(batch, num_tokens, dtype=torch.float32, device=device)
+        logits = self.model.model.generation_head(self._prefill(prefill, state))
+        first, first_kl = sample(logits[:batch], logits[batch:], params, state.rng, True, self.config.sampler)
+        tokens[:, 0], kl[:, 0] = first, first_kl
+        state.rng[1] += 1
+        if num_tokens > 1:
+            token = first.clone()  # the step's (graph-static) input buffer
+            run = self._runner("image", self._image_step, state, (token, state, params, tokens, kl))
+            for step in range(num_tokens - 1):
+                run(step)
+                token.copy_(tokens[:, step + 1])
+        return ImageOutput(tokens, kl)
+
+    @torch.no_grad()
+    def generate_text(self, prefill: Prefill, max_new_tokens: int, eos_id: int, pad_id: int,
+                      params: SamplingParams, seed: int) -> TextOutput:
+        """Sample up to ``max_new_tokens`` per row with the LM head; a row stops at its first EOS (later slots
+        hold ``pad_id``); the phase stops when every row has finished (checked every ``eos_check_every``
+        steps) and is trimmed to the longest row."""
+        if params.cfg_scale is not None:
+            raise ValueError("generate_text: params.cfg_scale must be None (the text phase has no CFG)")
+        if max_new_tokens < 1:
+            raise ValueError(f"generate_text: max_new_tokens must be >= 1, got {max_new_tokens}")
+        rows = prefill.attention_mask.shape[0]
+        device = prefill.inputs_embeds.device
+        state = _PhaseState(self.lm, prefill, max_new_tokens - 1, seed)
+        ids = torch.full((rows, max_new_tokens), pad_id, dtype=torch.int64, device=device)
+        valid = torch.zeros(rows, max_new_tokens, dtype=torch.bool, device=device)
+        first, _ = sample(self.model.lm_head(self._prefill(prefill, state)), None, params, state.rng, False,
+                          self.config.sampler)
+        ids[:, 0], valid[:, 0] = first, True
+        finished = first == eos_id
+        state.rng[1] += 1
+        token = first.clone()
+        run = self._runner("text", self._text_step, state, (token, finished, state, params, pad_id, eos_id, ids, valid))
+        for step in range(max_new_tokens - 1):
+            if step % self.config.eos_check_every == 0 and bool(finished.all()):
+                break
+            run(step)
+            token.copy_(ids[:, step + 1])
+        length = int(valid.sum(1).max())
+        return TextOutput(ids[:, :length], valid[:, :length].float())
+
+    def decode(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """VQ-decode ``[B, T]`` image tokens to ``[B, 3, H, W]`` float32 in [0, 1]; see :mod:`egrpo.rollout.vq`."""
+        return decode_images(self.model, image_tokens, batch_size=self.config.vq_batch_size,
+                             channels_last=self.config.vq_channels_last)
+
+
+def seeds_from_generator(generator: torch.Generator, count: int = 2) -> List[int]:
+    """``count`` phase seeds drawn from ``generator`` (one host op per rollout; keeps rollouts seeded by it)."""
+    return [int(s) for s in torch.randint(0, 2**31, (count,), generator=generator, device=generator.device)]

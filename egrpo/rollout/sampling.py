@@ -1,0 +1,333 @@
+"""Fused sampling of one token per row: CFG mix, temperature, top-k, top-p, inverse-CDF draw, CFG KL.
+
+For each row ``r`` of ``cond`` (and ``uncond`` when classifier-free guidance is on)::
+
+    guided = (u + w (c - u)) / T                 (no CFG: guided = c / T)
+    keep   = top-k set of guided (ties kept), then the nucleus (top-p) set of softmax(guided) over it
+    p      = softmax(guided over keep)          (0 outside keep)
+    token  = first index i with cumsum(p)_i > uniform_r * sum(p)     (inverse CDF)
+    kl     = sum_i p_i (log p_i - log softmax(c)_i)                   (the rollout/cfg_kl metric)
+
+The top-p rule is the one of ``transformers`` and today's loop: a token is dropped when the
+probability of the tokens strictly above it already reaches ``top_p`` (the best token always stays).
+
+Random numbers are counter-based: ``uniform_r`` is a hash of ``(seed, step, r)`` where ``rng_state``
+is an int64 tensor ``[seed, step]`` on the logits' device. The sampler reads it and never writes it; the
+engine advances ``step`` in place, so a CUDA graph replays with fresh numbers and nothing syncs with the
+host. One uniform per row (inverse CDF) instead of one per vocabulary entry (Gumbel-max) keeps the CPU
+path cheap; both backends compute the same hash, so fed the same ``rng_state`` they draw the same tokens
+(up to float summation order at a CDF boundary, a ~1e-7 event).
+
+Backends: ``"triton"`` is one kernel, one program per row, streaming over the vocabulary in blocks and
+never writing guided logits to memory (top-k / top-p thresholds by 32-step bisections on the order-
+preserving integer image of the float logits, each a streaming pass); ``"torch"`` is the eager
+reference and the CPU path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from egrpo.kernels._common import HAS_TRITON, resolve_backend, tl, triton
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one phase samples. ``cfg_scale=None`` (text) means no guidance and no KL."""
+
+    temperature: float = 1.0
+    top_k: Optional[int] = None        # None: off
+    top_p: Optional[float] = None      # None or 1.0: off
+    cfg_scale: Optional[float] = None  # w in u + w (c - u); None: no CFG
+
+    def __post_init__(self):
+        validate_sampling(self.temperature, self.top_k, self.top_p, self.cfg_scale)
+
+
+def validate_sampling(temperature, top_k=None, top_p=None, cfg_scale=None, prefix: str = "") -> None:
+    """Raise ``ValueError`` naming the first invalid sampling setting (``prefix`` e.g. ``"rollout."``)."""
+    if not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"{prefix}temperature must be > 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"{prefix}top_k must be an integer >= 1 or None (off), got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"{prefix}top_p must be in (0, 1] or None (off), got {top_p!r}")
+    if cfg_scale is not None and not (isinstance(cfg_scale, (int, float)) and cfg_scale >= 0):
+        raise ValueError(f"{prefix}cfg_scale must be >= 0 or None (no guidance), got {cfg_scale!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Counter-based uniforms (identical in torch and Triton)
+# ---------------------------------------------------------------------------------------------
+
+_H1, _H2 = 0x7FEB352D, 0x846CA68B  # "lowbias32" integer hash constants (C. Wellons, hash-prospector)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x * c mod 2**32`` for int64 ``x`` in [0, 2**32) without int64 overflow (16-bit split)."""
+    return ((x & 0xFFFF) * c + (((x >> 16) * (c & 0xFFFF)) << 16)) & _MASK32
+
+
+def _hash32_torch(x: torch.Tensor) -> torch.Tensor:
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = _mul32(x, _H1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, _H2)
+    return x ^ (x >> 16)
+
+
+def row_uniforms(rng_state: torch.Tensor, rows: int) -> torch.Tensor:
+    """``[rows]`` float32 uniforms in [0, 1) for ``rng_state = [seed, step]`` (int64), 24-bit resolution."""
+    seed, step = rng_state[0], rng_state[1]
+    key = _hash32_torch(_hash32_torch(seed) ^ (step & _MASK32))
+    r = torch.arange(rows, device=rng_state.device, dtype=torch.int64)
+    x = _hash32_torch(_hash32_torch(r) ^ key)
+    return (x >> 8).to(torch.float32) * (1.0 / 16777216.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch path (reference and CPU)
+# ---------------------------------------------------------------------------------------------
+
+
+def guided_logits(cond: torch.Tensor, uncond: Optional[torch.Tensor], params: SamplingParams) -> torch.Tensor:
+    """``(u + w (c - u)) / T`` in float32 (``c / T`` without CFG); [N, V]."""
+    logits = cond.float()
+    if params.cfg_scale is not None:
+        u = uncond.float()
+        logits = u + params.cfg_scale * (logits - u)
+    return logits / params.temperature
+
+
+def keep_mask(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]) -> Optional[torch.Tensor]:
+    """Bool [N, V] of the tokens top-k then top-p keep (None when both are off)."""
+    keep = None
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        keep = logits >= kth
+    if top_p is not None and top_p < 1.0:
+        masked = logits if keep is None else logits.masked_fill(~keep, float("-inf"))
+        sorted_logits, order = torch.sort(masked, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        above = probs.cumsum(-1) - probs  # mass of the tokens strictly before each sorted token
+        keep_sorted = above < top_p
+        keep_p = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        keep = keep_p if keep is None else keep & keep_p
+    return keep
+
+
+def sample_torch(cond: torch.Tensor, uncond: Optional[torch.Tensor], params: SamplingParams,
+                 rng_state: torch.Tensor, want_kl: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Eager path of :func:`sample`; see the module docstring."""
+    logits = guided_logits(cond, uncond, params)
+    keep = keep_mask(logits, params.top_k, params.top_p)
+    if keep is not None:
+        logits = logits.masked_fill(~keep, float("-inf"))
+    weights = torch.exp(logits - logits.amax(-1, keepdim=True))  # 0 outside keep
+    cdf = weights.cumsum(-1)
+    target = row_uniforms(rng_state, cond.shape[0])[:, None] * cdf[:, -1:]
+    token = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    # target can round up to the total: fall back to the last token with non-zero weight.
+    vocab = torch.arange(logits.shape[-1], device=logits.device)
+    last = torch.where(weights > 0, vocab, torch.zeros_like(vocab)).amax(-1)
+    token = torch.minimum(token, last)
+    kl = None
+    if want_kl:
+        logp_s = torch.log_softmax(logits, -1)
+        logp_c = torch.log_softmax(cond.float(), -1)
+        kl = torch.where(weights > 0, logp_s.exp() * (logp_s - logp_c), torch.zeros_like(logp_s)).sum(-1)
+    return token, kl
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton path
+# ---------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _hash32(x):
+        x = x ^ (x >> 16)
+        x = x * 0x7FEB352D
+        x = x ^ (x >> 15)
+        x = x * 0x846CA68B
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _float_key(x):
+        # Order-preserving map float32 -> int32: larger float <=> larger key.
+        bits = x.to(tl.int32, bitcast=True)
+        return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+    @triton.jit
+    def _guided_block(cond_ptr, uncond_ptr, cols, in_range, cfg_scale, inv_temp, HAS_UNCOND: tl.constexpr):
+        c = tl.load(cond_ptr + cols, mask=in_range, other=0.0).to(tl.float32)
+        if HAS_UNCOND:
+            u = tl.load(uncond_ptr + cols, mask=in_range, other=0.0).to(tl.float32)
+            g = (u + cfg_scale * (c - u)) * inv_temp
+        else:
+            g = c * inv_temp
+        g = tl.where(in_range, g, float("-inf"))
+        return c, g
+
+    @triton.jit
+    def _cfg_sample_kernel(
+        cond_ptr, uncond_ptr, stride_cond, stride_uncond, rng_ptr, token_ptr, kl_ptr,
+        V, cfg_scale, inv_temp, top_k, top_p,
+        HAS_UNCOND: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr, WANT_KL: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cond_ptr += row * stride_cond
+        uncond_ptr += row * stride_uncond
+        offs = tl.arange(0, BLOCK)
+
+        # Pass 1: maxima of the guided and the conditional logits.
+        g_max = tl.full([BLOCK], float("-inf"), tl.float32)
+        c_max = tl.full([BLOCK], float("-inf"), tl.float32)
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            in_range = cols < V
+            c, g = _guided_block(cond_ptr, uncond_ptr, cols, in_range, cfg_scale, inv_temp, HAS_UNCOND)
+            g_max = tl.maximum(g_max, g)
+            c_max = tl.maximum(c_max, tl.where(in_range, c, float("-inf")))
+        m_g = tl.max(g_max, 0)
+        m_c = tl.max(c_max, 0)
+
+        # Top-k threshold: the largest key t with count(key >= t) >= k (bisection over the int32 keys).
+        t_lo = -2147483648
+        if TOP_K:
+            lo = tl.full([], -2147483648, tl.int64)
+            hi = tl.full([], 2147483647, tl.int64)
+            for _ in range(32):
+                mid = lo + (hi - lo + 1) // 2
+                count = tl.zeros([BLOCK], tl.int32)
+                for start in range(0, V, BLOCK):
+                    cols = start + offs
+                    in_range = cols < V
+                    c, g = _guided_block(cond_ptr, uncond_ptr, cols, in_range, cfg_scale, inv_temp, HAS_UNCOND)
+                    count += (in_range & (_float_key(g).to(tl.int64) >= mid)).to(tl.int32)
+                ok = tl.sum(count, 0) >= top_k
+                lo = tl.where(ok, mid, lo)
+                hi = tl.where(ok, hi, mid - 1)
+            t_lo = lo
+
+        # Top-p threshold: the smallest key t with mass(key > t) < top_p * mass(kept by top-k).
+        if TOP_P:
+            z1 = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, V, BLOCK):
+                cols = start + offs
+                in_range = cols < V
+                c, g = _guided_block(cond_ptr, uncond_ptr, cols, in_range, cfg_scale, inv_temp, HAS_UNCOND)
+                kept = in_range & (_float_key(g).to(tl.int64) >= t_lo)
+                z1 += tl.where(kept, tl.exp(g - m_g), 0.0)
+            total = tl.sum(z1, 0)
+            lo = tl.full([], -2147483648, tl.int64)
+            hi = _float_key(m_g).to(tl.int64)
+            for _ in range(32):
+                mid = lo + (hi - lo) // 2
+                above = tl.zeros([BLOCK], tl.float32)
+                for start in range(0, V, BLOCK):
+                    cols = start + offs
+                    in_range = cols < V
+                    c, g = _guided_block(cond_ptr, uncond_ptr, cols, in_range, cfg_scale, inv_temp, HAS_UNCOND)
+                    key = _float_key(g).to(tl.int64)
+                    above += tl.where(in_range & (key >= t_lo) & (key > mid), tl.exp(g - m_g), 0.0)
+                ok = tl.sum(above, 0) < top_p * total
+                hi = tl.where(ok, mid, hi)
+                lo = tl.where(ok, lo, mid + 1)
+            t_lo = tl.maximum(t_lo, hi)
+
+        # Pass: mass of the kept set (and of the conditional softmax for the KL).
+        z_vec = tl.zeros([BLOCK], tl.float32)
+        zc_vec = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            in_range = cols < V
+            c, g = _guided_block(cond_ptr, uncond_ptr, cols, in_range, cfg_scale, inv_temp, HAS_UNCOND)
+            kept = in_range & (_float_key(g).to(tl.int64) >= t_lo)
+            z_vec += tl.where(kept, tl.exp(g - m_g), 0.0)
+            if WANT_KL:
+                zc_vec += tl.where(in_range, tl.exp(c - m_c), 0.0)
+        z = tl.sum(z_vec, 0)
+
+        # The row's uniform: same hash as row_uniforms().
+        seed = tl.load(rng_ptr).to(tl.uint32)
+        step = tl.load(rng_ptr + 1).to(tl.uint32)
+        key = _hash32(_hash32(seed) ^ step)
+        x = _hash32(_hash32(row.to(tl.uint32)) ^ key)
+        uniform = (x >> 8).to(tl.float32) * (1.0 / 16777216.0)
+        target = uniform * z
+
+        # Final pass: inverse-CDF draw and KL(p || softmax(c)).
+        acc = tl.zeros([], tl.float32)
+        token = tl.full([], -1, tl.int64)
+        last = tl.zeros([], tl.int64)
+        kl_vec = tl.zeros([BLOCK], tl.float32)
+        log_z = tl.log(z)
+        log_zc = tl.log(tl.sum(zc_vec, 0))
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            in_range = cols < V
+            c, g = _guided_block(cond_ptr, uncond_ptr, cols, in_range, cfg_scale, inv_temp, HAS_UNCOND)
+            kept = in_range & (_float_key(g).to(tl.int64) >= t_lo)
+            w = tl.where(kept, tl.exp(g - m_g), 0.0)
+            cdf = tl.cumsum(w, 0) + acc
+            hit = (cdf > target) & (w > 0)
+            first = tl.min(tl.where(hit, cols, 2147483647), 0).to(tl.int64)
+            token = tl.where((token < 0) & (first < 2147483647), first, token)
+            last = tl.maximum(last, tl.max(tl.where(w > 0, cols, 0), 0).to(tl.int64))
+            acc += tl.sum(w, 0)
+            if WANT_KL:
+                logp_s = g - m_g - log_z
+                logp_c = c - m_c - log_zc
+                kl_vec += tl.where(w > 0, tl.exp(logp_s) * (logp_s - logp_c), 0.0)
+        token = tl.where(token < 0, last, token)
+        tl.store(token_ptr + row, token)
+        if WANT_KL:
+            tl.store(kl_ptr + row, tl.sum(kl_vec, 0))
+
+
+def sample_triton(cond: torch.Tensor, uncond: Optional[torch.Tensor], params: SamplingParams,
+                  rng_state: torch.Tensor, want_kl: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Triton path of :func:`sample`: one program per row; allocates only the [N] outputs."""
+    rows, vocab = cond.shape
+    cond = cond if cond.stride(-1) == 1 else cond.contiguous()
+    has_uncond = params.cfg_scale is not None
+    if has_uncond:
+        uncond = uncond if uncond.stride(-1) == 1 else uncond.contiguous()
+    token = torch.empty(rows, dtype=torch.int64, device=cond.device)
+    kl = torch.empty(rows, dtype=torch.float32, device=cond.device) if want_kl else token
+    top_k = params.top_k is not None and params.top_k < vocab
+    top_p = params.top_p is not None and params.top_p < 1.0
+    block = min(4096, triton.next_power_of_2(vocab))
+    _cfg_sample_kernel[(rows,)](
+        cond, uncond if has_uncond else cond, cond.stride(0), (uncond if has_uncond else cond).stride(0),
+        rng_state, token, kl, vocab,
+        float(params.cfg_scale or 0.0), 1.0 / params.temperature, int(params.top_k or 0), float(params.top_p or 1.0),
+        HAS_UNCOND=has_uncond, TOP_K=top_k, TOP_P=top_p, WANT_KL=want_kl, BLOCK=block,
+        num_warps=8 if block >= 2048 else 4,
+    )
+    return token, (kl if want_kl else None)
+
+
+def sample(cond: torch.Tensor, uncond: Optional[torch.Tensor], params: SamplingParams, rng_state: torch.Tensor,
+           want_kl: bool = True, backend: str = "auto") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Draw one token per row; returns ``(token [N] int64, kl [N] float32 or None)``.
+
+    cond, uncond: [N, V] logits (any float dtype; uncond only when ``params.cfg_scale`` is not None).
+    rng_state: int64 [2] = (seed, step) on the same device. ``want_kl`` False skips the KL (text phase).
+    """
+    if (params.cfg_scale is None) != (uncond is None):
+        raise ValueError("sample: pass uncond exactly when params.cfg_scale is set")
+    if uncond is not None and uncond.shape != cond.shape:
+        raise ValueError(f"sample: uncond shape {tuple(uncond.shape)} != cond shape {tuple(cond.shape)}")
+    if resolve_backend(backend, cond.device) == "triton":
+        return sample_triton(cond, uncond, params, rng_state, want_kl)
+    return sample_torch(cond, uncond, params, rng_state, want_kl)
