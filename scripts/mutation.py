@@ -11,7 +11,7 @@ Two kinds of mutants, each applied alone to a temporary copy of the repository:
 
 * curated: the realistic single bugs of ``CURATED`` (a swapped clip bound, a biased std, a dropped vocabulary
   column, ...), found by their text in whichever target file holds it, so they survive code moving between
-  files (``egrpo/objectives.py`` or an ``egrpo/objectives/`` package alike); one whose text is gone is
+  files (the ``egrpo/objectives/`` package); one whose text is gone is
   reported as stale and not counted;
 * operator: generated from the AST of the target files (``<`` <-> ``<=``, ``+`` <-> ``-``, ``*`` <-> ``/``,
   ``and`` <-> ``or``, ``min`` <-> ``max``, a numeric constant changed, a ``not``/unary minus removed, ``True``
@@ -45,16 +45,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEFAULT_TARGETS = [
     "egrpo/kernels/*.py",
-    "egrpo/objectives.py",
     "egrpo/objectives/*.py",
-    "egrpo/stage.py",
 ]
 EXCLUDE = ["*/__init__.py"]
 
 # target glob -> test globs (pytest node ids after "::" select inside a file; "-k EXPR" after "|")
 TRAINER_CHECK = "tests/trainer/test_train.py|-k float64"
 TESTS = {
-    "egrpo/kernels/grpo_loss.py": ["tests/kernels/test_grpo_loss*.py"],
+    "egrpo/kernels/grpo_loss.py": ["tests/kernels/test_grpo_loss*.py", "tests/kernels/test_head_paths.py"],
+    "egrpo/kernels/_head.py": ["tests/kernels/test_linear_logprob_entropy*.py", "tests/kernels/test_grpo_loss*.py",
+                               "tests/kernels/test_head_paths.py"],
     "egrpo/kernels/linear_logprob_entropy.py": ["tests/kernels/test_linear_logprob_entropy*.py"],
     "egrpo/kernels/entropy_masks.py": ["tests/kernels/test_entropy_masks*.py"],
     "egrpo/kernels/cross_sample_similarity.py": ["tests/kernels/test_cross_sample_similarity*.py"],
@@ -63,8 +63,7 @@ TESTS = {
     # trainer check compares with its own hand-written float64 objective
     "egrpo/kernels/reference.py": [TRAINER_CHECK, "tests/test_objectives.py", "tests/test_stage.py",
                                    "tests/kernels/test_grpo_loss.py", "tests/kernels/test_entropy_masks.py"],
-    "egrpo/objectives*": ["tests/test_objectives.py", "tests/test_stage.py", TRAINER_CHECK],
-    "egrpo/stage.py": ["tests/test_stage.py", TRAINER_CHECK],
+    "egrpo/objectives*": ["tests/test_objective*.py", "tests/test_stage*.py", TRAINER_CHECK],
 }
 
 # (description, original text, mutated text): realistic single bugs (issue 18's planted kinds and more).
@@ -83,17 +82,17 @@ CURATED = [
     ("text and image normalised separately", "den = sum(m.sum() for m in masks).clamp(min=1.0)",
      "den = masks[-1].sum().clamp(min=1.0)"),
     ("weighted normaliser without eps", "return pol + WEIGHTED_EPS,", "return pol,"),
-    ("objective passes the clip bounds swapped", "eps_low=self.eps_low, eps_high=self.eps_high",
-     "eps_low=self.eps_high, eps_high=self.eps_low"),
+    ("objective passes the clip bounds swapped", "eps_low=s.eps_low, eps_high=s.eps_high",
+     "eps_low=s.eps_high, eps_high=s.eps_low"),
     ("grpo_loss clip bounds swapped", "ratio.clamp(1.0 - self.eps_low, 1.0 + self.eps_high)",
      "ratio.clamp(1.0 - self.eps_high, 1.0 + self.eps_low)"),
     ("grpo_loss high clip flag uses eps_low", "(ratio > 1.0 + self.eps_high)", "(ratio > 1.0 + self.eps_low)"),
     ("Triton head stats drop the last vocabulary column", "            valid = offs < V\n",
      "            valid = offs < V - 1\n"),
-    ("torch head stats drop the last vocabulary column", "    row_lse = torch.logsumexp(z, dim=-1)\n",
-     "    row_lse = torch.logsumexp(z[:, :-1], dim=-1)\n"),
-    ("entropy gradient sign flipped", "dz -= g_entropy.to(log_p.dtype)[:, None] * p * (log_p + entropy[:, None])",
-     "dz += g_entropy.to(log_p.dtype)[:, None] * p * (log_p + entropy[:, None])"),
+    ("torch head stats drop the last vocabulary column", "    s = tmp.sum(dim=1)\n",
+     "    s = tmp[:, :-1].sum(dim=1)\n"),
+    ("entropy gradient sign flipped", "z.add_(entropy[:, None]).mul_(g_entropy.to(z.dtype)[:, None])",
+     "z.add_(entropy[:, None]).mul_(-g_entropy.to(z.dtype)[:, None])"),
 ]
 
 

@@ -179,15 +179,10 @@ def generate_geneval_prompts(n: int, ratio: str = STAGE_RATIO, seed: int = 0,
 
 
 def write_geneval_prompts(out: str, n: int, ratio: str = STAGE_RATIO, seed: int = 0,
-                          exclude: Optional[str] = None) -> Dict[str, int]:
-    """`generate_geneval_prompts` to a JSON Lines file; ``exclude`` = path of more evaluation metadata.
-    Returns the per-task counts."""
-    extra = None
-    if exclude:
-        from .prompts import load_prompt_file
-
-        extra = load_prompt_file(exclude, schema="geneval")
-    records = generate_geneval_prompts(n, ratio, seed, extra)
+                          exclude: Optional[Sequence[dict]] = None) -> Dict[str, int]:
+    """`generate_geneval_prompts` to a JSON Lines file; ``exclude`` = more evaluation records (already loaded and
+    validated, e.g. by ``egrpo.data.load_prompt_file(path, schema="geneval")``). Returns the per-task counts."""
+    records = generate_geneval_prompts(n, ratio, seed, exclude)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         for record in records:

@@ -18,10 +18,11 @@ def run_convert(args) -> int:
 
 
 def run_data_geneval(args) -> int:
-    from egrpo.data import PromptFileError, write_geneval_prompts
+    from egrpo.data import PromptFileError, load_prompt_file, write_geneval_prompts
 
     try:
-        counts = write_geneval_prompts(args.out, args.n, ratio=args.ratio, seed=args.seed, exclude=args.exclude)
+        exclude = load_prompt_file(args.exclude, schema="geneval") if args.exclude else None
+        counts = write_geneval_prompts(args.out, args.n, ratio=args.ratio, seed=args.seed, exclude=exclude)
     except (PromptFileError, ValueError) as e:
         print(f"egrpo data geneval: {e}", file=sys.stderr)
         return 2

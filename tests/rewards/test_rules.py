@@ -145,7 +145,7 @@ def test_jpeg_compressibility_prefers_flat_images():
 def test_registry_and_lazy_imports(monkeypatch):
     import egrpo.rewards as rewards
     from egrpo.rewards.base import MissingDependencyError, require
-    from egrpo.trainer.rewards import REWARDS, build_rewards
+    from egrpo.rewards.registry import REWARDS, build_rewards
 
     for name in ("ocr", "jpeg_compressibility", "geneval", "grounding_dino", "grounding_dino_strict", "git_vqa",
                  "orm", "clip_score", "hps"):

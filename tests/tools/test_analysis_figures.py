@@ -72,7 +72,7 @@ def test_released_text_entropy_every_position():
 def test_analyze_records_histograms():
     from egrpo.tools.analyze import analyze_prompt
     from egrpo.trainer.model import ModelConfig, build_model, num_image_tokens
-    from egrpo.trainer.rewards import build_rewards
+    from egrpo.rewards.registry import build_rewards
     from egrpo.trainer.rollout import RolloutConfig
 
     import egrpo.rewards  # noqa: F401

@@ -112,7 +112,7 @@ def test_analyze_generate_score_end_to_end(tmp_path, capsys):
 def test_conditional_entropy_equals_eager_full_logits():
     from egrpo.tools.analyze import analyze_prompt
     from egrpo.trainer.model import ModelConfig, build_model
-    from egrpo.trainer.rewards import build_rewards
+    from egrpo.rewards.registry import build_rewards
     from egrpo.trainer.rollout import RolloutConfig, rollout
 
     tiny = {"image_size": 32, "num_layers": 1, "initializer_range": 0.5}   # peaky logits: entropies spread out
@@ -142,7 +142,7 @@ def test_cfg_and_cot_entropies_equal_eager_full_logits():
 
     from egrpo.tools.analyze import analyze_prompt
     from egrpo.trainer.model import ModelConfig, build_model
-    from egrpo.trainer.rewards import build_rewards
+    from egrpo.rewards.registry import build_rewards
     from egrpo.trainer.rollout import RolloutConfig, rollout
     from egrpo.trainer.tokenizer import janus_tokens
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from egrpo.trainer.config import ConfigError, load_config, load_prompts, parse_value
-from egrpo.trainer.rewards import REWARDS, ColourReward, build_rewards, colours_in
+from egrpo.rewards.registry import REWARDS, ColourReward, build_rewards, colours_in
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
@@ -171,7 +171,7 @@ def test_reward_set_and_errors():
     assert "colour" in REWARDS
     images = torch.stack([solid((1, 0, 0)), solid((0, 0, 1))])
     rs = build_rewards([{"name": "colour", "weight": 2.0, "tolerance": 0.5, "soft": False},
-                        {"name": "egrpo.trainer.rewards:ColourReward", "weight": 0.5, "palette": {"red": (0, 0, 1)}}])
+                        {"name": "egrpo.rewards.registry:ColourReward", "weight": 0.5, "palette": {"red": (0, 0, 1)}}])
     per = rs(images, ["red", "red"], [{}, {}])
     torch.testing.assert_close(per, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     torch.testing.assert_close(rs.combine(per), torch.tensor([2.0, 0.5]))
