@@ -257,16 +257,3 @@ def add_eval_subcommand(subparsers) -> None:
     w.set_defaults(eval_func=run_wise)
 
     p.set_defaults(func=run)
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="egrpo")
-    add_eval_subcommand(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,7 +13,6 @@ a message naming the argument; ``egrpo``'s entry point prints them as one line (
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -221,15 +220,3 @@ def add_tool_subcommands(subparsers) -> None:
     from .data_commands import add_data_subcommands
 
     add_data_subcommands(subparsers)  # convert, data
-
-
-def main(argv=None) -> int:
-    """Stand-alone entry point (``python -m egrpo.tools.cli ...``) until ``egrpo/cli.py`` wires these in."""
-    parser = argparse.ArgumentParser(prog="egrpo-tools")
-    add_tool_subcommands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
