@@ -157,10 +157,10 @@ def test_rank_share_gives_equal_call_counts():
     assert rank_share(jobs, 3, 4) == ([3], 1) and rank_share([], 0, 2) == ([], 0)
 
 
-def _distributed_worker(rank, world, port, run_dir, prompts, out_dir):
+def _distributed_worker(rank, world, init_method, run_dir, prompts, out_dir):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         factory_calls = []
 
@@ -180,16 +180,13 @@ def _distributed_worker(rank, world, port, run_dir, prompts, out_dir):
 
 
 def test_distributed_evaluation_splits_generation_and_agrees(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # a rendezvous file, not a TCP port: a port picked here can be taken by a parallel test before rank 0 binds it
+    rendezvous = f"file://{tmp_path / 'rendezvous'}"
     prompts = prompts_file(tmp_path)
     # fork: the workers need nothing re-imported (spawn would re-import torch, several seconds each)
-    mp.start_processes(_distributed_worker, args=(2, port, str(tmp_path / "run"), prompts, str(tmp_path)), nprocs=2,
+    mp.start_processes(_distributed_worker, args=(2, rendezvous, str(tmp_path / "run"), prompts, str(tmp_path)), nprocs=2,
                        start_method="fork")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [len(r["calls"]) for r in ranks] == [2, 2]                       # prompts 0, 2 | prompt 1 + padding
