@@ -3,22 +3,13 @@
 The trainer owns generation (it passes an `ImageGenerator`) and checkpoints; this module generates the eval
 images into ``<run>/eval/step_<k>/``, scores them with one of the evaluators, and says whether the selection
 metric is the best so far (then the trainer saves ``checkpoints/best``, as STAGE's "Ours*" rows need).
-Models are loaded once, at the first evaluation, and kept.
+Models are loaded once (by `prepare`, or at the first evaluation) and kept.
 
-Wiring (the trainer's side; call on EVERY process, the hook splits generation and scores on process 0)::
-
-    evaluator = TrainingEvaluator(cfg.eval, out_dir, device=str(device)) if cfg.eval.every_steps else None
-    ...
-    if evaluator is not None and evaluator.due(step):
-        def generate_images(prompts, n, seed):               # -> [len(prompts) * n, 3, H, W], prompt-major
-            g = torch.Generator(device=device).manual_seed(seed)
-            with zero3_gather(module.parameters(), zero3):
-                return rollout(module, tokenizer, list(prompts), replace(cfg.rollout, group_size=n), g).images
-        result = evaluator.evaluate(step, generate_images)
-        record.update(result.metrics)                          # "eval/<metric>", "eval/best": jsonl, tensorboard
-        if result.is_best:                                     # collective: every process calls it
-            engine.save_checkpoint(ckpt_root, tag="best", save_latest=False)   # keeps --resume on the last step
-    # resume: keep evaluator.state_dict() in the checkpoint's client_state, restore with load_state_dict()
+The trainer (`egrpo.trainer.train`: `build_evaluator`, and the evaluation block of its loop) builds one
+`TrainingEvaluator` when ``eval.every_steps > 0``, calls `prepare` at start and `evaluate` at every due step on
+EVERY process with a generator over its own rollout (parameters gathered under ZeRO-3), merges
+``result.metrics`` into the step's record, saves ``checkpoints/best`` on ``result.is_best`` (without moving
+``latest``) and keeps `state_dict` in every checkpoint. docs/evaluation.md, "Evaluation during training".
 """
 
 from __future__ import annotations
