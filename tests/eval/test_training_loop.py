@@ -136,3 +136,30 @@ def test_eval_section_checks(tmp_path):
         with pytest.raises(ConfigError, match=message):
             small_config(tmp_path / "r", *overrides).validate()
     assert resume_policy("eval.every_steps") == "free" and resume_policy("eval.rewards.0.tolerance") == "free"
+
+
+@pytest.mark.slow
+def test_two_processes_under_zero3(tmp_path):
+    """Two gloo processes, ZeRO-3: 3 eval prompts split 2 + 1 (+ one padding generation, keeping the collective
+    parameter gathers in step), process 0 scores, both save `best` together; values as by hand."""
+    from ..trainer.test_zero import ROOT, run_processes
+
+    out = tmp_path / "run"
+    overrides = ["train.steps=2", "data.prompts_per_step=2", "objective.name=grpo", "deepspeed.zero_stage=3",
+                 "eval.every_steps=1", "eval.evaluator=reward", "eval.images_per_prompt=1",
+                 f"eval.prompts={eval_prompts(tmp_path, ['a red apple', 'a blue car', 'a red rose'])}",
+                 "eval.rewards=[{name: colour, tolerance: 0.9}]"]
+    code = (f"import sys; sys.path.insert(0, {ROOT!r})\n"
+            "from tests.trainer._helpers import small_config\nfrom egrpo.trainer.train import train\n"
+            f"s = train(small_config({str(out)!r}, *{overrides!r}))\nprint('best', s.get('best'))\n")
+    run_processes(code, 2, expect="best")
+    records = [r for r in read_metrics(str(out / "metrics.jsonl")) if "eval/score" in r]
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        folder = out / "eval" / f"step_{r['step']:06d}" / "images"
+        by_hand = [colour_by_hand(str(folder / f"{i:05d}_00.png"), colour, 0.9)
+                   for i, colour in enumerate([RED, BLUE, RED])]
+        assert r["eval/score"] == pytest.approx(np.mean(by_hand), abs=1e-6)
+    best_step = max(records, key=lambda r: r["eval/score"])["step"]
+    assert torch.load(out / "checkpoints" / "best" / "trainer_state.pt", weights_only=False)["step"] == best_step
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000002"
