@@ -136,6 +136,9 @@ def _train(args) -> int:
             print(f"{label} {summary[key]}")
     if summary["samples"]:
         print(f"samples:     {summary['samples'][-1]} ({len(summary['samples'])} grids)")
+    best = summary.get("best")
+    if best and best.get("checkpoint"):
+        print(f"best:        eval/{best['metric']} = {best['value']:.6g} at step {best['step']}: {best['checkpoint']}")
     if summary.get("stopped_by"):
         print(f"stopped by {summary['stopped_by']} at step {summary['step']}; continue with: "
               f"egrpo train --resume {summary['out_dir']}", file=sys.stderr)

@@ -3,22 +3,13 @@
 The trainer owns generation (it passes an `ImageGenerator`) and checkpoints; this module generates the eval
 images into ``<run>/eval/step_<k>/``, scores them with one of the evaluators, and says whether the selection
 metric is the best so far (then the trainer saves ``checkpoints/best``, as STAGE's "Ours*" rows need).
-Models are loaded once, at the first evaluation, and kept.
+Models are loaded once (by `prepare`, or at the first evaluation) and kept.
 
-Wiring (the trainer's side; call on EVERY process, the hook splits generation and scores on process 0)::
-
-    evaluator = TrainingEvaluator(cfg.eval, out_dir, device=str(device)) if cfg.eval.every_steps else None
-    ...
-    if evaluator is not None and evaluator.due(step):
-        def generate_images(prompts, n, seed):               # -> [len(prompts) * n, 3, H, W], prompt-major
-            g = torch.Generator(device=device).manual_seed(seed)
-            with zero3_gather(module.parameters(), zero3):
-                return rollout(module, tokenizer, list(prompts), replace(cfg.rollout, group_size=n), g).images
-        result = evaluator.evaluate(step, generate_images)
-        record.update(result.metrics)                          # "eval/<metric>", "eval/best": jsonl, tensorboard
-        if result.is_best:                                     # collective: every process calls it
-            engine.save_checkpoint(ckpt_root, tag="best", save_latest=False)   # keeps --resume on the last step
-    # resume: keep evaluator.state_dict() in the checkpoint's client_state, restore with load_state_dict()
+The trainer (`egrpo.trainer.train`: `build_evaluator`, and the evaluation block of its loop) builds one
+`TrainingEvaluator` when ``eval.every_steps > 0``, calls `prepare` at start and `evaluate` at every due step on
+EVERY process with a generator over its own rollout (parameters gathered under ZeRO-3), merges
+``result.metrics`` into the step's record, saves ``checkpoints/best`` on ``result.is_best`` (without moving
+``latest``) and keeps `state_dict` in every checkpoint. docs/evaluation.md, "Evaluation during training".
 """
 
 from __future__ import annotations
@@ -27,20 +18,26 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .generation import ImageGenerator, generate_missing, save_png
 from .io import EvalError
 
-EVALUATORS = ("geneval", "prefs", "ocr", "compbench")
+EVALUATORS = ("geneval", "prefs", "ocr", "compbench", "reward")
+# The summary key each evaluator reports as its headline (``eval.metric`` when not given).
+HEADLINE = {"geneval": "overall", "compbench": "score", "ocr": "accuracy", "reward": "score"}   # prefs: its 1st metric
+# Settings that define what the remembered best value measures: a resume that changes one starts a new best.
+SELECTION_KEYS = ("evaluator", "prompts", "max_prompts", "images_per_prompt", "metric", "higher_is_better", "seed",
+                  "category", "prefs_metrics", "rewards")
 
 
 @dataclass
 class EvalConfig:
     """The ``eval:`` section. Validated in `validate` (called by `from_dict`)."""
 
-    # Which evaluator: "geneval", "prefs", "ocr" or "compbench". Default "geneval" (STAGE selects its best
-    # GenEval checkpoint on GenEval; our choice of default).
+    # Which evaluator: "geneval", "prefs", "ocr", "compbench" or "reward" (the mean of reward functions, see
+    # `rewards`; no weights needed with the colour reward). Default "geneval" (STAGE selects its best GenEval
+    # checkpoint on GenEval; our choice of default).
     evaluator: str = "geneval"
     # Evaluate every this many optimizer steps; 0 turns evaluation off. Default 0 (our choice: opt-in).
     every_steps: int = 0
@@ -54,8 +51,9 @@ class EvalConfig:
     # Images per prompt. Default 4 = GenEval's protocol (T2I-CompBench uses 10, prefs/OCR our choice).
     images_per_prompt: int = 4
     # Summary key that selects the best checkpoint ("overall" for GenEval, "score" for compbench, a metric name
-    # such as "hps" for prefs, "accuracy" for OCR). Default "overall" (GenEval's headline number).
-    metric: str = "overall"
+    # such as "hps" for prefs, "accuracy" for OCR, "score" or a reward's name for reward). Default None = the
+    # evaluator's headline number (`HEADLINE`; prefs: its first metric), filled in by `validate`.
+    metric: Optional[str] = None
     # Higher metric is better (every metric here is). Default True.
     higher_is_better: bool = True
     # Seed of the eval images (prompt i uses seed + i, identical at every evaluation). Default 0 (our choice).
@@ -63,7 +61,10 @@ class EvalConfig:
     # compbench only: the category of the prompt file. Default "color" (our choice).
     category: str = "color"
     # prefs only: which metrics to compute. Default ["hps"] (STAGE's HPS recipe selects on HPS v2.1).
-    prefs_metrics: list = field(default_factory=lambda: ["hps"])
+    prefs_metrics: List[str] = field(default_factory=lambda: ["hps"])
+    # reward only: reward functions as in the ``rewards`` section ({name, weight, constructor arguments}); the
+    # score is their weighted sum. Default empty (required for evaluator "reward").
+    rewards: List[Dict[str, Any]] = field(default_factory=list)
     # Weight paths by the CLI flag names (detector, clip, blip, hps, hps_tokenizer, pickscore, aesthetic_head,
     # imagereward, imagereward_med_config). Default empty: the evaluator says which it needs.
     models: Dict[str, str] = field(default_factory=dict)
@@ -83,6 +84,22 @@ class EvalConfig:
             raise EvalError(f"eval.images_per_prompt must be >= 1, got {self.images_per_prompt}")
         if not isinstance(self.models, dict):
             raise EvalError("eval.models must be a mapping of flag name -> local path")
+        if self.evaluator == "prefs" and not self.prefs_metrics:
+            raise EvalError("eval.prefs_metrics: give at least one metric (e.g. [hps])")
+        if self.evaluator == "reward":
+            if not self.rewards or not all(isinstance(r, dict) and r.get("name") for r in self.rewards):
+                raise EvalError("eval.rewards: evaluator 'reward' needs a list of rewards, each {name: ..., "
+                                "weight: ..., <arguments>}, e.g. [{name: colour}]")
+            from egrpo.rewards.registry import check_reward_arguments, resolve_reward
+
+            for i, spec in enumerate(self.rewards):
+                args = {k: v for k, v in spec.items() if k not in ("name", "weight", "retries", "on_error")}
+                try:
+                    check_reward_arguments(resolve_reward(spec["name"]), args, f"eval.rewards[{i}] ({spec['name']!r})")
+                except ValueError as e:
+                    raise EvalError(str(e)) from None
+        if self.metric is None:
+            self.metric = self.prefs_metrics[0] if self.evaluator == "prefs" else HEADLINE[self.evaluator]
         return self
 
     @classmethod
@@ -121,11 +138,40 @@ class TrainingEvaluator:
     def due(self, step: int) -> bool:
         return bool(self.cfg.every_steps) and step > 0 and step % int(self.cfg.every_steps) == 0
 
-    def state_dict(self) -> dict:
-        return {"best_value": self.best_value, "best_step": self.best_step}
+    def selection(self) -> dict:
+        """The settings that define what the best value measures (`SELECTION_KEYS`)."""
+        return {k: getattr(self.cfg, k) for k in SELECTION_KEYS}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.best_value, self.best_step = state.get("best_value"), state.get("best_step")
+    def state_dict(self) -> dict:
+        return {"best_value": self.best_value, "best_step": self.best_step, "selection": self.selection()}
+
+    def load_state_dict(self, state: dict) -> bool:
+        """Restore the best value; returns False (and starts a new best) when the saved state measured something
+        else (a changed evaluator, metric, prompt subset, seed, ...: `SELECTION_KEYS`)."""
+        saved = (state or {}).get("selection")
+        if saved is not None and saved != self.selection():
+            self.best_value = self.best_step = None
+            return False
+        self.best_value, self.best_step = (state or {}).get("best_value"), (state or {}).get("best_step")
+        return True
+
+    def prepare(self) -> None:
+        """Read the prompt file (every process) and load the scoring models (process 0) now, so that a bad
+        prompt file or a missing weights path stops a training run before its first step, not at its first
+        evaluation. Call it on every process."""
+        dist, rank, _ = _distributed()
+        if self._prompts is None:
+            self._prompts = load_eval_prompts(self.cfg)
+        outcome = [None]
+        if rank == 0 and self._evaluate is None:
+            try:
+                self._evaluate = self._scorer_factory(self.cfg, self.device)
+            except Exception as e:   # every process must leave the broadcast below, with the same error
+                outcome = [e if dist is None else EvalError(f"{type(e).__name__}: {e}")]
+        if dist is not None:
+            dist.broadcast_object_list(outcome, src=0)
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
 
     def evaluate(self, step: int, generate_images: ImageGenerator, show_progress: bool = False) -> EvalResult:
         """Generate, score, compare. Call it on EVERY process when torch.distributed is initialised: each process
@@ -290,6 +336,11 @@ def build_evaluation(cfg: EvalConfig, device: str) -> Callable[[str, str, bool],
 
         scorers = {name: build_scorer(name, m, device) for name in cfg.prefs_metrics}
         return lambda images, out, progress: evaluate_prefs(images, out, scorers, show_progress=progress)
+    if cfg.evaluator == "reward":
+        from .reward import build_reward_set, evaluate_reward
+
+        reward_set = build_reward_set(cfg.rewards)
+        return lambda images, out, progress: evaluate_reward(images, out, reward_set, show_progress=progress)
     from .ocr import evaluate_ocr
     from egrpo.rewards.ocr import rapidocr_engine
 

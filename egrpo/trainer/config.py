@@ -1,7 +1,7 @@
 """Training configuration: one dataclass per section, loaded from YAML with dotted command-line overrides.
 
 A config file has the sections ``model``, ``rollout``, ``objective``, ``rewards``, ``data``, ``optim``,
-``deepspeed`` and ``train``; any section may be left out (its defaults apply). Overrides such as
+``deepspeed``, ``train`` and ``eval`` (evaluation during training, `egrpo.eval.training.EvalConfig`); any section may be left out (its defaults apply). Overrides such as
 ``train.steps=20 optim.lr=1e-5 rewards.0.weight=2`` are applied to the parsed YAML before the dataclasses
 are built, so they are type-checked and validated exactly like the file itself.
 
@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from egrpo.errors import ConfigError  # noqa: F401  (re-exported: `from egrpo.trainer.config import ConfigError`)
+from egrpo.eval.training import EvalConfig
 from egrpo.objectives import OBJECTIVES, ObjectiveSettings, objective_class
 
 from .model import TINY_DEFAULTS, ModelConfig
@@ -167,6 +168,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)   # evaluation during training; off by default
 
     # ------------------------------------------------------------------ checks
     def validate(self, world_size: int = 1) -> "Config":
@@ -266,7 +268,21 @@ class Config:
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         ObjectiveConfig(self.objective.name, self.objective.settings)   # name and settings agree
+        self._validate_eval()
         return self
+
+    def _validate_eval(self) -> None:
+        """The ``eval`` section (docs/evaluation.md, "During training"): its own checks, then what needs the
+        run's context (the prompt file exists; eval images use the rollout settings with their own count)."""
+        from egrpo.eval.io import EvalError
+
+        e = self.eval
+        try:
+            e.validate()
+        except EvalError as err:
+            raise ConfigError(str(err)) from None
+        if e.every_steps and not os.path.isfile(os.path.expanduser(e.prompts)):
+            raise ConfigError(f"eval.prompts {e.prompts!r} does not exist (the evaluator's prompt file)")
 
     def to_dict(self) -> Dict[str, Any]:
         """The config in the same shape as the YAML it came from (objective settings with their effective values,
@@ -320,6 +336,7 @@ SECTIONS = {
     "optim": OptimConfig,
     "deepspeed": DeepSpeedConfig,
     "train": TrainConfig,
+    "eval": EvalConfig,
 }
 
 
@@ -497,7 +514,8 @@ def config_from_dict(raw: Dict[str, Any]) -> Config:
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
     """Read the YAML at ``path`` (or start from defaults), apply dotted ``overrides``, build the dataclasses.
-    A relative ``data.prompts_file`` is resolved against the config file's directory when it exists there."""
+    A relative ``data.prompts_file`` or ``eval.prompts`` is resolved against the config file's directory when it
+    exists there."""
     raw: Dict[str, Any] = {}
     if path is not None:
         if not os.path.isfile(path):
@@ -515,11 +533,12 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
     for override in sorted(overrides, key=lambda o: not _is_reward_name(o)):
         apply_override(raw, override)
     cfg = config_from_dict(raw)
-    pf = cfg.data.prompts_file
-    if path is not None and pf and not os.path.isabs(pf) and not os.path.exists(pf):
-        candidate = os.path.join(os.path.dirname(os.path.abspath(path)), pf)
-        if os.path.exists(candidate):
-            cfg.data.prompts_file = candidate
+    for section, key in ((cfg.data, "prompts_file"), (cfg.eval, "prompts")):
+        pf = getattr(section, key)
+        if path is not None and pf and not os.path.isabs(pf) and not os.path.exists(pf):
+            candidate = os.path.join(os.path.dirname(os.path.abspath(path)), pf)
+            if os.path.exists(candidate):
+                setattr(section, key, candidate)
     return cfg
 
 

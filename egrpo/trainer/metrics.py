@@ -110,18 +110,39 @@ ENTROPY_KEYS = ("entropy/image_mean", "entropy/image", "entropy/mean", "entropy/
 
 
 def plot_curves(metrics_path: str, out_path: str) -> str:
-    """PNG of the reward mean (with +-std band) and the mean image-token entropy against the step."""
+    """PNG of the reward mean (with +-std band), the mean image-token entropy and, when the run evaluated during
+    training, the eval metrics (`curves_figure`) against the step."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(read_metrics(metrics_path))
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def eval_keys(records: Sequence[Dict]) -> List[str]:
+    """The ``eval/<metric>`` keys of the records (``eval/best`` last), in first-seen order."""
+    keys = list(dict.fromkeys(k for r in records for k in r if k.startswith("eval/")))
+    return [k for k in keys if k != "eval/best"] + [k for k in keys if k == "eval/best"]
+
+
+def curves_figure(records: Sequence[Dict]):
+    """The figure of `plot_curves`: panels "reward", "entropy" and, when any record has ``eval/*`` metrics, "eval"
+    (each metric at the steps it was evaluated; ``eval/best`` dashed). Axes titles name the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(metrics_path)
     steps = [r["step"] for r in records]
-    reward = [r.get("reward/mean", float("nan")) for r in records]
-    std = [r.get("reward/std", 0.0) for r in records]
+    reward = [_number(r.get("reward/mean")) for r in records]
+    std = [_number(r.get("reward/std"), 0.0) for r in records]
     entropy_key = next((k for k in ENTROPY_KEYS if any(k in r for r in records)), None)
-    fig, (ax_r, ax_e) = plt.subplots(1, 2, figsize=(10, 3.6))
+    evals = eval_keys(records)
+    fig, axes = plt.subplots(1, 3 if evals else 2, figsize=(15 if evals else 10, 3.6))
+    ax_r, ax_e = axes[0], axes[1]
+    ax_r.set_title("reward")
     ax_r.plot(steps, reward, marker=".", label="reward mean")
     ax_r.fill_between(steps, [m - s for m, s in zip(reward, std)], [m + s for m, s in zip(reward, std)], alpha=0.2,
                       label="+- std")
@@ -129,18 +150,37 @@ def plot_curves(metrics_path: str, out_path: str) -> str:
     ax_r.set_ylabel("reward")
     ax_r.legend(fontsize=8)
     ax_r.grid(alpha=0.3)
+    ax_e.set_title("entropy")
     if entropy_key is not None:
-        ax_e.plot(steps, [r.get(entropy_key, float("nan")) for r in records], marker=".", color="tab:orange")
+        ax_e.plot(steps, [_number(r.get(entropy_key)) for r in records], marker=".", color="tab:orange")
         ax_e.set_ylabel(entropy_key)
     else:
         ax_e.text(0.5, 0.5, "no entropy metric logged", ha="center", va="center")
     ax_e.set_xlabel("step")
     ax_e.grid(alpha=0.3)
+    if evals:
+        ax_v = axes[2]
+        ax_v.set_title("eval")
+        for key in evals:
+            at = [r for r in records if key in r]
+            ax_v.plot([r["step"] for r in at], [_number(r[key]) for r in at], marker="o" if key != "eval/best" else None,
+                      linestyle="--" if key == "eval/best" else "-", label=key[len("eval/"):])
+        ax_v.set_xlabel("step")
+        ax_v.set_ylabel("eval metric")
+        ax_v.legend(fontsize=7)
+        ax_v.grid(alpha=0.3)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path
+    return fig
+
+
+def _number(value, default: float = float("nan")) -> float:
+    """A logged value as a float (non-finite values are logged as text, see `_jsonable`)."""
+    if value is None:
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -41,7 +41,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -49,6 +49,7 @@ import torch
 import yaml
 
 from egrpo.errors import CheckpointError, ConfigError, DivergenceError, ResumeError, RunDirError
+from egrpo.eval.io import EvalError
 from egrpo.checkpoints import export_model
 from egrpo.objectives import build_objective
 from egrpo.rewards.base import mask_failed_rewards
@@ -395,12 +396,14 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def save_checkpoint(engine, ckpt_root: str, step: int, data_position: int, rank: int, *,
-                    config: Optional[Dict[str, Any]] = None, tag: Optional[str] = None, keep_last: int = 0) -> str:
+                    config: Optional[Dict[str, Any]] = None, tag: Optional[str] = None, keep_last: int = 0,
+                    extra_state: Optional[Dict[str, Any]] = None) -> str:
     """DeepSpeed checkpoint (model, optimizer, LR scheduler) plus trainer state, per-rank RNG states and the
     effective config, then the manifest (sizes + SHA-256) and only then ``latest``. ``tag=None`` writes the
     step checkpoint ``step_NNNNNN`` and keeps the newest ``keep_last`` of them (0: all); another tag (e.g.
     ``"best"``, see `save_best`) is written beside, replaced only once the new one is complete, and never
-    pruned. The rollout generators need no state: they are re-seeded from (seed, step, micro-batch)."""
+    pruned. ``extra_state`` is added to ``trainer_state.pt`` (the evaluator's best value). The rollout generators
+    need no state: they are re-seeded from (seed, step, micro-batch)."""
     import torch.distributed as dist
 
     final_tag = tag or step_tag(step)
@@ -416,7 +419,8 @@ def save_checkpoint(engine, ckpt_root: str, step: int, data_position: int, rank:
                            save_latest=False)
     torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank{rank:03d}.pt"))
     if rank == 0:
-        torch.save({"step": step, "data_position": data_position}, os.path.join(tag_dir, "trainer_state.pt"))
+        torch.save({"step": step, "data_position": data_position, **(extra_state or {})},
+                   os.path.join(tag_dir, "trainer_state.pt"))
         if config is not None:
             write_atomic(os.path.join(tag_dir, "config.yaml"), yaml.safe_dump(config, sort_keys=False))
     dist.barrier()
@@ -437,11 +441,12 @@ def save_checkpoint(engine, ckpt_root: str, step: int, data_position: int, rank:
 
 
 def save_best(engine, ckpt_root: str, step: int, data_position: int, rank: int,
-              config: Optional[Dict[str, Any]] = None) -> str:
-    """Save the current state under the tag ``best`` (for the evaluation loop to call on a new best score);
-    the previous ``best`` is replaced only once the new one is complete. Resume from it with
-    ``--resume <out_dir>/checkpoints/best``."""
-    return save_checkpoint(engine, ckpt_root, step, data_position, rank, config=config, tag="best")
+              config: Optional[Dict[str, Any]] = None, extra_state: Optional[Dict[str, Any]] = None) -> str:
+    """Save the current state under the tag ``best`` (the evaluation loop calls it on a new best score); the
+    previous ``best`` is replaced only once the new one is complete, and ``latest`` is not moved (``--resume
+    <out_dir>`` continues from the last step). Resume from it with ``--resume <out_dir>/checkpoints/best``."""
+    return save_checkpoint(engine, ckpt_root, step, data_position, rank, config=config, tag="best",
+                           extra_state=extra_state)
 
 
 def prune_checkpoints(ckpt_root: str, keep_last: int) -> None:
@@ -489,6 +494,7 @@ RESUME_POLICY: List[Tuple[str, str]] = [
     ("rewards.*.batch_size", "free"), ("rewards.*.device", "free"), ("rewards.*.offload_between_calls", "free"),
     ("model.gradient_checkpointing", "free"), ("model.attn_implementation", "free"), ("model.liger", "free"),
     ("objective.backend", "free"), ("objective.chunk_size", "free"),
+    ("eval.*", "free"),   # evaluation only reads the weights; a changed selection starts a new best (logged)
     ("model.*", "never"), ("deepspeed.*", "never"),
     ("*", "explicit"),
 ]
@@ -780,6 +786,21 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
     logger = MetricLogger(out_dir, enabled=is_main, tensorboard=t.tensorboard,
                           resume_step=step if resume_from is not None else None)
 
+    # ---- evaluation during training (docs/evaluation.md, "During training"): every process calls it
+    evaluator = build_evaluator(cfg, out_dir, device, state if resume_from is not None else None, step, is_main)
+
+    def generate_eval_images(prompts: Sequence[str], n: int, seed: int) -> torch.Tensor:
+        """The policy's own sampling (the training rollout, its settings) with n images per prompt, seeded by
+        the eval seed alone so every evaluation of the run draws with the same noise."""
+        generator = torch.Generator(device=device).manual_seed(seed)
+        with zero3_gather(module.parameters(), zero3):
+            ro = rollout(module, tokenizer, list(prompts), replace(cfg.rollout, group_size=n, images_per_cot=1),
+                         generator)
+        return ro.images.float().cpu()
+
+    def extra_state() -> Optional[Dict[str, Any]]:
+        return {"eval": evaluator.state_dict()} if evaluator is not None else None
+
     G = cfg.rollout.samples_per_prompt   # rows per prompt: group_size CoTs (or images) x images_per_cot
     local_prompts = cfg.data.prompts_per_step // world
     micro_prompts = local_prompts // cfg.optim.grad_accum
@@ -903,9 +924,26 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
             record.update({f"time/{k}": v for k, v in timers.items()})
             record["time/step"] = time.perf_counter() - t_step
             record["memory/peak_mb"] = peak_memory_mb(device)
+
+            # ---- evaluation when due (every process; process 0 scores); a new best is saved as `best`
+            evaluated = evaluator is not None and evaluator.due(step)
+            if evaluated:
+                t0 = time.perf_counter()
+                try:
+                    result = evaluator.evaluate(step, generate_eval_images, show_progress=t.progress)
+                except EvalError as e:
+                    raise ConfigError(f"{e} (evaluation after step {step}; last checkpoint: "
+                                      f"{last_good or 'none yet'})") from e
+                record.update(result.metrics)
+                record["time/eval"] = time.perf_counter() - t0
+                if result.is_best:
+                    best_dir = save_best(engine, ckpt_root, step, data_position, rank, config=effective,
+                                         extra_state=extra_state())
+                    say(f"step {step}: new best eval/{cfg.eval.metric} = {result.value:.6g}, saved {best_dir}",
+                        is_main)
             if is_main:
                 history.append({"step": step, **record})
-                if step % t.log_every == 0 or step == t.steps:
+                if step % t.log_every == 0 or step == t.steps or evaluated:
                     logger.log(step, record)
                 if t.sample_every and (step % t.sample_every == 0 or step == t.steps):
                     mb = micro_batches[0]
@@ -919,7 +957,7 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
             # ---- checkpoint (on schedule, or now when a signal asked to stop)
             if (t.save_every and step % t.save_every == 0 and step < t.steps) or (stop_signal and step < t.steps):
                 last_good = save_checkpoint(engine, ckpt_root, step, data_position, rank, config=effective,
-                                            keep_last=t.keep_last)
+                                            keep_last=t.keep_last, extra_state=extra_state())
                 saved_at = step
             if stop_signal:
                 break
@@ -931,12 +969,15 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
                                "samples": grids, "finished": finished, "resumed_from": resume_from,
                                "stopped_by": signal.Signals(stop_signal).name if steps_this_run and stop_signal else None,
                                "tensorboard": os.path.join(out_dir, "tensorboard") if t.tensorboard else None}
+    if evaluator is not None:
+        summary["best"] = {"value": evaluator.best_value, "step": evaluator.best_step, "metric": cfg.eval.metric,
+                           "checkpoint": os.path.join(ckpt_root, "best") if evaluator.best_step is not None else None}
     if summary["stopped_by"] and not finished:
         summary["checkpoint"] = last_good
     if finished:
         summary["checkpoint"] = (last_good if saved_at == step else
                                  save_checkpoint(engine, ckpt_root, step, data_position, rank, config=effective,
-                                                 keep_last=t.keep_last))
+                                                 keep_last=t.keep_last, extra_state=extra_state()))
         if t.export_hf:
             summary["export"] = export_hf(engine, module, tokenizer, os.path.join(out_dir, "hf"), zero3, rank,
                                           t.export_format)
@@ -946,6 +987,38 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
         summary["params"] = trainable_state(engine, module, zero3)
     logger.close()
     return summary
+
+
+def build_evaluator(cfg: Config, out_dir: str, device: torch.device, resumed_state: Optional[Dict[str, Any]],
+                    step: int, is_main: bool):
+    """The `TrainingEvaluator` of ``cfg.eval`` (None when off), with the best value of the checkpoint resumed
+    from, its prompts read and its scoring models loaded (a bad setting stops the run before its first step).
+    On resume, eval folders of steps after the checkpoint (the interrupted run's) are removed: they are
+    evaluated again, from the resumed weights. Call it on every process."""
+    import torch.distributed as dist
+
+    if not cfg.eval.every_steps:
+        return None
+    from egrpo.eval.training import TrainingEvaluator
+
+    evaluator = TrainingEvaluator(cfg.eval, out_dir, device=str(device))
+    if resumed_state is not None:
+        if not evaluator.load_state_dict(resumed_state.get("eval") or {}):
+            say("eval settings that define the best value changed since the checkpoint: the best value starts "
+                "afresh (checkpoints/best is replaced at the next evaluation)", is_main)
+        if is_main:
+            folder = os.path.join(out_dir, "eval")
+            for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
+                match = STEP_TAG.match(name)
+                if match and int(match.group(1)) > step:
+                    shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+        dist.barrier()
+    try:
+        evaluator.prepare()
+    except (ValueError, OSError, ImportError) as e:   # EvalError, bad or missing weights, a missing package
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(message if message.startswith("eval.") else f"eval: {message}") from e
+    return evaluator
 
 
 def load_model(builder: Callable, model_cfg, device):

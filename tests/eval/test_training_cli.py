@@ -1,6 +1,7 @@
 """Evaluation during training (EvalConfig, TrainingEvaluator: cadence, best tracking, resume state) and the
 ``egrpo eval`` command (generation with a tiny Janus, one-line errors, refused categories)."""
 
+import dataclasses
 import json
 import os
 
@@ -65,10 +66,15 @@ def test_cadence_best_tracking_and_state(tmp_path):
     assert calls[:2] == [(["a photo of a dog"], 2, 0), (["a photo of a cat and a car"], 2, 1)]
     assert os.path.exists(tmp_path / "run" / "eval" / "step_000020" / "images" / "00001" / "samples" / "0001.png")
     state = evaluator.state_dict()
-    assert state == {"best_value": 0.5, "best_step": 20}
+    assert (state["best_value"], state["best_step"]) == (0.5, 20)
+    assert state["selection"]["metric"] == "overall" and state["selection"]["max_prompts"] == 2
     resumed = TrainingEvaluator(cfg, str(tmp_path / "run"), scorer_factory=factory)
-    resumed.load_state_dict(json.loads(json.dumps(state)))
+    assert resumed.load_state_dict(json.loads(json.dumps(state))) is True
     assert resumed.evaluate(40, fake_generator([])).is_best is False       # 0.5 does not beat 0.5
+    other = TrainingEvaluator(dataclasses.replace(cfg, max_prompts=3), str(tmp_path / "run4"), scorer_factory=factory)
+    assert other.load_state_dict(state) is False and other.best_value is None   # another prompt subset: new best
+    old_format = TrainingEvaluator(cfg, str(tmp_path / "run5"), scorer_factory=factory)
+    assert old_format.load_state_dict({"best_value": 0.5, "best_step": 20}) is True and old_format.best_step == 20
     lower = TrainingEvaluator(EvalConfig(every_steps=1, prompts=cfg.prompts, metric="overall", higher_is_better=False),
                               str(tmp_path / "run2"), scorer_factory=lambda c, d: lambda i, o, p: {"overall": 1.0})
     assert lower.evaluate(1, fake_generator([])).is_best is True
@@ -171,6 +177,7 @@ def _distributed_worker(rank, world, init_method, run_dir, prompts, out_dir):
         cfg = EvalConfig(every_steps=1, prompts=prompts, images_per_prompt=2)
         evaluator = TrainingEvaluator(cfg, run_dir, scorer_factory=factory)
         calls = []
+        evaluator.prepare()                                      # scorers load on process 0 only, once
         result = evaluator.evaluate(1, fake_generator(calls))
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump({"calls": calls, "factory": factory_calls, "metrics": result.metrics, "best": result.is_best,
@@ -196,4 +203,5 @@ def test_distributed_evaluation_splits_generation_and_agrees(tmp_path):
     images = tmp_path / "run" / "eval" / "step_000001" / "images"
     assert all(len(os.listdir(images / f"{i:05d}" / "samples")) == 2 for i in range(3))
     assert ranks[0]["metrics"] == ranks[1]["metrics"] == {"eval/overall": 0.3, "eval/best": 0.3}
-    assert ranks[0]["state"] == ranks[1]["state"] == {"best_value": 0.3, "best_step": 1}
+    assert ranks[0]["state"] == ranks[1]["state"]
+    assert (ranks[0]["state"]["best_value"], ranks[0]["state"]["best_step"]) == (0.3, 1)
