@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     from egrpo.tools.cli import add_tool_subcommands
 
     add_tool_subcommands(sub)
-    from egrpo.eval.cli import add_eval_subcommand
+    from egrpo.tools.eval_cli import add_eval_subcommand
 
     add_eval_subcommand(sub)
     for command in sub.choices.values():

@@ -1,44 +1,29 @@
 """Producing the images an evaluator reads: a generator callable and a resumable "fill these paths" loop.
 
 An image generator is ``generate_images(prompts, images_per_prompt, seed) -> [len(prompts) * n, 3, H, W]`` in
-[0, 1], prompt-major. `janus_generator` builds one from a Janus-Pro model with the project's generation
-function (`egrpo.tools.generate.generate`); the trainer can pass its own (see `egrpo.eval.training`).
+[0, 1], prompt-major. The trainer passes its own (see `egrpo.eval.training`); ``egrpo eval --model`` builds one
+with the project's generation function (`egrpo.tools.eval_cli`).
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Callable, List, Sequence, Tuple
 
 import torch
 
-from .io import load_image, progress
+from .io import progress
 
 ImageGenerator = Callable[[Sequence[str], int, int], torch.Tensor]
 
 
-def janus_generator(model, tokenizer, rollout_cfg) -> ImageGenerator:
-    """An `ImageGenerator` over `egrpo.tools.generate.generate` (same sampling and seeding as ``egrpo generate``:
-    prompt k of a call is seeded with ``seed + k``)."""
-    from egrpo.tools.generate import generate
-
-    def generate_images(prompts: Sequence[str], images_per_prompt: int, seed: int) -> torch.Tensor:
-        with tempfile.TemporaryDirectory(prefix="egrpo-eval-") as tmp:
-            records = generate(model, tokenizer, list(prompts), tmp, rollout_cfg, images_per_prompt=images_per_prompt,
-                               seed=seed, progress=False)
-            return torch.stack([load_image(os.path.join(tmp, r["file"])) for r in records])
-
-    return generate_images
-
-
 def save_png(image: torch.Tensor, path: str) -> None:
     """Write ``[3, H, W]`` in [0, 1] as PNG atomically (a crash never leaves a half-written image behind)."""
-    from egrpo.tools.generate import tensor_to_png
+    from egrpo.rewards.base import to_pil
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     partial = path + ".partial.png"
-    tensor_to_png(image, partial)
+    to_pil(image[None])[0].save(partial)
     os.replace(partial, path)
 
 

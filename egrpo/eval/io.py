@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -168,3 +168,20 @@ def list_images(folder: str, extensions=(".png",)) -> List[str]:
     if not names:
         raise EvalError(f"image folder {folder} holds no {'/'.join(extensions)} images")
     return names
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def list_folder(folder: str, prompt: Optional[str] = None) -> List[Tuple[str, str, dict]]:
+    """``(file, prompt, metadata)`` per image: from ``generations.jsonl`` when the folder has one (as written by
+    `generate`), else ``prompt`` for all, else the file name with ``_`` read as spaces."""
+    index = os.path.join(folder, "generations.jsonl")
+    if prompt is None and os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        return [(r["file"], r["prompt"], r.get("metadata") or {}) for r in rows]
+    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return [(f, prompt if prompt is not None else os.path.splitext(f)[0].replace("_", " "), {}) for f in files]

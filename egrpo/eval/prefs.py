@@ -1,7 +1,7 @@
 """Preference scores over a folder of images: HPS v2.1, PickScore, CLIPScore, LAION aesthetic, ImageReward.
 
 Images and prompts come from a folder written by ``egrpo generate`` (``generations.jsonl``), or any folder of
-images with ``--prompt`` (`egrpo.tools.score.folder_items`). Each metric is run on its own (one model in memory at
+images with ``--prompt`` (`egrpo.eval.io.list_folder`). Each metric is run on its own (one model in memory at
 a time) into ``results.<metric>.jsonl`` (resumable); the summary holds each metric's mean.
 
 =============  ==========================================================  =====================================
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from egrpo.rewards.base import local_path, require, to_pil
 from egrpo.rewards.clip_score import OPENAI_MEAN, OPENAI_STD, clip_preprocess, image_stats
 
-from .io import EvalError, ResultStore, load_image, markdown_table, mean, score_items, write_summary
+from .io import EvalError, ResultStore, list_folder, load_image, markdown_table, mean, score_items, write_summary
 
 METRICS = ("hps", "pickscore", "clipscore", "aesthetic", "imagereward")
 
@@ -127,12 +127,10 @@ def build_scorer(metric: str, paths: Dict[str, Optional[str]], device: str = "cp
 
 def folder_items(folder: str, prompt: Optional[str] = None) -> List[dict]:
     """Items ``{key, path, prompt}`` of a generated folder (``generations.jsonl``) or of any image folder."""
-    from egrpo.tools.score import folder_items as tool_folder_items
-
     if not os.path.isdir(folder):
         raise EvalError(f"--images: {folder} does not exist")
     try:
-        rows = tool_folder_items(folder, prompt)
+        rows = list_folder(folder, prompt)
     except (ValueError, KeyError) as e:
         raise EvalError(f"--images: {e}") from None
     return [{"key": f, "path": os.path.join(folder, f), "prompt": p, "_meta": m} for f, p, m in rows]

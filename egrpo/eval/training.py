@@ -255,9 +255,9 @@ def load_eval_prompts(cfg: EvalConfig):
 
         prompts = read_prompt_file(cfg.prompts)
     else:
-        from egrpo.tools.analyze import load_prompts
+        from egrpo.data import load_prompt_file, prompts_and_metadata
 
-        texts, metadata = load_prompts(cfg.prompts)
+        texts, metadata = prompts_and_metadata(load_prompt_file(cfg.prompts))
         prompts = [{"prompt": t, **(m or {})} for t, m in zip(texts, metadata)]
     return evenly_spaced(prompts, cfg.max_prompts)
 

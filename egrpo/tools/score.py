@@ -2,41 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-def load_image(path: str) -> torch.Tensor:
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as image:
-        array = np.array(image.convert("RGB"))
-    return torch.from_numpy(array).permute(2, 0, 1).float() / 255.0
-
-
-def folder_items(folder: str, prompt: Optional[str] = None) -> List[Tuple[str, str, dict]]:
-    """``(file, prompt, metadata)`` per image: from ``generations.jsonl`` when the folder has one (as written by
-    `generate`), else ``prompt`` for all, else the file name with ``_`` read as spaces."""
-    index = os.path.join(folder, "generations.jsonl")
-    if prompt is None and os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        return [(r["file"], r["prompt"], r.get("metadata") or {}) for r in rows]
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
-    if not files:
-        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return [(f, prompt if prompt is not None else os.path.splitext(f)[0].replace("_", " "), {}) for f in files]
+from egrpo.eval.io import list_folder, load_image
 
 
 def score_folder(folder: str, reward_set, prompt: Optional[str] = None, batch_size: int = 16) -> List[dict]:
     """One row per image: ``file``, ``prompt``, each reward by name and the weighted ``total``."""
-    items = folder_items(folder, prompt)
+    items = list_folder(folder, prompt)
     rows = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]

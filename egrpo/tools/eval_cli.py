@@ -9,8 +9,27 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
+from typing import Sequence
 
-from .io import EvalError
+import torch
+
+from egrpo.eval.io import EvalError, load_image
+
+from .generate import generate
+
+
+def janus_generator(model, tokenizer, rollout_cfg):
+    """An image generator (`egrpo.eval.generation.ImageGenerator`) over `egrpo.tools.generate.generate`: same
+    sampling and seeding as ``egrpo generate`` (prompt k of a call is seeded with ``seed + k``)."""
+
+    def generate_images(prompts: Sequence[str], images_per_prompt: int, seed: int) -> torch.Tensor:
+        with tempfile.TemporaryDirectory(prefix="egrpo-eval-") as tmp:
+            records = generate(model, tokenizer, list(prompts), tmp, rollout_cfg, images_per_prompt=images_per_prompt,
+                               seed=seed, progress=False)
+            return torch.stack([load_image(os.path.join(tmp, r["file"])) for r in records])
+
+    return generate_images
 
 
 def _add_common(p, prompts_help: str, prompts_required: bool = False):
@@ -48,9 +67,8 @@ def _generator(args):
         raise EvalError("generating images (--model/--tiny) needs --prompts")
     from dataclasses import replace
 
-    from egrpo.tools.cli import _load_model
+    from .cli import _load_model
 
-    from .generation import janus_generator
 
     model, tokenizer, rollout_cfg = _load_model(args)
     return janus_generator(model, tokenizer, replace(rollout_cfg, cot=args.cot))
@@ -83,8 +101,8 @@ def _report(summary: dict, args=None) -> None:
 
 
 def run_geneval(args) -> int:
-    from .generation import generate_missing
-    from .geneval import (ClipColourClassifier, Mask2FormerDetector, evaluate_geneval, load_geneval_prompts,
+    from egrpo.eval.generation import generate_missing
+    from egrpo.eval.geneval import (ClipColourClassifier, Mask2FormerDetector, evaluate_geneval, load_geneval_prompts,
                           read_layout, sample_path, write_prompt_folder)
 
     generator = _generator(args)
@@ -104,9 +122,9 @@ def run_geneval(args) -> int:
 
 
 def run_compbench(args) -> int:
-    from .compbench import (AVAILABLE, BlipVqaScorer, ClipCosineScorer, check_category, evaluate_compbench,
+    from egrpo.eval.compbench import (AVAILABLE, BlipVqaScorer, ClipCosineScorer, check_category, evaluate_compbench,
                             generation_jobs, read_prompt_file, read_samples, spacy_chunker)
-    from .generation import generate_missing
+    from egrpo.eval.generation import generate_missing
 
     check_category(args.category)
     scorer_kind = AVAILABLE[args.category]
@@ -133,10 +151,10 @@ def _generate_plain(args, default_n: int) -> None:
     generator = _generator(args)
     if generator is None:
         return
-    from egrpo.tools.analyze import load_prompts
+    from .analyze import load_prompts
 
-    from .generation import generate_missing
-    from .training import write_generations_index
+    from egrpo.eval.generation import generate_missing
+    from egrpo.eval.training import write_generations_index
 
     texts, metadata = load_prompts(args.prompts)
     prompts = [{"prompt": t, **(m or {})} for t, m in zip(texts, metadata)]
@@ -148,7 +166,7 @@ def _generate_plain(args, default_n: int) -> None:
 
 
 def run_prefs(args) -> int:
-    from .prefs import METRICS, build_scorer, evaluate_prefs, folder_items
+    from egrpo.eval.prefs import METRICS, build_scorer, evaluate_prefs, folder_items
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = [m for m in metrics if m not in METRICS]
@@ -165,8 +183,8 @@ def run_prefs(args) -> int:
 
 
 def run_ocr(args) -> int:
-    from .ocr import evaluate_ocr
-    from .prefs import folder_items
+    from egrpo.eval.ocr import evaluate_ocr
+    from egrpo.eval.prefs import folder_items
 
     _generate_plain(args, default_n=1)
     folder_items(args.images, args.prompt)
@@ -175,8 +193,8 @@ def run_ocr(args) -> int:
 
 
 def run_wise(args) -> int:
-    from .generation import generate_missing
-    from .wise import JUDGE_INSTRUCTIONS, OpenAIJudge, evaluate_wise, load_wise_prompts
+    from egrpo.eval.generation import generate_missing
+    from egrpo.eval.wise import JUDGE_INSTRUCTIONS, OpenAIJudge, evaluate_wise, load_wise_prompts
 
     prompts = load_wise_prompts(args.prompts.split(","))
     generator = _generator(args)
