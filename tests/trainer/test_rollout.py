@@ -660,6 +660,9 @@ def test_generate_writes_every_image_of_every_cot(tiny_model, template_file, tmp
     ({"image_positions": "left"}, "rollout.image_positions must be 'released' or 'packed', got 'left'"),
     ({"images_per_cot": 2}, "rollout.images_per_cot=2 needs rollout.cot=true"),
     ({"cot": True, "cot_template": "/nonexistent/cot.txt"}, "rollout.cot_template: cannot read '/nonexistent/cot.txt'"),
+    ({"engine": "yes"}, "rollout.engine must be true or false, got 'yes'"),
+    ({"compile": 1}, "rollout.compile must be true or false, got 1"),
+    ({"engine": False, "compile": True}, "rollout.compile=true needs rollout.engine=true"),
 ])
 def test_bad_settings_raise_one_line_errors(change, message):
     with pytest.raises(ValueError) as info:
@@ -697,6 +700,31 @@ def test_rollout_rejects_bad_arguments(tiny_model):
         rollout(model, tokenizer, [], RolloutConfig(image_tokens=16), g)
     with pytest.raises(TypeError, match="generator"):
         rollout(model, tokenizer, PROMPTS, RolloutConfig(image_tokens=16), 0)
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_diverged_weights_raise_instead_of_sampling_garbage(sampler):
+    """torch.multinomial raises on NaN probabilities; the engine's sampler cannot, so the rollout checks the
+    sampled log-probs and raises the same kind of error (the trainer turns it into its 'diverged' message)."""
+    model, tokenizer = build_model(ModelConfig(tiny=TINY, dtype="fp32"), "cpu")
+    with torch.no_grad():
+        model.model.generation_head.vision_head.bias.fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="nan"):
+        rollout(model, tokenizer, PROMPTS, RolloutConfig(group_size=2, image_tokens=16, engine=SAMPLERS[sampler]),
+                _generator(0))
+
+
+def test_rollout_reuses_a_given_engine_and_refuses_another_models(tiny_model):
+    model, tokenizer = tiny_model
+    cfg = RolloutConfig(group_size=2, image_tokens=16)
+    engine = rollout_module.make_engine(model, cfg)
+    a = rollout(model, tokenizer, PROMPTS, cfg, _generator(3), engine)
+    b = rollout(model, tokenizer, PROMPTS, cfg, _generator(3))
+    assert torch.equal(a.image_tokens, b.image_tokens)
+    assert rollout_module.make_engine(model, RolloutConfig(engine=False)) is None
+    other, _ = build_model(ModelConfig(tiny=TINY, dtype="fp32"), "cpu")
+    with pytest.raises(ValueError, match="engine was built for another model"):
+        rollout(model, tokenizer, PROMPTS, cfg, _generator(3), rollout_module.make_engine(other, cfg))
 
 
 def test_prefill_cat_stacks_rows():
