@@ -23,7 +23,7 @@ from egrpo.rollout.sampling import sample_torch
 from egrpo.trainer.config import ConfigError, load_config
 from egrpo.trainer.model import ModelConfig, build_model
 from egrpo.trainer.protocol import (COT_SYSTEM_PROMPT, Prefill, cot_prompt_text, deepseek_conversation,
-                                    load_cot_template, text_prefill, unconditional_ids)
+                                    load_cot_template, text_prefill)
 from egrpo.trainer.rollout import (RolloutConfig, _engine_prefill, codebook_vectors, filter_logits, head_inputs,
                                    rollout, sample_cot)
 from egrpo.trainer.tokenizer import janus_tokens
