@@ -108,7 +108,7 @@ def _load_model(args):
     rollout_cfg = RolloutConfig(
         cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, cot_max_tokens=args.cot_max_tokens,
         cot_temperature=args.cot_temperature, cot_template=args.cot_template, image_tokens=num_image_tokens(model),
-        engine=not args.no_engine, compile=args.compile)
+        engine=not getattr(args, "no_engine", False), compile=getattr(args, "compile", False))  # other CLIs: defaults
     return model, tokenizer, rollout_cfg
 
 
