@@ -166,12 +166,24 @@ def test_option_combinations_that_are_refused():
         build_objective("grpo", top_entropy_quantile=0.0)
 
 
-def test_trainer_refuses_the_is_correction_until_the_rollout_records_sampling_logprobs(tmp_path):
-    from egrpo.trainer.config import ConfigError
+def test_trainer_runs_the_is_correction_with_the_rollouts_sampling_logprobs(tmp_path):
+    """The rollout records the sampled tokens' log-probs under the CFG sampling distribution (both samplers);
+    the trainer hands them to HeadBatch.sampling_logp, so tis_clip_max trains and reports its weights."""
+    import json
+
     from egrpo.trainer.train import train
 
     from .trainer._helpers import small_config
 
+    import torch.distributed as dist
+
     cfg = small_config(tmp_path, "objective.name=grpo", "objective.tis_clip_max=2.0")
-    with pytest.raises(ConfigError, match="objective.tis_clip_max needs the log-probs of the sampling"):
-        train(cfg)
+    try:
+        summary = train(cfg)
+    finally:   # leave no process group behind: a later test in this worker forks processes that start their own
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    records = [json.loads(line) for line in open(summary["metrics"])]
+    weights = [r["tis/weight_mean_image"] for r in records]
+    # With CFG the sampling distribution differs from the policy: weights are positive, finite, not all 1, <= 2.
+    assert all(0 < w <= 2.0 for w in weights) and any(abs(w - 1.0) > 1e-3 for w in weights)

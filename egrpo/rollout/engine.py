@@ -89,12 +89,14 @@ class Prefill:
 class TextOutput:
     ids: torch.Tensor    # [R, Lc] int64, pad after each row's EOS
     mask: torch.Tensor   # [R, Lc] float32, 1 up to and including the first EOS
+    logp: torch.Tensor   # [R, Lc] float32, each token's log-prob under the sampling distribution (0 where mask 0)
 
 
 @dataclass
 class ImageOutput:
     tokens: torch.Tensor  # [B, T] int64
     kl: torch.Tensor      # [B, T] float32, KL(sampling dist || conditional dist) per step
+    logp: torch.Tensor    # [B, T] float32, each token's log-prob under the sampling (guided) distribution
 
 
 def _positions(attention_mask: torch.Tensor, layout: str) -> torch.Tensor:
@@ -274,26 +276,30 @@ class RolloutEngine:
 
     # ---- decode steps ----------------------------------------------------------------------------------
 
-    def _image_step(self, token, state, params, out_tokens, out_kl, step=None):
+    def _image_step(self, token, state, params, out_tokens, out_kl, out_logp, step=None):
         """Embed ``token`` [B] for both branches, one LM position, generation head, CFG sampling.
         Writes the next token and its KL at column ``state.step + 1`` and advances the counters."""
         embeds = self.model.prepare_embeddings_for_image_generation(token)
         hidden = self._decode_hidden(torch.cat([embeds, embeds], 0), state, step)
         logits = self.model.model.generation_head(hidden)
         batch = token.shape[0]
-        next_token, kl = sample(logits[:batch], logits[batch:], params, state.rng, True, self.config.sampler)
+        next_token, kl, logp = sample(logits[:batch], logits[batch:], params, state.rng, True, self.config.sampler,
+                                      want_logp=True)
         column = (state.step + 1).view(1)
         out_tokens.index_copy_(1, column, next_token[:, None])
         out_kl.index_copy_(1, column, kl[:, None])
+        out_logp.index_copy_(1, column, logp[:, None])
         state.step += 1
         state.rng[1] += 1
         return next_token
 
-    def _text_step(self, token, finished, state, params, pad_id, eos_id, out_ids, out_valid, step=None):
+    def _text_step(self, token, finished, state, params, pad_id, eos_id, out_ids, out_valid, out_logp, step=None):
         hidden = self._decode_hidden(self.model.get_input_embeddings()(token), state, step)
-        next_token, _ = sample(self.model.lm_head(hidden), None, params, state.rng, False, self.config.sampler)
+        next_token, _, logp = sample(self.model.lm_head(hidden), None, params, state.rng, False, self.config.sampler,
+                                     want_logp=True)
         column = (state.step + 1).view(1)
         out_valid.index_copy_(1, column, (~finished)[:, None])
+        out_logp.index_copy_(1, column, torch.where(finished, torch.zeros_like(logp), logp)[:, None])
         next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
         out_ids.index_copy_(1, column, next_token[:, None])
         finished |= next_token == eos_id
@@ -358,17 +364,19 @@ class RolloutEngine:
         device = prefill.inputs_embeds.device
         tokens = torch.zeros(batch, num_tokens, dtype=torch.int64, device=device)
         kl = torch.zeros(batch, num_tokens, dtype=torch.float32, device=device)
+        logp = torch.zeros(batch, num_tokens, dtype=torch.float32, device=device)
         logits = self.model.model.generation_head(self._prefill(prefill, state))
-        first, first_kl = sample(logits[:batch], logits[batch:], params, state.rng, True, self.config.sampler)
-        tokens[:, 0], kl[:, 0] = first, first_kl
+        first, first_kl, first_logp = sample(logits[:batch], logits[batch:], params, state.rng, True,
+                                             self.config.sampler, want_logp=True)
+        tokens[:, 0], kl[:, 0], logp[:, 0] = first, first_kl, first_logp
         state.rng[1] += 1
         if num_tokens > 1:
             token = first.clone()  # the step's (graph-static) input buffer
-            run = self._runner("image", self._image_step, state, (token, state, params, tokens, kl))
+            run = self._runner("image", self._image_step, state, (token, state, params, tokens, kl, logp))
             for step in range(num_tokens - 1):
                 run(step)
                 token.copy_(tokens[:, step + 1])
-        return ImageOutput(tokens, kl)
+        return ImageOutput(tokens, kl, logp)
 
     @torch.no_grad()
     def generate_text(self, prefill: Prefill, max_new_tokens: int, eos_id: int, pad_id: int,
@@ -385,20 +393,22 @@ class RolloutEngine:
         state = _PhaseState(self.lm, prefill, max_new_tokens - 1, seed)
         ids = torch.full((rows, max_new_tokens), pad_id, dtype=torch.int64, device=device)
         valid = torch.zeros(rows, max_new_tokens, dtype=torch.bool, device=device)
-        first, _ = sample(self.model.lm_head(self._prefill(prefill, state)), None, params, state.rng, False,
-                          self.config.sampler)
-        ids[:, 0], valid[:, 0] = first, True
+        logp = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
+        first, _, first_logp = sample(self.model.lm_head(self._prefill(prefill, state)), None, params, state.rng,
+                                      False, self.config.sampler, want_logp=True)
+        ids[:, 0], valid[:, 0], logp[:, 0] = first, True, first_logp
         finished = first == eos_id
         state.rng[1] += 1
         token = first.clone()
-        run = self._runner("text", self._text_step, state, (token, finished, state, params, pad_id, eos_id, ids, valid))
+        run = self._runner("text", self._text_step, state,
+                           (token, finished, state, params, pad_id, eos_id, ids, valid, logp))
         for step in range(max_new_tokens - 1):
             if step % self.config.eos_check_every == 0 and bool(finished.all()):
                 break
             run(step)
             token.copy_(ids[:, step + 1])
         length = int(valid.sum(1).max())
-        return TextOutput(ids[:, :length], valid[:, :length].float())
+        return TextOutput(ids[:, :length], valid[:, :length].float(), logp[:, :length])
 
     def decode(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """VQ-decode ``[B, T]`` image tokens to ``[B, 3, H, W]`` float32 in [0, 1]; see :mod:`egrpo.rollout.vq`."""

@@ -7,6 +7,8 @@ For each row ``r`` of ``cond`` (and ``uncond`` when classifier-free guidance is 
     p      = softmax(guided over keep)          (0 outside keep)
     token  = first index i with cumsum(p)_i > uniform_r * sum(p)     (inverse CDF)
     kl     = sum_i p_i (log p_i - log softmax(c)_i)                   (the rollout/cfg_kl metric)
+    logp   = log p_token                        (optional: the sampled token's log-prob under p, for
+                                                 truncated importance sampling)
 
 The top-p rule is the one of ``transformers`` and today's loop: a token is dropped when the
 probability of the tokens strictly above it already reaches ``top_p`` (the best token always stays).
@@ -27,7 +29,7 @@ reference and the CPU path.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -123,7 +125,7 @@ def keep_mask(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]
 
 
 def sample_torch(cond: torch.Tensor, uncond: Optional[torch.Tensor], params: SamplingParams,
-                 rng_state: torch.Tensor, want_kl: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                 rng_state: torch.Tensor, want_kl: bool = True, want_logp: bool = False):
     """Eager path of :func:`sample`; see the module docstring."""
     logits = guided_logits(cond, uncond, params)
     keep = keep_mask(logits, params.top_k, params.top_p)
@@ -142,7 +144,10 @@ def sample_torch(cond: torch.Tensor, uncond: Optional[torch.Tensor], params: Sam
         logp_s = torch.log_softmax(logits, -1)
         logp_c = torch.log_softmax(cond.float(), -1)
         kl = torch.where(weights > 0, logp_s.exp() * (logp_s - logp_c), torch.zeros_like(logp_s)).sum(-1)
-    return token, kl
+    if not want_logp:
+        return token, kl
+    logp = logits.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+    return token, kl, logp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,10 +183,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _cfg_sample_kernel(
-        cond_ptr, uncond_ptr, stride_cond, stride_uncond, rng_ptr, token_ptr, kl_ptr,
+        cond_ptr, uncond_ptr, stride_cond, stride_uncond, rng_ptr, token_ptr, kl_ptr, logp_ptr,
         V, cfg_scale, inv_temp, top_k, top_p,
         HAS_UNCOND: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr, WANT_KL: tl.constexpr,
-        BLOCK: tl.constexpr,
+        WANT_LOGP: tl.constexpr, BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         cond_ptr += row * stride_cond
@@ -292,10 +297,18 @@ if HAS_TRITON:
         tl.store(token_ptr + row, token)
         if WANT_KL:
             tl.store(kl_ptr + row, tl.sum(kl_vec, 0))
+        if WANT_LOGP:  # the sampled token's guided logit, reloaded (one element), minus the log-normaliser
+            c_t = tl.load(cond_ptr + token).to(tl.float32)
+            if HAS_UNCOND:
+                u_t = tl.load(uncond_ptr + token).to(tl.float32)
+                g_t = (u_t + cfg_scale * (c_t - u_t)) * inv_temp
+            else:
+                g_t = c_t * inv_temp
+            tl.store(logp_ptr + row, g_t - m_g - log_z)
 
 
 def sample_triton(cond: torch.Tensor, uncond: Optional[torch.Tensor], params: SamplingParams,
-                  rng_state: torch.Tensor, want_kl: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                  rng_state: torch.Tensor, want_kl: bool = True, want_logp: bool = False):
     """Triton path of :func:`sample`: one program per row; allocates only the [N] outputs."""
     rows, vocab = cond.shape
     cond = cond if cond.stride(-1) == 1 else cond.contiguous()
@@ -304,22 +317,27 @@ def sample_triton(cond: torch.Tensor, uncond: Optional[torch.Tensor], params: Sa
         uncond = uncond if uncond.stride(-1) == 1 else uncond.contiguous()
     token = torch.empty(rows, dtype=torch.int64, device=cond.device)
     kl = torch.empty(rows, dtype=torch.float32, device=cond.device) if want_kl else token
+    logp = torch.empty(rows, dtype=torch.float32, device=cond.device) if want_logp else token
     top_k = params.top_k is not None and params.top_k < vocab
     top_p = params.top_p is not None and params.top_p < 1.0
     block = min(4096, triton.next_power_of_2(vocab))
     _cfg_sample_kernel[(rows,)](
         cond, uncond if has_uncond else cond, cond.stride(0), (uncond if has_uncond else cond).stride(0),
-        rng_state, token, kl, vocab,
+        rng_state, token, kl, logp, vocab,
         float(params.cfg_scale or 0.0), 1.0 / params.temperature, int(params.top_k or 0), float(params.top_p or 1.0),
-        HAS_UNCOND=has_uncond, TOP_K=top_k, TOP_P=top_p, WANT_KL=want_kl, BLOCK=block,
+        HAS_UNCOND=has_uncond, TOP_K=top_k, TOP_P=top_p, WANT_KL=want_kl, WANT_LOGP=want_logp, BLOCK=block,
         num_warps=8 if block >= 2048 else 4,
     )
+    if want_logp:
+        return token, (kl if want_kl else None), logp
     return token, (kl if want_kl else None)
 
 
 def sample(cond: torch.Tensor, uncond: Optional[torch.Tensor], params: SamplingParams, rng_state: torch.Tensor,
-           want_kl: bool = True, backend: str = "auto") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Draw one token per row; returns ``(token [N] int64, kl [N] float32 or None)``.
+           want_kl: bool = True, backend: str = "auto", want_logp: bool = False):
+    """Draw one token per row; returns ``(token [N] int64, kl [N] float32 or None)``, and with ``want_logp``
+    a third element ``logp [N] float32``: the sampled token's log-prob under the sampling distribution
+    (guided, tempered, top-k / top-p renormalised).
 
     cond, uncond: [N, V] logits (any float dtype; uncond only when ``params.cfg_scale`` is not None).
     rng_state: int64 [2] = (seed, step) on the same device. ``want_kl`` False skips the KL (text phase).
@@ -329,5 +347,5 @@ def sample(cond: torch.Tensor, uncond: Optional[torch.Tensor], params: SamplingP
     if uncond is not None and uncond.shape != cond.shape:
         raise ValueError(f"sample: uncond shape {tuple(uncond.shape)} != cond shape {tuple(cond.shape)}")
     if resolve_backend(backend, cond.device) == "triton":
-        return sample_triton(cond, uncond, params, rng_state, want_kl)
-    return sample_torch(cond, uncond, params, rng_state, want_kl)
+        return sample_triton(cond, uncond, params, rng_state, want_kl, want_logp)
+    return sample_torch(cond, uncond, params, rng_state, want_kl, want_logp)

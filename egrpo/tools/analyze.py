@@ -79,8 +79,9 @@ def _stats(values: torch.Tensor) -> Dict[str, float]:
 @torch.no_grad()
 def analyze_prompt(model, tokenizer, prompt: str, metadata: dict, reward_set, cots: int, images: int,
                    rollout_cfg, generator: torch.Generator, logits: str = "conditional",
-                   text_entropy: str = "masked", entropy_bins: int = 0) -> List[dict]:
-    """Records (one per image, CoT-major order) for one prompt; see the module docstring."""
+                   text_entropy: str = "masked", entropy_bins: int = 0, engine=None) -> List[dict]:
+    """Records (one per image, CoT-major order) for one prompt; see the module docstring. ``engine``: a
+    `egrpo.trainer.rollout.make_engine` result to reuse across prompts (None: the rollout builds one)."""
     from egrpo.trainer.rollout import cfg_logits, head_inputs, rollout, unconditional_ids
     from egrpo.trainer.tokenizer import janus_tokens
 
@@ -95,7 +96,7 @@ def analyze_prompt(model, tokenizer, prompt: str, metadata: dict, reward_set, co
     # N CoTs x M images (rollout.images_per_cot); without CoT, M images of the prompt.
     cfg = replace(rollout_cfg, cot=cots > 0, group_size=cots if cots > 0 else images,
                   images_per_cot=images if cots > 0 else 1)
-    ro = rollout(model, tokenizer, [prompt], cfg, generator)
+    ro = rollout(model, tokenizer, [prompt], cfg, generator, engine)
     image_batch, text_batch = head_inputs(model, ro)
     if logits == "conditional":
         image_entropy = head_entropy(image_batch.hidden, image_batch.weight, image_batch.bias)
@@ -160,12 +161,15 @@ def analyze(model, tokenizer, prompts: Sequence[str], metadata: Optional[Sequenc
     file ``out`` as it goes when given."""
     from tqdm.auto import tqdm
 
+    from egrpo.trainer.rollout import make_engine
+
     device = model.lm_head.weight.device
+    engine = make_engine(model, rollout_cfg)   # one for all prompts (holds the compiled steps with rollout.compile)
     records = []
     for k, prompt in enumerate(tqdm(list(prompts), desc="analyze", disable=not progress)):
         generator = torch.Generator(device=device).manual_seed(seed + k)
         rows = analyze_prompt(model, tokenizer, prompt, (metadata or [{}] * len(prompts))[k], reward_set, cots,
-                              images, rollout_cfg, generator, logits, text_entropy, entropy_bins)
+                              images, rollout_cfg, generator, logits, text_entropy, entropy_bins, engine)
         for row in rows:
             row["prompt_index"] = k
             row["seed"] = seed + k

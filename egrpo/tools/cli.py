@@ -80,6 +80,10 @@ def _add_model_args(p):
     p.add_argument("--cot-template", default=None, help="reasoning template file with one {} (default: released)")
     p.add_argument("--cot-temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-engine", action="store_true",
+                   help="sample with the plain transformers loop instead of the rollout engine (rollout.engine: false)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the engine's decode step (rollout.compile; minutes of compilation on CPU)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -102,7 +106,8 @@ def _load_model(args):
     model, tokenizer = build_model(cfg, device)
     rollout_cfg = RolloutConfig(
         cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, cot_max_tokens=args.cot_max_tokens,
-        cot_temperature=args.cot_temperature, cot_template=args.cot_template, image_tokens=num_image_tokens(model))
+        cot_temperature=args.cot_temperature, cot_template=args.cot_template, image_tokens=num_image_tokens(model),
+        engine=not getattr(args, "no_engine", False), compile=getattr(args, "compile", False))  # other CLIs: defaults
     return model, tokenizer, rollout_cfg
 
 

@@ -26,18 +26,19 @@ def generate(model, tokenizer, prompts: Sequence[str], out_dir: str, rollout_cfg
     ``generations.jsonl``."""
     from tqdm.auto import tqdm
 
-    from egrpo.trainer.rollout import rollout
+    from egrpo.trainer.rollout import make_engine, rollout
 
     if images_per_prompt < 1:
         raise ValueError(f"images_per_prompt must be >= 1, got {images_per_prompt}")
     os.makedirs(out_dir, exist_ok=True)
     cfg = replace(rollout_cfg, group_size=images_per_prompt)
     device = model.lm_head.weight.device
+    engine = make_engine(model, cfg)   # one for all prompts (holds the compiled steps with rollout.compile)
     records = []
     with open(os.path.join(out_dir, "generations.jsonl"), "w", encoding="utf-8") as out:
         for k, prompt in enumerate(tqdm(list(prompts), desc="generate", unit="prompt", disable=not progress)):
             generator = torch.Generator(device=device).manual_seed(seed + k)
-            ro = rollout(model, tokenizer, [prompt], cfg, generator)
+            ro = rollout(model, tokenizer, [prompt], cfg, generator, engine)
             for j in range(ro.images.shape[0]):
                 name = f"{k:05d}_{j:02d}.png"
                 tensor_to_png(ro.images[j], os.path.join(out_dir, name))

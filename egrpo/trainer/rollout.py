@@ -15,6 +15,13 @@ One rollout of B = len(prompts) * group_size * images_per_cot rows (a prompt's r
 
 `head_inputs` gives the teacher-forced hidden states the losses need, each in its own context: image tokens after
 ``sequence_ids`` (conditional branch only, no CFG), CoT tokens after ``text_ids`` (LM head).
+
+Sampling runs through `egrpo.rollout.RolloutEngine` (``rollout.engine: true``, the default): it receives exactly
+the prefills `egrpo.trainer.protocol` builds (ids embedded, same masks and position ids) and draws with counter-
+based uniforms seeded from ``generator``. ``rollout.engine: false`` keeps the plain transformers loop below
+(`sample_cot`, `sample_image_tokens`: ``DynamicCache``, one HF forward per token, ``torch.multinomial``): the
+tests' reference for the prefills and contexts, the path to reproduce runs made before the engine, and a fallback
+where the engine is untested (ZeRO-3).
 """
 
 from dataclasses import dataclass, field
@@ -24,14 +31,16 @@ import torch
 import torch.nn.functional as F
 
 from egrpo.objectives import HeadBatch
+from egrpo.rollout import EngineConfig, RolloutEngine, SamplingParams, seeds_from_generator
+from egrpo.rollout import Prefill as EnginePrefill
 
 from .model import num_image_tokens
 from .protocol import (COT_SYSTEM_PROMPT, IMAGE_POSITIONS, Prefill, cot_prompt_text, image_positions, image_prefill,
                        image_prompt_text, load_cot_template, text_prefill, unconditional_ids, valid_positions)
 from .tokenizer import JanusTokens, encode_with_bos, janus_tokens
 
-__all__ = ["RolloutConfig", "Rollout", "rollout", "head_inputs", "sample_cot", "sample_image_tokens", "cfg_logits",
-           "filter_logits", "decode_images", "codebook_vectors", "unconditional_ids"]
+__all__ = ["RolloutConfig", "Rollout", "rollout", "make_engine", "head_inputs", "sample_cot", "sample_image_tokens",
+           "cfg_logits", "filter_logits", "decode_images", "codebook_vectors", "unconditional_ids"]
 
 
 @dataclass
@@ -52,6 +61,8 @@ class RolloutConfig:
     top_k: Optional[int] = None
     image_positions: str = "released"    # "released": pads count as positions; "packed": only valid tokens do
     image_tokens: int = 576          # must equal the model's num_image_tokens
+    engine: bool = True              # sample with egrpo.rollout's engine; false: the plain transformers loop (ours)
+    compile: bool = False            # engine only: torch.compile the decode step (minutes to compile on CPU; ours)
 
     @property
     def samples_per_prompt(self) -> int:
@@ -83,6 +94,11 @@ class RolloutConfig:
         if self.images_per_cot != 1 and not self.cot:
             raise ValueError(f"rollout.images_per_cot={self.images_per_cot} needs rollout.cot=true; without a CoT "
                              "set the images per prompt with rollout.group_size")
+        for name in ("engine", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "true or false")
+        if self.compile and not self.engine:
+            raise ValueError("rollout.compile=true needs rollout.engine=true (the plain loop is never compiled)")
         if self.cot:
             load_cot_template(self.cot_template)   # readable, exactly one "{}"
         return self
@@ -104,6 +120,9 @@ class Rollout:
     cot_ids: Optional[torch.Tensor] = None        # [B, Lc] sampled CoT ids (pad after EOS); None without CoT
     cot_mask: Optional[torch.Tensor] = None       # [B, Lc] float32, 1 up to and including the first EOS
     cot_texts: Optional[List[str]] = None         # [B] decoded CoTs (special tokens skipped), as fed to the image
+    sampling_logp: Optional[torch.Tensor] = None  # [B, T] float32 log-prob of each image token under the sampling
+    #                                               (CFG-guided, tempered, top-k) distribution; tis_clip_max needs it
+    cot_sampling_logp: Optional[torch.Tensor] = None  # [B, Lc] float32 the same for the CoT tokens (0 after EOS)
 
 
 def _language_model(model, embeds, attention_mask, position_ids, cache=None):
@@ -159,11 +178,18 @@ def _kl(sample_logits: torch.Tensor, cond_logits: torch.Tensor) -> torch.Tensor:
     return torch.where(p_s > 0, p_s * (logp_s - logp_c), torch.zeros_like(p_s)).sum(-1)
 
 
+def _token_logp(logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """[N] float32 log-prob of ``token`` under softmax(``logits``) (filtered logits: -inf outside the kept set)."""
+    logits = logits.float()
+    return logits.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
 def sample_cot(model, prefill: Prefill, tokens: JanusTokens, cfg: RolloutConfig,
-               generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+               generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample a text CoT per row of ``prefill`` with the LM head (KV cache), stopping each row at its first EOS.
 
-    Returns ``cot_ids [R, Lc]`` (pad after EOS) and ``cot_mask [R, Lc]`` (float, 1 up to and including EOS).
+    Returns ``cot_ids [R, Lc]`` (pad after EOS), ``cot_mask [R, Lc]`` (float, 1 up to and including EOS) and
+    ``logp [R, Lc]`` (each token's log-prob under the sampling distribution, 0 after EOS).
     Finished rows keep drawing (their draws are replaced by pad), as transformers' ``generate`` does.
     """
     device = prefill.input_ids.device
@@ -172,11 +198,12 @@ def sample_cot(model, prefill: Prefill, tokens: JanusTokens, cfg: RolloutConfig,
     hidden, cache = _language_model(model, embed(prefill.input_ids), mask, prefill.position_ids, _new_cache(model))
     rows = prefill.rows
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    sampled, valid = [], []
+    sampled, valid, logps = [], [], []
     for step in range(cfg.cot_max_tokens):
         logits = model.lm_head(hidden[:, -1]).float() / cfg.cot_temperature
         logits = filter_logits(logits, cfg.cot_top_k, cfg.cot_top_p)
         token = _sample(logits, generator)
+        logps.append(torch.where(finished, torch.zeros_like(token, dtype=torch.float32), _token_logp(logits, token)))
         token = torch.where(finished, torch.full_like(token, tokens.pad), token)
         valid.append(~finished)
         sampled.append(token)
@@ -186,16 +213,17 @@ def sample_cot(model, prefill: Prefill, tokens: JanusTokens, cfg: RolloutConfig,
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions + 1
         hidden, cache = _language_model(model, embed(token[:, None]), mask, positions, cache)
-    return torch.stack(sampled, 1), torch.stack(valid, 1).float()
+    return torch.stack(sampled, 1), torch.stack(valid, 1).float(), torch.stack(logps, 1)
 
 
 def sample_image_tokens(model, cond: Prefill, uncond: Prefill, cfg: RolloutConfig,
-                        generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+                        generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batched, KV-cached CFG sampling of ``cfg.image_tokens`` image tokens per conditional row.
 
     Rows 0..B-1 of the sampling batch are ``cond``, rows B..2B-1 their twins ``uncond``; every step appends the
-    sampled token's generation embedding to both. Returns ``(image_tokens [B, T], kl [B, T])`` with ``kl`` =
-    KL(CFG sampling distribution || conditional distribution).
+    sampled token's generation embedding to both. Returns ``(image_tokens [B, T], kl [B, T], logp [B, T])`` with
+    ``kl`` = KL(CFG sampling distribution || conditional distribution) and ``logp`` the sampled tokens' log-probs
+    under the CFG sampling distribution.
     """
     batch = cond.rows
     both = Prefill.cat([cond, uncond])
@@ -203,7 +231,7 @@ def sample_image_tokens(model, cond: Prefill, uncond: Prefill, cfg: RolloutConfi
     hidden, cache = _language_model(model, model.get_input_embeddings()(both.input_ids), mask, both.position_ids,
                                     _new_cache(model))
     head = model.model.generation_head
-    image_tokens, kls = [], []
+    image_tokens, kls, logps = [], [], []
     for step in range(cfg.image_tokens):
         logits = head(hidden[:, -1]).float()
         cond_logits, uncond_logits = logits[:batch], logits[batch:]
@@ -211,13 +239,14 @@ def sample_image_tokens(model, cond: Prefill, uncond: Prefill, cfg: RolloutConfi
         token = _sample(sample_logits, generator)
         image_tokens.append(token)
         kls.append(_kl(sample_logits, cond_logits))
+        logps.append(_token_logp(sample_logits, token))
         if step == cfg.image_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions + 1
         embeds = model.prepare_embeddings_for_image_generation(token.repeat(2)[:, None])
         hidden, cache = _language_model(model, embeds, mask, positions, cache)
-    return torch.stack(image_tokens, 1), torch.stack(kls, 1)
+    return torch.stack(image_tokens, 1), torch.stack(kls, 1), torch.stack(logps, 1)
 
 
 def decode_images(model, image_tokens: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
@@ -242,24 +271,55 @@ def _validate(model, prompts, cfg: RolloutConfig, generator):
         raise ValueError(f"rollout: generator is on {generator.device}, model on {model.lm_head.weight.device}")
 
 
+def make_engine(model, cfg: RolloutConfig) -> Optional[RolloutEngine]:
+    """The `RolloutEngine` ``rollout`` samples with (None with ``rollout.engine: false``). Build it once per model
+    and pass it to every `rollout` call: with ``rollout.compile`` it holds the compiled decode steps."""
+    return RolloutEngine(model, EngineConfig(compile=cfg.compile)) if cfg.engine else None
+
+
 @torch.no_grad()
-def rollout(model, tokenizer, prompts: List[str], cfg: RolloutConfig, generator: torch.Generator) -> Rollout:
+def rollout(model, tokenizer, prompts: List[str], cfg: RolloutConfig, generator: torch.Generator,
+            engine: Optional[RolloutEngine] = None) -> Rollout:
     """Sample ``cfg.samples_per_prompt`` images (after ``group_size`` CoTs with ``cfg.cot``) per prompt; seeded by
     ``generator`` alone.
 
-    Runs in eval mode (restored afterwards): in training mode HF gradient checkpointing drops the KV cache.
+    ``engine``: the `make_engine` result to reuse (with ``rollout.engine: true``; None builds a fresh one, which
+    is free unless ``rollout.compile`` is on). Runs in eval mode (restored afterwards): in training mode HF
+    gradient checkpointing drops the KV cache.
     """
     _validate(model, prompts, cfg, generator)
+    if cfg.engine and engine is None:
+        engine = make_engine(model, cfg)
+    if engine is not None and engine.model is not model:
+        raise ValueError("rollout: engine was built for another model (make_engine(model, cfg))")
     was_training = model.training
     model.eval()
     try:
-        return _rollout(model, tokenizer, prompts, cfg, generator)
+        return _rollout(model, tokenizer, prompts, cfg, generator, engine if cfg.engine else None)
     finally:
         model.train(was_training)
 
 
-def _rollout(model, tokenizer, prompts, cfg, generator) -> Rollout:
+def _engine_prefill(model, prefill: Prefill) -> EnginePrefill:
+    """The protocol's prefill as the engine takes it: the same ids embedded, the same mask and positions."""
+    return EnginePrefill(model.get_input_embeddings()(prefill.input_ids), prefill.attention_mask,
+                         prefill.position_ids)
+
+
+def _check_finite(logp: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
+    """The engine's sampler cannot raise on NaN/inf probabilities as ``torch.multinomial`` does: check the
+    sampled tokens' log-probs once per phase (one host sync) and raise the same kind of error."""
+    bad = ~torch.isfinite(logp)
+    if mask is not None:
+        bad &= mask.bool()
+    if bool(bad.any()):
+        raise RuntimeError("rollout: sampling probabilities contain inf or nan (the weights have diverged)")
+
+
+def _rollout(model, tokenizer, prompts, cfg, generator, engine: Optional[RolloutEngine]) -> Rollout:
     tokens = janus_tokens(tokenizer)
+    if engine is not None:   # one host op per rollout: keeps it seeded by ``generator`` alone
+        seed_text, seed_image = seeds_from_generator(generator)
     device = model.lm_head.weight.device
     per_cot = cfg.images_per_cot if cfg.cot else 1
     metrics: Dict[str, float] = {}
@@ -269,7 +329,13 @@ def _rollout(model, tokenizer, prompts, cfg, generator) -> Rollout:
         cot_prompts = [p for p in prompts for _ in range(cfg.group_size)]
         text = text_prefill([encode_with_bos(tokenizer, cot_prompt_text(p, template, cfg.cot_system_prompt), tokens)
                              for p in cot_prompts], tokens.pad, device)
-        cot_ids, cot_mask = sample_cot(model, text, tokens, cfg, generator)
+        if engine is None:
+            cot_ids, cot_mask, cot_logp = sample_cot(model, text, tokens, cfg, generator)
+        else:
+            cot = engine.generate_text(_engine_prefill(model, text), cfg.cot_max_tokens, tokens.eos, tokens.pad,
+                                       SamplingParams(cfg.cot_temperature, cfg.cot_top_k, cfg.cot_top_p), seed_text)
+            cot_ids, cot_mask, cot_logp = cot.ids, cot.mask, cot.logp
+            _check_finite(cot_logp, cot_mask)
         lengths = cot_mask.sum(1).long().tolist()
         # The released code decodes the whole completion with special tokens skipped (EOS and pads go).
         cot_texts = [tokenizer.decode(cot_ids[i, :n].tolist(), skip_special_tokens=True) for i, n in enumerate(lengths)]
@@ -278,7 +344,8 @@ def _rollout(model, tokenizer, prompts, cfg, generator) -> Rollout:
         metrics["rollout/cot_eos_frac"] = float((cot_ids == tokens.eos).any(1).float().mean())
         rep = lambda t: t.repeat_interleave(per_cot, 0)
         extra = dict(text_ids=rep(text.input_ids), text_mask=rep(text.attention_mask), cot_ids=rep(cot_ids),
-                     cot_mask=rep(cot_mask), cot_texts=[c for c in cot_texts for _ in range(per_cot)])
+                     cot_mask=rep(cot_mask), cot_texts=[c for c in cot_texts for _ in range(per_cot)],
+                     cot_sampling_logp=rep(cot_logp))
         rows = [p for p in cot_prompts for _ in range(per_cot)]
         image_texts = [t for t in image_texts for _ in range(per_cot)]
     else:
@@ -287,13 +354,21 @@ def _rollout(model, tokenizer, prompts, cfg, generator) -> Rollout:
 
     cond, uncond = image_prefill([encode_with_bos(tokenizer, t, tokens) for t in image_texts], tokens, device,
                                  cfg.image_positions)
-    image_tokens, kl = sample_image_tokens(model, cond, uncond, cfg, generator)
+    if engine is None:
+        image_tokens, kl, image_logp = sample_image_tokens(model, cond, uncond, cfg, generator)
+        images = decode_images(model, image_tokens)
+    else:
+        # Conditional rows then their unconditional twins, exactly as the plain loop's Prefill.cat([cond, uncond]).
+        out = engine.generate_image_tokens(_engine_prefill(model, Prefill.cat([cond, uncond])), cfg.image_tokens,
+                                           SamplingParams(cfg.temperature, cfg.top_k, None, cfg.cfg_scale), seed_image)
+        image_tokens, kl, image_logp = out.tokens, out.kl, out.logp
+        _check_finite(image_logp)
+        images = engine.decode(image_tokens)
     metrics["rollout/cfg_kl"] = float(kl.mean())
-    images = decode_images(model, image_tokens)
     return Rollout(
         prompts=rows, sequence_ids=cond.input_ids, attention_mask=cond.attention_mask, image_tokens=image_tokens,
         images=images, metrics=metrics, group_size=cfg.samples_per_prompt, images_per_cot=per_cot,
-        image_positions=cfg.image_positions, **extra,
+        image_positions=cfg.image_positions, sampling_logp=image_logp, **extra,
     )
 
 
@@ -327,6 +402,7 @@ def head_inputs(model, rollout: Rollout, *, backend="auto", chunk_size=None) -> 
     image = HeadBatch(
         hidden=image_hidden, weight=head.vision_head.weight, bias=head.vision_head.bias, targets=image_tokens,
         mask=torch.ones(batch, n_image, dtype=torch.float32, device=seq.device), temperature=1.0,
+        sampling_logp=rollout.sampling_logp,
     )
     text = None
     if rollout.cot_ids is not None and rollout.cot_ids.shape[1] > 0:
@@ -342,7 +418,7 @@ def head_inputs(model, rollout: Rollout, *, backend="auto", chunk_size=None) -> 
             text_hidden = text_hidden.repeat_interleave(per_cot, 0)
         text = HeadBatch(
             hidden=text_hidden, weight=model.lm_head.weight, bias=None, targets=rollout.cot_ids,
-            mask=rollout.cot_mask, temperature=1.0,
+            mask=rollout.cot_mask, temperature=1.0, sampling_logp=rollout.cot_sampling_logp,
         )
     return image, text
 

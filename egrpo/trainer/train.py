@@ -58,7 +58,7 @@ from egrpo.rewards.registry import build_rewards
 from .config import Config, load_prompts, save_config
 from .metrics import MetricLogger, peak_memory_mb, plot_curves, read_metrics, save_sample_grid
 from .model import build_model, num_image_tokens
-from .rollout import codebook_vectors, head_inputs, rollout
+from .rollout import codebook_vectors, head_inputs, make_engine, rollout
 
 # ---------------------------------------------------------------------------------------------- setup
 
@@ -695,9 +695,6 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
 
     # ---- objective first: a setting the trainer cannot serve fails before any weights load
     objective = build_objective(cfg.objective.name, cfg.objective.settings)
-    if objective.needs.sampling_logp:
-        raise ConfigError("objective.tis_clip_max needs the log-probs of the sampling (CFG) distribution, which the "
-                          "rollout does not record yet; leave objective.tis_clip_max null")
     effective = cfg.effective_dict()
 
     # ---- run directory: never destroy a run; a resume may change only what its policy allows
@@ -763,6 +760,7 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
     module = engine.module
+    sampler = make_engine(module, cfg.rollout)   # the rollout engine (None: plain loop); built once for compile
     zero3 = cfg.deepspeed.zero_stage == 3
     if ref_model is not None and zero3:
         ref_model = partitioned_reference(ref_model, cfg, world)
@@ -840,7 +838,7 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
                 t0 = time.perf_counter()
                 with zero3_gather(module.parameters(), zero3):
                     try:
-                        ro = rollout(module, tokenizer, p_list, cfg.rollout, generator)
+                        ro = rollout(module, tokenizer, p_list, cfg.rollout, generator, sampler)
                     except RuntimeError as e:   # sampling from NaN/inf probabilities: the weights have diverged
                         if "inf" in str(e) or "nan" in str(e):
                             raise diverged(f"non-finite sampling probabilities ({str(e).splitlines()[0]})") from e

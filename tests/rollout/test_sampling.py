@@ -68,6 +68,24 @@ def test_triton_matches_torch_and_float64_kl(params, vocab, dtype):
     assert (_expected_probs(cond, uncond, params).gather(-1, token_t[:, None]) > 0).all()  # never a cut token
 
 
+@pytest.mark.parametrize("params,vocab,dtype", CASES)
+def test_sampled_token_logp_equals_float64_log_of_its_probability(params, vocab, dtype):
+    """want_logp: the drawn token's log-prob under the sampling distribution (guided, tempered, top-k / top-p
+    renormalised), both backends, against the float64 distribution written in this file."""
+    cond, uncond = _logits(5, vocab, params, dtype)
+    rng = torch.tensor([int(torch.randint(0, 2**31, ())), 7])
+    token_t, kl_t, logp_t = sample_torch(cond, uncond, params, rng, want_logp=True)
+    token_k, kl_k, logp_k = sample_triton(cond, uncond, params, rng, want_logp=True)
+    assert torch.equal(token_t, token_k) and torch.equal(token_t, sample_torch(cond, uncond, params, rng)[0])
+    expected = _expected_probs(cond, uncond, params).gather(-1, token_t[:, None]).squeeze(-1).log().float()
+    assert logp_t.dtype == torch.float32 and logp_k.dtype == torch.float32
+    torch.testing.assert_close(logp_t, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logp_k, expected, rtol=1e-4, atol=1e-5)
+    _, none_kl, logp_nokl = sample_triton(cond, uncond, params, rng, want_kl=False, want_logp=True)
+    assert none_kl is None
+    torch.testing.assert_close(logp_nokl, expected, rtol=1e-4, atol=1e-5)
+
+
 def _chi_square(tokens, probs):
     """(statistic, degrees of freedom); infinite when a token outside the support was drawn."""
     counts = torch.bincount(tokens, minlength=probs.numel()).double()

@@ -2,6 +2,12 @@
 
 Expected token sequences are written here from the protocol's description (docs/rollout.md, "Protocol"): with the
 character-level tokenizer every character is one token, so a prompt's ids are BOS followed by its characters.
+
+Both samplers run: the engine (``rollout.engine: true``, default; its prefills are recorded at the engine's entry
+points) and the plain transformers loop (``engine: false``; its language-model calls are recorded). Exact token
+expectations feed the reference the sampler's own random numbers: ``torch.multinomial`` on the trainer's generator
+for the loop, the engine's counter-based uniforms (``sample_torch`` with the seeds drawn from the generator) for
+the engine.
 """
 
 import json
@@ -9,13 +15,17 @@ import json
 import pytest
 import torch
 
+import egrpo.rollout.sampling as sampling_module
 import egrpo.trainer.rollout as rollout_module
 from egrpo.kernels import linear_logprob_entropy
+from egrpo.rollout import RolloutEngine, SamplingParams, seeds_from_generator
+from egrpo.rollout.sampling import sample_torch
 from egrpo.trainer.config import ConfigError, load_config
 from egrpo.trainer.model import ModelConfig, build_model
 from egrpo.trainer.protocol import (COT_SYSTEM_PROMPT, Prefill, cot_prompt_text, deepseek_conversation,
                                     load_cot_template, text_prefill)
-from egrpo.trainer.rollout import RolloutConfig, codebook_vectors, filter_logits, head_inputs, rollout, sample_cot
+from egrpo.trainer.rollout import (RolloutConfig, _engine_prefill, codebook_vectors, filter_logits, head_inputs,
+                                   rollout, sample_cot)
 from egrpo.trainer.tokenizer import janus_tokens
 
 from ._helpers import DEMO
@@ -103,20 +113,32 @@ def hand_decode(tokenizer, ids):
 
 
 class LMCalls:
-    """Records the inputs of every call of the base language model."""
+    """Records the inputs of every call of the base language model, and the prefill of every engine phase (the
+    engine drives the layers itself, so only its prefills are visible: one per phase)."""
 
     def __init__(self, model):
         self.model, self.calls = model, []
 
     def __enter__(self):
+        keys = ("inputs_embeds", "attention_mask", "position_ids")
+
         def hook(module, args, kwargs):
-            self.calls.append({k: kwargs[k].detach().clone() for k in ("inputs_embeds", "attention_mask",
-                                                                         "position_ids")})
+            self.calls.append({k: kwargs[k].detach().clone() for k in keys})
         self.handle = self.model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+        self.saved = {}
+        for name in ("generate_text", "generate_image_tokens"):
+            original = self.saved[name] = getattr(RolloutEngine, name)
+
+            def wrapped(engine, prefill, *args, _original=original, **kwargs):
+                self.calls.append({k: getattr(prefill, k).detach().clone() for k in keys})
+                return _original(engine, prefill, *args, **kwargs)
+            setattr(RolloutEngine, name, wrapped)
         return self
 
     def __exit__(self, *exc):
         self.handle.remove()
+        for name, original in self.saved.items():
+            setattr(RolloutEngine, name, original)
 
 
 def _raise_eos(model, tokenizer, amount=5.0):
@@ -137,19 +159,24 @@ def _cot_cfg(template_file, **kw):
     return RolloutConfig(**{**base, **kw})
 
 
-@pytest.fixture(scope="module")
-def cot_case(tiny_model, template_file):
-    """A CoT rollout (2 prompts x 2 CoTs x 2 images) and the language-model calls of sampling and teacher forcing."""
+SAMPLERS = {"engine": True, "loop": False}
+
+
+@pytest.fixture(scope="module", params=list(SAMPLERS))
+def cot_case(request, tiny_model, template_file):
+    """A CoT rollout (2 prompts x 2 CoTs x 2 images) and the language-model calls of sampling and teacher forcing,
+    with either sampler (the last item names it)."""
     model, tokenizer = tiny_model
     handle = _raise_eos(model, tokenizer)
     try:
         with LMCalls(model) as sampling:
-            out = rollout(model, tokenizer, PROMPTS, _cot_cfg(template_file), _generator(0))
+            out = rollout(model, tokenizer, PROMPTS, _cot_cfg(template_file, engine=SAMPLERS[request.param]),
+                          _generator(0))
     finally:
         handle.remove()
     with torch.no_grad(), LMCalls(model) as forcing:
         image, text = head_inputs(model, out)
-    return out, sampling.calls, forcing.calls, image, text
+    return out, sampling.calls, forcing.calls, image, text, request.param
 
 
 # ------------------------------------------------------------------------------------------ protocol text
@@ -175,9 +202,10 @@ def test_packaged_template_is_the_released_one():
     assert text == (COT_SYSTEM_PROMPT + "\n\nUser: " + template.replace("{}", "a cat").strip() + "\n\nAssistant:")
 
 
-def test_default_cot_rollout_uses_the_packaged_template_and_system_prompt(tiny_model):
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_default_cot_rollout_uses_the_packaged_template_and_system_prompt(tiny_model, sampler):
     model, tokenizer = tiny_model
-    cfg = RolloutConfig(group_size=2, cot=True, cot_max_tokens=1, image_tokens=16)
+    cfg = RolloutConfig(group_size=2, cot=True, cot_max_tokens=1, image_tokens=16, engine=SAMPLERS[sampler])
     with LMCalls(model) as lm:
         out = rollout(model, tokenizer, ["a cat"], cfg, _generator(0))
     expected = hand_text_rows(tokenizer, ["a cat"] * 2, COT_SYSTEM_PROMPT, load_cot_template())
@@ -192,7 +220,7 @@ def test_default_cot_rollout_uses_the_packaged_template_and_system_prompt(tiny_m
 # ------------------------------------------------------------------------------------------ exact layouts
 def test_text_phase_prefill_is_the_released_layout(tiny_model, cot_case):
     model, tokenizer = tiny_model
-    out, calls, _, _, _ = cot_case
+    out, calls, _, _, _, sampler = cot_case
     tokens = janus_tokens(tokenizer)
     cot_prompts = [p for p in PROMPTS for _ in range(2)]
     ids, mask, positions = hand_left_pad(hand_text_rows(tokenizer, cot_prompts), tokens.pad)
@@ -200,11 +228,15 @@ def test_text_phase_prefill_is_the_released_layout(tiny_model, cot_case):
     assert torch.equal(first["inputs_embeds"], model.get_input_embeddings()(ids))
     assert torch.equal(first["attention_mask"], mask)
     assert torch.equal(first["position_ids"], positions)
-    # Decode steps continue each row's positions and attend to everything so far.
-    second = calls[1]
-    assert second["inputs_embeds"].shape[1] == 1
-    assert torch.equal(second["position_ids"][:, 0], positions[:, -1] + 1)
-    assert torch.equal(second["attention_mask"], torch.cat([mask, torch.ones(4, 1, dtype=mask.dtype)], 1))
+    if sampler == "loop":
+        # Decode steps continue each row's positions and attend to everything so far (the engine does the same
+        # inside its static cache: tests/rollout/test_engine.py compares it token for token with this loop).
+        second = calls[1]
+        assert second["inputs_embeds"].shape[1] == 1
+        assert torch.equal(second["position_ids"][:, 0], positions[:, -1] + 1)
+        assert torch.equal(second["attention_mask"], torch.cat([mask, torch.ones(4, 1, dtype=mask.dtype)], 1))
+    else:
+        assert len(calls) == 2   # one prefill per phase
     # Rollout keeps the context per image row (each CoT's rows consecutive).
     assert torch.equal(out.text_ids, ids.repeat_interleave(2, 0))
     assert torch.equal(out.text_mask, mask.repeat_interleave(2, 0))
@@ -235,7 +267,7 @@ def test_cot_stops_at_eos_and_is_decoded_without_special_tokens(tiny_model, cot_
 
 def test_image_phase_prefill_is_the_released_layout(tiny_model, cot_case):
     model, tokenizer = tiny_model
-    out, calls, _, _, _ = cot_case
+    out, calls, _, _, _, sampler = cot_case
     tokens = janus_tokens(tokenizer)
     prefills = [i for i, c in enumerate(calls) if c["inputs_embeds"].shape[1] > 1]
     assert len(prefills) == 2                   # text phase, then image phase
@@ -249,6 +281,8 @@ def test_image_phase_prefill_is_the_released_layout(tiny_model, cot_case):
     length = cond.shape[1]
     assert torch.equal(image_call["position_ids"], torch.arange(length).expand(16, length))
     assert torch.equal(out.sequence_ids, cond) and torch.equal(out.attention_mask, cond_mask)
+    if sampler == "engine":
+        return
     # First image decode step: the sampled token's generation embedding on both rows, position L, mask grows.
     step = calls[prefills[1] + 1]
     assert torch.equal(step["position_ids"], torch.full((16, 1), length))
@@ -259,7 +293,7 @@ def test_image_phase_prefill_is_the_released_layout(tiny_model, cot_case):
 
 def test_teacher_forced_inputs_are_the_released_contexts(tiny_model, cot_case):
     model, tokenizer = tiny_model
-    out, _, forcing, _, _ = cot_case
+    out, _, forcing, _, _, _ = cot_case
     tokens = janus_tokens(tokenizer)
     assert len(forcing) == 2
     image_call, text_call = forcing
@@ -283,11 +317,13 @@ def test_teacher_forced_inputs_are_the_released_contexts(tiny_model, cot_case):
     assert torch.equal(text_call["position_ids"], hand_positions(full_mask, "packed"))
 
 
-def test_no_cot_image_prefill_is_the_stage_layout(tiny_model):
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_no_cot_image_prefill_is_the_stage_layout(tiny_model, sampler):
     model, tokenizer = tiny_model
     tokens = janus_tokens(tokenizer)
     with LMCalls(model) as lm:
-        out = rollout(model, tokenizer, PROMPTS, RolloutConfig(group_size=2, image_tokens=16), _generator(0))
+        out = rollout(model, tokenizer, PROMPTS, RolloutConfig(group_size=2, image_tokens=16, engine=SAMPLERS[sampler]),
+                      _generator(0))
     rows = hand_image_rows(tokenizer, [p for p in PROMPTS for _ in range(2)])
     cond, cond_mask, uncond, uncond_mask = hand_image_layout(rows, tokens)
     first = lm.calls[0]
@@ -298,13 +334,24 @@ def test_no_cot_image_prefill_is_the_stage_layout(tiny_model):
 
 
 # ------------------------------------------------------------------------------------------ sampling
-def _naive_cfg_sampling(model, cond, cond_mask, uncond, uncond_mask, mode, cfg, generator):
-    """Reference: at every step recompute each row and branch from scratch (no KV cache), one row at a time."""
+def _multinomial(generator):
+    """The plain loop's draw: torch.multinomial on the trainer's generator."""
+    return lambda step, c, u, guided: torch.multinomial(guided.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def _engine_draw(seed, params):
+    """The engine's draw: the same sampler function fed the engine's counter-based uniforms (seed, step)."""
+    return lambda step, c, u, guided: sample_torch(c, u, params, torch.tensor([seed, step]), want_kl=False)[0]
+
+
+def _naive_cfg_sampling(model, cond, cond_mask, uncond, uncond_mask, mode, cfg, draw):
+    """Reference: at every step recompute each row and branch from scratch (no KV cache), one row at a time.
+    Returns the tokens, the CFG KL and the sampled tokens' log-probs under the guided distribution."""
     embed = model.get_input_embeddings()
     head = model.model.generation_head
     sampled = [[] for _ in range(cond.shape[0])]
-    kls = []
-    for _ in range(cfg.image_tokens):
+    kls, logps = [], []
+    for step in range(cfg.image_tokens):
         logits = {"c": [], "u": []}
         for row in range(cond.shape[0]):
             for branch, ids, mask in (("c", cond[row], cond_mask[row]), ("u", uncond[row], uncond_mask[row])):
@@ -322,28 +369,37 @@ def _naive_cfg_sampling(model, cond, cond_mask, uncond, uncond_mask, mode, cfg, 
             kth = guided.topk(cfg.top_k, dim=-1).values[:, -1:]
             guided = guided.masked_fill(guided < kth, float("-inf"))
         probs = guided.softmax(-1)
-        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        token = draw(step, c, u, guided)
         ratio = guided.log_softmax(-1) - c.log_softmax(-1)
         kls.append(torch.where(probs > 0, probs * ratio, torch.zeros_like(probs)).sum(-1))
+        logps.append(guided.double().log_softmax(-1).gather(-1, token[:, None]).squeeze(-1))
         for row in range(cond.shape[0]):
             sampled[row].append(int(token[row]))
-    return torch.tensor(sampled), torch.stack(kls, 1)
+    return torch.tensor(sampled), torch.stack(kls, 1), torch.stack(logps, 1)
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
 @pytest.mark.parametrize("mode, temperature, top_k", [("released", 1.0, None), ("packed", 0.9, 100)])
-def test_cfg_sampling_matches_naive_reference(tiny_model, mode, temperature, top_k):
+def test_cfg_sampling_matches_naive_reference(tiny_model, mode, temperature, top_k, sampler):
     model, tokenizer = tiny_model
     tokens = janus_tokens(tokenizer)
     cfg = RolloutConfig(group_size=2, cfg_scale=3.0, temperature=temperature, top_k=top_k, image_tokens=16,
-                        image_positions=mode)
+                        image_positions=mode, engine=SAMPLERS[sampler])
     out = rollout(model, tokenizer, PROMPTS, cfg, _generator(7))
     rows = hand_image_rows(tokenizer, [p for p in PROMPTS for _ in range(2)])
     layout = hand_image_layout(rows, tokens, mode)
-    expected, kl = _naive_cfg_sampling(model, *layout, mode, cfg, _generator(7))
+    if sampler == "engine":
+        draw = _engine_draw(seeds_from_generator(_generator(7))[1], SamplingParams(temperature, top_k, None, 3.0))
+    else:
+        draw = _multinomial(_generator(7))
+    expected, kl, logp = _naive_cfg_sampling(model, *layout, mode, cfg, draw)
     assert torch.equal(out.image_tokens, expected)
     assert out.metrics["rollout/cfg_kl"] == pytest.approx(float(kl.mean()), rel=1e-4)
     assert out.metrics["rollout/cfg_kl"] > 0
+    # The sampling log-probs (for tis_clip_max) are those of the guided, tempered, top-k distribution.
+    assert out.sampling_logp.dtype == torch.float32 and out.sampling_logp.shape == expected.shape
+    torch.testing.assert_close(out.sampling_logp.double(), logp, rtol=1e-4, atol=1e-4)
 
 
 def _inverse_cdf_sampler():
@@ -359,11 +415,19 @@ def _inverse_cdf_sampler():
     return sample
 
 
+def _same_uniform_for_every_row(monkeypatch):
+    """The engine's uniforms with row 0's number on every row (a row's draw no longer depends on its index)."""
+    original = sampling_module.row_uniforms
+    monkeypatch.setattr(sampling_module, "row_uniforms", lambda state, rows: original(state, 1).expand(rows))
+
+
 @torch.no_grad()
-def test_packed_positions_make_a_row_independent_of_the_others_padding(tiny_model, monkeypatch):
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_packed_positions_make_a_row_independent_of_the_others_padding(tiny_model, monkeypatch, sampler):
     model, tokenizer = tiny_model
-    cfg = RolloutConfig(group_size=1, image_tokens=16, image_positions="packed")
+    cfg = RolloutConfig(group_size=1, image_tokens=16, image_positions="packed", engine=SAMPLERS[sampler])
     monkeypatch.setattr(rollout_module, "_sample", _inverse_cdf_sampler())
+    _same_uniform_for_every_row(monkeypatch)
     batched = rollout(model, tokenizer, PROMPTS, cfg, _generator(0))
     assert batched.attention_mask[1].eq(0).any()      # "blue" is right-padded in the batch
     for row, prompt in enumerate(PROMPTS):
@@ -377,32 +441,50 @@ def test_packed_positions_make_a_row_independent_of_the_others_padding(tiny_mode
 
 
 @torch.no_grad()
-def test_cot_sampling_matches_naive_reference(tiny_model):
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_cot_sampling_matches_naive_reference(tiny_model, sampler):
     model, tokenizer = tiny_model
     tokens = janus_tokens(tokenizer)
     rows = [[tokens.bos] + chars(tokenizer, p) for p in PROMPTS for _ in range(2)]
     cfg = RolloutConfig(cot=True, cot_max_tokens=6, cot_temperature=0.8, cot_top_k=20)
-    ids, mask = sample_cot(model, text_prefill(rows, tokens.pad, "cpu"), tokens, cfg, _generator(11))
-    # Reference: recompute every row alone from scratch at each step; finished rows keep drawing (and get pad).
-    generator = _generator(11)
-    sampled = [list(r) for r in rows]
-    expected = [[] for _ in rows]
-    done = [False] * len(rows)
-    for _ in range(cfg.cot_max_tokens):
-        logits = torch.stack([
-            model.lm_head(model.model.language_model(input_ids=torch.tensor([seq]), use_cache=False)
-                          .last_hidden_state[0, -1]) for seq in sampled]) / cfg.cot_temperature
-        kth = logits.topk(20, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-        token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-        for i, t in enumerate(token.tolist()):
-            expected[i].append(tokens.pad if done[i] else t)
-            sampled[i].append(t)
-            done[i] = done[i] or t == tokens.eos
-        if all(done):
-            break
+    prefill = text_prefill(rows, tokens.pad, "cpu")
+    handle = _raise_eos(model, tokenizer, 3.0)   # rows stop at different steps
+    try:
+        if sampler == "loop":
+            ids, mask, logp = sample_cot(model, prefill, tokens, cfg, _generator(11))
+            generator = _generator(11)
+            draw = lambda step, raw, logits: torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+        else:
+            params = SamplingParams(0.8, 20)
+            cot = RolloutEngine(model).generate_text(_engine_prefill(model, prefill), cfg.cot_max_tokens, tokens.eos,
+                                                     tokens.pad, params, seed=11)
+            ids, mask, logp = cot.ids, cot.mask, cot.logp
+            draw = lambda step, raw, logits: sample_torch(raw, None, params, torch.tensor([11, step]), False)[0]
+        # Reference: recompute every row alone from scratch at each step; finished rows keep drawing (and get pad).
+        sampled = [list(r) for r in rows]
+        expected, expected_logp = [[] for _ in rows], [[] for _ in rows]
+        done = [False] * len(rows)
+        for step in range(cfg.cot_max_tokens):
+            raw = torch.stack([
+                model.lm_head(model.model.language_model(input_ids=torch.tensor([seq]), use_cache=False)
+                              .last_hidden_state[0, -1]) for seq in sampled])
+            logits = raw / cfg.cot_temperature
+            kth = logits.topk(20, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+            token = draw(step, raw, logits)
+            token_logp = logits.double().log_softmax(-1).gather(-1, token[:, None])[:, 0]
+            for i, t in enumerate(token.tolist()):
+                expected[i].append(tokens.pad if done[i] else t)
+                expected_logp[i].append(0.0 if done[i] else float(token_logp[i]))
+                sampled[i].append(t)
+                done[i] = done[i] or t == tokens.eos
+            if all(done):
+                break
+    finally:
+        handle.remove()
     assert ids.tolist() == expected
-    assert mask.shape == ids.shape
+    assert mask.shape == ids.shape and 0 < int(mask.sum(1).min()) < ids.shape[1]   # ragged stops exercised
+    torch.testing.assert_close(logp.double(), torch.tensor(expected_logp, dtype=torch.float64), rtol=1e-4, atol=1e-4)
 
 
 def test_rollout_is_seeded(tiny_model, template_file):
@@ -428,7 +510,8 @@ def test_images_decode_to_unit_range(tiny_model):
     out = rollout(model, tokenizer, PROMPTS, RolloutConfig(group_size=3, image_tokens=16), _generator(3))
     assert out.images.shape == (6, 3, 32, 32) and out.images.dtype == torch.float32
     pixels = model.decode_image_tokens(out.image_tokens).permute(0, 3, 1, 2)
-    torch.testing.assert_close(out.images, ((pixels + 1) / 2).clamp(0, 1))
+    # The engine decodes on channels-last activations: the convolutions sum in another order (float32 rounding).
+    torch.testing.assert_close(out.images, ((pixels + 1) / 2).clamp(0, 1), rtol=1e-4, atol=1e-4)
     assert out.prompts == ["a red square"] * 3 + ["blue"] * 3
 
 
@@ -459,7 +542,7 @@ def _eager_row(model, tokenizer, out, row):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_trainer_logprobs_equal_eager_full_logits(tiny_model, cot_case, backend):
     model, tokenizer = tiny_model
-    out, _, _, image, text = cot_case
+    out, _, _, image, text, _ = cot_case
     assert image.mask.eq(1).all() and torch.equal(text.mask, out.cot_mask) and torch.equal(text.targets, out.cot_ids)
     assert image.weight is model.model.generation_head.vision_head.weight and text.weight is model.lm_head.weight
     assert text.bias is None and image.temperature == 1.0 and text.temperature == 1.0
@@ -577,6 +660,9 @@ def test_generate_writes_every_image_of_every_cot(tiny_model, template_file, tmp
     ({"image_positions": "left"}, "rollout.image_positions must be 'released' or 'packed', got 'left'"),
     ({"images_per_cot": 2}, "rollout.images_per_cot=2 needs rollout.cot=true"),
     ({"cot": True, "cot_template": "/nonexistent/cot.txt"}, "rollout.cot_template: cannot read '/nonexistent/cot.txt'"),
+    ({"engine": "yes"}, "rollout.engine must be true or false, got 'yes'"),
+    ({"compile": 1}, "rollout.compile must be true or false, got 1"),
+    ({"engine": False, "compile": True}, "rollout.compile=true needs rollout.engine=true"),
 ])
 def test_bad_settings_raise_one_line_errors(change, message):
     with pytest.raises(ValueError) as info:
@@ -614,6 +700,31 @@ def test_rollout_rejects_bad_arguments(tiny_model):
         rollout(model, tokenizer, [], RolloutConfig(image_tokens=16), g)
     with pytest.raises(TypeError, match="generator"):
         rollout(model, tokenizer, PROMPTS, RolloutConfig(image_tokens=16), 0)
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_diverged_weights_raise_instead_of_sampling_garbage(sampler):
+    """torch.multinomial raises on NaN probabilities; the engine's sampler cannot, so the rollout checks the
+    sampled log-probs and raises the same kind of error (the trainer turns it into its 'diverged' message)."""
+    model, tokenizer = build_model(ModelConfig(tiny=TINY, dtype="fp32"), "cpu")
+    with torch.no_grad():
+        model.model.generation_head.vision_head.bias.fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="nan"):
+        rollout(model, tokenizer, PROMPTS, RolloutConfig(group_size=2, image_tokens=16, engine=SAMPLERS[sampler]),
+                _generator(0))
+
+
+def test_rollout_reuses_a_given_engine_and_refuses_another_models(tiny_model):
+    model, tokenizer = tiny_model
+    cfg = RolloutConfig(group_size=2, image_tokens=16)
+    engine = rollout_module.make_engine(model, cfg)
+    a = rollout(model, tokenizer, PROMPTS, cfg, _generator(3), engine)
+    b = rollout(model, tokenizer, PROMPTS, cfg, _generator(3))
+    assert torch.equal(a.image_tokens, b.image_tokens)
+    assert rollout_module.make_engine(model, RolloutConfig(engine=False)) is None
+    other, _ = build_model(ModelConfig(tiny=TINY, dtype="fp32"), "cpu")
+    with pytest.raises(ValueError, match="engine was built for another model"):
+        rollout(model, tokenizer, PROMPTS, cfg, _generator(3), rollout_module.make_engine(other, cfg))
 
 
 def test_prefill_cat_stacks_rows():
