@@ -192,9 +192,10 @@ def test_distributed_evaluation_splits_generation_and_agrees(tmp_path):
     # a rendezvous file, not a TCP port: a port picked here can be taken by a parallel test before rank 0 binds it
     rendezvous = f"file://{tmp_path / 'rendezvous'}"
     prompts = prompts_file(tmp_path)
-    # fork: the workers need nothing re-imported (spawn would re-import torch, several seconds each)
+    # spawn, not fork: a forked worker inherits the process group an earlier in-process train() of the same
+    # pytest worker left initialised
     mp.start_processes(_distributed_worker, args=(2, rendezvous, str(tmp_path / "run"), prompts, str(tmp_path)), nprocs=2,
-                       start_method="fork")
+                       start_method="spawn")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [len(r["calls"]) for r in ranks] == [2, 2]                       # prompts 0, 2 | prompt 1 + padding
     assert [c[0][0] for c in ranks[0]["calls"]] == ["a photo of a dog", "a photo of two dogs"]
