@@ -175,14 +175,9 @@ def test_trainer_runs_the_is_correction_with_the_rollouts_sampling_logprobs(tmp_
 
     from .trainer._helpers import small_config
 
-    import torch.distributed as dist
 
     cfg = small_config(tmp_path, "objective.name=grpo", "objective.tis_clip_max=2.0")
-    try:
-        summary = train(cfg)
-    finally:   # leave no process group behind: a later test in this worker forks processes that start their own
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    summary = train(cfg)
     records = [json.loads(line) for line in open(summary["metrics"])]
     weights = [r["tis/weight_mean_image"] for r in records]
     # With CFG the sampling distribution differs from the policy: weights are positive, finite, not all 1, <= 2.
