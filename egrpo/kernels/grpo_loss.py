@@ -20,10 +20,19 @@ add the losses):
 
 Count denominators are clamped to at least 1 so an all-padding micro-batch gives 0, not NaN.
 
+Options (docs/algorithms.md, "GRPO options of the token loss"), all off by default:
+
+* ``importance_sampling_level="sequence"`` (GSPO): ``ratio`` is one value per sequence,
+  ``exp(sum_t m (logp - old_logp) / max(1, sum_t m))``, clipped as above; its gradient reaches every
+  valid token of the sequence, so chunks are aligned to whole sequences.
+* ``clip_ratio_c = c > 1`` (dual clip): for ``A < 0``, ``surr = max(surr, c * A)`` (the loss is capped
+  at ``c |A|``); a capped token carries no gradient.
+* ``entropy_coef = k``: ``loss -= k * sum(H * m) / den_kl``; the entropy carries gradient (``g_H``).
+
 Gradient: the loss is ``sum_t g_t * logp_t`` to first order, with the elementwise upstream
 ``g_t = -d_surr_t * w_t m_t / den_pg + beta kl_w_t m_t (1 - exp(ref_t - logp_t)) / den_kl``
 (``d_surr = ratio * A`` unless the token is clipped, then 0); entropy gets no gradient (it only
-shapes advantages and is detached). The [chunk, V] work goes through
+shapes advantages and is detached) unless ``entropy_coef`` is set. The [chunk, V] work goes through
 :func:`~egrpo.kernels.linear_logprob_entropy.head_pass`'s Triton (or torch) row passes.
 
 Cost in GEMM FLOPs (N = B*T rows, D hidden, V vocab; the logits GEMM is 2NDV, and each gradient
@@ -41,7 +50,9 @@ the caller needs adds one 2NDV GEMM: dx if ``hidden`` requires grad, dW if ``wei
   first pass forms that bracket (kept in fp32, ``N x D``), and dx is scaled once ``advantage_fn``
   has run. Frozen head: **4NDV**, no recompute. dW and db sum over rows with g inside, so a
   trainable head still needs a second pass that recomputes the logits: **8NDV** (2 logits +
-  2 dx bracket + 2 recompute + 2 dW). This is the one setting that still recomputes.
+  2 dx bracket + 2 recompute + 2 dW). This is the one setting that still recomputes; with
+  ``entropy_coef`` the bracket trick no longer holds (dz has a second, entropy term), so this path
+  recomputes for every gradient (8NDV trainable, 6NDV frozen).
 
 The autograd function computes loss and gradients in its forward (stored, O(N D + V D)) and its
 backward only scales them by the incoming gradient. Extra memory is O(chunk x V), never O(N x V).

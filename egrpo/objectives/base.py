@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 
-from ..kernels.grpo_loss import NORMALIZATIONS, WEIGHTED_EPS, GRPOLossOutput
+from ..kernels.grpo_loss import IS_LEVELS, NORMALIZATIONS, WEIGHTED_EPS, GRPOLossOutput
 from . import heads
 from .advantages import (REWARD_AGGREGATIONS, REWARD_SCALES, ZERO_SPREAD_TOL, combine_rewards, group_advantages,
                          group_spread, normalize_then_sum)
@@ -82,6 +82,8 @@ class Needs:
 # CHECKS) and ``choices``. ``setting()`` builds such a field; ``ObjectiveSettings.validate`` applies them.
 
 RELEASED, PAPER, OURS = "released code", "paper", "ours"
+TRL, VERL = "TRL", "verl"                      # the option (and its default) follows that library's trainer
+SOURCES = (RELEASED, PAPER, TRL, VERL, OURS)
 
 
 def setting(default: Any, help: str, source: str, check: Optional[str] = None, choices: Tuple = ()) -> Any:
@@ -99,6 +101,7 @@ CHECKS = {
     "unit_half_open": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "positive_or_none": (lambda v: v is None or (_number(v) and v > 0), "a positive number or null"),
+    "above_one_or_none": (lambda v: v is None or (_number(v) and v > 1), "a number > 1 or null"),
     "positive_int_or_none": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
                              "a positive integer or null"),
 }
@@ -140,6 +143,16 @@ class ObjectiveSettings:
     tis_clip_max: Optional[float] = setting(None, "truncated importance-sampling correction: the policy term of each "
                                             "token is multiplied by min(exp(old_logp - sampling_logp), tis_clip_max); "
                                             "null = off", RELEASED, "positive_or_none")
+    importance_sampling_level: str = setting("token", "token: one ratio exp(logp - old_logp) per token (GRPO); "
+                                             "sequence: GSPO, one ratio per sample exp(mean over its valid tokens "
+                                             "of logp - old_logp), clipped as a whole, its gradient shared by "
+                                             "all of the sample's tokens", TRL, choices=IS_LEVELS)
+    clip_ratio_c: Optional[float] = setting(None, "dual clip: for negative advantages the per-token loss is "
+                                            "capped at clip_ratio_c |A| (verl uses 3.0 when enabled); null = off",
+                                            VERL, "above_one_or_none")
+    entropy_coef: float = setting(0.0, "entropy bonus: loss -= entropy_coef x mean entropy (with the token "
+                                  "denominator of the KL term); the entropy carries gradient; 0 = off", VERL,
+                                  "nonneg")
 
     def __post_init__(self):
         self.validate()
@@ -274,21 +287,25 @@ class Objective:
             raise ValueError(f"{name}.sampling_logp ([B, T] log-probs of the sampling distribution) is required by "
                              "tis_clip_max")
 
-        def post(a_tok, logp, entropy):
+        tis_sums = [0.0, 0.0]   # running sum of the weights and count of valid tokens, over the calls of post
+
+        def post(a_tok, logp, entropy, rows: slice = slice(None)):
+            valid_rows = valid[rows].to(logp.device)
             a = a_tok if a_tok.dim() == 2 else a_tok[:, None].expand_as(logp)
             a = a.to(torch.promote_types(a.dtype, logp.dtype))   # float64 advantages stay float64
-            if s.top_entropy_quantile < 1.0:
-                values = entropy[valid.to(entropy.device)].float()
+            if s.top_entropy_quantile < 1.0:   # called on the whole micro-batch (see run_head)
+                values = entropy[valid_rows].float()
                 thr = torch.quantile(values, 1.0 - s.top_entropy_quantile) if values.numel() else values.new_zeros(())
-                keep = (entropy >= thr) & valid.to(entropy.device)
-                seen[f"mask/top_entropy_frac_{name}"] = keep.float().sum() / valid.float().sum().clamp(min=1.0)
+                keep = (entropy >= thr) & valid_rows
+                seen[f"mask/top_entropy_frac_{name}"] = keep.float().sum() / valid_rows.float().sum().clamp(min=1.0)
                 a = a * keep
-            if s.tis_clip_max is not None:
-                base = logp.to(a.dtype) if batch.old_logp is None else batch.old_logp.to(a.dtype)
-                delta = torch.where(valid.to(logp.device), base - batch.sampling_logp.to(a.dtype),
-                                    torch.zeros_like(base))
+            if s.tis_clip_max is not None:   # token-local: may be called per chunk of whole sequences
+                base = logp.to(a.dtype) if batch.old_logp is None else batch.old_logp[rows].to(a.dtype)
+                delta = torch.where(valid_rows, base - batch.sampling_logp[rows].to(a.dtype), torch.zeros_like(base))
                 weight = torch.exp(delta).clamp(max=s.tis_clip_max)
-                seen[f"tis/weight_mean_{name}"] = (weight * valid).sum() / valid.float().sum().clamp(min=1.0)
+                tis_sums[0] = tis_sums[0] + (weight * valid_rows).sum()
+                tis_sums[1] = tis_sums[1] + valid_rows.float().sum()
+                seen[f"tis/weight_mean_{name}"] = tis_sums[0] / torch.as_tensor(tis_sums[1]).clamp(min=1.0)
                 a = a * weight
             return a
 
@@ -321,17 +338,30 @@ class Objective:
             raise ValueError(f"head must be one of {HEAD_IMPLS}, got {head!r}")
         s = self.settings
         post = self.token_options(part, batch, {} if seen is None else seen)
-        if post is not None:   # the options need the current log-probs / entropies: one advantage_fn call
+        if post is not None:   # the options need the current log-probs / entropies: through advantage_fn
             inner = kw.pop("advantage_fn", None)
             fixed = kw.pop("advantages", None)
-            kw["advantage_fn"] = lambda logp, entropy: post(
-                inner(logp, entropy) if inner is not None else fixed.to(logp.device), logp, entropy)
+            scope = kw.get("advantage_fn_scope", "batch")
+
+            def with_options(logp, entropy, seqs=None):
+                rows = slice(None) if seqs is None else seqs
+                if inner is None:
+                    a = fixed.to(logp.device)[rows]
+                else:
+                    a = inner(logp, entropy) if seqs is None else inner(logp, entropy, seqs)
+                return post(a, logp, entropy, rows)
+
+            kw["advantage_fn"] = with_options
+            # top-rho's quantile spans the micro-batch: batch scope; the IS correction alone is token-local
+            kw["advantage_fn_scope"] = "batch" if s.top_entropy_quantile < 1.0 else (
+                "sequence" if inner is None else scope)
         return heads.HEAD_LOSSES[head](
             batch.hidden, batch.weight, batch.targets, batch.mask, kw.pop("advantages", None), batch.bias,
             old_logp=batch.old_logp, ref_logp=batch.ref_logp, beta=s.beta if batch.ref_logp is not None else 0.0,
             normalization=s.normalization, normalizer=normalizer, kl_normalizer=kl_normalizer,
             eps_low=s.eps_low, eps_high=s.eps_high, temperature=batch.temperature,
-            backend=s.backend, chunk_size=s.chunk_size, **kw,
+            importance_sampling_level=s.importance_sampling_level, clip_ratio_c=s.clip_ratio_c,
+            entropy_coef=s.entropy_coef, backend=s.backend, chunk_size=s.chunk_size, **kw,
         )
 
     def logp_entropy(self, batch: HeadBatch, head: str = "fused") -> Tuple[torch.Tensor, torch.Tensor]:

@@ -274,6 +274,7 @@ class STAGEObjective(Objective):
             kw = dict(policy_weights=policy_weights[name], kl_weights=kl_weights[name])
             if s.token_shaping == "eg" and s.shapes(name):
                 kw["advantage_fn"] = shaping_fn(s, name, batch, adv, masks_seen)
+                kw["advantage_fn_scope"] = "sequence"   # per-row percentiles: one pass
             else:
                 kw["advantages"] = adv.to(batch.hidden.device)
             results[name] = self.run_head(batch, den, kl_den, head=head, part=name, seen=extra, **kw)
