@@ -171,3 +171,29 @@ def test_option_errors():
         grpo_loss(hidden, weight, targets, mask, adv, bias, clip_ratio_c=0.9, backend="torch")
     with pytest.raises(ValueError, match="entropy_coef"):
         grpo_loss(hidden, weight, targets, mask, adv, bias, entropy_coef=math.nan, backend="torch")
+
+
+@pytest.mark.parametrize("opts,scope,frozen,cost", [
+    (dict(importance_sampling_level="sequence", clip_ratio_c=2.0, entropy_coef=0.01), None, False, 6),
+    (dict(importance_sampling_level="sequence", clip_ratio_c=2.0, entropy_coef=0.01), None, True, 4),
+    (dict(importance_sampling_level="sequence", entropy_coef=0.01), "sequence", False, 6),
+    (dict(importance_sampling_level="sequence"), "batch", False, 8),
+    (dict(entropy_coef=0.01), "batch", True, 6),    # the entropy bonus breaks the dx bracket: recompute
+    (dict(entropy_coef=0.01), "batch", False, 8),
+])
+def test_gemm_cost_with_options(opts, scope, frozen, cost):
+    from tests.kernels.test_head_paths import GemmFlops
+    B, T, D, V = 4, 6, 16, 300
+    hidden, weight, bias, targets, mask, adv, kw = make_case(B, T, D, V, torch.float32)
+    leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_(not frozen),
+              bias.clone().requires_grad_(not frozen)]
+    extra = {}
+    if scope == "batch":
+        extra = dict(advantage_fn=lambda lp, h: adv * h)
+    elif scope == "sequence":
+        extra = dict(advantage_fn=lambda lp, h, seqs: adv[seqs] * h, advantage_fn_scope="sequence")
+    with GemmFlops() as counter:
+        out = grpo_loss(leaves[0], leaves[1], targets, mask, None if extra else adv, leaves[2], backend="torch",
+                        chunk_size=7, **opts, **kw, **extra)
+        out.loss.backward()
+    assert counter.flops == cost * B * T * D * V
