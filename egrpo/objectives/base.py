@@ -25,6 +25,7 @@ from .advantages import (REWARD_AGGREGATIONS, REWARD_SCALES, ZERO_SPREAD_TOL, co
 from .metrics import to_host
 
 HEAD_IMPLS = tuple(heads.HEAD_LOSSES)
+LOGPROB_SOURCES = ("conditional", "guided")
 
 
 @dataclass
@@ -41,6 +42,18 @@ class HeadBatch:
     ref_entropy: Optional[torch.Tensor] = None  # [B, T] reference entropies (raw nats), for STAGE
     temperature: float = 1.0
     sampling_logp: Optional[torch.Tensor] = None  # [B, T] log-probs of the distribution that sampled (e.g. CFG)
+    uncond_hidden: Optional[torch.Tensor] = None  # [B, T, D] unconditional-branch hidden states (guided log-probs)
+    guidance_scale: float = 1.0                   # w of the guided logits u + w (c - u)
+
+    def policy_hidden(self) -> torch.Tensor:
+        """The hidden states the head's log-probs come from: ``hidden`` (conditional), or with ``uncond_hidden``
+        set the guided mix ``(1 - w) h_u + w h_c``, whose logits through the affine head are ``u + w (c - u)``."""
+        if self.uncond_hidden is None:
+            return self.hidden
+        if self.uncond_hidden.shape != self.hidden.shape:
+            raise ValueError(f"uncond_hidden must have the shape of hidden {tuple(self.hidden.shape)}, got "
+                             f"{tuple(self.uncond_hidden.shape)}")
+        return self.uncond_hidden + self.guidance_scale * (self.hidden - self.uncond_hidden)
 
     def logp_entropy(self, backend: str = "auto", chunk_size: Optional[int] = None,
                      head: str = "fused") -> Tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +62,7 @@ class HeadBatch:
         kernels or ``"eager"`` full logits."""
         with torch.no_grad():
             logp, entropy = heads.HEAD_LOGP_ENTROPY[head](
-                self.hidden.detach(), self.weight.detach(), self.targets,
+                self.policy_hidden().detach(), self.weight.detach(), self.targets,
                 None if self.bias is None else self.bias.detach(), self.temperature,
                 backend=backend, chunk_size=chunk_size)
         return logp, entropy
@@ -71,6 +84,7 @@ class Needs:
     codebook_vectors: bool = False    # codes [B, T_img, C] of the sampled image tokens (STAGE's similarity)
     text: bool = True                 # trains on the text chain-of-thought tokens when the rollout has them
     sampling_logp: bool = False       # log-probs of the sampling distribution (importance-sampling correction)
+    unconditional_hidden: bool = False  # the image part's unconditional-branch hidden states (guided log-probs)
 
     @property
     def reference_model(self) -> bool:
@@ -153,6 +167,11 @@ class ObjectiveSettings:
     entropy_coef: float = setting(0.0, "entropy bonus: loss -= entropy_coef x mean entropy (with the token "
                                   "denominator of the KL term); the entropy carries gradient; 0 = off", VERL,
                                   "nonneg")
+    logprob_source: str = setting("conditional", "which image log-probs and entropies the loss uses: conditional "
+                                  "(the conditional branch, as every released Janus trainer) or guided (the CFG "
+                                  "distribution u + w (c - u) the images were sampled from, w = rollout.cfg_scale; "
+                                  "costs one more LM forward/backward over the unconditional rows)", RELEASED,
+                                  choices=LOGPROB_SOURCES)
 
     def __post_init__(self):
         self.validate()
@@ -228,15 +247,15 @@ class Objective:
     @property
     def needs(self) -> Needs:
         s = self.settings
-        return Needs(reference_logp=s.beta > 0, sampling_logp=s.tis_clip_max is not None)
+        return Needs(reference_logp=s.beta > 0, sampling_logp=s.tis_clip_max is not None,
+                     unconditional_hidden=s.logprob_source == "guided")
 
     def __repr__(self):
         return f"{type(self).__name__}({self.settings!r})"
 
     # ---- pieces shared by the objectives ---------------------------------------------------------
 
-    @staticmethod
-    def parts(image: HeadBatch, text: Optional[HeadBatch] = None) -> List[Tuple[str, HeadBatch]]:
+    def parts(self, image: HeadBatch, text: Optional[HeadBatch] = None) -> List[Tuple[str, HeadBatch]]:
         """``[("text", text), ("image", image)]`` (text first when given), after consistency checks."""
         out = []
         for name, batch in (("text", text), ("image", image)):
@@ -248,6 +267,13 @@ class Objective:
                 raise TypeError(f"{name} must be a HeadBatch, got {type(batch).__name__}")
             if not isinstance(batch.hidden, torch.Tensor) or batch.hidden.dim() != 3:
                 raise ValueError(f"{name}.hidden must have shape [B, T, D]")
+            guided = self.settings.logprob_source == "guided"
+            if name == "image" and guided and batch.uncond_hidden is None:
+                raise ValueError("logprob_source=guided needs image.uncond_hidden (the unconditional branch's hidden "
+                                 "states; the trainer provides them when objective.needs.unconditional_hidden)")
+            if name == "image" and not guided and batch.uncond_hidden is not None:
+                raise ValueError("image.uncond_hidden is set but logprob_source is conditional; drop it or set "
+                                 "logprob_source=guided")
             out.append((name, batch))
         if len({b.hidden.shape[0] for _, b in out}) > 1:
             raise ValueError("text and image batches must hold the same B samples: "
@@ -356,7 +382,7 @@ class Objective:
             kw["advantage_fn_scope"] = "batch" if s.top_entropy_quantile < 1.0 else (
                 "sequence" if inner is None else scope)
         return heads.HEAD_LOSSES[head](
-            batch.hidden, batch.weight, batch.targets, batch.mask, kw.pop("advantages", None), batch.bias,
+            batch.policy_hidden(), batch.weight, batch.targets, batch.mask, kw.pop("advantages", None), batch.bias,
             old_logp=batch.old_logp, ref_logp=batch.ref_logp, beta=s.beta if batch.ref_logp is not None else 0.0,
             normalization=s.normalization, normalizer=normalizer, kl_normalizer=kl_normalizer,
             eps_low=s.eps_low, eps_high=s.eps_high, temperature=batch.temperature,

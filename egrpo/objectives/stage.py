@@ -17,6 +17,7 @@ Pieces, each a small function so the trainer, tests and ablations can use them a
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -163,8 +164,8 @@ class STAGEObjective(Objective):
     @property
     def needs(self) -> Needs:
         s = self.settings
-        return Needs(reference_logp=s.beta > 0, reference_entropy=s.entropy_reward,
-                     codebook_vectors=s.reweight_advantages or s.reweight_kl)
+        return dataclasses.replace(super().needs, reference_entropy=s.entropy_reward,
+                                   codebook_vectors=s.reweight_advantages or s.reweight_kl)
 
     # ---- pieces ----------------------------------------------------------------------------------
 

@@ -57,7 +57,8 @@ from egrpo.rewards.registry import build_rewards
 from .config import Config, load_prompts, save_config
 from .metrics import MetricLogger, peak_memory_mb, plot_curves, read_metrics, save_sample_grid
 from .model import build_model, num_image_tokens
-from .rollout import codebook_vectors, head_inputs, rollout
+from .rollout import codebook_vectors, head_inputs, rollout, unconditional_image_hidden
+from .tokenizer import janus_tokens
 
 # ---------------------------------------------------------------------------------------------- setup
 
@@ -229,10 +230,20 @@ class MicroBatch:
     codes: Optional[torch.Tensor] = None       # [B, T, C] codebook vectors (STAGE)
 
 
-def head_logp_entropy(model, ro, backend: str, chunk_size) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+def guided_head_inputs(model, ro, guidance=None):
+    """``head_inputs``, plus (when ``guidance = (JanusTokens, cfg_scale)`` is given: the objective asked for
+    guided log-probs) the image part's unconditional hidden states and guidance scale."""
+    image, text = head_inputs(model, ro)
+    if guidance is not None:
+        image.uncond_hidden = unconditional_image_hidden(model, ro, guidance[0])
+        image.guidance_scale = guidance[1]
+    return image, text
+
+
+def head_logp_entropy(model, ro, backend: str, chunk_size, guidance=None) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
     """Per part ("image", "text"): (logp, entropy) [B, T] float32 of the sampled tokens, no grad, fused head."""
     with torch.no_grad():
-        image, text = head_inputs(model, ro)
+        image, text = guided_head_inputs(model, ro, guidance)
         return {name: tuple(t.float() for t in batch.logp_entropy(backend, chunk_size))
                 for name, batch in (("image", image), ("text", text)) if batch is not None}
 
@@ -243,10 +254,11 @@ def needs_reference(objective) -> bool:
 
 
 def micro_loss(model, objective, mb: MicroBatch, group_size: int, reward_weights: torch.Tensor,
-               head_impl: str = "fused"):
+               head_impl: str = "fused", guidance=None):
     """Policy forward + objective for one micro-batch -> (loss, metrics). Grad enabled. ``head_impl``: the
-    objective's token loss through the fused kernels or through full logits (``train.head_impl``)."""
-    image, text = head_inputs(model, mb.rollout)
+    objective's token loss through the fused kernels or through full logits (``train.head_impl``); ``guidance``:
+    see :func:`guided_head_inputs`."""
+    image, text = guided_head_inputs(model, mb.rollout, guidance)
     if not objective.needs.text:
         text = None
     for name, batch in (("image", image), ("text", text)):
@@ -733,6 +745,8 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
     # ---- model, reference, rewards, data
     builder = model_builder or build_model
     model, tokenizer = load_model(builder, cfg.model, device)
+    # guided log-probs (objective.logprob_source: guided) need the unconditional branch with the sampler's layout
+    guidance = (janus_tokens(tokenizer), cfg.rollout.cfg_scale) if objective.needs.unconditional_hidden else None
     if cfg.rollout.image_tokens != num_image_tokens(model):
         raise ConfigError(f"rollout.image_tokens={cfg.rollout.image_tokens} but the model makes "
                           f"{num_image_tokens(model)} image tokens per image")
@@ -840,10 +854,10 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
                 t0 = time.perf_counter()
                 if ref_model is not None:
                     with zero3_gather(head_weights(ref_model), zero3):
-                        mb.ref = head_logp_entropy(ref_model, ro, backend, chunk_size)
+                        mb.ref = head_logp_entropy(ref_model, ro, backend, chunk_size, guidance)
                 if t.updates_per_rollout > 1:   # PPO-style reuse: the ratio is taken against the sampling policy
                     with zero3_gather(head_weights(module), zero3):
-                        mb.old = {k: v[0] for k, v in head_logp_entropy(module, ro, backend, chunk_size).items()}
+                        mb.old = {k: v[0] for k, v in head_logp_entropy(module, ro, backend, chunk_size, guidance).items()}
                 timers["ref"] += time.perf_counter() - t0
                 micro_batches.append(mb)
             data_position += cfg.data.prompts_per_step
@@ -855,7 +869,7 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
                     lrs_now = engine.get_lr()[0]
                     t0 = time.perf_counter()
                     with zero3_gather(head_weights(module), zero3):
-                        loss, metrics = micro_loss(module, objective, mb, G, reward_weights, t.head_impl)
+                        loss, metrics = micro_loss(module, objective, mb, G, reward_weights, t.head_impl, guidance)
                         if not torch.isfinite(loss):
                             raise diverged(f"non-finite loss {loss.item()}")
                         t1 = time.perf_counter()
