@@ -140,6 +140,43 @@ def test_objective_guided_needs_and_fused_equals_eager(tiny, name):
         micro_loss(model, objective, MicroBatch(rollout=ro, metadata=[{}] * 4, rewards=rewards), 2, torch.ones(1))
 
 
+def test_old_logp_from_the_guided_pass_gives_ratio_one(tiny):
+    """The trainer's no-grad pass with guidance gives the guided policy's own log-probs: on the same weights the
+    ratio is 1 (nothing clipped with a tiny clip range), while conditional old log-probs would not be."""
+    from egrpo.trainer.train import head_logp_entropy
+
+    model, tokenizer, ro, _ = tiny
+    guidance = (janus_tokens(tokenizer), W)
+    objective = build_objective("grpo", logprob_source="guided", beta=0.0, eps_low=1e-4, eps_high=1e-4,
+                                backend="torch")
+    rewards = torch.tensor([[1.0], [0.0], [0.3], [0.9]])
+    clipped = {}
+    for label, g in (("guided", guidance), ("conditional", None)):
+        mb = MicroBatch(rollout=ro, metadata=[{}] * 4, rewards=rewards)
+        mb.old = {k: v[0] for k, v in head_logp_entropy(model, ro, "torch", None, g).items()}
+        with torch.no_grad():
+            _, metrics = micro_loss(model, objective, mb, 2, torch.ones(1), "fused", guidance)
+        clipped[label] = metrics["clip/frac_low"] + metrics["clip/frac_high"]
+    assert clipped["guided"] == 0.0 and clipped["conditional"] > 0.1, clipped
+
+
 def test_logprob_source_setting_is_checked():
     with pytest.raises(ValueError, match="logprob_source must be one of"):
         build_objective("grpo", logprob_source="cfg")
+
+
+def test_training_with_guided_logprobs_in_one_config_line(tmp_path):
+    """objective.logprob_source=guided trains end to end (reference model and two updates per rollout: the
+    no-grad passes run the unconditional branch too) and differs from a conditional run on the same rollout."""
+    from egrpo.trainer.metrics import read_metrics
+    from egrpo.trainer.train import train
+    from tests.trainer._helpers import small_config
+
+    common = ["objective.name=grpo", "objective.beta=0.01", "train.steps=1", "train.updates_per_rollout=2",
+              "optim.lr=0.05", "optim.grad_clip=0"]
+    guided = train(small_config(tmp_path / "guided", *common, "objective.logprob_source=guided"), return_params=True)
+    cond = train(small_config(tmp_path / "cond", *common), return_params=True)
+    rg = read_metrics(guided["metrics"])[0]
+    assert rg["loss"] == rg["loss"]          # finite, logged
+    assert rg["reward/mean"] == read_metrics(cond["metrics"])[0]["reward/mean"]   # same rollout
+    assert any(not torch.equal(guided["params"][n], cond["params"][n]) for n in guided["params"])
