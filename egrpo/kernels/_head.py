@@ -151,6 +151,9 @@ def _prepare_triton(z, tmp, bias, inv_tau, lse):
     return None
 
 
+ENTROPY_DOT_BLOCK = 512
+
+
 def _stats_torch(z, tmp, bias, targets, inv_tau, logp, entropy, lse):
     if bias is not None:
         z.add_(bias)
@@ -164,8 +167,13 @@ def _stats_torch(z, tmp, bias, targets, inv_tau, logp, entropy, lse):
     z.sub_(log_s[:, None])  # z = log p
     lse.copy_(m + log_s)
     logp.copy_(z.gather(1, targets[:, None]).squeeze(1))
-    # H = -sum_j e_j log p_j / s with e = exp(z - m), as a batched dot product: no [rows, V] temporary
-    entropy.copy_(-torch.bmm(tmp.unsqueeze(1), z.unsqueeze(2)).view(-1) / s)
+    # H = -sum_j e_j log p_j / s with e = exp(z - m), as batched dot products over column blocks: no [rows, V]
+    # temporary, and per-block partial sums keep the fp32 accumulation error at eager's level for large V
+    dot = torch.zeros_like(s)
+    for c0 in range(0, z.shape[1], ENTROPY_DOT_BLOCK):
+        c1 = min(z.shape[1], c0 + ENTROPY_DOT_BLOCK)
+        dot += torch.bmm(tmp[:, None, c0:c1], z[:, c0:c1, None]).view(-1)
+    entropy.copy_(-dot / s)
     tmp.div_(s[:, None])  # tmp = p, reused by the dlogits pass of the same chunk (one exp per element)
 
 

@@ -6,8 +6,8 @@ term stays on every token. The masks need the current entropies of the whole row
 one head call with a per-sequence ``advantage_fn`` (``advantage_fn_scope="sequence"``: chunks hold whole rows and
 the gradient is formed in the same pass, 6NDV with a trainable head, 4NDV frozen), like unshaped parts. Only
 ``budget_neutral`` (one scale for the whole micro-batch) runs its last shaped part with a batch-wide
-``advantage_fn``: 8NDV if that head is trainable (the image head, frozen in every recipe, stays at 4NDV). The shaping settings and :func:`shaping_fn` are shared with
-STAGE's ``token_shaping="eg"``.
+``advantage_fn``: 8NDV if that head is trainable (the image head, frozen in every recipe, stays at 4NDV).
+The shaping settings and :func:`shaping_fn` are shared with STAGE's ``token_shaping="eg"``.
 """
 
 from __future__ import annotations

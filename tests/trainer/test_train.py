@@ -175,7 +175,7 @@ def test_fused_and_eager_loss_paths_match_float64_by_hand(tmp_path, name, term):
     old = {}
     if term == "policy":   # sampling-policy log-probs: ratios spread on both sides of [0.9, 1.3]
         cur = head_logp_entropy(model, ro, "torch", None)
-        old = {part: lp + 0.3 * torch.randn_like(lp) for part, (lp, _) in cur.items()}
+        old = {part: (lp + 0.3 * torch.randn_like(lp)).clamp(max=0.0) for part, (lp, _) in cur.items()}
     codes = codebook_vectors(model, ro.image_tokens) if name == "stage" else None
     mb = MicroBatch(rollout=ro, metadata=[{}] * B, rewards=per_function, ref=ref, old=dict(old), codes=codes)
     G = cfg.rollout.group_size
