@@ -53,8 +53,8 @@ def measure(name: str, repeats: int, cfg_scale: float = 5.0) -> dict:
     def once(objective, g):
         model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        loss, _ = micro_loss(model, objective, MicroBatch(rollout=ro, metadata=[{}] * B, rewards=rewards), G,
-                             torch.ones(1), "fused", g)
+        loss, _ = micro_loss(model, objective, MicroBatch(rollout=ro, metadata=[{}] * B, rewards=rewards,
+                                                          guidance=g), G, torch.ones(1), "fused")
         loss.backward()
         return time.perf_counter() - t0
 

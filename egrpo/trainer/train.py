@@ -228,6 +228,7 @@ class MicroBatch:
     ref: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)   # part -> (logp, entropy)
     old: Dict[str, torch.Tensor] = field(default_factory=dict)                        # part -> old logp
     codes: Optional[torch.Tensor] = None       # [B, T, C] codebook vectors (STAGE)
+    guidance: Optional[tuple] = None           # (JanusTokens, cfg_scale) when the objective wants guided log-probs
 
 
 def guided_head_inputs(model, ro, guidance=None):
@@ -254,11 +255,10 @@ def needs_reference(objective) -> bool:
 
 
 def micro_loss(model, objective, mb: MicroBatch, group_size: int, reward_weights: torch.Tensor,
-               head_impl: str = "fused", guidance=None):
+               head_impl: str = "fused"):
     """Policy forward + objective for one micro-batch -> (loss, metrics). Grad enabled. ``head_impl``: the
-    objective's token loss through the fused kernels or through full logits (``train.head_impl``); ``guidance``:
-    see :func:`guided_head_inputs`."""
-    image, text = guided_head_inputs(model, mb.rollout, guidance)
+    objective's token loss through the fused kernels or through full logits (``train.head_impl``)."""
+    image, text = guided_head_inputs(model, mb.rollout, mb.guidance)
     if not objective.needs.text:
         text = None
     for name, batch in (("image", image), ("text", text)):
@@ -850,7 +850,7 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
                 rewards, reward_ok = mask_failed_rewards(rewards, G)   # NaN only from rewards with on_failure: mask
                 ro.metrics["reward/masked_frac"] = float((~reward_ok).float().mean())
                 timers["reward"] += time.perf_counter() - t0
-                mb = MicroBatch(rollout=ro, metadata=meta, rewards=rewards, codes=codes)
+                mb = MicroBatch(rollout=ro, metadata=meta, rewards=rewards, codes=codes, guidance=guidance)
                 t0 = time.perf_counter()
                 if ref_model is not None:
                     with zero3_gather(head_weights(ref_model), zero3):
@@ -869,7 +869,7 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
                     lrs_now = engine.get_lr()[0]
                     t0 = time.perf_counter()
                     with zero3_gather(head_weights(module), zero3):
-                        loss, metrics = micro_loss(module, objective, mb, G, reward_weights, t.head_impl, guidance)
+                        loss, metrics = micro_loss(module, objective, mb, G, reward_weights, t.head_impl)
                         if not torch.isfinite(loss):
                             raise diverged(f"non-finite loss {loss.item()}")
                         t1 = time.perf_counter()

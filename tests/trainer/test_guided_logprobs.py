@@ -127,8 +127,8 @@ def test_objective_guided_needs_and_fused_equals_eager(tiny, name):
     results = {}
     for head in ("fused", "eager"):
         model.zero_grad(set_to_none=True)
-        loss, _ = micro_loss(model, objective, MicroBatch(rollout=ro, metadata=[{}] * 4, rewards=rewards), 2,
-                             torch.ones(1), head, guidance)
+        loss, _ = micro_loss(model, objective, MicroBatch(rollout=ro, metadata=[{}] * 4, rewards=rewards,
+                                                          guidance=guidance), 2, torch.ones(1), head)
         loss.backward()
         q = model.model.language_model.layers[0].self_attn.q_proj.weight.grad
         results[head] = (loss.item(), q.clone())
@@ -152,10 +152,10 @@ def test_old_logp_from_the_guided_pass_gives_ratio_one(tiny):
     rewards = torch.tensor([[1.0], [0.0], [0.3], [0.9]])
     clipped = {}
     for label, g in (("guided", guidance), ("conditional", None)):
-        mb = MicroBatch(rollout=ro, metadata=[{}] * 4, rewards=rewards)
+        mb = MicroBatch(rollout=ro, metadata=[{}] * 4, rewards=rewards, guidance=guidance)
         mb.old = {k: v[0] for k, v in head_logp_entropy(model, ro, "torch", None, g).items()}
         with torch.no_grad():
-            _, metrics = micro_loss(model, objective, mb, 2, torch.ones(1), "fused", guidance)
+            _, metrics = micro_loss(model, objective, mb, 2, torch.ones(1), "fused")
         clipped[label] = metrics["clip/frac_low"] + metrics["clip/frac_high"]
     assert clipped["guided"] == 0.0 and clipped["conditional"] > 0.1, clipped
 
