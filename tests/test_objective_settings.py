@@ -9,11 +9,10 @@ import yaml
 
 from egrpo.kernels.grpo_loss import grpo_loss
 from egrpo.objectives import OBJECTIVES, build_objective
-from egrpo.objectives.base import OURS, PAPER, RELEASED
+from egrpo.objectives.base import SOURCES
 from egrpo.objectives.heads import eager_grpo_loss
 from egrpo.trainer.config import ConfigError, config_from_dict, load_config
 
-SOURCES = {RELEASED, PAPER, OURS}
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))

@@ -20,10 +20,19 @@ add the losses):
 
 Count denominators are clamped to at least 1 so an all-padding micro-batch gives 0, not NaN.
 
+Options (docs/algorithms.md, "GRPO options of the token loss"), all off by default:
+
+* ``importance_sampling_level="sequence"`` (GSPO): ``ratio`` is one value per sequence,
+  ``exp(sum_t m (logp - old_logp) / max(1, sum_t m))``, clipped as above; its gradient reaches every
+  valid token of the sequence, so chunks are aligned to whole sequences.
+* ``clip_ratio_c = c > 1`` (dual clip): for ``A < 0``, ``surr = max(surr, c * A)`` (the loss is capped
+  at ``c |A|``); a capped token carries no gradient.
+* ``entropy_coef = k``: ``loss -= k * sum(H * m) / den_kl``; the entropy carries gradient (``g_H``).
+
 Gradient: the loss is ``sum_t g_t * logp_t`` to first order, with the elementwise upstream
 ``g_t = -d_surr_t * w_t m_t / den_pg + beta kl_w_t m_t (1 - exp(ref_t - logp_t)) / den_kl``
 (``d_surr = ratio * A`` unless the token is clipped, then 0); entropy gets no gradient (it only
-shapes advantages and is detached). The [chunk, V] work goes through
+shapes advantages and is detached) unless ``entropy_coef`` is set. The [chunk, V] work goes through
 :func:`~egrpo.kernels.linear_logprob_entropy.head_pass`'s Triton (or torch) row passes.
 
 Cost in GEMM FLOPs (N = B*T rows, D hidden, V vocab; the logits GEMM is 2NDV, and each gradient
@@ -41,7 +50,9 @@ the caller needs adds one 2NDV GEMM: dx if ``hidden`` requires grad, dW if ``wei
   first pass forms that bracket (kept in fp32, ``N x D``), and dx is scaled once ``advantage_fn``
   has run. Frozen head: **4NDV**, no recompute. dW and db sum over rows with g inside, so a
   trainable head still needs a second pass that recomputes the logits: **8NDV** (2 logits +
-  2 dx bracket + 2 recompute + 2 dW). This is the one setting that still recomputes.
+  2 dx bracket + 2 recompute + 2 dW). This is the one setting that still recomputes; with
+  ``entropy_coef`` the bracket trick no longer holds (dz has a second, entropy term), so this path
+  recomputes for every gradient (8NDV trainable, 6NDV frozen).
 
 The autograd function computes loss and gradients in its forward (stored, O(N D + V D)) and its
 backward only scales them by the incoming gradient. Extra memory is O(chunk x V), never O(N x V).
@@ -58,6 +69,7 @@ from .entropy_masks import check_mask
 from ._head import HeadGrads, head_backward, head_pass
 
 NORMALIZATIONS = ("token_mean", "sequence_mean", "constant", "weighted")
+IS_LEVELS = ("token", "sequence")
 WEIGHTED_EPS = 1e-6
 # log-probs are <= 0; this slack admits rounding in a caller's own log-softmax
 LOGP_SLACK = 1e-4
@@ -79,24 +91,42 @@ class _Plan:
     def __init__(self, **kw):
         self.__dict__.update(kw)
 
-    def token_terms(self, rows, logp, adv):
-        """Per-token loss contributions and upstream gradients for ``rows`` (a slice)."""
+    def token_terms(self, rows, logp, adv, entropy):
+        """Per-token loss contributions and upstream gradients ``(g_logp, g_entropy)`` for ``rows`` (a slice;
+        whole sequences when ``is_level="sequence"``)."""
         valid = self.valid[rows]
         pg_scale = self.pg_scale[rows]
-        if self.old_logp is None:
-            # 1 in value, but a NaN/inf log-prob at a valid token must still poison the loss
-            ratio = torch.exp(torch.where(valid, logp - logp, torch.zeros_like(logp)))
+        zero = torch.zeros_like(logp)
+        # old_logp=None: 1 in value, but a NaN/inf log-prob at a valid token must still poison the loss
+        log_ratio = torch.where(valid, logp - (logp if self.old_logp is None else self.old_logp[rows]), zero)
+        if self.is_level == "sequence":
+            # GSPO: one ratio per sequence from the mean log-ratio over its valid tokens
+            n_seq = (rows.stop - rows.start) // self.T
+            counts = valid.view(n_seq, self.T).sum(1).clamp(min=1).to(logp.dtype)
+            seq_ratio = torch.exp(log_ratio.view(n_seq, self.T).sum(1) / counts)
+            ratio = seq_ratio[:, None].expand(n_seq, self.T).reshape(-1)
         else:
-            ratio = torch.exp(torch.where(valid, logp - self.old_logp[rows], torch.zeros_like(logp)))
-        adv = torch.where(valid, adv, torch.zeros_like(adv))
+            ratio = torch.exp(log_ratio)
+        adv = torch.where(valid, adv, zero)
         clipped_low = valid & (ratio < 1.0 - self.eps_low) & (adv < 0)
         clipped_high = valid & (ratio > 1.0 + self.eps_high) & (adv > 0)
         surr = torch.minimum(ratio * adv, ratio.clamp(1.0 - self.eps_low, 1.0 + self.eps_high) * adv)
-        d_surr = torch.where(clipped_low | clipped_high, torch.zeros_like(ratio), ratio * adv)
+        flat = clipped_low | clipped_high
+        if self.clip_ratio_c is not None:
+            # dual clip: for A < 0 the surrogate never falls below c * A (the loss is capped at c |A|)
+            dual = valid & (adv < 0) & (surr < self.clip_ratio_c * adv)
+            surr = torch.where(dual, self.clip_ratio_c * adv, surr)
+            flat = flat | dual
+        # d surr / d log-ratio: ratio * A where no clip is active
+        d_surr = torch.where(flat, zero, ratio * adv)
         loss_t = -surr * pg_scale
         g = -d_surr * pg_scale
+        if self.is_level == "sequence":
+            # d seq_ratio / d logp_t = seq_ratio / n_i at every valid token of sequence i
+            per_seq = g.view(n_seq, self.T).sum(1) / counts
+            g = torch.where(valid, per_seq[:, None].expand(n_seq, self.T).reshape(-1), zero)
         if self.ref_logp is not None:
-            delta = torch.where(valid, self.ref_logp[rows] - logp, torch.zeros_like(logp))
+            delta = torch.where(valid, self.ref_logp[rows] - logp, zero)
             e = torch.exp(delta)
             kl = e - delta - 1.0
             if self.kl_scale is not None:
@@ -104,8 +134,13 @@ class _Plan:
                 loss_t = loss_t + kl * kl_scale
                 g = g + (1.0 - e) * kl_scale
         else:
-            kl = torch.zeros_like(logp)
-        return loss_t, g, kl, clipped_low, clipped_high, adv
+            kl = zero
+        g_entropy = None
+        if self.entropy_scale is not None:
+            # entropy bonus: loss -= coef * (mean entropy with the token term's denominator)
+            g_entropy = -self.entropy_scale[rows]
+            loss_t = loss_t + g_entropy * torch.where(valid, entropy, zero)
+        return loss_t, g, g_entropy, kl, clipped_low, clipped_high, adv
 
 
 def _run(plan, hidden2, weight, bias, targets1, need):
@@ -120,11 +155,11 @@ def _run(plan, hidden2, weight, bias, targets1, need):
     clipped_high = torch.zeros_like(clipped_low)
     adv_used = torch.zeros_like(loss_t)
 
-    def store(rows, logp_rows, adv_rows):
-        loss_rows, g_rows, kl[rows], clipped_low[rows], clipped_high[rows], adv_used[rows] = plan.token_terms(
-            rows, logp_rows, adv_rows)
+    def store(rows, logp_rows, entropy_rows, adv_rows):
+        loss_rows, g_rows, g_entropy_rows, kl[rows], clipped_low[rows], clipped_high[rows], adv_used[rows] = \
+            plan.token_terms(rows, logp_rows, adv_rows, entropy_rows)
         loss_t[rows] = loss_rows
-        return g_rows
+        return g_rows, g_entropy_rows
 
     def run_advantage_fn(rows, logp_rows, entropy_rows):
         """``advantage_fn`` on whole sequences ``rows`` (a multiple of T rows) -> flat advantages."""
@@ -144,15 +179,27 @@ def _run(plan, hidden2, weight, bias, targets1, need):
         def grad_fn(rows, logp_rows, entropy_rows):
             adv_rows = plan.advantages[rows] if plan.advantage_fn is None else run_advantage_fn(
                 rows, logp_rows, entropy_rows)
-            return store(rows, logp_rows, adv_rows), None
+            return store(rows, logp_rows, entropy_rows, adv_rows)
 
         grads = HeadGrads(hidden2, weight, bias, *need)
         logp, entropy, _ = head_pass(hidden2, weight, targets1, bias, plan.inv_tau, plan.chunk, plan.backend,
                                      grad_fn=grad_fn, grads=grads)
         return loss_t.sum(), (logp, entropy, kl, clipped_low, clipped_high, adv_used), grads
 
-    # advantage_fn over the whole batch: g is known only after every row has been seen. Entropy is
-    # detached, so a row's dz is g_row (onehot - p_row) / tau and dx_row = g_row * [(onehot - p_row) W / tau]:
+    # advantage_fn over the whole batch: g is known only after every row has been seen.
+    if plan.entropy_scale is not None:
+        # The entropy bonus gives each row a second upstream gradient (through dH/dz), so dx is no longer
+        # g_row times one g-free vector: stream once for the statistics, then recompute for every gradient.
+        logp, entropy, lse = head_pass(hidden2, weight, targets1, bias, plan.inv_tau, plan.chunk, plan.backend)
+        adv = run_advantage_fn(slice(0, n_rows), logp, entropy)
+        g, g_entropy = store(slice(0, n_rows), logp, entropy, adv)
+        grads = HeadGrads(hidden2, weight, bias, *need)
+        if grads.any:
+            head_backward(hidden2, weight, targets1, bias, lse, entropy, g.contiguous(), g_entropy.contiguous(),
+                          plan.inv_tau, plan.chunk, plan.backend, grads)
+        return loss_t.sum(), (logp, entropy, kl, clipped_low, clipped_high, adv_used), grads
+
+    # Entropy is detached, so a row's dz is g_row (onehot - p_row) / tau and dx_row = g_row * [(onehot - p_row) W / tau]:
     # the bracket ("unit dx", g = 1) is formed in the first pass and scaled once g is known. dW and db
     # sum over rows with g inside, so they need a second pass that recomputes the logits.
     unit = HeadGrads(hidden2, weight, bias, need[0], False, False, dx_dtype=ldt)
@@ -167,7 +214,7 @@ def _run(plan, hidden2, weight, bias, targets1, need):
     logp, entropy, lse = head_pass(hidden2, weight, targets1, bias, plan.inv_tau, plan.chunk, plan.backend,
                                    grad_fn=unit_grad_fn if need[0] else None, grads=unit)
     adv = run_advantage_fn(slice(0, n_rows), logp, entropy)
-    g = store(slice(0, n_rows), logp, adv)
+    g, _ = store(slice(0, n_rows), logp, entropy, adv)
     grads = HeadGrads(hidden2, weight, bias, False, need[1], need[2])
     if grads.any:
         head_backward(hidden2, weight, targets1, bias, lse, entropy, g.contiguous(), None,
@@ -281,6 +328,9 @@ def grpo_loss(
     temperature: float = 1.0,
     advantage_fn: Optional[Callable[..., torch.Tensor]] = None,
     advantage_fn_scope: Union[str, int] = "batch",
+    importance_sampling_level: str = "token",
+    clip_ratio_c: Optional[float] = None,
+    entropy_coef: float = 0.0,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
 ) -> GRPOLossOutput:
@@ -307,6 +357,12 @@ def grpo_loss(
             whole sequences / groups and ``fn(logp [b, T], entropy [b, T], seqs: slice) -> [b, T] or [b]``
             is called per chunk for sequences ``seqs``, so the gradient is formed in the same pass
             (6NDV trainable, 4NDV frozen). A chunk then holds at least ``T`` (``G * T``) rows.
+        importance_sampling_level: ``"token"`` (default: one ratio per token) or ``"sequence"`` (GSPO: one
+            ratio per sequence, ``exp`` of the mean log-ratio over its valid tokens, clipped as a whole; its
+            gradient reaches every valid token of the sequence, so chunks hold whole sequences).
+        clip_ratio_c: dual clip (> 1) or None: for ``A < 0`` the per-token loss is capped at ``c |A|``.
+        entropy_coef: entropy bonus: ``loss -= entropy_coef * sum(H m) / den`` (``den`` the KL term's
+            denominator, i.e. the unweighted token denominator); the entropy carries gradient.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``; chunk_size: rows per chunk.
 
     Returns:
@@ -334,6 +390,13 @@ def grpo_loss(
     if advantage_fn is not None and not callable(advantage_fn):
         raise TypeError("advantage_fn must be callable or None")
     scope_rows = _check_scope(advantage_fn_scope, B, T)
+    if importance_sampling_level not in IS_LEVELS:
+        raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}, got {importance_sampling_level!r}")
+    if clip_ratio_c is not None:
+        clip_ratio_c = _check_float("clip_ratio_c", clip_ratio_c)
+        if clip_ratio_c <= 1.0:
+            raise ValueError(f"clip_ratio_c (dual clip) must be > 1 or None, got {clip_ratio_c!r}")
+    entropy_coef = _check_float("entropy_coef", entropy_coef)
     valid2 = check_mask(mask, targets, like_name="targets")
     ldt = logits_dtype(hidden.dtype)
     dev = hidden.device
@@ -389,17 +452,22 @@ def grpo_loss(
             kl_den = den
         pg_scale = wm / den
         kl_base = m / kl_den
+    entropy_scale = entropy_coef * kl_base if entropy_coef != 0.0 else None
     kl_scale = None
     if ref is not None and beta != 0.0:
         kl_scale = beta * kl_base if kl_w is None else beta * kl_base * kl_w
 
+    # chunks hold whole scopes of advantage_fn, and whole sequences for a sequence-level ratio
+    align = scope_rows if advantage_fn is not None else None
+    if importance_sampling_level == "sequence" and align is None:
+        align = T
     plan = _Plan(
         B=B, T=T, valid=valid, advantages=adv, old_logp=old, ref_logp=ref,
         pg_scale=pg_scale.contiguous(), kl_scale=kl_scale, eps_low=eps_low, eps_high=eps_high,
+        is_level=importance_sampling_level, clip_ratio_c=clip_ratio_c, entropy_scale=entropy_scale,
         inv_tau=inv_tau, backend=backend, advantage_fn=advantage_fn,
         scope_rows=scope_rows if advantage_fn is not None else None,
-        chunk=_aligned_chunk(check_chunk_size(chunk_size, B * T, weight.shape[0], dev),
-                             scope_rows if advantage_fn is not None else None),
+        chunk=_aligned_chunk(check_chunk_size(chunk_size, B * T, weight.shape[0], dev), align),
     )
     hidden2 = hidden.reshape(B * T, D)
     if hidden2.stride(-1) != 1:

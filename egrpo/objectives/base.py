@@ -18,13 +18,14 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 
-from ..kernels.grpo_loss import NORMALIZATIONS, WEIGHTED_EPS, GRPOLossOutput
+from ..kernels.grpo_loss import IS_LEVELS, NORMALIZATIONS, WEIGHTED_EPS, GRPOLossOutput
 from . import heads
 from .advantages import (REWARD_AGGREGATIONS, REWARD_SCALES, ZERO_SPREAD_TOL, combine_rewards, group_advantages,
                          group_spread, normalize_then_sum)
 from .metrics import to_host
 
 HEAD_IMPLS = tuple(heads.HEAD_LOSSES)
+LOGPROB_SOURCES = ("conditional", "guided")
 
 
 @dataclass
@@ -41,6 +42,18 @@ class HeadBatch:
     ref_entropy: Optional[torch.Tensor] = None  # [B, T] reference entropies (raw nats), for STAGE
     temperature: float = 1.0
     sampling_logp: Optional[torch.Tensor] = None  # [B, T] log-probs of the distribution that sampled (e.g. CFG)
+    uncond_hidden: Optional[torch.Tensor] = None  # [B, T, D] unconditional-branch hidden states (guided log-probs)
+    guidance_scale: float = 1.0                   # w of the guided logits u + w (c - u)
+
+    def policy_hidden(self) -> torch.Tensor:
+        """The hidden states the head's log-probs come from: ``hidden`` (conditional), or with ``uncond_hidden``
+        set the guided mix ``(1 - w) h_u + w h_c``, whose logits through the affine head are ``u + w (c - u)``."""
+        if self.uncond_hidden is None:
+            return self.hidden
+        if self.uncond_hidden.shape != self.hidden.shape:
+            raise ValueError(f"uncond_hidden must have the shape of hidden {tuple(self.hidden.shape)}, got "
+                             f"{tuple(self.uncond_hidden.shape)}")
+        return self.uncond_hidden + self.guidance_scale * (self.hidden - self.uncond_hidden)
 
     def logp_entropy(self, backend: str = "auto", chunk_size: Optional[int] = None,
                      head: str = "fused") -> Tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +62,7 @@ class HeadBatch:
         kernels or ``"eager"`` full logits."""
         with torch.no_grad():
             logp, entropy = heads.HEAD_LOGP_ENTROPY[head](
-                self.hidden.detach(), self.weight.detach(), self.targets,
+                self.policy_hidden().detach(), self.weight.detach(), self.targets,
                 None if self.bias is None else self.bias.detach(), self.temperature,
                 backend=backend, chunk_size=chunk_size)
         return logp, entropy
@@ -71,6 +84,7 @@ class Needs:
     codebook_vectors: bool = False    # codes [B, T_img, C] of the sampled image tokens (STAGE's similarity)
     text: bool = True                 # trains on the text chain-of-thought tokens when the rollout has them
     sampling_logp: bool = False       # log-probs of the sampling distribution (importance-sampling correction)
+    unconditional_hidden: bool = False  # the image part's unconditional-branch hidden states (guided log-probs)
 
     @property
     def reference_model(self) -> bool:
@@ -82,6 +96,8 @@ class Needs:
 # CHECKS) and ``choices``. ``setting()`` builds such a field; ``ObjectiveSettings.validate`` applies them.
 
 RELEASED, PAPER, OURS = "released code", "paper", "ours"
+TRL, VERL = "TRL", "verl"                      # the option (and its default) follows that library's trainer
+SOURCES = (RELEASED, PAPER, TRL, VERL, OURS)
 
 
 def setting(default: Any, help: str, source: str, check: Optional[str] = None, choices: Tuple = ()) -> Any:
@@ -99,6 +115,7 @@ CHECKS = {
     "unit_half_open": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "positive_or_none": (lambda v: v is None or (_number(v) and v > 0), "a positive number or null"),
+    "above_one_or_none": (lambda v: v is None or (_number(v) and v > 1), "a number > 1 or null"),
     "positive_int_or_none": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
                              "a positive integer or null"),
 }
@@ -140,6 +157,21 @@ class ObjectiveSettings:
     tis_clip_max: Optional[float] = setting(None, "truncated importance-sampling correction: the policy term of each "
                                             "token is multiplied by min(exp(old_logp - sampling_logp), tis_clip_max); "
                                             "null = off", RELEASED, "positive_or_none")
+    importance_sampling_level: str = setting("token", "token: one ratio exp(logp - old_logp) per token (GRPO); "
+                                             "sequence: GSPO, one ratio per sample exp(mean over its valid tokens "
+                                             "of logp - old_logp), clipped as a whole, its gradient shared by "
+                                             "all of the sample's tokens", TRL, choices=IS_LEVELS)
+    clip_ratio_c: Optional[float] = setting(None, "dual clip: for negative advantages the per-token loss is "
+                                            "capped at clip_ratio_c |A| (verl uses 3.0 when enabled); null = off",
+                                            VERL, "above_one_or_none")
+    entropy_coef: float = setting(0.0, "entropy bonus: loss -= entropy_coef x mean entropy (with the token "
+                                  "denominator of the KL term); the entropy carries gradient; 0 = off", VERL,
+                                  "nonneg")
+    logprob_source: str = setting("conditional", "which image log-probs and entropies the loss uses: conditional "
+                                  "(the conditional branch, as every released Janus trainer) or guided (the CFG "
+                                  "distribution u + w (c - u) the images were sampled from, w = rollout.cfg_scale; "
+                                  "costs one more LM forward/backward over the unconditional rows)", RELEASED,
+                                  choices=LOGPROB_SOURCES)
 
     def __post_init__(self):
         self.validate()
@@ -215,15 +247,15 @@ class Objective:
     @property
     def needs(self) -> Needs:
         s = self.settings
-        return Needs(reference_logp=s.beta > 0, sampling_logp=s.tis_clip_max is not None)
+        return Needs(reference_logp=s.beta > 0, sampling_logp=s.tis_clip_max is not None,
+                     unconditional_hidden=s.logprob_source == "guided")
 
     def __repr__(self):
         return f"{type(self).__name__}({self.settings!r})"
 
     # ---- pieces shared by the objectives ---------------------------------------------------------
 
-    @staticmethod
-    def parts(image: HeadBatch, text: Optional[HeadBatch] = None) -> List[Tuple[str, HeadBatch]]:
+    def parts(self, image: HeadBatch, text: Optional[HeadBatch] = None) -> List[Tuple[str, HeadBatch]]:
         """``[("text", text), ("image", image)]`` (text first when given), after consistency checks."""
         out = []
         for name, batch in (("text", text), ("image", image)):
@@ -235,6 +267,13 @@ class Objective:
                 raise TypeError(f"{name} must be a HeadBatch, got {type(batch).__name__}")
             if not isinstance(batch.hidden, torch.Tensor) or batch.hidden.dim() != 3:
                 raise ValueError(f"{name}.hidden must have shape [B, T, D]")
+            guided = self.settings.logprob_source == "guided"
+            if name == "image" and guided and batch.uncond_hidden is None:
+                raise ValueError("logprob_source=guided needs image.uncond_hidden (the unconditional branch's hidden "
+                                 "states; the trainer provides them when objective.needs.unconditional_hidden)")
+            if name == "image" and not guided and batch.uncond_hidden is not None:
+                raise ValueError("image.uncond_hidden is set but logprob_source is conditional; drop it or set "
+                                 "logprob_source=guided")
             out.append((name, batch))
         if len({b.hidden.shape[0] for _, b in out}) > 1:
             raise ValueError("text and image batches must hold the same B samples: "
@@ -274,21 +313,25 @@ class Objective:
             raise ValueError(f"{name}.sampling_logp ([B, T] log-probs of the sampling distribution) is required by "
                              "tis_clip_max")
 
-        def post(a_tok, logp, entropy):
+        tis_sums = [0.0, 0.0]   # running sum of the weights and count of valid tokens, over the calls of post
+
+        def post(a_tok, logp, entropy, rows: slice = slice(None)):
+            valid_rows = valid[rows].to(logp.device)
             a = a_tok if a_tok.dim() == 2 else a_tok[:, None].expand_as(logp)
             a = a.to(torch.promote_types(a.dtype, logp.dtype))   # float64 advantages stay float64
-            if s.top_entropy_quantile < 1.0:
-                values = entropy[valid.to(entropy.device)].float()
+            if s.top_entropy_quantile < 1.0:   # called on the whole micro-batch (see run_head)
+                values = entropy[valid_rows].float()
                 thr = torch.quantile(values, 1.0 - s.top_entropy_quantile) if values.numel() else values.new_zeros(())
-                keep = (entropy >= thr) & valid.to(entropy.device)
-                seen[f"mask/top_entropy_frac_{name}"] = keep.float().sum() / valid.float().sum().clamp(min=1.0)
+                keep = (entropy >= thr) & valid_rows
+                seen[f"mask/top_entropy_frac_{name}"] = keep.float().sum() / valid_rows.float().sum().clamp(min=1.0)
                 a = a * keep
-            if s.tis_clip_max is not None:
-                base = logp.to(a.dtype) if batch.old_logp is None else batch.old_logp.to(a.dtype)
-                delta = torch.where(valid.to(logp.device), base - batch.sampling_logp.to(a.dtype),
-                                    torch.zeros_like(base))
+            if s.tis_clip_max is not None:   # token-local: may be called per chunk of whole sequences
+                base = logp.to(a.dtype) if batch.old_logp is None else batch.old_logp[rows].to(a.dtype)
+                delta = torch.where(valid_rows, base - batch.sampling_logp[rows].to(a.dtype), torch.zeros_like(base))
                 weight = torch.exp(delta).clamp(max=s.tis_clip_max)
-                seen[f"tis/weight_mean_{name}"] = (weight * valid).sum() / valid.float().sum().clamp(min=1.0)
+                tis_sums[0] = tis_sums[0] + (weight * valid_rows).sum()
+                tis_sums[1] = tis_sums[1] + valid_rows.float().sum()
+                seen[f"tis/weight_mean_{name}"] = tis_sums[0] / torch.as_tensor(tis_sums[1]).clamp(min=1.0)
                 a = a * weight
             return a
 
@@ -321,17 +364,30 @@ class Objective:
             raise ValueError(f"head must be one of {HEAD_IMPLS}, got {head!r}")
         s = self.settings
         post = self.token_options(part, batch, {} if seen is None else seen)
-        if post is not None:   # the options need the current log-probs / entropies: one advantage_fn call
+        if post is not None:   # the options need the current log-probs / entropies: through advantage_fn
             inner = kw.pop("advantage_fn", None)
             fixed = kw.pop("advantages", None)
-            kw["advantage_fn"] = lambda logp, entropy: post(
-                inner(logp, entropy) if inner is not None else fixed.to(logp.device), logp, entropy)
+            scope = kw.get("advantage_fn_scope", "batch")
+
+            def with_options(logp, entropy, seqs=None):
+                rows = slice(None) if seqs is None else seqs
+                if inner is None:
+                    a = fixed.to(logp.device)[rows]
+                else:
+                    a = inner(logp, entropy) if seqs is None else inner(logp, entropy, seqs)
+                return post(a, logp, entropy, rows)
+
+            kw["advantage_fn"] = with_options
+            # top-rho's quantile spans the micro-batch: batch scope; the IS correction alone is token-local
+            kw["advantage_fn_scope"] = "batch" if s.top_entropy_quantile < 1.0 else (
+                "sequence" if inner is None else scope)
         return heads.HEAD_LOSSES[head](
-            batch.hidden, batch.weight, batch.targets, batch.mask, kw.pop("advantages", None), batch.bias,
+            batch.policy_hidden(), batch.weight, batch.targets, batch.mask, kw.pop("advantages", None), batch.bias,
             old_logp=batch.old_logp, ref_logp=batch.ref_logp, beta=s.beta if batch.ref_logp is not None else 0.0,
             normalization=s.normalization, normalizer=normalizer, kl_normalizer=kl_normalizer,
             eps_low=s.eps_low, eps_high=s.eps_high, temperature=batch.temperature,
-            backend=s.backend, chunk_size=s.chunk_size, **kw,
+            importance_sampling_level=s.importance_sampling_level, clip_ratio_c=s.clip_ratio_c,
+            entropy_coef=s.entropy_coef, backend=s.backend, chunk_size=s.chunk_size, **kw,
         )
 
     def logp_entropy(self, batch: HeadBatch, head: str = "fused") -> Tuple[torch.Tensor, torch.Tensor]:

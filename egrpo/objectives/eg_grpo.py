@@ -3,9 +3,11 @@
 Per part (text, image): ``Hn = H / ln V_part`` (detached), per-row percentile masks over the valid tokens
 (strict ``H < q_low``, ``H > q_high``), ``A[i, t] = (A_i + min(c1 |A_i|, c2 Hn) * high) * (1 - low)``; the KL
 term stays on every token. The masks need the current entropies of the whole row, so each shaped part runs as
-one head call with ``advantage_fn`` (8NDV: a streaming pass, then a pass that recomputes the logits to form
-gradients); unshaped parts run in one pass (6NDV). The shaping settings and :func:`shaping_fn` are shared with
-STAGE's ``token_shaping="eg"``.
+one head call with a per-sequence ``advantage_fn`` (``advantage_fn_scope="sequence"``: chunks hold whole rows and
+the gradient is formed in the same pass, 6NDV with a trainable head, 4NDV frozen), like unshaped parts. Only
+``budget_neutral`` (one scale for the whole micro-batch) runs its last shaped part with a batch-wide
+``advantage_fn``: 8NDV if that head is trainable (the image head, frozen in every recipe, stays at 4NDV).
+The shaping settings and :func:`shaping_fn` are shared with STAGE's ``token_shaping="eg"``.
 """
 
 from __future__ import annotations
@@ -86,10 +88,11 @@ EG_SHAPING_HPARAMS = {name: f.default for name, f in EntropyShapingSettings.__da
 
 
 def shaped_advantages(settings: EntropyShapingSettings, part: str, batch: HeadBatch, adv: torch.Tensor,
-                      entropy: torch.Tensor):
-    """``(A_tok, low, high)`` of one shaped part from its raw entropies ``[B, T]``."""
+                      entropy: torch.Tensor, seqs: slice = slice(None)):
+    """``(A_tok, low, high)`` of the sequences ``seqs`` of one shaped part from their raw entropies ``[b, T]``
+    (the percentiles are per row, so any subset of rows gives the same values as the whole batch)."""
     return eg_grpo_token_advantages(
-        adv.to(entropy.device), entropy, batch.mask, batch.weight.shape[0], low_q=settings.low_q,
+        adv[seqs].to(entropy.device), entropy, batch.mask[seqs], batch.weight.shape[0], low_q=settings.low_q,
         high_q=settings.high_q, c1=settings.c1, c2=settings.c2, method=settings.percentile_method,
         released_text_percentiles=(part == "text" and settings.include_padding_in_text_percentiles),
         backend=settings.backend)
@@ -98,10 +101,21 @@ def shaped_advantages(settings: EntropyShapingSettings, part: str, batch: HeadBa
 def shaping_fn(settings: EntropyShapingSettings, part: str, batch: HeadBatch, adv: torch.Tensor,
                masks_seen: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
                then: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
-    """The head's ``advantage_fn``: shaped token advantages from the current entropies (masks kept for metrics)."""
-    def fn(_logp, entropy):
-        a_tok, low, high = shaped_advantages(settings, part, batch, adv, entropy)
-        masks_seen[part] = (low, high)
+    """The head's ``advantage_fn``: shaped token advantages from the current entropies (masks kept for metrics).
+
+    ``fn(logp, entropy, seqs=None)``: with ``advantage_fn_scope="sequence"`` the kernel calls it per chunk of
+    whole sequences ``seqs`` (one pass: 6NDV trainable head, 4NDV frozen); without ``seqs`` it shapes the whole
+    batch (``advantage_fn_scope="batch"``, needed only when ``then`` spans the batch, e.g. ``budget_neutral``)."""
+    def fn(_logp, entropy, seqs: Optional[slice] = None):
+        rows = slice(None) if seqs is None else seqs
+        a_tok, low, high = shaped_advantages(settings, part, batch, adv, entropy, rows)
+        if seqs is None:
+            masks_seen[part] = (low, high)
+        else:
+            if part not in masks_seen:
+                empty = torch.zeros(batch.mask.shape, dtype=torch.bool, device=low.device)
+                masks_seen[part] = (empty, empty.clone())
+            masks_seen[part][0][rows], masks_seen[part][1][rows] = low, high
         return a_tok if then is None else then(a_tok)
     return fn
 
@@ -154,8 +168,10 @@ class EGGRPOObjective(Objective):
 
         if not s.budget_neutral:
             for name, batch in parts:
-                kw = (dict(advantage_fn=shaping_fn(s, name, batch, adv, masks_seen)) if s.shapes(name)
-                      else dict(advantages=adv.to(batch.hidden.device)))
+                # per-row percentiles: one sequence's entropies suffice, so the gradient is formed in the
+                # same pass (advantage_fn_scope="sequence")
+                kw = (dict(advantage_fn=shaping_fn(s, name, batch, adv, masks_seen), advantage_fn_scope="sequence")
+                      if s.shapes(name) else dict(advantages=adv.to(batch.hidden.device)))
                 results[name] = self.run_head(batch, den, kl_den, head=head, part=name, seen=extra, **kw)
         else:
             shaped = [(n, b) for n, b in parts if s.shapes(n)]

@@ -43,8 +43,9 @@ def eager_grpo_loss(
     hidden, weight, targets, mask, advantages, bias=None, *, old_logp=None, ref_logp=None, beta: float = 0.0,
     kl_weights=None, policy_weights=None, normalization: str = "token_mean", normalizer=None, kl_normalizer=None,
     eps_low: float = 0.2, eps_high: float = 0.2, temperature: float = 1.0,
-    advantage_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None, backend=None,
-    chunk_size=None,
+    advantage_fn: Optional[Callable[..., torch.Tensor]] = None, advantage_fn_scope="batch",
+    importance_sampling_level: str = "token", clip_ratio_c: Optional[float] = None, entropy_coef: float = 0.0,
+    backend=None, chunk_size=None,
 ) -> GRPOLossOutput:
     """:func:`egrpo.kernels.grpo_loss` through full logits (same arguments, same outputs)."""
     del backend, chunk_size
@@ -54,15 +55,22 @@ def eager_grpo_loss(
     valid = mask.bool()
     m = valid.to(dt)
     if advantage_fn is not None:
-        advantages = advantage_fn(logp.detach().float(), entropy.detach().float())
+        args = (logp.detach().float(), entropy.detach().float())
+        # full logits see every row at once: a scoped advantage_fn gets all sequences in one call
+        advantages = advantage_fn(*args) if advantage_fn_scope == "batch" else advantage_fn(*args, slice(0, B))
     if advantages is None:
         raise ValueError("advantages must be given (or advantage_fn)")
     adv = advantages.detach().to(device=logp.device, dtype=dt)
     adv = (adv[:, None].expand(B, T) if adv.dim() == 1 else adv) * m
     # Without old_logp the ratio is 1 in value with d ratio / d logp = 1 (on-policy).
     old = logp.detach() if old_logp is None else old_logp.detach().to(dt)
-    ratio = torch.exp(torch.where(valid, logp - old, torch.zeros_like(logp)))
+    log_ratio = torch.where(valid, logp - old, torch.zeros_like(logp))
+    if importance_sampling_level == "sequence":   # GSPO: exp(mean log-ratio over the valid tokens)
+        log_ratio = (log_ratio.sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1.0)).expand(B, T)
+    ratio = torch.exp(log_ratio)
     surr = torch.minimum(ratio * adv, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv)
+    if clip_ratio_c is not None:   # dual clip for negative advantages
+        surr = torch.where(adv < 0, torch.maximum(surr, clip_ratio_c * adv), surr)
     clipped_low = valid & (ratio.detach() < 1.0 - eps_low) & (adv < 0)
     clipped_high = valid & (ratio.detach() > 1.0 + eps_high) & (adv > 0)
     w = m if policy_weights is None else m * policy_weights.detach().to(dt)
@@ -97,6 +105,8 @@ def eager_grpo_loss(
         if beta != 0.0:
             kl_w = kl_base if kl_weights is None else kl_base * kl_weights.detach().to(dt)
             loss = loss + beta * (kl * kl_w).sum()
+    if entropy_coef:
+        loss = loss - entropy_coef * (entropy * kl_base).sum()
     return GRPOLossOutput(loss, logp.detach(), entropy.detach(), kl.detach(), clipped_low, clipped_high, adv)
 
 

@@ -17,6 +17,7 @@ Pieces, each a small function so the trainer, tests and ablations can use them a
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -163,8 +164,8 @@ class STAGEObjective(Objective):
     @property
     def needs(self) -> Needs:
         s = self.settings
-        return Needs(reference_logp=s.beta > 0, reference_entropy=s.entropy_reward,
-                     codebook_vectors=s.reweight_advantages or s.reweight_kl)
+        return dataclasses.replace(super().needs, reference_entropy=s.entropy_reward,
+                                   codebook_vectors=s.reweight_advantages or s.reweight_kl)
 
     # ---- pieces ----------------------------------------------------------------------------------
 
@@ -274,6 +275,7 @@ class STAGEObjective(Objective):
             kw = dict(policy_weights=policy_weights[name], kl_weights=kl_weights[name])
             if s.token_shaping == "eg" and s.shapes(name):
                 kw["advantage_fn"] = shaping_fn(s, name, batch, adv, masks_seen)
+                kw["advantage_fn_scope"] = "sequence"   # per-row percentiles: one pass
             else:
                 kw["advantages"] = adv.to(batch.hidden.device)
             results[name] = self.run_head(batch, den, kl_den, head=head, part=name, seen=extra, **kw)

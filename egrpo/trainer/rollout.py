@@ -423,6 +423,31 @@ def head_inputs(model, rollout: Rollout, *, backend="auto", chunk_size=None) -> 
     return image, text
 
 
+def unconditional_image_hidden(model, rollout: Rollout, tokens: JanusTokens) -> torch.Tensor:
+    """Teacher-forced hidden states ``[B, T, D']`` of the unconditional (CFG) branch at the image positions.
+
+    The context is the sampler's unconditional twin of ``rollout.sequence_ids`` (``protocol.unconditional_ids``: BOS
+    and the image start kept, pads in between; mask all ones for ``image_positions="released"``, the conditional
+    mask for ``"packed"``), followed by the sampled image tokens' generation embeddings, exactly as
+    :func:`head_inputs` builds the conditional branch. Like it, this stops before the vision head: the guided
+    logits ``u + w (c - u)`` equal ``vision_head((1 - w) h_u + w h_c)`` (the head is affine), so the objective
+    mixes these with the conditional hidden states and runs the same fused head once. Gradients flow to the
+    language model when called with grad enabled (one more LM forward/backward over B rows).
+    """
+    seq, image_tokens = rollout.sequence_ids, rollout.image_tokens
+    batch, length = seq.shape
+    n_image = image_tokens.shape[1]
+    uncond_ids = unconditional_ids(seq, tokens)
+    prompt_mask = (torch.ones_like(rollout.attention_mask) if rollout.image_positions == "released"
+                   else rollout.attention_mask)
+    embeds = torch.cat([model.get_input_embeddings()(uncond_ids),
+                        model.prepare_embeddings_for_image_generation(image_tokens[:, :-1])], dim=1)
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, n_image - 1)], dim=1)
+    hidden, _ = _language_model(model, embeds, mask, image_positions(mask, rollout.image_positions))
+    head = model.model.generation_head
+    return head.activation_fn(head.proj_out(hidden[:, length - 1:]))
+
+
 def codebook_vectors(model, image_tokens: torch.Tensor) -> torch.Tensor:
     """L2-normalised VQ codebook vectors of ``image_tokens`` [B, T] -> [B, T, C] float32 (STAGE similarity)."""
     # Through the module call (not .weight indexing) so that ZeRO-3 parameter hooks gather the codebook.

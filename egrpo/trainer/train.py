@@ -58,7 +58,8 @@ from egrpo.rewards.registry import build_rewards
 from .config import Config, load_prompts, save_config
 from .metrics import MetricLogger, peak_memory_mb, plot_curves, read_metrics, save_sample_grid
 from .model import build_model, num_image_tokens
-from .rollout import codebook_vectors, head_inputs, make_engine, rollout
+from .rollout import codebook_vectors, head_inputs, make_engine, rollout, unconditional_image_hidden
+from .tokenizer import janus_tokens
 
 # ---------------------------------------------------------------------------------------------- setup
 
@@ -228,12 +229,23 @@ class MicroBatch:
     ref: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)   # part -> (logp, entropy)
     old: Dict[str, torch.Tensor] = field(default_factory=dict)                        # part -> old logp
     codes: Optional[torch.Tensor] = None       # [B, T, C] codebook vectors (STAGE)
+    guidance: Optional[tuple] = None           # (JanusTokens, cfg_scale) when the objective wants guided log-probs
 
 
-def head_logp_entropy(model, ro, backend: str, chunk_size) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+def guided_head_inputs(model, ro, guidance=None):
+    """``head_inputs``, plus (when ``guidance = (JanusTokens, cfg_scale)`` is given: the objective asked for
+    guided log-probs) the image part's unconditional hidden states and guidance scale."""
+    image, text = head_inputs(model, ro)
+    if guidance is not None:
+        image.uncond_hidden = unconditional_image_hidden(model, ro, guidance[0])
+        image.guidance_scale = guidance[1]
+    return image, text
+
+
+def head_logp_entropy(model, ro, backend: str, chunk_size, guidance=None) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
     """Per part ("image", "text"): (logp, entropy) [B, T] float32 of the sampled tokens, no grad, fused head."""
     with torch.no_grad():
-        image, text = head_inputs(model, ro)
+        image, text = guided_head_inputs(model, ro, guidance)
         return {name: tuple(t.float() for t in batch.logp_entropy(backend, chunk_size))
                 for name, batch in (("image", image), ("text", text)) if batch is not None}
 
@@ -247,7 +259,7 @@ def micro_loss(model, objective, mb: MicroBatch, group_size: int, reward_weights
                head_impl: str = "fused"):
     """Policy forward + objective for one micro-batch -> (loss, metrics). Grad enabled. ``head_impl``: the
     objective's token loss through the fused kernels or through full logits (``train.head_impl``)."""
-    image, text = head_inputs(model, mb.rollout)
+    image, text = guided_head_inputs(model, mb.rollout, mb.guidance)
     if not objective.needs.text:
         text = None
     for name, batch in (("image", image), ("text", text)):
@@ -736,6 +748,8 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
     # ---- model, reference, rewards, data
     builder = model_builder or build_model
     model, tokenizer = load_model(builder, cfg.model, device)
+    # guided log-probs (objective.logprob_source: guided) need the unconditional branch with the sampler's layout
+    guidance = (janus_tokens(tokenizer), cfg.rollout.cfg_scale) if objective.needs.unconditional_hidden else None
     if cfg.rollout.image_tokens != num_image_tokens(model):
         raise ConfigError(f"rollout.image_tokens={cfg.rollout.image_tokens} but the model makes "
                           f"{num_image_tokens(model)} image tokens per image")
@@ -855,14 +869,14 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
                 rewards, reward_ok = mask_failed_rewards(rewards, G)   # NaN only from rewards with on_failure: mask
                 ro.metrics["reward/masked_frac"] = float((~reward_ok).float().mean())
                 timers["reward"] += time.perf_counter() - t0
-                mb = MicroBatch(rollout=ro, metadata=meta, rewards=rewards, codes=codes)
+                mb = MicroBatch(rollout=ro, metadata=meta, rewards=rewards, codes=codes, guidance=guidance)
                 t0 = time.perf_counter()
                 if ref_model is not None:
                     with zero3_gather(head_weights(ref_model), zero3):
-                        mb.ref = head_logp_entropy(ref_model, ro, backend, chunk_size)
+                        mb.ref = head_logp_entropy(ref_model, ro, backend, chunk_size, guidance)
                 if t.updates_per_rollout > 1:   # PPO-style reuse: the ratio is taken against the sampling policy
                     with zero3_gather(head_weights(module), zero3):
-                        mb.old = {k: v[0] for k, v in head_logp_entropy(module, ro, backend, chunk_size).items()}
+                        mb.old = {k: v[0] for k, v in head_logp_entropy(module, ro, backend, chunk_size, guidance).items()}
                 timers["ref"] += time.perf_counter() - t0
                 micro_batches.append(mb)
             data_position += cfg.data.prompts_per_step
