@@ -284,7 +284,8 @@ def run_tests(workdir, entries, timeout):
 
 
 def copy_repo(dst):
-    for name in ("egrpo", "tests", "configs", "data", "setup.py", "pyproject.toml", "setup.cfg", "pytest.ini"):
+    for name in ("egrpo", "tests", "configs", "data", "docs", "bench", "setup.py", "pyproject.toml", "setup.cfg",
+                 "pytest.ini"):
         src = os.path.join(ROOT, name)
         if os.path.isdir(src):
             shutil.copytree(src, os.path.join(dst, name), ignore=shutil.ignore_patterns("__pycache__"))
