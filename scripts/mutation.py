@@ -61,7 +61,8 @@ TESTS = {
     "egrpo/kernels/_common.py": ["tests/kernels/test_common*.py", "tests/kernels/test_linear_logprob_entropy*.py"],
     # the eager references: ground truth of the kernel tests and the trainer's head_impl=eager path, which the
     # trainer check compares with its own hand-written float64 objective
-    "egrpo/kernels/reference.py": [TRAINER_CHECK, "tests/test_objectives.py", "tests/test_stage.py",
+    "egrpo/kernels/reference.py": [TRAINER_CHECK, "tests/kernels/test_reference.py", "tests/test_objectives.py",
+                                   "tests/test_stage.py",
                                    "tests/kernels/test_grpo_loss.py", "tests/kernels/test_entropy_masks.py"],
     "egrpo/objectives*": ["tests/test_objective*.py", "tests/test_stage*.py", TRAINER_CHECK],
 }
