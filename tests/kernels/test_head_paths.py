@@ -199,6 +199,17 @@ def test_bad_arguments_raise_one_line_errors(kw, match):
     assert "\n" not in str(info.value)
 
 
+def test_log_prob_check_slack_is_rounding_only():
+    """Reference log-probs a hair above 0 (a caller's own log-softmax rounding, <= 1e-4) pass; 1.5e-4 does not."""
+    hidden, weight, bias, targets, mask, seq_adv, _ = make_case(torch.float32)
+    ref = torch.full((B, T), -1.0)
+    ref[0, 0] = 0.9e-4
+    grpo_loss(hidden, weight, targets, mask, seq_adv, bias, backend="torch", ref_logp=ref, beta=0.1)
+    ref[0, 0] = 1.5e-4
+    with pytest.raises(ValueError, match="ref_logp has positive values"):
+        grpo_loss(hidden, weight, targets, mask, seq_adv, bias, backend="torch", ref_logp=ref, beta=0.1)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "trainable"])
