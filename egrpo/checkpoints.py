@@ -32,6 +32,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from egrpo.errors import CheckpointFormatError
+
 log = logging.getLogger(__name__)
 
 ORIGINAL_MODEL_TYPE = "multi_modality"
@@ -42,10 +44,6 @@ EXPORT_FORMATS = ("hf", "original")
 EMBEDDED_HF_CONFIG_KEY = "egrpo_transformers_config"
 _WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
 _SKIP_FILES = {"config.json", "generation_config.json", EXTRAS_FILE}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be read or converted (the message says what to do)."""
 
 
 # ---------------------------------------------------------------------------------- key renaming
@@ -118,7 +116,7 @@ def original_to_hf_state(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torc
                 rest = key[len(old):]
                 break
         else:
-            raise CheckpointError(f"unknown original Janus tensor {key!r}: is this a Janus(-Pro) checkpoint?")
+            raise CheckpointFormatError(f"unknown original Janus tensor {key!r}: is this a Janus(-Pro) checkpoint?")
         if new == "model.vision_model.":
             qkv = _QKV.match(rest)
             if qkv:
@@ -152,7 +150,7 @@ def hf_to_original_state(state: Dict[str, torch.Tensor],
                 rest = key[len(new):]
                 break
         else:
-            raise CheckpointError(f"unknown transformers Janus tensor {key!r}")
+            raise CheckpointFormatError(f"unknown transformers Janus tensor {key!r}")
         if new == "model.vision_model.":
             m = _HF_QKV.match(rest)
             if m:
@@ -173,7 +171,7 @@ def hf_to_original_state(state: Dict[str, torch.Tensor],
         out[old + rest] = value
     for (layer, kind), parts in qkv.items():
         if sorted(parts) != ["k", "q", "v"]:
-            raise CheckpointError(f"vision layer {layer}: q/k/v {kind} incomplete ({sorted(parts)})")
+            raise CheckpointFormatError(f"vision layer {layer}: q/k/v {kind} incomplete ({sorted(parts)})")
         out[f"vision_model.vision_tower.blocks.{layer}.attn.qkv.{kind}"] = torch.cat([parts[c] for c in "qkv"], 0)
     out.update(extras or {})
     return out
@@ -185,9 +183,9 @@ def _read_json(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
-        raise CheckpointError(f"{path} not found: a checkpoint directory needs its config.json") from None
+        raise CheckpointFormatError(f"{path} not found: a checkpoint directory needs its config.json") from None
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        raise CheckpointFormatError(f"{path}: not valid JSON ({e})") from None
 
 
 def is_original_dir(path: str) -> bool:
@@ -227,7 +225,7 @@ def original_config_to_hf(config: dict, token_ids: Dict[str, int]):
             image_token_embed_dim=config["gen_head_config"]["params"]["image_token_embed"],
         )
     except (KeyError, TypeError) as e:
-        raise CheckpointError(f"original config.json lacks {e}: not a Janus(-Pro) multi_modality config") from None
+        raise CheckpointFormatError(f"original config.json lacks {e}: not a Janus(-Pro) multi_modality config") from None
     lang["model_type"] = "llama"
     return JanusConfig(text_config=lang, vision_config=vision, vq_config=vq, image_token_id=token_ids["image_token_id"])
 
@@ -268,7 +266,7 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if not os.path.isdir(path):
-        raise CheckpointError(f"{path} is not a directory")
+        raise CheckpointFormatError(f"{path} is not a directory")
     files = sorted(os.listdir(path))
     for ext in ("safetensors", "bin"):
         index = [f for f in files if f.endswith(f".{ext}.index.json")]
@@ -282,11 +280,11 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
         for shard in shards:
             file = os.path.join(path, shard)
             if not os.path.isfile(file):
-                raise CheckpointError(f"{file} is listed in the index but missing: re-download the checkpoint")
+                raise CheckpointFormatError(f"{file} is listed in the index but missing: re-download the checkpoint")
             state.update(load_file(file) if ext == "safetensors" else torch.load(file, map_location="cpu",
                                                                                 weights_only=True))
         return state
-    raise CheckpointError(f"{path}: no model*.safetensors or pytorch_model*.bin weights found")
+    raise CheckpointFormatError(f"{path}: no model*.safetensors or pytorch_model*.bin weights found")
 
 
 def write_state_dict(state: Dict[str, torch.Tensor], out: str, max_shard_size="5GB") -> None:
@@ -311,11 +309,11 @@ def _token_ids(path: str) -> Dict[str, int]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - tokenizers raise many types; the message says what to fix
-        raise CheckpointError(f"{path}: cannot load its tokenizer ({e}); the tokenizer files must sit next to "
+        raise CheckpointFormatError(f"{path}: cannot load its tokenizer ({e}); the tokenizer files must sit next to "
                               "the weights") from None
     token = tokenizer.convert_tokens_to_ids("<image_placeholder>")
     if token is None or token == tokenizer.unk_token_id:
-        raise CheckpointError(f"{path}: its tokenizer has no <image_placeholder> token; not a Janus tokenizer")
+        raise CheckpointFormatError(f"{path}: its tokenizer has no <image_placeholder> token; not a Janus tokenizer")
     ids = {"image_token_id": int(token)}
     for name in ("pad", "bos", "eos"):
         value = getattr(tokenizer, f"{name}_token_id", None)
@@ -329,18 +327,18 @@ def convert_checkpoint(src: str, dst: str, to: str = "auto", max_shard_size="5GB
     """Convert the checkpoint directory ``src`` into ``dst`` (``to`` = "hf", "original" or "auto": the other
     layout). Weights are written as safetensors; tokenizer/processor files are copied. Returns the layout written."""
     if not os.path.isfile(os.path.join(src, "config.json")):
-        raise CheckpointError(f"{src}: no config.json; give a Janus(-Pro) checkpoint directory")
+        raise CheckpointFormatError(f"{src}: no config.json; give a Janus(-Pro) checkpoint directory")
     original = is_original_dir(src)
     if to == "auto":
         to = "hf" if original else "original"
     if to not in EXPORT_FORMATS:
-        raise CheckpointError(f"target layout must be 'hf' or 'original', got {to!r}")
+        raise CheckpointFormatError(f"target layout must be 'hf' or 'original', got {to!r}")
     if (to == "hf") != original:
-        raise CheckpointError(f"{src} is already in the {'original' if original else 'transformers'} layout")
+        raise CheckpointFormatError(f"{src} is already in the {'original' if original else 'transformers'} layout")
     if os.path.abspath(src) == os.path.abspath(dst):
-        raise CheckpointError("the output directory must differ from the input directory")
+        raise CheckpointFormatError("the output directory must differ from the input directory")
     if os.path.isdir(dst) and os.listdir(dst):
-        raise CheckpointError(f"{dst} exists and is not empty; choose a new output directory")
+        raise CheckpointFormatError(f"{dst} exists and is not empty; choose a new output directory")
     state = read_state_dict(src)
     config = _read_json(os.path.join(src, "config.json"))
     os.makedirs(dst, exist_ok=True)
@@ -402,7 +400,7 @@ def export_model(model, tokenizer, out: str, export_format: str = "hf",
     """Write ``model`` (a ``JanusForConditionalGeneration``; ``state`` overrides its state dict, e.g. gathered
     under ZeRO-3) with its tokenizer to ``out`` in the transformers (``"hf"``) or original layout."""
     if export_format not in EXPORT_FORMATS:
-        raise CheckpointError(f"train.export_format must be 'hf' or 'original', got {export_format!r}")
+        raise CheckpointFormatError(f"train.export_format must be 'hf' or 'original', got {export_format!r}")
     if state is None:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     os.makedirs(out, exist_ok=True)

@@ -20,6 +20,11 @@ class CheckpointError(UserError):
     """No usable checkpoint where one was asked for; the message names the file or directory."""
 
 
+class CheckpointFormatError(UserError, ValueError):
+    """A checkpoint directory that cannot be read or converted between the original and transformers Janus
+    layouts; the message says what to do."""
+
+
 class ResumeError(UserError):
     """A resume would silently change the run (changed settings); the message names each key."""
 

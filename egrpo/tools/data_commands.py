@@ -6,11 +6,12 @@ import sys
 
 
 def run_convert(args) -> int:
-    from egrpo.checkpoints import CheckpointError, convert_checkpoint
+    from egrpo.checkpoints import convert_checkpoint
+    from egrpo.errors import CheckpointFormatError
 
     try:
         layout = convert_checkpoint(args.src, args.dst, to=args.to, max_shard_size=args.max_shard_size)
-    except CheckpointError as e:
+    except CheckpointFormatError as e:
         print(f"egrpo convert: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.dst} ({'transformers' if layout == 'hf' else 'original Janus'} layout)")

@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from egrpo.checkpoints import (CheckpointError, EXTRAS_FILE, convert_checkpoint, export_model, is_original_dir,
+from egrpo.checkpoints import (EXTRAS_FILE, convert_checkpoint, export_model, is_original_dir,
                                read_state_dict)
+from egrpo.errors import CheckpointFormatError
 from egrpo.trainer.model import ModelConfig, build_model
 
 # Original Janus module names (DeepSeek's MultiModalityCausalLM), written out by hand, with the tiny model's shapes.
@@ -145,15 +146,15 @@ def test_hf_export_of_original_model(dirs):
 
 def test_errors(dirs, tmp_path):
     _, tokenizer, hf, original, _ = dirs
-    with pytest.raises(CheckpointError, match="no model"):
+    with pytest.raises(CheckpointFormatError, match="no model"):
         read_state_dict(str(tmp_path))
-    with pytest.raises(CheckpointError, match="config.json"):
+    with pytest.raises(CheckpointFormatError, match="config.json"):
         convert_checkpoint(str(tmp_path), str(tmp_path / "x"), to="hf")
-    with pytest.raises(CheckpointError, match="already in the original"):
+    with pytest.raises(CheckpointFormatError, match="already in the original"):
         convert_checkpoint(original, str(tmp_path / "y"), to="original")
-    with pytest.raises(CheckpointError, match="not empty"):
+    with pytest.raises(CheckpointFormatError, match="not empty"):
         convert_checkpoint(original, hf)
-    with pytest.raises(CheckpointError, match="export_format"):
+    with pytest.raises(CheckpointFormatError, match="export_format"):
         export_model(None, tokenizer, str(tmp_path / "z"), "gguf")
 
 
@@ -214,5 +215,5 @@ def test_config_from_a_deepseek_style_original_config():
     assert (hf.vision_config.image_size, hf.vision_config.projection_dim) == (384, 4096)
     assert (hf.vq_config.num_embeddings, hf.vq_config.embed_dim, hf.vq_config.projection_dim,
             hf.vq_config.image_token_embed_dim) == (16384, 8, 4096, 4096)
-    with pytest.raises(CheckpointError, match="gen_head_config"):
+    with pytest.raises(CheckpointFormatError, match="gen_head_config"):
         original_config_to_hf({k: v for k, v in config.items() if k != "gen_head_config"}, {"image_token_id": 1})
