@@ -9,9 +9,10 @@ rounds, median), so the ratios are side by side. Measured per implementation:
 
 * ``ms/step``: image-phase sampling time / image tokens (prefill included, VQ decode excluded);
 * ``images/s``: images / (sampling + VQ decode) time;
-* on CUDA, ``engine-graph`` (the eager step captured as a CUDA graph) and the bandwidth floor per step:
-  (weights of one layer + its K/V cache at the mean length, bf16) x layers + generation head, over the
-  device copy bandwidth measured in the same run; reported per layer as well;
+* the memory floor per step (CPU and CUDA): the language model's weights + the K/V cache of every row at the
+  mean length (the model's dtype) + the generation head, read once, over the copy bandwidth measured in the
+  same run (``ms/step / memory floor`` in the table); on CUDA also ``engine-graph`` (the eager step captured
+  as a CUDA graph) and the time per layer;
 * ``decode ms``: the VQ decode alone (today: chunks of 8 rows NCHW; engine: all rows, channels-last).
 
 Implementations: ``today`` = ``egrpo.trainer.rollout.sample_image_tokens`` + ``decode_images`` (the loop
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from egrpo.rollout.engine import EngineConfig, RolloutEngine, cfg_prefill
+from egrpo.rollout.engine import EngineConfig, Prefill as EnginePrefill, RolloutEngine
 from egrpo.rollout.sampling import SamplingParams
 from egrpo.trainer.model import ModelConfig, build_model
 from egrpo.trainer.tokenizer import build_char_tokenizer, janus_tokens
@@ -53,7 +54,10 @@ CPU_CONFIGS = {
                  prompts=2, group=8),
     "mid": dict(tiny=dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=512, image_size=96,
                           patch_size=8, image_vocab_size=4096), prompts=2, group=8),
+    # The test suite's smoke run (not in the default list): TINY_DEFAULTS, 2 prompts x G = 2.
+    "tiny": dict(tiny=dict(), prompts=2, group=2),
 }
+DEFAULT_CPU_CONFIGS = ["demo", "mid"]
 # Janus-Pro shapes with 2 layers (report per layer); 384 px, 16 px patches = 576 tokens, 16384 codes.
 GPU_SHAPES = {
     "janus-pro-1b": dict(hidden_size=2048, num_layers=2, num_heads=16, intermediate_size=5632, full_layers=24),
@@ -76,22 +80,27 @@ def _timed(fn, device):
 
 
 def _prompt_batch(tokenizer, tokens, prompts, group, device):
-    from egrpo.trainer.rollout import encode_prompt, left_pad
+    """The trainer's image-phase prefill (released layout): ``(cond, uncond)`` protocol Prefills."""
+    from egrpo.trainer.protocol import image_prefill, image_prompt_text
+    from egrpo.trainer.tokenizer import encode_with_bos
 
-    rows = [encode_prompt(tokenizer, p, tokens) + [tokens.image_start] for p in prompts for _ in range(group)]
-    return left_pad(rows, tokens.pad, device)
+    rows = [encode_with_bos(tokenizer, image_prompt_text(p), tokens) for p in prompts for _ in range(group)]
+    return image_prefill(rows, tokens, device)
 
 
-def _implementations(model, tokenizer, ids, mask, image_tokens, device, compile_step, hf_generate):
-    """name -> (sample() -> tokens, decode(tokens))."""
+def _implementations(model, tokenizer, prefills, image_tokens, device, compile_step, hf_generate):
+    """name -> (sample() -> tokens, decode(tokens)). ``prefills``: the (cond, uncond) protocol Prefills."""
     from egrpo.trainer import rollout as today
+    from egrpo.trainer.protocol import Prefill
 
     tokens = janus_tokens(tokenizer)
+    cond, uncond = prefills
+    ids, mask = cond.input_ids, cond.attention_mask
     cfg = today.RolloutConfig(group_size=1, cfg_scale=5.0, image_tokens=image_tokens)
     generator = torch.Generator(device=device).manual_seed(0)
     params = SamplingParams(cfg_scale=5.0)
     impls = {
-        "today": (lambda: today.sample_image_tokens(model, ids, mask, tokens, cfg, generator)[0],
+        "today": (lambda: today.sample_image_tokens(model, cond, uncond, cfg, generator)[0],
                   lambda t: today.decode_images(model, t)),
     }
     if hf_generate:
@@ -113,17 +122,19 @@ def _implementations(model, tokenizer, ids, mask, image_tokens, device, compile_
         engines["engine-compiled"] = RolloutEngine(model, EngineConfig(compile=True))
     for name, engine in engines.items():
         def run(engine=engine):
-            prefill = cfg_prefill(model, ids, mask, tokens.pad, "left", keep_ids=(tokens.bos, tokens.image_start))
+            both = Prefill.cat([cond, uncond])
+            prefill = EnginePrefill(model.get_input_embeddings()(both.input_ids), both.attention_mask,
+                                    both.position_ids)
             return engine.generate_image_tokens(prefill, image_tokens, params, seed=0).tokens
         impls[name] = (run, engine.decode)
     return impls
 
 
-def bench_config(name, model, tokenizer, ids, mask, image_tokens, device, threads, repeats, compile_step,
+def bench_config(name, model, tokenizer, prefills, image_tokens, device, threads, repeats, compile_step,
                  hf_generate=True):
     if device == "cpu":
         torch.set_num_threads(threads)
-    impls = _implementations(model, tokenizer, ids, mask, image_tokens, device, compile_step, hf_generate)
+    impls = _implementations(model, tokenizer, prefills, image_tokens, device, compile_step, hf_generate)
     results = {k: {"sample_s": [], "decode_s": []} for k in impls}
     notes = {}
     for impl, (sample_fn, _) in list(impls.items()):  # warm-up (compilation, allocator); drop what fails
@@ -142,7 +153,7 @@ def bench_config(name, model, tokenizer, ids, mask, image_tokens, device, thread
                 sampled = out if isinstance(out, torch.Tensor) else out
                 results[impl]["sample_s"].append(seconds)
                 results[impl]["decode_s"].append(_timed(lambda: decode_fn(sampled), device)[0])
-    rows = ids.shape[0]
+    rows = prefills[0].rows
     table = {}
     for impl, r in results.items():
         sample_s, decode_s = statistics.median(r["sample_s"]), statistics.median(r["decode_s"])
@@ -181,14 +192,18 @@ def run_cpu(args):
         spec = CPU_CONFIGS[name]
         model, tokenizer = build_model(ModelConfig(tiny=dict(spec["tiny"]), dtype="fp32"), "cpu")
         tokens = janus_tokens(tokenizer)
-        ids, mask = _prompt_batch(tokenizer, tokens, PROMPTS[:spec["prompts"]], spec["group"], "cpu")
+        prefills = _prompt_batch(tokenizer, tokens, PROMPTS[:spec["prompts"]], spec["group"], "cpu")
         image_tokens = int(model.config.vision_config.num_image_tokens)
         for threads in args.threads:
             print(f"[rollout] {name}: {threads} thread(s)", flush=True)
-            run = bench_config(name, model, tokenizer, ids, mask, image_tokens, "cpu", threads, args.repeats,
+            run = bench_config(name, model, tokenizer, prefills, image_tokens, "cpu", threads, args.repeats,
                                args.compile)
-            run["shape"] = dict(spec["tiny"], prompts=spec["prompts"], group_size=spec["group"],
-                                prompt_len=ids.shape[1])
+            bandwidth = _bandwidth_gbs("cpu")  # at this thread count
+            prompt_len = prefills[0].input_ids.shape[1]
+            run["shape"] = dict(spec["tiny"], prompts=spec["prompts"], group_size=spec["group"], prompt_len=prompt_len)
+            run["bandwidth_gbs"] = bandwidth
+            run["floor_ms_per_step"] = floor_ms_per_step(model, 2 * prefills[0].rows, prompt_len + image_tokens / 2,
+                                                         bandwidth)
             runs.append(run)
             _print_run(run)
     return runs
@@ -208,6 +223,22 @@ def _bandwidth_gbs(device):
     return 2 * x.numel() * 20 / (time.perf_counter() - start) / 1e9
 
 
+def floor_ms_per_step(model, rows: int, mean_keys: float, bandwidth_gbs: float) -> float:
+    """Memory floor of one decode step: every language-model layer's weights, the generation head and the K/V of
+    ``rows`` rows at ``mean_keys`` keys (the cache's dtype), read once, over ``bandwidth_gbs`` (copy bandwidth)."""
+    lm = model.model.language_model
+    text = model.config.text_config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    element = next(lm.parameters()).element_size()
+    weight_bytes = sum(p.numel() * p.element_size() for p in lm.layers.parameters())
+    head_bytes = sum(p.numel() * p.element_size() for m in (model.model.generation_head,
+                     model.model.generation_aligner) for p in m.parameters())
+    kv_bytes = 2 * rows * mean_keys * kv_heads * head_dim * element * len(lm.layers)
+    return 1e3 * (weight_bytes + head_bytes + kv_bytes) / (bandwidth_gbs * 1e9)
+
+
 def run_cuda(args):
     from transformers import JanusForConditionalGeneration
 
@@ -224,22 +255,18 @@ def run_cuda(args):
                                    max_position_embeddings=4096, **overrides)
         config._attn_implementation = config.text_config._attn_implementation = "sdpa"
         model = JanusForConditionalGeneration(config).to("cuda", torch.bfloat16).eval()
-        layer_bytes = sum(p.numel() * p.element_size() for p in model.model.language_model.layers[0].parameters())
-        head_bytes = sum(p.numel() * p.element_size() for m in (model.model.generation_head,
-                         model.model.generation_aligner) for p in m.parameters())
         for images in args.rows:
             group = max(1, images // 2)
-            ids, mask = _prompt_batch(tokenizer, tokens, PROMPTS[:2], group, "cuda")
-            print(f"[rollout] {shape_name}: {ids.shape[0]} images", flush=True)
-            run = bench_config(shape_name, model, tokenizer, ids, mask, 576, "cuda", 0, args.repeats,
+            prefills = _prompt_batch(tokenizer, tokens, PROMPTS[:2], group, "cuda")
+            print(f"[rollout] {shape_name}: {prefills[0].input_ids.shape[0]} images", flush=True)
+            run = bench_config(shape_name, model, tokenizer, prefills, 576, "cuda", 0, args.repeats,
                                args.compile, hf_generate=False)
             # Floor per step: weights once + the KV cache of all 2B rows (mean length), over the copy bandwidth.
-            rows2, length = 2 * ids.shape[0], ids.shape[1] + 576 / 2
-            kv_bytes = 2 * rows2 * length * shape["hidden_size"] * 2  # K and V, bf16, per layer
-            floor_ms = 1e3 * (shape["num_layers"] * (layer_bytes + kv_bytes) + head_bytes) / (bandwidth * 1e9)
+            prompt_len = prefills[0].input_ids.shape[1]
+            floor_ms = floor_ms_per_step(model, 2 * prefills[0].rows, prompt_len + 576 / 2, bandwidth)
             run["floor_ms_per_step"] = floor_ms
             run["per_layer"] = {impl: r["ms_per_step"] / shape["num_layers"] for impl, r in run["results"].items()}
-            run["shape"] = dict(overrides, full_layers=shape["full_layers"], images=ids.shape[0])
+            run["shape"] = dict(overrides, full_layers=shape["full_layers"], images=prefills[0].input_ids.shape[0])
             run["bandwidth_gbs"] = bandwidth
             runs.append(run)
             _print_run(run)
@@ -310,18 +337,21 @@ def _markdown(payload):
         lines.append("CPU numbers are noisy (2 shared cores); read the side-by-side ratios.")
         lines.append("")
     lines += ["| config | threads | images x tokens | implementation | ms/step | decode ms | images/s | "
-              "step speed-up vs today | images/s vs today | notes |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "step speed-up vs today | images/s vs today | ms/step / memory floor | notes |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in payload["runs"]:
         for impl, r in run["results"].items():
             lines.append(
                 f"| {run['config']} | {run['threads'] or '-'} | {run['images']} x {run['image_tokens']} | {impl} | "
                 f"{r['ms_per_step']:.2f} | {r['decode_ms']:.1f} | {r['images_per_s']:.2f} | "
                 f"{r.get('speedup_step_vs_today', float('nan')):.2f}x | "
-                f"{r.get('speedup_images_vs_today', float('nan')):.2f}x | {run['notes'].get(impl, '')} |")
+                f"{r.get('speedup_images_vs_today', float('nan')):.2f}x | "
+                f"{r['ms_per_step'] / run['floor_ms_per_step'] if run.get('floor_ms_per_step') else float('nan'):.1f}x | "
+                f"{run['notes'].get(impl, '')} |")
         for impl, note in run["notes"].items():
             if impl not in run["results"]:
                 lines.append(f"| {run['config']} | {run['threads'] or '-'} | {run['images']} x {run['image_tokens']} "
-                             f"| {impl} | | | | | | {note} |")
+                             f"| {impl} | | | | | | | {note} |")
     lines.append(END)
     return "\n".join(lines)
 
@@ -338,7 +368,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="GPU: 2 layers of each Janus-Pro shape")
-    parser.add_argument("--configs", nargs="+", default=list(CPU_CONFIGS), choices=list(CPU_CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CPU_CONFIGS, choices=list(CPU_CONFIGS))
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--rows", nargs="+", type=int, default=[16, 128], help="GPU: images per rollout")
     parser.add_argument("--repeats", type=int, default=3)
