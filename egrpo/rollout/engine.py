@@ -50,16 +50,27 @@ class EngineConfig:
     compile_mode: Optional[str] = None  # torch.compile mode; None = torch's default mode
     compile_backend: str = "inductor"   # torch.compile backend ("eager" exercises the compiled-shape path fast)
     cuda_graph: bool = True          # CUDA only: capture the decode step as a CUDA graph
+    # Compiled / graph step: attend over the keys up to the end of one of this many equal spans of the buffer
+    # instead of the whole buffer (one compilation / graph per span; 1 = whole buffer, one compilation).
+    key_buckets: int = 4
     sampler: str = "auto"            # "auto" (Triton on CUDA, torch on CPU) | "triton" | "torch"
     eos_check_every: int = 16        # text phase: host check for "all rows finished" every k steps
     vq_batch_size: int = 8           # VQ decode chunk (rows; 0 = all at once); today's value, see docs
     vq_channels_last: bool = True    # VQ decode in channels-last memory format (faster on CPU, see docs)
+    # One GEMM for q/k/v and one for gate/up per layer, from weights concatenated once per phase (a copy of those
+    # weights for the phase). None = on CPU (fewer, wider GEMMs and fewer ops: docs/rollout.md), off on CUDA
+    # (the CUDA graph already removes the per-op cost and a 7B copy would cost GBs).
+    fuse_projections: Optional[bool] = None
 
     def __post_init__(self):
         if self.sampler not in ("auto", "triton", "torch"):
             raise ValueError(f"engine.sampler must be auto, triton or torch, got {self.sampler!r}")
         if not isinstance(self.eos_check_every, int) or self.eos_check_every < 1:
             raise ValueError(f"engine.eos_check_every must be an integer >= 1, got {self.eos_check_every!r}")
+        if not isinstance(self.key_buckets, int) or isinstance(self.key_buckets, bool) or self.key_buckets < 1:
+            raise ValueError(f"engine.key_buckets must be an integer >= 1, got {self.key_buckets!r}")
+        if self.fuse_projections not in (None, True, False):
+            raise ValueError(f"engine.fuse_projections must be true, false or null (auto), got {self.fuse_projections!r}")
         if not isinstance(self.vq_batch_size, int) or self.vq_batch_size < 0:
             raise ValueError(f"engine.vq_batch_size must be an integer >= 0 (0 = all rows), got {self.vq_batch_size!r}")
 
@@ -172,6 +183,34 @@ class _PhaseState:
         self.slot = torch.arange(total, device=device)
         self.step = torch.zeros((), dtype=torch.int64, device=device)  # slot index of the next decode input
         self.rng = torch.tensor([seed, 0], dtype=torch.int64, device=device)
+        self.fused: Optional[List[_FusedLayer]] = None  # set by the engine when it fuses projections
+
+
+class _FusedLayer:
+    """One layer's projections concatenated for a phase: ``qkv`` (always) and ``gate_up`` (stock SiLU-gated MLP
+    only; any other MLP module, e.g. a kernel patch, is called as it is)."""
+
+    def __init__(self, layer):
+        attn = layer.self_attn
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        self.qkv_weight = torch.cat([m.weight for m in projections], 0)
+        biases = [m.bias for m in projections]
+        self.qkv_bias = None
+        if any(b is not None for b in biases):  # a missing bias is a zero bias
+            self.qkv_bias = torch.cat([b if b is not None else m.weight.new_zeros(m.weight.shape[0])
+                                       for m, b in zip(projections, biases)], 0)
+        mlp = layer.mlp
+        self.gate_up_weight = self.gate_up_bias = None
+        if type(mlp).__name__ == "LlamaMLP" and isinstance(mlp.act_fn, torch.nn.SiLU) and mlp.gate_proj.bias is None \
+                and mlp.up_proj.bias is None:
+            self.gate_up_weight = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], 0)
+
+
+def _rms_norm(norm, h):
+    """``norm(h)``; the stock Llama RMSNorm as one fused op (same formula), any other module (a patch) as is."""
+    if type(norm).__name__ == "LlamaRMSNorm" and h.dtype == torch.float32:
+        return F.rms_norm(h, norm.weight.shape, norm.weight, norm.variance_epsilon)
+    return norm(h)
 
 
 def _rotate(x, cos, sin):
@@ -221,11 +260,21 @@ class RolloutEngine:
 
     def _attention_layer(self, layer, index, h, state: _PhaseState, cos, sin, write_at, key_len, key_mask):
         attn = layer.self_attn
-        rows = h.shape[0]
-        q = attn.q_proj(h).view(rows, -1, state.heads, state.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(rows, -1, state.kv_heads, state.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(rows, -1, state.kv_heads, state.head_dim).transpose(1, 2)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        rows, length = h.shape[:2]
+        heads, kv_heads, dim = state.heads, state.kv_heads, state.head_dim
+        fused = state.fused[index] if state.fused is not None else None
+        if fused is not None:
+            # One GEMM; rotary applied to q and k together (same arithmetic per element as apart).
+            qkv = F.linear(h, fused.qkv_weight, fused.qkv_bias)
+            qk = _rotate(qkv[..., :(heads + kv_heads) * dim].view(rows, length, heads + kv_heads, dim),
+                         cos.transpose(1, 2), sin.transpose(1, 2))
+            q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
+            v = qkv[..., (heads + kv_heads) * dim:].view(rows, length, kv_heads, dim).transpose(1, 2)
+        else:
+            q = attn.q_proj(h).view(rows, -1, heads, dim).transpose(1, 2)
+            k = attn.k_proj(h).view(rows, -1, kv_heads, dim).transpose(1, 2)
+            v = attn.v_proj(h).view(rows, -1, kv_heads, dim).transpose(1, 2)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         keys, values = state.keys[index], state.values[index]
         if isinstance(write_at, int):
             keys[:, :, write_at:write_at + k.shape[2]] = k
@@ -238,15 +287,31 @@ class RolloutEngine:
             out = _decode_attention(q, keys, values, key_mask, attn.scaling)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=key_mask, scale=attn.scaling,
-                                                 enable_gqa=state.kv_heads != state.heads)
-        return attn.o_proj(out.transpose(1, 2).reshape(rows, -1, state.heads * state.head_dim))
+                                                 enable_gqa=kv_heads != heads)
+        return attn.o_proj(out.transpose(1, 2).reshape(rows, -1, heads * dim))
+
+    def _mlp(self, layer, index, x, state: _PhaseState):
+        fused = state.fused[index] if state.fused is not None else None
+        if fused is None or fused.gate_up_weight is None:
+            return layer.mlp(x)
+        gate, up = F.linear(x, fused.gate_up_weight).chunk(2, -1)
+        return layer.mlp.down_proj(F.silu(gate).mul_(up))
 
     def _layers(self, h, state, cos, sin, write_at, key_len, key_mask):
         for index, layer in enumerate(self.lm.layers):
-            h = h + self._attention_layer(layer, index, layer.input_layernorm(h), state, cos, sin, write_at, key_len,
-                                          key_mask)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.lm.norm(h)
+            h = h + self._attention_layer(layer, index, _rms_norm(layer.input_layernorm, h), state, cos, sin,
+                                          write_at, key_len, key_mask)
+            h = h + self._mlp(layer, index, _rms_norm(layer.post_attention_layernorm, h), state)
+        return _rms_norm(self.lm.norm, h)
+
+    def _new_state(self, prefill: Prefill, new_tokens: int, seed: int) -> _PhaseState:
+        state = _PhaseState(self.lm, prefill, new_tokens, seed)
+        fuse = self.config.fuse_projections
+        if fuse is None:
+            fuse = prefill.inputs_embeds.device.type == "cpu"
+        if fuse:
+            state.fused = [_FusedLayer(layer) for layer in self.lm.layers]
+        return state
 
     def _prefill(self, prefill: Prefill, state: _PhaseState) -> torch.Tensor:
         """One batched forward over the prompt; returns the last hidden state [R, D]."""
@@ -259,28 +324,31 @@ class RolloutEngine:
                               length, mask[:, None])
         return hidden[:, -1]
 
-    def _decode_hidden(self, embeds: torch.Tensor, state: _PhaseState, step: Optional[int]) -> torch.Tensor:
+    def _decode_hidden(self, embeds: torch.Tensor, state: _PhaseState, step: Optional[int],
+                       keys: Optional[int] = None) -> torch.Tensor:
         """LM over one new position per row ([R, D] -> [R, D]). ``step`` (host int) selects the eager variant
-        attending over the filled prefix; None reads ``state.step`` (device) and attends over the full buffer."""
+        attending over the filled prefix; None reads ``state.step`` (device) and attends over the first ``keys``
+        slots of the buffer (None: all; a host int fixed per compilation / graph, covering every filled slot)."""
         h = embeds[:, None]
         if step is not None:
             slot = state.prompt_len + step
             cos, sin = state.cos[:, :, slot:slot + 1], state.sin[:, :, slot:slot + 1]
             key_mask = state.key_valid[:, None, None, :slot + 1]
             return self._layers(h, state, cos, sin, slot, slot + 1, key_mask)[:, 0]
+        keys = keys or state.total
         slot = state.prompt_len + state.step
         cos = state.cos.index_select(2, slot.view(1))
         sin = state.sin.index_select(2, slot.view(1))
-        key_mask = (state.key_valid & (state.slot <= slot))[:, None, None, :]
-        return self._layers(h, state, cos, sin, slot.view(1), state.total, key_mask)[:, 0]
+        key_mask = (state.key_valid[:, :keys] & (state.slot[:keys] <= slot))[:, None, None, :]
+        return self._layers(h, state, cos, sin, slot.view(1), keys, key_mask)[:, 0]
 
     # ---- decode steps ----------------------------------------------------------------------------------
 
-    def _image_step(self, token, state, params, out_tokens, out_kl, out_logp, step=None):
+    def _image_step(self, token, state, params, out_tokens, out_kl, out_logp, step=None, keys=None):
         """Embed ``token`` [B] for both branches, one LM position, generation head, CFG sampling.
         Writes the next token and its KL at column ``state.step + 1`` and advances the counters."""
         embeds = self.model.prepare_embeddings_for_image_generation(token)
-        hidden = self._decode_hidden(torch.cat([embeds, embeds], 0), state, step)
+        hidden = self._decode_hidden(torch.cat([embeds, embeds], 0), state, step, keys)
         logits = self.model.model.generation_head(hidden)
         batch = token.shape[0]
         next_token, kl, logp = sample(logits[:batch], logits[batch:], params, state.rng, True, self.config.sampler,
@@ -293,8 +361,9 @@ class RolloutEngine:
         state.rng[1] += 1
         return next_token
 
-    def _text_step(self, token, finished, state, params, pad_id, eos_id, out_ids, out_valid, out_logp, step=None):
-        hidden = self._decode_hidden(self.model.get_input_embeddings()(token), state, step)
+    def _text_step(self, token, finished, state, params, pad_id, eos_id, out_ids, out_valid, out_logp, step=None,
+                   keys=None):
+        hidden = self._decode_hidden(self.model.get_input_embeddings()(token), state, step, keys)
         next_token, _, logp = sample(self.model.lm_head(hidden), None, params, state.rng, False, self.config.sampler,
                                      want_logp=True)
         column = (state.step + 1).view(1)
@@ -307,6 +376,14 @@ class RolloutEngine:
         state.rng[1] += 1
         return next_token
 
+    @staticmethod
+    def _key_span(state: _PhaseState, buckets: int, step: int) -> int:
+        """Keys the full-buffer step at host step ``step`` attends over: the end of the first of ``buckets``
+        equal spans of the buffer (rounded up to 16 slots) that covers slot ``prompt_len + step``."""
+        span = -(-state.total // buckets)
+        span = -(-span // 16) * 16
+        return min(state.total, -(-(state.prompt_len + step + 1) // span) * span)
+
     def _runner(self, kind: str, fn: Callable, state: _PhaseState, static_args: tuple):
         """Return ``run(step)`` performing one decode step in the configured mode."""
         cfg = self.config
@@ -315,35 +392,44 @@ class RolloutEngine:
             return lambda step: fn(*static_args, step=step)
         step_fn = fn
         if cfg.compile:
-            # One compiled function per phase kind; torch.compile specialises it per (rows, prompt length)
-            # (static shapes), so bucketing prompt lengths avoids recompiling for every new length.
+            # One compiled function per phase kind; torch.compile specialises it per (rows, prompt length, key
+            # span) (static shapes), so bucketing prompt lengths avoids recompiling for every new length.
             if kind not in self._compiled:
                 kwargs = {"mode": cfg.compile_mode} if cfg.compile_mode else {}
                 self._compiled[kind] = torch.compile(fn, dynamic=False, backend=cfg.compile_backend, **kwargs)
             step_fn = self._compiled[kind]
+        span = lambda step: self._key_span(state, cfg.key_buckets, step)  # noqa: E731
         if not (cfg.cuda_graph and on_cuda):
-            return lambda step: step_fn(*static_args, step=None)
-        return self._capture(step_fn, state, static_args)
+            return lambda step: step_fn(*static_args, step=None, keys=span(step))
+        graphs = {}
 
-    def _capture(self, step_fn, state: _PhaseState, static_args: tuple):
-        """Capture one full-buffer decode step as a CUDA graph; replays advance the device counters."""
+        def replay(step):
+            keys = span(step)
+            if keys not in graphs:  # captured when the phase first reaches this key span
+                graphs[keys] = self._capture(step_fn, state, static_args, keys)
+            graphs[keys].replay()
+        return replay
+
+    def _capture(self, step_fn, state: _PhaseState, static_args: tuple, keys: int):
+        """Capture one full-buffer decode step (over ``keys`` slots) as a CUDA graph; replays advance the
+        device counters."""
         saved_step, saved_rng = state.step.clone(), state.rng.clone()
         saved = [t.clone() for t in static_args if isinstance(t, torch.Tensor)]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up (compilation, autotuning, allocator) outside the graph
-                step_fn(*static_args, step=None)
+                step_fn(*static_args, step=None, keys=keys)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            step_fn(*static_args, step=None)
+            step_fn(*static_args, step=None, keys=keys)
         # Undo the warm-up and capture side effects (the capture itself also ran nothing; warm-up did).
         state.step.copy_(saved_step)
         state.rng.copy_(saved_rng)
         for tensor, value in zip([t for t in static_args if isinstance(t, torch.Tensor)], saved):
             tensor.copy_(value)
-        return lambda step: graph.replay()
+        return graph
 
     # ---- phases ----------------------------------------------------------------------------------------
 
@@ -360,7 +446,7 @@ class RolloutEngine:
         if num_tokens < 1:
             raise ValueError(f"generate_image_tokens: num_tokens must be >= 1, got {num_tokens}")
         batch = rows // 2
-        state = _PhaseState(self.lm, prefill, num_tokens - 1, seed)
+        state = self._new_state(prefill, num_tokens - 1, seed)
         device = prefill.inputs_embeds.device
         tokens = torch.zeros(batch, num_tokens, dtype=torch.int64, device=device)
         kl = torch.zeros(batch, num_tokens, dtype=torch.float32, device=device)
@@ -390,7 +476,7 @@ class RolloutEngine:
             raise ValueError(f"generate_text: max_new_tokens must be >= 1, got {max_new_tokens}")
         rows = prefill.attention_mask.shape[0]
         device = prefill.inputs_embeds.device
-        state = _PhaseState(self.lm, prefill, max_new_tokens - 1, seed)
+        state = self._new_state(prefill, max_new_tokens - 1, seed)
         ids = torch.full((rows, max_new_tokens), pad_id, dtype=torch.int64, device=device)
         valid = torch.zeros(rows, max_new_tokens, dtype=torch.bool, device=device)
         logp = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)

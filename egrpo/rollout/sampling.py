@@ -103,8 +103,8 @@ def guided_logits(cond: torch.Tensor, uncond: Optional[torch.Tensor], params: Sa
     logits = cond.float()
     if params.cfg_scale is not None:
         u = uncond.float()
-        logits = u + params.cfg_scale * (logits - u)
-    return logits / params.temperature
+        logits = (logits - u).mul_(params.cfg_scale).add_(u)  # u + w (c - u), the Triton kernel's rounding
+    return logits / params.temperature if params.temperature != 1 else logits
 
 
 def keep_mask(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]) -> Optional[torch.Tensor]:
@@ -126,27 +126,33 @@ def keep_mask(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]
 
 def sample_torch(cond: torch.Tensor, uncond: Optional[torch.Tensor], params: SamplingParams,
                  rng_state: torch.Tensor, want_kl: bool = True, want_logp: bool = False):
-    """Eager path of :func:`sample`; see the module docstring."""
+    """Eager path of :func:`sample`; see the module docstring. Few full passes over [N, V] (it is the CPU decode
+    step's sampler): guided logits, max, exp, cumsum, and for the KL one log-softmax and one weighted sum."""
     logits = guided_logits(cond, uncond, params)
     keep = keep_mask(logits, params.top_k, params.top_p)
     if keep is not None:
         logits = logits.masked_fill(~keep, float("-inf"))
-    weights = torch.exp(logits - logits.amax(-1, keepdim=True))  # 0 outside keep
+    shifted = logits - logits.amax(-1, keepdim=True)
+    weights = torch.exp(shifted)  # 0 outside keep
     cdf = weights.cumsum(-1)
-    target = row_uniforms(rng_state, cond.shape[0])[:, None] * cdf[:, -1:]
-    token = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    # target can round up to the total: fall back to the last token with non-zero weight.
-    vocab = torch.arange(logits.shape[-1], device=logits.device)
-    last = torch.where(weights > 0, vocab, torch.zeros_like(vocab)).amax(-1)
-    token = torch.minimum(token, last)
+    total = cdf[:, -1:]
+    # Inverse CDF: the first index whose cdf exceeds the target. A target that rounds up to the total is pulled
+    # just below it, so the draw lands on the last token with non-zero weight, never on a zero-weight one.
+    target = torch.minimum(row_uniforms(rng_state, cond.shape[0])[:, None] * total,
+                           torch.nextafter(total, torch.zeros_like(total)))
+    # NaN weights (diverged weights) find no index: clamp, the NaN log-prob is what the caller checks.
+    token = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
+    log_total = torch.log(total)
     kl = None
     if want_kl:
-        logp_s = torch.log_softmax(logits, -1)
-        logp_c = torch.log_softmax(cond.float(), -1)
-        kl = torch.where(weights > 0, logp_s.exp() * (logp_s - logp_c), torch.zeros_like(logp_s)).sum(-1)
+        # KL(p || softmax(c)) = sum_i p_i (shifted_i - log_total - logp_c_i), p = weights / total.
+        gap = shifted - torch.log_softmax(cond.float(), -1)
+        if keep is not None:  # outside keep shifted is -inf and the weight 0: contributes nothing
+            gap = gap.masked_fill_(~keep, 0.0)
+        kl = (weights * gap).sum(-1) / total.squeeze(-1) - log_total.squeeze(-1)
     if not want_logp:
         return token, kl
-    logp = logits.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+    logp = shifted.gather(-1, token[:, None]).squeeze(-1) - log_total.squeeze(-1)
     return token, kl, logp
 
 

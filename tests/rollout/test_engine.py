@@ -38,8 +38,10 @@ def _batch(tokens, layout, lengths=(5, 9, 3), group=2):
 
 
 ENGINES = [
-    EngineConfig(),                                           # eager step over the filled prefix
-    EngineConfig(compile=True, compile_backend="eager"),      # the compiled-shape step (full buffer + mask)
+    EngineConfig(),                                           # eager step over the filled prefix (CPU: fused q/k/v)
+    EngineConfig(fuse_projections=False),                     # eager step, one GEMM per projection
+    EngineConfig(compile=True, compile_backend="eager", key_buckets=1),  # compiled-shape step: full buffer + mask
+    EngineConfig(compile=True, compile_backend="eager", key_buckets=3),  # ... over spans of the buffer
 ]
 
 
@@ -49,7 +51,7 @@ ENGINES = [
     SamplingParams(cfg_scale=3.0, temperature=0.8, top_k=20),
     SamplingParams(cfg_scale=1.5, top_p=0.7),
 ])
-@pytest.mark.parametrize("engine_config", ENGINES, ids=["eager", "full-buffer"])
+@pytest.mark.parametrize("engine_config", ENGINES, ids=["eager", "eager-unfused", "full-buffer", "key-spans"])
 def test_image_tokens_match_reference(tiny, layout, params, engine_config):
     model, tokens = tiny
     ids, mask = _batch(tokens, layout)
@@ -116,7 +118,19 @@ def test_decode_matches_hf(tiny):
                                    atol=1e-5)
 
 
-@pytest.mark.parametrize("field,value", [("sampler", "cuda"), ("eos_check_every", 0), ("vq_batch_size", -1)])
+def test_key_spans_cover_every_filled_slot():
+    """The compiled step's key span at each step holds that step's slot, stays inside the buffer, and takes at
+    most ``key_buckets`` values over a phase (one compilation / CUDA graph each)."""
+    class State:
+        prompt_len, total = 37, 37 + 150
+    for buckets in (1, 2, 3, 4, 7):
+        spans = [RolloutEngine._key_span(State, buckets, step) for step in range(State.total - State.prompt_len)]
+        assert all(State.prompt_len + step < span <= State.total for step, span in enumerate(spans))
+        assert len(set(spans)) <= buckets and spans == sorted(spans) and spans[-1] == State.total
+
+
+@pytest.mark.parametrize("field,value", [("sampler", "cuda"), ("eos_check_every", 0), ("vq_batch_size", -1),
+                                         ("key_buckets", 0), ("fuse_projections", "yes")])
 def test_bad_engine_config(field, value):
     with pytest.raises(ValueError, match=field):
         EngineConfig(**{field: value})
