@@ -53,6 +53,9 @@ class EngineConfig:
     # Compiled / graph step: attend over the keys up to the end of one of this many equal spans of the buffer
     # instead of the whole buffer (one compilation / graph per span; 1 = whole buffer, one compilation).
     key_buckets: int = 4
+    # Compiled step: prompts are left-padded with masked slots to a multiple of this length, so prompts of
+    # different lengths reuse one compilation (the masked slots change nothing); 0 = off.
+    prompt_bucket: int = 64
     sampler: str = "auto"            # "auto" (Triton on CUDA, torch on CPU) | "triton" | "torch"
     eos_check_every: int = 16        # text phase: host check for "all rows finished" every k steps
     vq_batch_size: int = 8           # VQ decode chunk (rows; 0 = all at once); today's value, see docs
@@ -69,6 +72,8 @@ class EngineConfig:
             raise ValueError(f"engine.eos_check_every must be an integer >= 1, got {self.eos_check_every!r}")
         if not isinstance(self.key_buckets, int) or isinstance(self.key_buckets, bool) or self.key_buckets < 1:
             raise ValueError(f"engine.key_buckets must be an integer >= 1, got {self.key_buckets!r}")
+        if not isinstance(self.prompt_bucket, int) or isinstance(self.prompt_bucket, bool) or self.prompt_bucket < 0:
+            raise ValueError(f"engine.prompt_bucket must be an integer >= 0 (0 = off), got {self.prompt_bucket!r}")
         if self.fuse_projections not in (None, True, False):
             raise ValueError(f"engine.fuse_projections must be true, false or null (auto), got {self.fuse_projections!r}")
         if not isinstance(self.vq_batch_size, int) or self.vq_batch_size < 0:
@@ -108,6 +113,20 @@ class ImageOutput:
     tokens: torch.Tensor  # [B, T] int64
     kl: torch.Tensor      # [B, T] float32, KL(sampling dist || conditional dist) per step
     logp: torch.Tensor    # [B, T] float32, each token's log-prob under the sampling (guided) distribution
+
+
+def pad_prompt(prefill: Prefill, multiple: int) -> Prefill:
+    """``prefill`` left-padded with masked slots (zero embedding, position 0) to a multiple of ``multiple``
+    slots. No real token attends to a masked slot and positions of real tokens are kept, so decoding from it
+    gives the same tokens; the compiled step then sees one prompt length per bucket."""
+    rows, length = prefill.attention_mask.shape
+    extra = -(-length // multiple) * multiple - length if multiple else 0
+    if extra == 0:
+        return prefill
+    embeds = prefill.inputs_embeds
+    return Prefill(torch.cat([embeds.new_zeros(rows, extra, embeds.shape[-1]), embeds], 1),
+                   torch.cat([prefill.attention_mask.new_zeros(rows, extra), prefill.attention_mask], 1),
+                   torch.cat([prefill.position_ids.new_zeros(rows, extra), prefill.position_ids], 1))
 
 
 def _positions(attention_mask: torch.Tensor, layout: str) -> torch.Tensor:
@@ -446,6 +465,8 @@ class RolloutEngine:
         if num_tokens < 1:
             raise ValueError(f"generate_image_tokens: num_tokens must be >= 1, got {num_tokens}")
         batch = rows // 2
+        if self.config.compile:
+            prefill = pad_prompt(prefill, self.config.prompt_bucket)
         state = self._new_state(prefill, num_tokens - 1, seed)
         device = prefill.inputs_embeds.device
         tokens = torch.zeros(batch, num_tokens, dtype=torch.int64, device=device)
@@ -476,6 +497,8 @@ class RolloutEngine:
             raise ValueError(f"generate_text: max_new_tokens must be >= 1, got {max_new_tokens}")
         rows = prefill.attention_mask.shape[0]
         device = prefill.inputs_embeds.device
+        if self.config.compile:
+            prefill = pad_prompt(prefill, self.config.prompt_bucket)
         state = self._new_state(prefill, max_new_tokens - 1, seed)
         ids = torch.full((rows, max_new_tokens), pad_id, dtype=torch.int64, device=device)
         valid = torch.zeros(rows, max_new_tokens, dtype=torch.bool, device=device)

@@ -155,3 +155,29 @@ def test_seeds_follow_the_generator():
     b = seeds_from_generator(torch.Generator().manual_seed(3))
     c = seeds_from_generator(torch.Generator().manual_seed(4))
     assert a == b and a != c and len(set(a)) == 2
+
+
+def test_compiled_step_reuses_its_compilation_across_prompt_lengths(tiny):
+    """With ``prompt_bucket`` the compiled step sees one prompt length per bucket: a second batch with other
+    prompt lengths compiles nothing new, and both batches draw the eager engine's tokens. Without it, it does."""
+    model, tokens = tiny
+    params = SamplingParams(cfg_scale=5.0)
+    batches = [_batch(tokens, "right", lengths=lengths) for lengths in ((5, 9, 3), (4, 7, 2))]
+    for bucket in (64, 0):
+        graphs = []
+
+        def counting_backend(graph_module, example_inputs):
+            graphs.append(graph_module)
+            return graph_module.forward
+
+        engine = RolloutEngine(model, EngineConfig(compile=True, compile_backend=counting_backend, key_buckets=1,
+                                                   prompt_bucket=bucket))
+        counts = []
+        for ids, mask in batches:
+            prefill = cfg_prefill(model, ids, mask, tokens.pad, "right")
+            out = engine.generate_image_tokens(prefill, IMAGE_TOKENS, params, seed=3)
+            assert torch.equal(out.tokens, RolloutEngine(model).generate_image_tokens(prefill, IMAGE_TOKENS, params,
+                                                                                      seed=3).tokens)
+            counts.append(len(graphs))
+        assert counts[0] >= 1
+        assert (counts[1] == counts[0]) if bucket else (counts[1] > counts[0])
