@@ -79,6 +79,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=RESULTS, help="JSON path (default bench/results/guided_cost_cpu.json)")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
     torch.set_num_threads(args.threads)
     rows = [measure(name, args.repeats) for name in args.configs]
     out = dict(device=platform.processor() or platform.machine(), threads=args.threads, torch=torch.__version__,

@@ -23,3 +23,9 @@ def test_tiny_run_times_both_sources_and_writes_out(tmp_path, capsys):
     assert row["ratio"] == pytest.approx(row["ms_guided"] / row["ms_conditional"])
     assert "tiny: B=4" in capsys.readouterr().out
     assert (RESULTS.read_text() if RESULTS.exists() else None) == committed     # the measured file is left alone
+
+
+def test_zero_repeats_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:                           # used to be a StatisticsError after the warm-up
+        main(["--configs", "tiny", "--repeats", "0", "--out", str(tmp_path / "x.json")])
+    assert e.value.code == 2 and "--repeats must be >= 1" in capsys.readouterr().err
