@@ -42,13 +42,14 @@ def test_prefs_generates_then_scores(tmp_path, clip_dir):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red apple\na cat\n")
     images = tmp_path / "prefs"
-    assert main(["eval", "prefs", "--metrics", "clipscore", "--images", str(images), "--prompts", str(prompts),
-                 "--clip", clip_dir, *GEN]) == 0
+    assert main(["eval", "prefs", "--metrics", "clipscore,pickscore", "--images", str(images), "--prompts",
+                 str(prompts), "--clip", clip_dir, "--pickscore", clip_dir, *GEN]) == 0
     rows = [json.loads(line) for line in (images / "generations.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["a red apple", "a cat"]
     assert sorted(p.name for p in images.glob("*.png")) == ["00000_00.png", "00001_00.png"]
     summary = summary_of(images)
-    assert summary["scored"] == {"clipscore": 2} and summary["failed"] == {"clipscore": 0}
+    assert summary["scored"] == {"clipscore": 2, "pickscore": 2} and summary["failed"] == {"clipscore": 0, "pickscore": 0}
+    assert (images / "scores" / "results.pickscore.jsonl").exists()
 
 
 def test_ocr_generates_then_reads(tmp_path):
