@@ -45,12 +45,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import datetime
 import gc
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -606,6 +604,8 @@ def main(argv=None) -> int:
     isolate = {"auto": None, "yes": True, "no": False}[args.isolate]
     import torch
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu" and args.max_images is None and args.simulate_oom_above is None:
         # Nothing runs out of memory on a CPU: the smoke run caps the search and simulates a limit so that

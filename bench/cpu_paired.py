@@ -24,6 +24,7 @@ from egrpo.kernels.reference import grpo_loss_reference, linear_logprob_entropy_
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # (N, D, V): image-head-like and text-head-like rows, sized so one fwd+bwd takes ~0.1-3 s on one core.
+OPS = ("head", "grpo", "grpo_frozen")
 CASES = [(1024, 512, 16384), (1024, 1024, 16384), (256, 512, 102400), (256, 1024, 102400)]
 
 
@@ -108,13 +109,23 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile(eager) (it compiles for minutes)")
     p.add_argument("--quick", action="store_true", help="first case only, 2 rounds (a smoke run)")
-    p.add_argument("--ops", default="head,grpo,grpo_frozen")
+    p.add_argument("--ops", default=",".join(OPS))
     p.add_argument("--case", action="append", default=None, metavar="N,D,V", help="instead of the default cases")
     p.add_argument("--out", default=str(RESULTS / "cpu_paired.json"))
     args = p.parse_args(argv)
+    unknown = [k for k in args.ops.split(",") if k not in OPS]
+    if unknown:
+        p.error(f"--ops: unknown {unknown}; choose from {','.join(OPS)}")
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
+    try:
+        cases = [tuple(int(v) for v in c.split(",")) for c in args.case or []]
+    except ValueError:
+        cases = None
+    if cases is None or any(len(c) != 3 or min(c) < 1 or c[0] % 64 for c in cases):   # grpo rows: 64 tokens a row
+        p.error(f"--case: expected N,D,V (positive integers, N a multiple of 64), got {args.case}")
     torch.set_num_threads(args.threads)
-    cases = [tuple(int(v) for v in c.split(",")) for c in args.case] if args.case else (
-        CASES[:1] if args.quick else CASES)
+    cases = cases or (CASES[:1] if args.quick else CASES)
     rounds = 2 if args.quick else args.rounds
     report = {"device": device_name("cpu"), "threads": args.threads, "versions": versions(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

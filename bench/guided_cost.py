@@ -2,6 +2,7 @@
 
     python -m bench.guided_cost                  # demo + mid-size random Janus, 1 thread
     python -m bench.guided_cost --threads 2 --repeats 7
+    python -m bench.guided_cost --configs tiny --repeats 1 --out /tmp/g.json   # smoke run (the test's)
 
 One training micro-batch (2 prompts x G = 8 images, no CoT) is sampled once; then the trainer's own
 ``micro_loss`` (teacher-forced forward, GRPO objective through the fused head, backward) runs with
@@ -76,13 +77,16 @@ def main(argv=None):
     ap.add_argument("--configs", nargs="+", default=["demo", "mid"], choices=sorted(CPU_CONFIGS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=RESULTS, help="JSON path (default bench/results/guided_cost_cpu.json)")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
     torch.set_num_threads(args.threads)
     rows = [measure(name, args.repeats) for name in args.configs]
     out = dict(device=platform.processor() or platform.machine(), threads=args.threads, torch=torch.__version__,
                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), rows=rows)
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     for r in rows:
         print(f"{r['config']}: B={r['B']} T_img={r['image_tokens']} L={r['context_len']} D={r['hidden_size']} "
               f"layers={r['layers']}: conditional {r['ms_conditional']:.1f} ms, guided {r['ms_guided']:.1f} ms, "

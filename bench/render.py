@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -187,7 +188,7 @@ def device_section(dev: str, report: Optional[dict], readme_dir: Path, plots_dir
     v = report["versions"]
     lines += [
         f"- device: {report['device']}; dtype {report['dtype']}; date {report['date']}; host `{report['host']}`",
-        f"- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
+        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
         f"- matmul rate measured in this run: {report['matmul']['flops_per_s'] / 1e12:.3f} TFLOP/s "
         f"({report['matmul']['dtype']} {report['matmul']['n']}^3 GEMM); floor = 6NDV / that rate",
         f"- {report['reps']} timed repetitions after {report['warmup']} warm-up; times are "
@@ -371,7 +372,21 @@ def cpu_paired_lines(results_dir: Path) -> List[str]:
     return lines
 
 
+# Sections other tools write into the README between ``<!-- name:begin -->`` / ``<!-- name:end -->`` markers
+# (bench/rollout.py) come after the ones rendered here; from the first of them on, the README is not ours to
+# rewrite: that text (those sections and the notes after them) is kept as it is.
+FOREIGN_SECTION = re.compile(r"^<!-- [\w-]+:begin -->$", re.M)
+
+
+def kept_tail(readme: Path) -> str:
+    """The part of an existing ``readme`` that :func:`render` keeps (empty when there is none)."""
+    text = readme.read_text() if readme.exists() else ""
+    match = FOREIGN_SECTION.search(text)
+    return text[match.start():] if match else ""
+
+
 def render(results_dir: Path, readme: Path, plots_dir: Optional[Path] = None) -> Path:
+    tail = kept_tail(readme)
     reports = load_reports(results_dir)
     plots_dir = plots_dir or readme.parent / "plots"
     lines = [HEADER, "## Issue 7 targets (H100, image case)", ""] + goals(reports.get("cuda")) + [""]
@@ -379,7 +394,7 @@ def render(results_dir: Path, readme: Path, plots_dir: Optional[Path] = None) ->
         lines += device_section(dev, reports.get(dev), readme.parent, plots_dir)
     lines += cpu_paired_lines(results_dir)
     lines += capacity_lines(results_dir)
-    readme.write_text("\n".join(lines).rstrip() + "\n")
+    readme.write_text("\n".join(lines).rstrip() + "\n" + ("\n" + tail if tail else ""))
     return readme
 
 

@@ -25,7 +25,6 @@ import argparse
 import datetime
 import gc
 import json
-import os
 import platform
 import sys
 import time
@@ -268,6 +267,8 @@ def main(argv=None) -> int:
                         help="keep the rows already in the output JSON (same device, dtype and shapes; error rows "
                              "are measured again) and measure the rest")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
     ops = [o for o in args.ops.split(",") if o]

@@ -323,6 +323,18 @@ def _token_ids(path: str) -> Dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------ commands
+def _check_shard_size(max_shard_size) -> None:
+    """A shard size as huggingface_hub's writer reads it: bytes (int) or a number with KB / MB / GB / TB."""
+    text = str(max_shard_size).strip()
+    try:
+        ok = int(text) > 0 if text.isdigit() else (text[-2:].upper() in ("KB", "MB", "GB", "TB")
+                                                   and float(text[:-2]) > 0)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise CheckpointFormatError(f"--max-shard-size: expected a size such as 5GB or 500MB, got {max_shard_size!r}")
+
+
 def convert_checkpoint(src: str, dst: str, to: str = "auto", max_shard_size="5GB") -> str:
     """Convert the checkpoint directory ``src`` into ``dst`` (``to`` = "hf", "original" or "auto": the other
     layout). Weights are written as safetensors; tokenizer/processor files are copied. Returns the layout written."""
@@ -339,6 +351,7 @@ def convert_checkpoint(src: str, dst: str, to: str = "auto", max_shard_size="5GB
         raise CheckpointFormatError("the output directory must differ from the input directory")
     if os.path.isdir(dst) and os.listdir(dst):
         raise CheckpointFormatError(f"{dst} exists and is not empty; choose a new output directory")
+    _check_shard_size(max_shard_size)     # before anything is written: a bad size must not leave a partial dst
     state = read_state_dict(src)
     config = _read_json(os.path.join(src, "config.json"))
     os.makedirs(dst, exist_ok=True)

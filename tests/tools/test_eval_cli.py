@@ -1,0 +1,90 @@
+"""Smoke runs of ``egrpo eval compbench / prefs / ocr / wise`` end to end through the command line: generate with a
+tiny random Janus (``--tiny``), then score with tiny scorers (CLIP), RapidOCR and a fake judge on 127.0.0.1.
+The scorers have their own tests (tests/eval); these check the CLI glue that joins generation, the benchmark's
+folder layout, scoring and the summary (GenEval's: tests/eval/test_training_cli.py)."""
+
+import json
+import threading
+from http.server import HTTPServer
+
+import pytest
+
+from egrpo.cli import main
+
+GEN = ["--tiny", "{}", "--dtype", "fp32", "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    from tests.eval._tiny import save_tiny_clip
+
+    return save_tiny_clip(tmp_path_factory.mktemp("eval_cli") / "clip")
+
+
+def summary_of(images):
+    return json.loads((images / "scores" / "summary.json").read_text())
+
+
+def test_compbench_generates_in_its_layout_then_scores(tmp_path, clip_dir, capsys):
+    prompts = tmp_path / "non_spatial_val.txt"
+    prompts.write_text("a red apple and a blue car\na green bench\n")
+    images = tmp_path / "cb"
+    assert main(["eval", "compbench", "--category", "non_spatial", "--images", str(images), "--prompts", str(prompts),
+                 "--images-per-prompt", "2", "--clip", clip_dir, *GEN]) == 0
+    assert len(list((images / "samples").glob("a green bench_*.png"))) == 2
+    summary = summary_of(images)
+    assert summary["category"] == "non_spatial" and summary["scored"] == 4 and summary["failed"] == 0
+    assert summary["settings"]["clip"] == clip_dir and summary["settings"]["images_per_prompt"] == 2
+    assert "| non_spatial | clip | 4 |" in capsys.readouterr().out
+
+
+def test_prefs_generates_then_scores(tmp_path, clip_dir):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red apple\na cat\n")
+    images = tmp_path / "prefs"
+    assert main(["eval", "prefs", "--metrics", "clipscore,pickscore", "--images", str(images), "--prompts",
+                 str(prompts), "--clip", clip_dir, "--pickscore", clip_dir, *GEN]) == 0
+    rows = [json.loads(line) for line in (images / "generations.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["a red apple", "a cat"]
+    assert sorted(p.name for p in images.glob("*.png")) == ["00000_00.png", "00001_00.png"]
+    summary = summary_of(images)
+    assert summary["scored"] == {"clipscore": 2, "pickscore": 2} and summary["failed"] == {"clipscore": 0, "pickscore": 0}
+    assert (images / "scores" / "results.pickscore.jsonl").exists()
+
+
+def test_ocr_generates_then_reads(tmp_path):
+    prompts = tmp_path / "ocr.txt"
+    prompts.write_text('a sign that says "hello"\n')
+    images = tmp_path / "ocr"
+    assert main(["eval", "ocr", "--images", str(images), "--prompts", str(prompts), *GEN]) == 0
+    summary = summary_of(images)
+    assert summary["scored"] == 1 and 0.0 <= summary["accuracy"] <= 1.0
+    (record,) = [json.loads(line) for line in (images / "scores" / "results.jsonl").read_text().splitlines()]
+    assert record["target"] == "hello"
+
+
+def test_wise_generates_then_asks_the_judge(tmp_path, monkeypatch):
+    from egrpo.eval.wise import wiscore
+    from tests.eval.test_wise import FakeJudge
+
+    server = HTTPServer(("127.0.0.1", 0), FakeJudge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    FakeJudge.replies = {"a temple": "Consistency: 2\nRealism: 1\nAesthetic Quality: 2"}
+    FakeJudge.requests = []
+    monkeypatch.setenv("EGRPO_TEST_JUDGE_KEY", "secret")
+    try:
+        prompts = tmp_path / "wise.json"
+        prompts.write_text(json.dumps([{"prompt_id": 1, "Prompt": "a temple", "Explanation": "a Chinese temple",
+                                        "Category": "Cultural"}]))
+        images = tmp_path / "wise"
+        assert main(["eval", "wise", "--images", str(images), "--prompts", str(prompts), "--judge-url",
+                     f"http://127.0.0.1:{server.server_address[1]}/v1", "--judge-key-env", "EGRPO_TEST_JUDGE_KEY",
+                     *GEN]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (images / "1.png").exists() and len(FakeJudge.requests) == 1
+    assert FakeJudge.requests[0][1]["Authorization"] == "Bearer secret"
+    summary = summary_of(images)
+    assert summary["scored"] == 1 and summary["categories"]["Cultural"] == pytest.approx(wiscore(2, 1, 2))
+    assert "secret" not in (images / "scores" / "summary.json").read_text()
