@@ -12,8 +12,8 @@ rounds, median), so the ratios are side by side. Measured per implementation:
 * the memory floor per step (CPU and CUDA): the language model's weights + the K/V cache of every row at the
   mean length (the model's dtype) + the generation head, read once, over the copy bandwidth measured in the
   same run (``ms/step / memory floor`` in the table); on CUDA also ``engine-graph`` (the eager step captured
-  as a CUDA graph) and the time per layer;
-* ``decode ms``: the VQ decode alone (today: chunks of 8 rows NCHW; engine: all rows, channels-last).
+  as a CUDA graph), ``engine-graph-spans`` (the same over 4 key spans) and the time per layer;
+* ``decode ms``: the VQ decode alone (today: chunks of 8 rows NCHW; engine: its default chunks, channels-last).
 
 Implementations: ``today`` = ``egrpo.trainer.rollout.sample_image_tokens`` + ``decode_images`` (the loop
 of the trainer on main); ``hf-generate`` = ``JanusForConditionalGeneration.generate(generation_mode="image")``
@@ -118,6 +118,8 @@ def _implementations(model, tokenizer, prefills, image_tokens, device, compile_s
     engines = {"engine": RolloutEngine(model, EngineConfig(cuda_graph=False))}
     if device == "cuda":  # the eager step (full buffer) captured as a CUDA graph, no compilation
         engines["engine-graph"] = RolloutEngine(model, EngineConfig(cuda_graph=True))
+        # ... attending over 4 key spans (4 graphs): half the K/V read on average, which dominates at 128 rows
+        engines["engine-graph-spans"] = RolloutEngine(model, EngineConfig(cuda_graph=True, key_buckets=4))
     if compile_step:
         engines["engine-compiled"] = RolloutEngine(model, EngineConfig(compile=True))
     for name, engine in engines.items():
@@ -134,6 +136,9 @@ def bench_config(name, model, tokenizer, prefills, image_tokens, device, threads
                  hf_generate=True):
     if device == "cpu":
         torch.set_num_threads(threads)
+    # torch.compile caches per code object, across engines: without a reset, the compilations of earlier
+    # configurations count against the recompile limit of this one (then it silently runs eager).
+    torch._dynamo.reset()
     impls = _implementations(model, tokenizer, prefills, image_tokens, device, compile_step, hf_generate)
     results = {k: {"sample_s": [], "decode_s": []} for k in impls}
     notes = {}
