@@ -223,7 +223,9 @@ def trial_config(plan: ModelPlan, head_impl: str, cot: bool, n_prompts: int, gro
         "rollout": {"group_size": group_size, "cot": cot, "cot_max_tokens": plan.cot_tokens,
                     "image_tokens": plan.image_tokens, "cfg_scale": 5.0},
         "objective": dict(objective),
-        "rewards": [{"name": "colour", "weight": 1.0}],
+        # tolerance 1 (as configs/demo.yaml): every pixel scores a little, so rewards differ within a group and the
+        # backward carries a non-zero gradient (the default tolerance can score a random tiny VQ model's images 0).
+        "rewards": [{"name": "colour", "weight": 1.0, "tolerance": 1.0}],
         "data": {"prompts": PROMPTS, "prompts_per_step": n_prompts, "shuffle": False},
         "optim": {"lr": 1e-6, "grad_accum": 1, "grad_clip": 1.0},
         "deepspeed": {"zero_stage": plan.zero_stage, "extra": extra},

@@ -110,13 +110,17 @@ def _train(args) -> int:
     cfg = run_config(args)
     if args.dry_run:
         return dry_run(cfg)
-    from egrpo.trainer.metrics import read_metrics
-    from egrpo.trainer.train import train
-
-    summary = train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
     import torch.distributed as dist
 
-    if dist.is_initialized() and dist.get_rank() != 0:
+    from egrpo.trainer.metrics import read_metrics
+    from egrpo.trainer.train import shutdown_distributed, train
+
+    try:
+        summary = train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
+        main_process = not dist.is_initialized() or dist.get_rank() == 0
+    finally:
+        shutdown_distributed()
+    if not main_process:
         return 0
     if summary.get("resumed_from"):
         print(f"resumed from: {summary['resumed_from']}")

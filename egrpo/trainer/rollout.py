@@ -53,6 +53,7 @@ class RolloutConfig:
     cot_template: Optional[str] = None   # reasoning template file with one "{}"; None = the released one (packaged)
     cot_system_prompt: str = COT_SYSTEM_PROMPT
     cot_max_tokens: int = 1024       # released training scripts (inference scripts: 512)
+    cot_max_prompt_tokens: Optional[int] = 512  # released: the CoT-phase prompt keeps its last 512 tokens; None: all
     cot_temperature: float = 1.0     # transformers' generate defaults: nothing else is passed by the released code
     cot_top_k: Optional[int] = 50
     cot_top_p: Optional[float] = None
@@ -87,6 +88,9 @@ class RolloutConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 bad(name, "an integer >= 1 or null (no top-k)")
+        value = self.cot_max_prompt_tokens
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            bad("cot_max_prompt_tokens", "an integer >= 1 or null (never truncate)")
         if self.cot_top_p is not None and not 0 < self.cot_top_p <= 1:
             bad("cot_top_p", "in (0, 1] or null")
         if self.image_positions not in IMAGE_POSITIONS:
@@ -327,8 +331,10 @@ def _rollout(model, tokenizer, prompts, cfg, generator, engine: Optional[Rollout
     if cfg.cot:
         template = load_cot_template(cfg.cot_template)
         cot_prompts = [p for p in prompts for _ in range(cfg.group_size)]
-        text = text_prefill([encode_with_bos(tokenizer, cot_prompt_text(p, template, cfg.cot_system_prompt), tokens)
-                             for p in cot_prompts], tokens.pad, device)
+        # As released: the tokenized prompt (BOS included) keeps its last cot_max_prompt_tokens tokens.
+        keep = -cfg.cot_max_prompt_tokens if cfg.cot_max_prompt_tokens else None
+        text = text_prefill([encode_with_bos(tokenizer, cot_prompt_text(p, template, cfg.cot_system_prompt),
+                                             tokens)[keep:] for p in cot_prompts], tokens.pad, device)
         if engine is None:
             cot_ids, cot_mask, cot_logp = sample_cot(model, text, tokens, cfg, generator)
         else:

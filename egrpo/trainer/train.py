@@ -88,6 +88,17 @@ def init_distributed(device_type: str) -> Tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def shutdown_distributed() -> None:
+    """Tear a multi-process torch.distributed group down before the process exits. Left to the interpreter's
+    exit, gloo can abort a finished run ("terminate called without an active exception", exit -6): the CLI calls
+    this after `train`, and so should any script that runs `train` under a launcher. A one-process group stays
+    (DeepSpeed keeps a handle on it, and `train` reuses it when called again in the same process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.destroy_process_group()
+
+
 def pick_device(cfg: Config, local_rank: int) -> torch.device:
     want = cfg.train.device
     if want == "auto":
@@ -538,6 +549,13 @@ def _short(value: Any) -> str:
 
 _ABSENT = object()
 
+# Settings added after runs had been saved without them, with the value that reproduces those runs: a checkpoint
+# whose config lacks one is compared as if it held that value, so passing that value resumes it unchanged.
+SETTINGS_ADDED_LATER: Dict[str, Any] = {
+    "rollout.engine": False,                 # before the rollout engine, the plain loop sampled
+    "rollout.cot_max_prompt_tokens": None,   # before the released 512-token cut, CoT prompts were never cut
+}
+
 
 def check_resume_changes(old: Dict[str, Any], new: Dict[str, Any], step: int, allow_changes: bool) -> List[str]:
     """Compare the checkpoint's effective config with this run's under `RESUME_POLICY`; returns one log line
@@ -545,10 +563,11 @@ def check_resume_changes(old: Dict[str, Any], new: Dict[str, Any], step: int, al
     a, b = flatten_config(old), flatten_config(new)
     lines, refused, never = [], [], []
     for key in sorted(set(a) | set(b)):
-        before, after = a.get(key, _ABSENT), b.get(key, _ABSENT)
+        before, after = a.get(key, SETTINGS_ADDED_LATER.get(key, _ABSENT)), b.get(key, _ABSENT)
         if before == after:
             continue
-        change = f"{key}: {_short(before)} -> {_short(after)}"
+        shown = f"(absent: {before!r})" if key not in a and key in SETTINGS_ADDED_LATER else _short(before)
+        change = f"{key}: {shown} -> {_short(after)}"
         policy = resume_policy(key)
         if policy == "steps":
             lines.append(f"{change} (the LR schedule now ends at step {after})")

@@ -39,3 +39,23 @@ def test_resume_matches_uninterrupted_run(tmp_path, precision):
     assert a == b
     # The parameters did move, and the LR followed the schedule across the restart.
     assert len({r["lr"] for r in a}) > 1
+
+
+def test_runs_saved_before_a_setting_existed_resume_with_its_old_value():
+    """A checkpoint config without ``rollout.engine`` / ``rollout.cot_max_prompt_tokens`` was made when they were
+    effectively false / None: passing those values resumes it unchanged; today's defaults are changes, named with
+    the value the old run had and refused without --allow-changes."""
+    from egrpo.trainer.train import ResumeError, check_resume_changes
+
+    old = {"rollout": {"group_size": 8}, "train": {"steps": 10}}
+    same = {"rollout": {"group_size": 8, "engine": False, "cot_max_prompt_tokens": None}, "train": {"steps": 10}}
+    assert check_resume_changes(old, same, 5, allow_changes=False) == []
+    new = {"rollout": {"group_size": 8, "engine": True, "cot_max_prompt_tokens": 512}, "train": {"steps": 10}}
+    with pytest.raises(ResumeError) as refused:
+        check_resume_changes(old, new, 5, allow_changes=False)
+    assert "rollout.engine: (absent: False) -> True" in str(refused.value)
+    assert "rollout.cot_max_prompt_tokens: (absent: None) -> 512" in str(refused.value)
+    assert len(check_resume_changes(old, new, 5, allow_changes=True)) == 2
+    # A setting that is not in the table still counts as a change when it appears.
+    with pytest.raises(ResumeError, match=r"rollout.top_k: \(absent\) -> 5"):
+        check_resume_changes(old, {**same, "rollout": {**same["rollout"], "top_k": 5}}, 5, allow_changes=False)

@@ -209,12 +209,38 @@ def test_default_cot_rollout_uses_the_packaged_template_and_system_prompt(tiny_m
     with LMCalls(model) as lm:
         out = rollout(model, tokenizer, ["a cat"], cfg, _generator(0))
     expected = hand_text_rows(tokenizer, ["a cat"] * 2, COT_SYSTEM_PROMPT, load_cot_template())
+    # With the character tokenizer the released prompt is longer than 512 tokens: as released, the last 512 stay
+    # (BOS is cut with the rest of the front).
+    assert len(expected[0]) > 512
+    expected = [row[-512:] for row in expected]
     ids, mask, positions = hand_left_pad(expected, janus_tokens(tokenizer).pad)
     embed = model.get_input_embeddings()
     assert torch.equal(lm.calls[0]["inputs_embeds"], embed(ids))
     assert torch.equal(lm.calls[0]["attention_mask"], mask) and torch.equal(lm.calls[0]["position_ids"], positions)
     assert torch.equal(out.text_ids, ids)
     assert out.cot_ids.shape == (2, 1)
+
+
+@pytest.mark.parametrize("keep", [None, 7, 10_000])
+def test_cot_prompt_keeps_its_last_tokens(tiny_model, template_file, keep):
+    """``rollout.cot_max_prompt_tokens``: each tokenized CoT prompt (BOS included) keeps its last ``keep`` tokens,
+    shorter ones stay whole; None never cuts. The kept ids are what the loss is teacher-forced on."""
+    model, tokenizer = tiny_model
+    prompts = ["a cat", "two red apples on a table"]
+    cfg = _cot_cfg(template_file, group_size=1, images_per_cot=1, cot_max_tokens=1, cot_max_prompt_tokens=keep)
+    with LMCalls(model) as lm:
+        out = rollout(model, tokenizer, prompts, cfg, _generator(0))
+    rows = [row if keep is None else row[-keep:] for row in hand_text_rows(tokenizer, prompts)]
+    assert (keep == 7) == any(len(row) < len(full) for row, full in zip(rows, hand_text_rows(tokenizer, prompts)))
+    ids, mask, positions = hand_left_pad(rows, janus_tokens(tokenizer).pad)
+    assert torch.equal(lm.calls[0]["inputs_embeds"], model.get_input_embeddings()(ids))
+    assert torch.equal(out.text_ids, ids) and torch.equal(out.text_mask, mask)
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, True])
+def test_bad_cot_max_prompt_tokens_is_named(value):
+    with pytest.raises(ValueError, match="rollout.cot_max_prompt_tokens"):
+        RolloutConfig(cot_max_prompt_tokens=value).validate()
 
 
 # ------------------------------------------------------------------------------------------ exact layouts

@@ -37,7 +37,9 @@ def free_port():
 
 
 def run_processes(code, world, expect=""):
-    """``code`` in ``world`` gloo processes on one machine; each must exit 0 and print ``expect``."""
+    """``code`` in ``world`` gloo processes on one machine; each must exit 0 and print ``expect``. Each tears its
+    process group down at the end, as the CLI does (left to the interpreter's exit, gloo can abort the process)."""
+    code += "\nfrom egrpo.trainer.train import shutdown_distributed\nshutdown_distributed()\n"
     port = str(free_port())
     procs = []
     for rank in range(world):
