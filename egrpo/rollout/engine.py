@@ -36,7 +36,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, phase_uniforms, sample
 from .vq import decode_images
 
 LAYOUTS = ("left", "right")
@@ -179,7 +179,7 @@ def cfg_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pa
 class _PhaseState:
     """Everything one phase's decode steps read or write, allocated once."""
 
-    def __init__(self, lm, prefill: Prefill, new_tokens: int, seed: int):
+    def __init__(self, lm, prefill: Prefill, new_tokens: int, seed: int, sampled_rows: int):
         config = lm.config
         rows, length = prefill.attention_mask.shape
         device, dtype = prefill.inputs_embeds.device, prefill.inputs_embeds.dtype
@@ -202,7 +202,10 @@ class _PhaseState:
         self.cos, self.sin = cos[:, None], sin[:, None]  # [R, 1, total, d]
         self.slot = torch.arange(total, device=device)
         self.step = torch.zeros((), dtype=torch.int64, device=device)  # slot index of the next decode input
-        self.rng = torch.tensor([seed, 0], dtype=torch.int64, device=device)
+        # Every uniform of the phase (first token + new_tokens steps, one per sampled row), and the index of the
+        # next draw: a step reads its row through a device index (graph-safe, no host sync).
+        self.uniforms = phase_uniforms(seed, total - length + 1, sampled_rows, device)
+        self.draw = torch.zeros(1, dtype=torch.int64, device=device)
         self.fused: Optional[List[_FusedLayer]] = None  # set by the engine when it fuses projections
 
 
@@ -231,6 +234,11 @@ def _rms_norm(norm, h):
     if type(norm).__name__ == "LlamaRMSNorm" and h.dtype == torch.float32:
         return F.rms_norm(h, norm.weight.shape, norm.weight, norm.variance_epsilon)
     return norm(h)
+
+
+def _next_uniforms(state) -> torch.Tensor:
+    """The uniforms of the phase's next draw ([sampled rows]); the caller advances ``state.draw``."""
+    return state.uniforms.index_select(0, state.draw).squeeze(0)
 
 
 def _rotate(x, cos, sin):
@@ -324,8 +332,8 @@ class RolloutEngine:
             h = h + self._mlp(layer, index, _rms_norm(layer.post_attention_layernorm, h), state)
         return _rms_norm(self.lm.norm, h)
 
-    def _new_state(self, prefill: Prefill, new_tokens: int, seed: int) -> _PhaseState:
-        state = _PhaseState(self.lm, prefill, new_tokens, seed)
+    def _new_state(self, prefill: Prefill, new_tokens: int, seed: int, sampled_rows: int) -> _PhaseState:
+        state = _PhaseState(self.lm, prefill, new_tokens, seed, sampled_rows)
         fuse = self.config.fuse_projections
         if fuse is None:
             fuse = prefill.inputs_embeds.device.type == "cpu"
@@ -371,21 +379,21 @@ class RolloutEngine:
         hidden = self._decode_hidden(torch.cat([embeds, embeds], 0), state, step, keys)
         logits = self.model.model.generation_head(hidden)
         batch = token.shape[0]
-        next_token, kl, logp = sample(logits[:batch], logits[batch:], params, state.rng, True, self.config.sampler,
-                                      want_logp=True)
+        next_token, kl, logp = sample(logits[:batch], logits[batch:], params, _next_uniforms(state), True,
+                                      self.config.sampler, want_logp=True)
         column = (state.step + 1).view(1)
         out_tokens.index_copy_(1, column, next_token[:, None])
         out_kl.index_copy_(1, column, kl[:, None])
         out_logp.index_copy_(1, column, logp[:, None])
         state.step += 1
-        state.rng[1] += 1
+        state.draw += 1
         return next_token
 
     def _text_step(self, token, finished, state, params, pad_id, eos_id, out_ids, out_valid, out_logp, step=None,
                    keys=None):
         hidden = self._decode_hidden(self.model.get_input_embeddings()(token), state, step, keys)
-        next_token, _, logp = sample(self.model.lm_head(hidden), None, params, state.rng, False, self.config.sampler,
-                                     want_logp=True)
+        next_token, _, logp = sample(self.model.lm_head(hidden), None, params, _next_uniforms(state), False,
+                                     self.config.sampler, want_logp=True)
         column = (state.step + 1).view(1)
         out_valid.index_copy_(1, column, (~finished)[:, None])
         out_logp.index_copy_(1, column, torch.where(finished, torch.zeros_like(logp), logp)[:, None])
@@ -393,7 +401,7 @@ class RolloutEngine:
         out_ids.index_copy_(1, column, next_token[:, None])
         finished |= next_token == eos_id
         state.step += 1
-        state.rng[1] += 1
+        state.draw += 1
         return next_token
 
     @staticmethod
@@ -433,7 +441,7 @@ class RolloutEngine:
     def _capture(self, step_fn, state: _PhaseState, static_args: tuple, keys: int):
         """Capture one full-buffer decode step (over ``keys`` slots) as a CUDA graph; replays advance the
         device counters."""
-        saved_step, saved_rng = state.step.clone(), state.rng.clone()
+        saved_step, saved_draw = state.step.clone(), state.draw.clone()
         saved = [t.clone() for t in static_args if isinstance(t, torch.Tensor)]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -446,7 +454,7 @@ class RolloutEngine:
             step_fn(*static_args, step=None, keys=keys)
         # Undo the warm-up and capture side effects (the capture itself also ran nothing; warm-up did).
         state.step.copy_(saved_step)
-        state.rng.copy_(saved_rng)
+        state.draw.copy_(saved_draw)
         for tensor, value in zip([t for t in static_args if isinstance(t, torch.Tensor)], saved):
             tensor.copy_(value)
         return graph
@@ -468,16 +476,16 @@ class RolloutEngine:
         batch = rows // 2
         if self.config.compile:
             prefill = pad_prompt(prefill, self.config.prompt_bucket)
-        state = self._new_state(prefill, num_tokens - 1, seed)
+        state = self._new_state(prefill, num_tokens - 1, seed, batch)
         device = prefill.inputs_embeds.device
         tokens = torch.zeros(batch, num_tokens, dtype=torch.int64, device=device)
         kl = torch.zeros(batch, num_tokens, dtype=torch.float32, device=device)
         logp = torch.zeros(batch, num_tokens, dtype=torch.float32, device=device)
         logits = self.model.model.generation_head(self._prefill(prefill, state))
-        first, first_kl, first_logp = sample(logits[:batch], logits[batch:], params, state.rng, True,
+        first, first_kl, first_logp = sample(logits[:batch], logits[batch:], params, _next_uniforms(state), True,
                                              self.config.sampler, want_logp=True)
         tokens[:, 0], kl[:, 0], logp[:, 0] = first, first_kl, first_logp
-        state.rng[1] += 1
+        state.draw += 1
         if num_tokens > 1:
             token = first.clone()  # the step's (graph-static) input buffer
             run = self._runner("image", self._image_step, state, (token, state, params, tokens, kl, logp))
@@ -500,15 +508,16 @@ class RolloutEngine:
         device = prefill.inputs_embeds.device
         if self.config.compile:
             prefill = pad_prompt(prefill, self.config.prompt_bucket)
-        state = self._new_state(prefill, max_new_tokens - 1, seed)
+        state = self._new_state(prefill, max_new_tokens - 1, seed, rows)
         ids = torch.full((rows, max_new_tokens), pad_id, dtype=torch.int64, device=device)
         valid = torch.zeros(rows, max_new_tokens, dtype=torch.bool, device=device)
         logp = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
-        first, _, first_logp = sample(self.model.lm_head(self._prefill(prefill, state)), None, params, state.rng,
+        first, _, first_logp = sample(self.model.lm_head(self._prefill(prefill, state)), None, params,
+                                      _next_uniforms(state),
                                       False, self.config.sampler, want_logp=True)
         ids[:, 0], valid[:, 0], logp[:, 0] = first, True, first_logp
         finished = first == eos_id
-        state.rng[1] += 1
+        state.draw += 1
         token = first.clone()
         run = self._runner("text", self._text_step, state,
                            (token, finished, state, params, pad_id, eos_id, ids, valid, logp))

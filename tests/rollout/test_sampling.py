@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from egrpo.rollout.sampling import SamplingParams, row_uniforms, sample, sample_torch, sample_triton
+from egrpo.rollout.sampling import SamplingParams, phase_uniforms, sample, sample_torch, sample_triton
 
 # scipy.stats.chi2.ppf(1 - 1e-4, df) for df = 1..5: a correct sampler fails 1 run in 10^4.
 CHI2_CRITICAL = {1: 15.136705, 2: 18.420681, 3: 21.107513, 4: 23.512742, 5: 25.744832}
@@ -58,7 +58,7 @@ CASES = [(params, 300, torch.float32) for params in PARAMS] + [
 @pytest.mark.parametrize("params,vocab,dtype", CASES)
 def test_triton_matches_torch_and_float64_kl(params, vocab, dtype):
     cond, uncond = _logits(5, vocab, params, dtype)
-    rng = torch.tensor([int(torch.randint(0, 2**31, ())), 3])
+    rng = torch.rand(5)
     token_t, kl_t = sample_torch(cond, uncond, params, rng)
     token_k, kl_k = sample_triton(cond, uncond, params, rng)
     assert torch.equal(token_t, token_k)
@@ -73,7 +73,7 @@ def test_sampled_token_logp_equals_float64_log_of_its_probability(params, vocab,
     """want_logp: the drawn token's log-prob under the sampling distribution (guided, tempered, top-k / top-p
     renormalised), both backends, against the float64 distribution written in this file."""
     cond, uncond = _logits(5, vocab, params, dtype)
-    rng = torch.tensor([int(torch.randint(0, 2**31, ())), 7])
+    rng = torch.rand(5)
     token_t, kl_t, logp_t = sample_torch(cond, uncond, params, rng, want_logp=True)
     token_k, kl_k, logp_k = sample_triton(cond, uncond, params, rng, want_logp=True)
     assert torch.equal(token_t, token_k) and torch.equal(token_t, sample_torch(cond, uncond, params, rng)[0])
@@ -110,7 +110,7 @@ def test_distribution_is_softmax_of_guided(params):
     probs = _expected_probs(COND, uncond, params)[0]
     rows = COND.expand(draws, -1).contiguous()
     urows = uncond.expand(draws, -1).contiguous() if uncond is not None else None
-    tokens, _ = sample(rows, urows, params, torch.tensor([1234, 0]), backend="torch")
+    tokens, _ = sample(rows, urows, params, phase_uniforms(1234, 1, draws, "cpu")[0], backend="torch")
     stat, df = _chi_square(tokens, probs)
     assert stat < CHI2_CRITICAL[df], (stat, df)
     # The test has power: the same draws are far from the unguided (or untempered) distribution.
@@ -124,19 +124,25 @@ def test_triton_draws_equal_torch_draws():
     params = DIST_PARAMS[0]
     uncond = UNCOND.expand(48, -1).contiguous()
     rows = COND.expand(48, -1).contiguous()
+    uniforms = phase_uniforms(99, 2, 48, "cpu")
     for step in range(2):
-        rng = torch.tensor([99, step])
+        rng = uniforms[step]
         assert torch.equal(sample_triton(rows, uncond, params, rng)[0], sample_torch(rows, uncond, params, rng)[0])
 
 
-def test_uniforms_are_uniform_and_vary_with_seed_and_step():
-    u = row_uniforms(torch.tensor([7, 0]), 50000)
+def test_phase_uniforms_are_uniform_reproducible_and_vary_with_seed():
+    u = phase_uniforms(7, 5, 10000, "cpu")
+    assert u.shape == (5, 10000) and u.dtype == torch.float32
     assert 0 <= float(u.min()) and float(u.max()) < 1
     counts = torch.histc(u, bins=10, min=0, max=1)
     assert float(((counts - 5000) ** 2 / 5000).sum()) < 33.72  # chi2.ppf(1 - 1e-4, 9)
-    assert not torch.equal(u[:100], row_uniforms(torch.tensor([7, 1]), 100))
-    assert not torch.equal(u[:100], row_uniforms(torch.tensor([8, 0]), 100))
-    assert torch.equal(u[:100], row_uniforms(torch.tensor([7, 0]), 100))
+    assert torch.equal(u, phase_uniforms(7, 5, 10000, "cpu"))
+    assert not torch.equal(u[:, :100], phase_uniforms(8, 5, 100, "cpu"))
+
+
+def test_one_uniform_per_row_is_required():
+    with pytest.raises(ValueError, match="uniforms"):
+        sample(torch.randn(3, 8), None, SamplingParams(), torch.rand(2))
 
 
 @pytest.mark.parametrize("kwargs,name", [
@@ -153,6 +159,6 @@ def test_invalid_settings_are_rejected(kwargs, name):
 def test_uncond_required_exactly_with_cfg():
     cond = torch.randn(2, 8)
     with pytest.raises(ValueError, match="uncond"):
-        sample(cond, None, SamplingParams(cfg_scale=2.0), torch.tensor([0, 0]))
+        sample(cond, None, SamplingParams(cfg_scale=2.0), torch.rand(2))
     with pytest.raises(ValueError, match="uncond"):
-        sample(cond, cond, SamplingParams(), torch.tensor([0, 0]))
+        sample(cond, cond, SamplingParams(), torch.rand(2))

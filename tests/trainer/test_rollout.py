@@ -15,11 +15,11 @@ import json
 import pytest
 import torch
 
-import egrpo.rollout.sampling as sampling_module
+import egrpo.rollout.engine as engine_module
 import egrpo.trainer.rollout as rollout_module
 from egrpo.kernels import linear_logprob_entropy
 from egrpo.rollout import RolloutEngine, SamplingParams, seeds_from_generator
-from egrpo.rollout.sampling import sample_torch
+from egrpo.rollout.sampling import phase_uniforms, sample_torch
 from egrpo.trainer.config import ConfigError, load_config
 from egrpo.trainer.model import ModelConfig, build_model
 from egrpo.trainer.protocol import (COT_SYSTEM_PROMPT, Prefill, cot_prompt_text, deepseek_conversation,
@@ -365,9 +365,15 @@ def _multinomial(generator):
     return lambda step, c, u, guided: torch.multinomial(guided.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def _engine_uniforms(seed, step, rows):
+    """The engine's uniforms of draw ``step`` of a phase seeded ``seed`` (a prefix of its phase table)."""
+    return phase_uniforms(seed, step + 1, rows, "cpu")[step]
+
+
 def _engine_draw(seed, params):
-    """The engine's draw: the same sampler function fed the engine's counter-based uniforms (seed, step)."""
-    return lambda step, c, u, guided: sample_torch(c, u, params, torch.tensor([seed, step]), want_kl=False)[0]
+    """The engine's draw: the same sampler function fed the engine's uniforms for (seed, step)."""
+    return lambda step, c, u, guided: sample_torch(c, u, params, _engine_uniforms(seed, step, c.shape[0]),
+                                                   want_kl=False)[0]
 
 
 def _naive_cfg_sampling(model, cond, cond_mask, uncond, uncond_mask, mode, cfg, draw):
@@ -443,8 +449,9 @@ def _inverse_cdf_sampler():
 
 def _same_uniform_for_every_row(monkeypatch):
     """The engine's uniforms with row 0's number on every row (a row's draw no longer depends on its index)."""
-    original = sampling_module.row_uniforms
-    monkeypatch.setattr(sampling_module, "row_uniforms", lambda state, rows: original(state, 1).expand(rows))
+    original = engine_module.phase_uniforms
+    monkeypatch.setattr(engine_module, "phase_uniforms",
+                        lambda seed, steps, rows, device: original(seed, steps, 1, device).expand(steps, rows))
 
 
 @torch.no_grad()
@@ -485,7 +492,8 @@ def test_cot_sampling_matches_naive_reference(tiny_model, sampler):
             cot = RolloutEngine(model).generate_text(_engine_prefill(model, prefill), cfg.cot_max_tokens, tokens.eos,
                                                      tokens.pad, params, seed=11)
             ids, mask, logp = cot.ids, cot.mask, cot.logp
-            draw = lambda step, raw, logits: sample_torch(raw, None, params, torch.tensor([11, step]), False)[0]
+            draw = lambda step, raw, logits: sample_torch(raw, None, params, _engine_uniforms(11, step, raw.shape[0]),
+                                                          False)[0]
         # Reference: recompute every row alone from scratch at each step; finished rows keep drawing (and get pad).
         sampled = [list(r) for r in rows]
         expected, expected_logp = [[] for _ in rows], [[] for _ in rows]
