@@ -14,7 +14,7 @@ The top-p rule is the one of ``transformers`` and today's loop: a token is dropp
 probability of the tokens strictly above it already reaches ``top_p`` (the best token always stays).
 
 Random numbers: the caller passes one uniform per row (``uniforms [N]`` float32 in [0, 1)). The engine draws
-every uniform of a phase up front with a ``torch.Generator`` seeded by the phase's seed
+every uniform of a phase up front, one ``torch.Generator`` per row seeded from (phase seed, row)
 (:func:`phase_uniforms`: Mersenne Twister on CPU, Philox on CUDA) and each step reads its row of that table
 through a device-side index, so a CUDA graph replays with fresh numbers and nothing syncs with the host. (An
 earlier in-kernel integer hash of ``(seed, step, row)`` passed pair tests but trained the demo measurably
@@ -67,11 +67,26 @@ def validate_sampling(temperature, top_k=None, top_p=None, cfg_scale=None, prefi
 # ---------------------------------------------------------------------------------------------
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _row_seed(seed: int, row: int) -> int:
+    """A 63-bit generator seed for ``row`` of a phase seeded ``seed`` (splitmix64's finaliser)."""
+    x = (int(seed) * 0x9E3779B97F4A7C15 + row + 1) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) & ((1 << 63) - 1)
+
+
 def phase_uniforms(seed: int, steps: int, rows: int, device) -> torch.Tensor:
-    """``[steps, rows]`` float32 uniforms in [0, 1) from a ``torch.Generator`` on ``device`` seeded with ``seed``:
-    every random number one sampling phase needs, drawn before its first step."""
-    generator = torch.Generator(device=device).manual_seed(int(seed))
-    return torch.rand(steps, rows, generator=generator, device=device, dtype=torch.float32)
+    """``[steps, rows]`` float32 uniforms in [0, 1): every random number one sampling phase needs, drawn before its
+    first step. Each row has its own ``torch.Generator`` on ``device`` (seeded from ``(seed, row)``), so a row's
+    numbers do not depend on how many rows the phase samples, and a longer phase extends a shorter one."""
+    out = torch.empty(steps, rows, dtype=torch.float32, device=device)
+    for row in range(rows):
+        generator = torch.Generator(device=device).manual_seed(_row_seed(seed, row))
+        out[:, row] = torch.rand(steps, generator=generator, device=device, dtype=torch.float32)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

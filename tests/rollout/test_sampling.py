@@ -138,6 +138,12 @@ def test_phase_uniforms_are_uniform_reproducible_and_vary_with_seed():
     assert float(((counts - 5000) ** 2 / 5000).sum()) < 33.72  # chi2.ppf(1 - 1e-4, 9)
     assert torch.equal(u, phase_uniforms(7, 5, 10000, "cpu"))
     assert not torch.equal(u[:, :100], phase_uniforms(8, 5, 100, "cpu"))
+    # A row's numbers depend on its index only: not on how many rows or steps the phase has.
+    assert torch.equal(u[:3, :100], phase_uniforms(7, 3, 100, "cpu"))
+    # Rows are independent: no correlation between neighbouring rows' streams.
+    rows = phase_uniforms(3, 4000, 8, "cpu")
+    corr = torch.corrcoef(rows.T) - torch.eye(8)
+    assert corr.abs().max() < 0.08
 
 
 def test_one_uniform_per_row_is_required():
