@@ -16,11 +16,12 @@ Per phase (text CoT or image tokens) the engine
 Decode step variants (`EngineConfig`):
 
 * eager (default on CPU): attends over the filled prefix only (a view; the length is known on the host).
-* ``compile=True``: ``torch.compile`` of the step; attends over the full buffer with a mask, so the
-  shapes never change and one compilation serves the whole phase.
+* ``compile=True``: ``torch.compile`` of the step; attends over the buffer with a mask, so the shapes never
+  change and one compilation serves the whole phase (one per key span, ``key_buckets``).
 * ``cuda_graph=True`` (CUDA only): the (compiled or eager) full-buffer step captured once per phase
-  shape as a ``torch.cuda.CUDAGraph`` and replayed; its random numbers come from the in-graph counter
-  (see :mod:`egrpo.rollout.sampling`), so replays differ without host work.
+  shape (and key span) as a ``torch.cuda.CUDAGraph`` and replayed; each replay reads the next row of the
+  phase's table of uniforms through a device index (see :mod:`egrpo.rollout.sampling`), so replays differ
+  without host work.
 
 The language model is driven through its own submodules (``input_layernorm``, ``self_attn.q_proj`` ...,
 ``mlp``), so kernel patches of those modules (Liger) still apply; attention is
