@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from egrpo.rollout.engine import EngineConfig, Prefill as EnginePrefill, RolloutEngine
+from egrpo.rollout.engine import EngineConfig, RolloutEngine
 from egrpo.rollout.sampling import SamplingParams
 from egrpo.trainer.model import ModelConfig, build_model
 from egrpo.trainer.tokenizer import build_char_tokenizer, janus_tokens
@@ -124,9 +124,7 @@ def _implementations(model, tokenizer, prefills, image_tokens, device, compile_s
         engines["engine-compiled"] = RolloutEngine(model, EngineConfig(compile=True))
     for name, engine in engines.items():
         def run(engine=engine):
-            both = Prefill.cat([cond, uncond])
-            prefill = EnginePrefill(model.get_input_embeddings()(both.input_ids), both.attention_mask,
-                                    both.position_ids)
+            prefill = today.engine_prefill(model, Prefill.cat([cond, uncond]))  # the trainer's conversion
             return engine.generate_image_tokens(prefill, image_tokens, params, seed=0).tokens
         impls[name] = (run, engine.decode)
     return impls

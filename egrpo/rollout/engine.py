@@ -70,16 +70,13 @@ class EngineConfig:
     def __post_init__(self):
         if self.sampler not in ("auto", "triton", "torch"):
             raise ValueError(f"engine.sampler must be auto, triton or torch, got {self.sampler!r}")
-        if not isinstance(self.eos_check_every, int) or self.eos_check_every < 1:
-            raise ValueError(f"engine.eos_check_every must be an integer >= 1, got {self.eos_check_every!r}")
-        if not isinstance(self.key_buckets, int) or isinstance(self.key_buckets, bool) or self.key_buckets < 1:
-            raise ValueError(f"engine.key_buckets must be an integer >= 1, got {self.key_buckets!r}")
-        if not isinstance(self.prompt_bucket, int) or isinstance(self.prompt_bucket, bool) or self.prompt_bucket < 0:
-            raise ValueError(f"engine.prompt_bucket must be an integer >= 0 (0 = off), got {self.prompt_bucket!r}")
+        for name, minimum, note in (("eos_check_every", 1, ""), ("key_buckets", 1, ""),
+                                    ("prompt_bucket", 0, " (0 = off)"), ("vq_batch_size", 0, " (0 = all rows)")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"engine.{name} must be an integer >= {minimum}{note}, got {value!r}")
         if self.fuse_projections not in (None, True, False):
             raise ValueError(f"engine.fuse_projections must be true, false or null (auto), got {self.fuse_projections!r}")
-        if not isinstance(self.vq_batch_size, int) or self.vq_batch_size < 0:
-            raise ValueError(f"engine.vq_batch_size must be an integer >= 0 (0 = all rows), got {self.vq_batch_size!r}")
 
 
 @dataclass
@@ -203,10 +200,9 @@ class _PhaseState:
         self.cos, self.sin = cos[:, None], sin[:, None]  # [R, 1, total, d]
         self.slot = torch.arange(total, device=device)
         self.step = torch.zeros((), dtype=torch.int64, device=device)  # slot index of the next decode input
-        # Every uniform of the phase (first token + new_tokens steps, one per sampled row), and the index of the
-        # next draw: a step reads its row through a device index (graph-safe, no host sync).
+        # Every uniform of the phase, one row per draw: row 0 for the prefill's token, row step + 1 for the token
+        # a decode step writes at column step + 1 (read through the device index, graph-safe, no host sync).
         self.uniforms = phase_uniforms(seed, total - length + 1, sampled_rows, device)
-        self.draw = torch.zeros(1, dtype=torch.int64, device=device)
         self.fused: Optional[List[_FusedLayer]] = None  # set by the engine when it fuses projections
 
 
@@ -224,7 +220,7 @@ class _FusedLayer:
             self.qkv_bias = torch.cat([b if b is not None else m.weight.new_zeros(m.weight.shape[0])
                                        for m, b in zip(projections, biases)], 0)
         mlp = layer.mlp
-        self.gate_up_weight = self.gate_up_bias = None
+        self.gate_up_weight = None
         if type(mlp).__name__ == "LlamaMLP" and isinstance(mlp.act_fn, torch.nn.SiLU) and mlp.gate_proj.bias is None \
                 and mlp.up_proj.bias is None:
             self.gate_up_weight = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], 0)
@@ -235,11 +231,6 @@ def _rms_norm(norm, h):
     if type(norm).__name__ == "LlamaRMSNorm" and h.dtype == torch.float32:
         return F.rms_norm(h, norm.weight.shape, norm.weight, norm.variance_epsilon)
     return norm(h)
-
-
-def _next_uniforms(state) -> torch.Tensor:
-    """The uniforms of the phase's next draw ([sampled rows]); the caller advances ``state.draw``."""
-    return state.uniforms.index_select(0, state.draw).squeeze(0)
 
 
 def _rotate(x, cos, sin):
@@ -380,29 +371,29 @@ class RolloutEngine:
         hidden = self._decode_hidden(torch.cat([embeds, embeds], 0), state, step, keys)
         logits = self.model.model.generation_head(hidden)
         batch = token.shape[0]
-        next_token, kl, logp = sample(logits[:batch], logits[batch:], params, _next_uniforms(state), True,
-                                      self.config.sampler, want_logp=True)
         column = (state.step + 1).view(1)
+        next_token, kl, logp = sample(logits[:batch], logits[batch:], params,
+                                      state.uniforms.index_select(0, column)[0], True, self.config.sampler,
+                                      want_logp=True)
         out_tokens.index_copy_(1, column, next_token[:, None])
         out_kl.index_copy_(1, column, kl[:, None])
         out_logp.index_copy_(1, column, logp[:, None])
         state.step += 1
-        state.draw += 1
         return next_token
 
     def _text_step(self, token, finished, state, params, pad_id, eos_id, out_ids, out_valid, out_logp, step=None,
                    keys=None):
         hidden = self._decode_hidden(self.model.get_input_embeddings()(token), state, step, keys)
-        next_token, _, logp = sample(self.model.lm_head(hidden), None, params, _next_uniforms(state), False,
-                                     self.config.sampler, want_logp=True)
         column = (state.step + 1).view(1)
+        next_token, _, logp = sample(self.model.lm_head(hidden), None, params,
+                                     state.uniforms.index_select(0, column)[0], False, self.config.sampler,
+                                     want_logp=True)
         out_valid.index_copy_(1, column, (~finished)[:, None])
         out_logp.index_copy_(1, column, torch.where(finished, torch.zeros_like(logp), logp)[:, None])
         next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
         out_ids.index_copy_(1, column, next_token[:, None])
         finished |= next_token == eos_id
         state.step += 1
-        state.draw += 1
         return next_token
 
     @staticmethod
@@ -442,7 +433,7 @@ class RolloutEngine:
     def _capture(self, step_fn, state: _PhaseState, static_args: tuple, keys: int):
         """Capture one full-buffer decode step (over ``keys`` slots) as a CUDA graph; replays advance the
         device counters."""
-        saved_step, saved_draw = state.step.clone(), state.draw.clone()
+        saved_step = state.step.clone()
         saved = [t.clone() for t in static_args if isinstance(t, torch.Tensor)]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -455,7 +446,6 @@ class RolloutEngine:
             step_fn(*static_args, step=None, keys=keys)
         # Undo the warm-up and capture side effects (the capture itself also ran nothing; warm-up did).
         state.step.copy_(saved_step)
-        state.draw.copy_(saved_draw)
         for tensor, value in zip([t for t in static_args if isinstance(t, torch.Tensor)], saved):
             tensor.copy_(value)
         return graph
@@ -483,10 +473,9 @@ class RolloutEngine:
         kl = torch.zeros(batch, num_tokens, dtype=torch.float32, device=device)
         logp = torch.zeros(batch, num_tokens, dtype=torch.float32, device=device)
         logits = self.model.model.generation_head(self._prefill(prefill, state))
-        first, first_kl, first_logp = sample(logits[:batch], logits[batch:], params, _next_uniforms(state), True,
+        first, first_kl, first_logp = sample(logits[:batch], logits[batch:], params, state.uniforms[0], True,
                                              self.config.sampler, want_logp=True)
         tokens[:, 0], kl[:, 0], logp[:, 0] = first, first_kl, first_logp
-        state.draw += 1
         if num_tokens > 1:
             token = first.clone()  # the step's (graph-static) input buffer
             run = self._runner("image", self._image_step, state, (token, state, params, tokens, kl, logp))
@@ -514,11 +503,9 @@ class RolloutEngine:
         valid = torch.zeros(rows, max_new_tokens, dtype=torch.bool, device=device)
         logp = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
         first, _, first_logp = sample(self.model.lm_head(self._prefill(prefill, state)), None, params,
-                                      _next_uniforms(state),
-                                      False, self.config.sampler, want_logp=True)
+                                      state.uniforms[0], False, self.config.sampler, want_logp=True)
         ids[:, 0], valid[:, 0], logp[:, 0] = first, True, first_logp
         finished = first == eos_id
-        state.draw += 1
         token = first.clone()
         run = self._runner("text", self._text_step, state,
                            (token, finished, state, params, pad_id, eos_id, ids, valid, logp))

@@ -39,8 +39,8 @@ from .protocol import (COT_SYSTEM_PROMPT, IMAGE_POSITIONS, Prefill, cot_prompt_t
                        image_prompt_text, load_cot_template, text_prefill, unconditional_ids, valid_positions)
 from .tokenizer import JanusTokens, encode_with_bos, janus_tokens
 
-__all__ = ["RolloutConfig", "Rollout", "rollout", "make_engine", "head_inputs", "sample_cot", "sample_image_tokens",
-           "cfg_logits", "filter_logits", "decode_images", "codebook_vectors", "unconditional_ids"]
+__all__ = ["RolloutConfig", "Rollout", "rollout", "make_engine", "engine_prefill", "head_inputs", "sample_cot",
+           "sample_image_tokens", "cfg_logits", "filter_logits", "decode_images", "codebook_vectors", "unconditional_ids"]
 
 
 @dataclass
@@ -84,13 +84,10 @@ class RolloutConfig:
                 bad(name, "> 0")
         if not self.cfg_scale >= 0:
             bad("cfg_scale", ">= 0")
-        for name in ("top_k", "cot_top_k"):
+        for name, off in (("top_k", "no top-k"), ("cot_top_k", "no top-k"), ("cot_max_prompt_tokens", "never cut")):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                bad(name, "an integer >= 1 or null (no top-k)")
-        value = self.cot_max_prompt_tokens
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            bad("cot_max_prompt_tokens", "an integer >= 1 or null (never truncate)")
+                bad(name, f"an integer >= 1 or null ({off})")
         if self.cot_top_p is not None and not 0 < self.cot_top_p <= 1:
             bad("cot_top_p", "in (0, 1] or null")
         if self.image_positions not in IMAGE_POSITIONS:
@@ -304,7 +301,7 @@ def rollout(model, tokenizer, prompts: List[str], cfg: RolloutConfig, generator:
         model.train(was_training)
 
 
-def _engine_prefill(model, prefill: Prefill) -> EnginePrefill:
+def engine_prefill(model, prefill: Prefill) -> EnginePrefill:
     """The protocol's prefill as the engine takes it: the same ids embedded, the same mask and positions."""
     return EnginePrefill(model.get_input_embeddings()(prefill.input_ids), prefill.attention_mask,
                          prefill.position_ids)
@@ -338,7 +335,7 @@ def _rollout(model, tokenizer, prompts, cfg, generator, engine: Optional[Rollout
         if engine is None:
             cot_ids, cot_mask, cot_logp = sample_cot(model, text, tokens, cfg, generator)
         else:
-            cot = engine.generate_text(_engine_prefill(model, text), cfg.cot_max_tokens, tokens.eos, tokens.pad,
+            cot = engine.generate_text(engine_prefill(model, text), cfg.cot_max_tokens, tokens.eos, tokens.pad,
                                        SamplingParams(cfg.cot_temperature, cfg.cot_top_k, cfg.cot_top_p), seed_text)
             cot_ids, cot_mask, cot_logp = cot.ids, cot.mask, cot.logp
             _check_finite(cot_logp, cot_mask)
@@ -365,7 +362,7 @@ def _rollout(model, tokenizer, prompts, cfg, generator, engine: Optional[Rollout
         images = decode_images(model, image_tokens)
     else:
         # Conditional rows then their unconditional twins, exactly as the plain loop's Prefill.cat([cond, uncond]).
-        out = engine.generate_image_tokens(_engine_prefill(model, Prefill.cat([cond, uncond])), cfg.image_tokens,
+        out = engine.generate_image_tokens(engine_prefill(model, Prefill.cat([cond, uncond])), cfg.image_tokens,
                                            SamplingParams(cfg.temperature, cfg.top_k, None, cfg.cfg_scale), seed_image)
         image_tokens, kl, image_logp = out.tokens, out.kl, out.logp
         _check_finite(image_logp)

@@ -24,7 +24,7 @@ from egrpo.trainer.config import ConfigError, load_config
 from egrpo.trainer.model import ModelConfig, build_model
 from egrpo.trainer.protocol import (COT_SYSTEM_PROMPT, Prefill, cot_prompt_text, deepseek_conversation,
                                     load_cot_template, text_prefill)
-from egrpo.trainer.rollout import (RolloutConfig, _engine_prefill, codebook_vectors, filter_logits, head_inputs,
+from egrpo.trainer.rollout import (RolloutConfig, engine_prefill, codebook_vectors, filter_logits, head_inputs,
                                    rollout, sample_cot)
 from egrpo.trainer.tokenizer import janus_tokens
 
@@ -489,7 +489,7 @@ def test_cot_sampling_matches_naive_reference(tiny_model, sampler):
             draw = lambda step, raw, logits: torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
         else:
             params = SamplingParams(0.8, 20)
-            cot = RolloutEngine(model).generate_text(_engine_prefill(model, prefill), cfg.cot_max_tokens, tokens.eos,
+            cot = RolloutEngine(model).generate_text(engine_prefill(model, prefill), cfg.cot_max_tokens, tokens.eos,
                                                      tokens.pad, params, seed=11)
             ids, mask, logp = cot.ids, cot.mask, cot.logp
             draw = lambda step, raw, logits: sample_torch(raw, None, params, _engine_uniforms(11, step, raw.shape[0]),
