@@ -14,9 +14,16 @@ import numpy as np
 import torch
 
 
-def logp_entropy(hidden, weight, targets, bias=None, temperature=1.0):
-    """``(logp [B, T], entropy [B, T])`` of the sampled tokens through full float64 logits (differentiable)."""
+def logp_entropy(hidden, weight, targets, bias=None, temperature=1.0, round_logits_to=None):
+    """``(logp [B, T], entropy [B, T])`` of the sampled tokens through full float64 logits (differentiable).
+
+    ``round_logits_to=torch.bfloat16``: the GEMM's output takes the values of a bf16 GEMM of the inputs (rounded
+    once, as a CPU bf16 GEMM writes them) with float64 gradients passed straight through the rounding: the
+    float64 truth of a path whose only approximation is that rounding."""
     logits = hidden.double() @ weight.double().t()
+    if round_logits_to is not None:
+        rounded = (hidden.detach().to(round_logits_to) @ weight.detach().to(round_logits_to).t()).double()
+        logits = logits + (rounded - logits).detach()
     if bias is not None:
         logits = logits + bias.double()
     logits = logits / temperature

@@ -3,9 +3,9 @@
 Every head op (:mod:`.linear_logprob_entropy`, :mod:`.grpo_loss`) is this loop with a different
 upstream gradient. Per chunk of rows of ``hidden [N, D]``:
 
-1. one GEMM writes the chunk's logits ``[rows, V]`` in fp32 into a buffer reused by every chunk (fp32
-   output from bf16 operands on CUDA; an fp32 GEMM on CPU, whose dx/dW GEMMs run in bf16 where the CPU
-   has bf16 units, see :class:`_Operands`);
+1. one GEMM writes the chunk's logits ``[rows, V]`` into a buffer reused by every chunk: fp32 output
+   from bf16 operands on CUDA; on a CPU with bf16 units a bf16 GEMM, as eager bf16 code runs it, whose
+   logits are widened to fp32 (see :class:`_Operands`);
 2. a row pass (Triton kernel, or in-place PyTorch ops) reduces them to ``logp``, ``entropy``, ``lse``;
 3. if the caller already knows the upstream gradient of these rows (``grad_fn``), a second row pass
    turns the same logits into ``dz`` in place and the dx / dW / db GEMMs consume it: no recompute.
@@ -21,6 +21,7 @@ and a half-precision copy for the GEMMs when the operands are bf16/fp16: at most
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -236,7 +237,7 @@ class HeadGrads:
         self.db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if (need_db and bias is not None) else None
         self._dw_part = None  # reusable [V, D] buffer for a CPU half-precision dW GEMM's output
 
-    def accumulate(self, dz, rows, x_chunk, w_gemm):
+    def accumulate(self, dz, rows, x_chunk, w_gemm, ws=None):
         if self.dx is not None:
             if dz.dtype == self.dx.dtype:
                 torch.mm(dz, w_gemm, out=self.dx[rows])
@@ -253,7 +254,7 @@ class HeadGrads:
             elif dz.dtype != self.dw.dtype and not dz.is_cuda:
                 # CPU half GEMM: write into one reused [V, D] buffer, add it (widening) to the accumulator
                 if self._dw_part is None:
-                    self._dw_part = torch.empty(self.dw.shape, dtype=dz.dtype, device=dz.device)
+                    self._dw_part = _buffer(ws, "dw_part", self.dw.shape, dz.dtype, dz.device)
                 torch.mm(dz.t(), x_chunk, out=self._dw_part)
                 self.dw.add_(self._dw_part)
             else:
@@ -273,74 +274,116 @@ class HeadGrads:
         return self.dx, dw, db
 
 
-class _ChunkBuffers:
-    """[chunk, V] buffers allocated once per pass and reused by every chunk (fresh large allocations
-    cost page faults on CPU and allocator traffic on CUDA)."""
+# --------------------------------------------------------------------------------------------
+# The CPU workspace. glibc hands blocks above 32 MiB back to the OS when they are freed, so a fresh
+# [chunk, V] buffer page-faults on first touch every call: ~33 ms per 64 MiB on the development CPU,
+# about a third of a 1024 x 1024 x 16384 bf16 loss step. On CPU the chunk buffers therefore stay
+# allocated between calls (per thread), as CUDA's caching allocator keeps its blocks; at most
+# CPU_WORKSPACE_MAX_BYTES are kept (beyond that a call allocates afresh) and
+# free_cpu_workspace() gives the memory back. A call nested inside another's pass (an advantage_fn
+# that itself runs a head op) gets fresh buffers.
+# --------------------------------------------------------------------------------------------
 
-    def __init__(self, chunk, V, ldt, gdt, device, need_tmp, need_half):
-        # CUDA half operands: the fp32-output GEMM allocates z itself (the caching allocator reuses it)
-        self.z = None if (gdt != ldt and device.type == "cuda") else torch.empty(chunk, V, dtype=ldt, device=device)
-        self.tmp = torch.empty(chunk, V, dtype=ldt, device=device) if need_tmp else None
-        self.half = torch.empty(chunk, V, dtype=gdt, device=device) if (gdt != ldt and need_half) else None
-        self.bf16_products = gdt == torch.bfloat16 and device.type != "cuda"
+CPU_WORKSPACE_MAX_BYTES = 1 << 30
 
-    def logits(self, x_logits, w_logits):
-        """The chunk's fp32 (fp64) logits, and views of the temporaries sized to its rows."""
-        r = x_logits.shape[0]
-        if self.z is None:
-            z = mm_wide(x_logits, w_logits.t(), logits_dtype(x_logits.dtype))  # fp32 output where torch has it
-        else:
-            z = self.z[:r]
-            with (_cpu_bf16_products() if self.bf16_products else contextlib.nullcontext()):
-                torch.mm(x_logits, w_logits.t(), out=z)
-        return z, (None if self.tmp is None else self.tmp[:r]), (None if self.half is None else self.half[:r])
+
+class _Workspace(threading.local):
+    def __init__(self):
+        self.buffers = {}   # (name, dtype) -> flat tensor, grown to the largest request
+        self.busy = False
+
+
+_WORKSPACE = _Workspace()
+
+
+def free_cpu_workspace() -> int:
+    """Release the chunk buffers kept between calls on CPU (this thread's); returns the bytes freed."""
+    freed = sum(b.numel() * b.element_size() for b in _WORKSPACE.buffers.values())
+    _WORKSPACE.buffers.clear()
+    return freed
 
 
 @contextlib.contextmanager
-def _cpu_bf16_products():
-    """fp32 CPU GEMMs computed by oneDNN with bf16 products and fp32 accumulation and output.
-
-    Used only for the logits GEMM of bf16 inputs: their values are exact in bf16, so the result equals
-    an fp32 GEMM's (fp32 accumulation) at ~2x its speed. CPU GEMMs cannot write fp32 from bf16 operands
-    directly, and a bf16 GEMM's bf16-rounded logits would cost up to ~0.03 nats of log-prob accuracy."""
-    mm = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-    old = getattr(mm, "fp32_precision", None)
-    if old is None:  # older torch: a plain fp32 GEMM
-        yield
+def _workspace(device):
+    """The workspace for one pass on ``device`` (``None``: allocate afresh, on CUDA or when nested)."""
+    ws = _WORKSPACE
+    if device.type != "cpu" or ws.busy:
+        yield None
         return
+    ws.busy = True
     try:
-        mm.fp32_precision = "bf16"
-        yield
+        yield ws
     finally:
-        mm.fp32_precision = old
+        ws.busy = False
+
+
+def _buffer(ws, name, shape, dtype, device):
+    numel = shape[0] * shape[1]
+    if ws is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    key = (name, dtype)
+    buf = ws.buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        kept = sum(b.numel() * b.element_size() for k, b in ws.buffers.items() if k != key)
+        if kept + numel * dtype.itemsize > CPU_WORKSPACE_MAX_BYTES:
+            return torch.empty(shape, dtype=dtype, device=device)
+        ws.buffers.pop(key, None)  # free the smaller one first
+        buf = ws.buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel].view(shape)
+
+
+class _ChunkBuffers:
+    """[chunk, V] buffers allocated once per pass and reused by every chunk (and, on CPU, kept between
+    calls: see the workspace above)."""
+
+    def __init__(self, chunk, V, ldt, gdt, device, need_tmp, need_half, ws=None):
+        cpu_half = gdt != ldt and device.type != "cuda"
+        shape = (chunk, V)
+        # CUDA half operands: the fp32-output GEMM allocates z itself (the caching allocator reuses it)
+        self.z = None if (gdt != ldt and device.type == "cuda") else _buffer(ws, "z", shape, ldt, device)
+        self.tmp = _buffer(ws, "tmp", shape, ldt, device) if need_tmp else None
+        # CPU half operands: the GEMM writes its half logits here first (then dz reuses it)
+        self.half = _buffer(ws, "half", shape, gdt, device) if (gdt != ldt and (need_half or cpu_half)) else None
+        self.cpu_half = cpu_half
+
+    def logits(self, x, w):
+        """The chunk's fp32 (fp64) logits, and views of the temporaries sized to its rows."""
+        r = x.shape[0]
+        half = None if self.half is None else self.half[:r]
+        if self.z is None:
+            z = mm_wide(x, w.t(), logits_dtype(x.dtype))  # fp32 output where torch has it
+        elif self.cpu_half:
+            # CPU GEMMs cannot write fp32 from bf16 operands: the logits are rounded to bf16 once, exactly as
+            # eager bf16 code rounds them, and widened before any softmax statistic
+            torch.mm(x, w.t(), out=half)
+            z = self.z[:r]
+            z.copy_(half)
+        else:
+            z = self.z[:r]
+            torch.mm(x, w.t(), out=z)
+        return z, (None if self.tmp is None else self.tmp[:r]), half
 
 
 class _Operands:
-    """The weight in the dtypes the chunk GEMMs use: logits GEMM (``w_logits``) and dx/dW GEMMs (``w_grad``).
-
-    On CUDA both are the input dtype (bf16 tensor cores, fp32 output for the logits). On a CPU with bf16
-    GEMMs the gradient GEMMs run in bf16 (as eager bf16 autograd does) and the logits GEMM runs on fp32
-    copies with bf16 products (:func:`_cpu_bf16_products`), which keeps one fp32 copy of the weight
-    for the duration of the call."""
+    """The input rows and weight in the dtype every chunk GEMM uses (:func:`gemm_dtype`): bf16 tensor cores
+    on CUDA (fp32 output for the logits), bf16 on a CPU with bf16 GEMMs (no fp32 copy of the weight), fp32
+    where half GEMMs would be slow."""
 
     def __init__(self, hidden, weight, backend):
         self.ldt = logits_dtype(hidden.dtype)
         self.gdt = gemm_dtype(hidden.dtype, hidden.device, backend)
-        self.cpu_split = self.gdt != self.ldt and hidden.device.type != "cuda"
-        self.w_grad = weight.to(self.gdt)
-        self.w_logits = weight.to(self.ldt) if self.cpu_split else self.w_grad
+        self.w = weight.to(self.gdt)
 
     def x(self, hidden, rows):
-        x_grad = hidden[rows].to(self.gdt)
-        return x_grad, (hidden[rows].to(self.ldt) if self.cpu_split else x_grad)
+        return hidden[rows].to(self.gdt)
 
 
-def _chunk_setup(hidden, weight, chunk_size, backend, need_dz_half):
+def _chunk_setup(hidden, weight, chunk_size, backend, need_dz_half, ws):
     n_rows, V = hidden.shape[0], weight.shape[0]
     ops = _Operands(hidden, weight, backend)
     chunk = max(1, min(chunk_size, n_rows))
     passes = ROW_PASSES[backend]
-    bufs = _ChunkBuffers(chunk, V, ops.ldt, ops.gdt, hidden.device, passes.needs_tmp, need_dz_half)
+    bufs = _ChunkBuffers(chunk, V, ops.ldt, ops.gdt, hidden.device, passes.needs_tmp, need_dz_half, ws)
     return passes, ops, bufs
 
 
@@ -370,21 +413,22 @@ def head_pass(
     """
     n_rows = hidden.shape[0]
     with_grads = grad_fn is not None and grads is not None and grads.any
-    passes, ops, bufs = _chunk_setup(hidden, weight, chunk_size, backend, with_grads)
-    logp = torch.empty(n_rows, dtype=ops.ldt, device=hidden.device)
-    entropy = torch.empty_like(logp)
-    lse = torch.empty_like(logp)
-    for start in range(0, n_rows, chunk_size):
-        rows = slice(start, min(n_rows, start + chunk_size))
-        x_grad, x_logits = ops.x(hidden, rows)
-        z, tmp, half = bufs.logits(x_logits, ops.w_logits)
-        passes.stats(z, tmp, bias, targets[rows], inv_tau, logp[rows], entropy[rows], lse[rows])
-        if grad_fn is not None:
-            g_logp, g_entropy = grad_fn(rows, logp[rows], entropy[rows])
-            if with_grads and (g_logp is not None or g_entropy is not None):
-                dz = z if half is None else half
-                passes.dlogits(z, tmp, bias, targets[rows], lse[rows], entropy[rows], g_logp, g_entropy, inv_tau, dz)
-                grads.accumulate(dz, rows, x_grad, ops.w_grad)
+    with _workspace(hidden.device) as ws:
+        passes, ops, bufs = _chunk_setup(hidden, weight, chunk_size, backend, with_grads, ws)
+        logp = torch.empty(n_rows, dtype=ops.ldt, device=hidden.device)
+        entropy = torch.empty_like(logp)
+        lse = torch.empty_like(logp)
+        for start in range(0, n_rows, chunk_size):
+            rows = slice(start, min(n_rows, start + chunk_size))
+            x = ops.x(hidden, rows)
+            z, tmp, half = bufs.logits(x, ops.w)
+            passes.stats(z, tmp, bias, targets[rows], inv_tau, logp[rows], entropy[rows], lse[rows])
+            if grad_fn is not None:
+                g_logp, g_entropy = grad_fn(rows, logp[rows], entropy[rows])
+                if with_grads and (g_logp is not None or g_entropy is not None):
+                    dz = z if half is None else half
+                    passes.dlogits(z, tmp, bias, targets[rows], lse[rows], entropy[rows], g_logp, g_entropy, inv_tau, dz)
+                    grads.accumulate(dz, rows, x, ops.w, ws)
     return logp, entropy, lse
 
 
@@ -393,17 +437,18 @@ def head_backward(
 ):
     """Recompute each chunk's logits and accumulate the gradients of ``g_logp . logp + g_entropy . H``."""
     n_rows = hidden.shape[0]
-    passes, ops, bufs = _chunk_setup(hidden, weight, chunk_size, backend, True)
-    for start in range(0, n_rows, chunk_size):
-        rows = slice(start, min(n_rows, start + chunk_size))
-        x_grad, x_logits = ops.x(hidden, rows)
-        z, tmp, half = bufs.logits(x_logits, ops.w_logits)
-        passes.prepare(z, tmp, bias, inv_tau, lse[rows])
-        dz = z if half is None else half
-        passes.dlogits(
-            z, tmp, bias, targets[rows], lse[rows], entropy[rows],
-            None if g_logp is None else g_logp[rows], None if g_entropy is None else g_entropy[rows],
-            inv_tau, dz,
-        )
-        grads.accumulate(dz, rows, x_grad, ops.w_grad)
+    with _workspace(hidden.device) as ws:
+        passes, ops, bufs = _chunk_setup(hidden, weight, chunk_size, backend, True, ws)
+        for start in range(0, n_rows, chunk_size):
+            rows = slice(start, min(n_rows, start + chunk_size))
+            x = ops.x(hidden, rows)
+            z, tmp, half = bufs.logits(x, ops.w)
+            passes.prepare(z, tmp, bias, inv_tau, lse[rows])
+            dz = z if half is None else half
+            passes.dlogits(
+                z, tmp, bias, targets[rows], lse[rows], entropy[rows],
+                None if g_logp is None else g_logp[rows], None if g_entropy is None else g_entropy[rows],
+                inv_tau, dz,
+            )
+            grads.accumulate(dz, rows, x, ops.w, ws)
     return grads

@@ -21,15 +21,22 @@ def linear_logprob_entropy_reference(
     *,
     compute_dtype: Optional[torch.dtype] = None,
     softmax_dtype: Optional[torch.dtype] = torch.float32,
+    round_logits_to: Optional[torch.dtype] = None,
 ):
     """Eager ``(logp, entropy)`` through full logits.
 
     ``compute_dtype`` is the dtype of the GEMM (default: the inputs' dtype; ``torch.float64``
     for ground truth). ``softmax_dtype`` is the dtype the log-softmax runs in (default fp32, as
-    careful eager code does; ``None`` keeps the GEMM's dtype). Differentiable.
+    careful eager code does; ``None`` keeps the GEMM's dtype). ``round_logits_to`` (with a float64
+    ``compute_dtype``): the GEMM's output takes the values of one GEMM in that dtype, gradients passed
+    straight through, i.e. the exact result of a path whose only approximation is rounding its logits once
+    (the fused head's CPU bf16 path). Differentiable.
     """
     dt = compute_dtype or hidden.dtype
     logits = hidden.to(dt) @ weight.to(dt).t()
+    if round_logits_to is not None:
+        rounded = (hidden.detach().to(round_logits_to) @ weight.detach().to(round_logits_to).t()).to(dt)
+        logits = logits + (rounded - logits).detach()
     if bias is not None:
         logits = logits + bias.to(dt)
     logits = logits / temperature
@@ -99,6 +106,7 @@ def grpo_loss_reference(
     eps_high: float = 0.2,
     temperature: float = 1.0,
     compute_dtype: Optional[torch.dtype] = None,
+    round_logits_to: Optional[torch.dtype] = None,
 ):
     """Eager GRPO loss (docs/algorithms.md, GRPO and The token loss) through full logits, written the way trainers write it.
 
@@ -106,7 +114,7 @@ def grpo_loss_reference(
     (``torch.min`` / ``torch.clamp`` autograd decides which side of the clip carries gradient).
     """
     logp, entropy = linear_logprob_entropy_reference(
-        hidden, weight, targets, bias, temperature, compute_dtype=compute_dtype
+        hidden, weight, targets, bias, temperature, compute_dtype=compute_dtype, round_logits_to=round_logits_to
     )
     dt = logp.dtype
     B, T = logp.shape

@@ -47,13 +47,41 @@ class AllocationTracker(TorchDispatchMode):
 
 
 class PoisonEmpty(TorchDispatchMode):
-    """Fills every uninitialised allocation with NaN, so elements a kernel forgets to write fail."""
+    """Fills every uninitialised allocation with NaN, so elements a kernel forgets to write fail. The CPU chunk
+    workspace kept between calls is released on entry, so its buffers are allocated (and poisoned) afresh."""
+
+    def __enter__(self):
+        from egrpo.kernels._head import free_cpu_workspace
+
+        free_cpu_workspace()
+        return super().__enter__()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func in _EMPTY_OPS and isinstance(out, torch.Tensor) and out.is_floating_point():
             out.fill_(float("nan"))
         return out
+
+
+def rounds_logits_to_bf16(dtype, backend, device="cpu") -> bool:
+    """Whether the fused head's logits GEMM writes bf16 (then widened) for these inputs: the torch backend on a
+    CPU with bf16 GEMMs, as eager bf16 code does. Elsewhere the logits are fp32 (CUDA, the interpreter, fp32
+    inputs, CPUs without bf16 units)."""
+    from egrpo.kernels._common import gemm_dtype
+
+    dev = torch.device(device)
+    return dev.type != "cuda" and dtype == torch.bfloat16 and gemm_dtype(dtype, dev, backend) == torch.bfloat16
+
+
+def bf16_logit_half_ulp(hidden, weight, bias=None, temperature=1.0) -> float:
+    """Half a bf16 ulp at the largest logit (float64 logits of the inputs): how far one rounding of the logits
+    to bf16 may move any of them, and so (to first order) any log-prob or entropy. The tolerance a path that
+    rounds its logits once, as eager bf16 code does, gets on top of eager's own error."""
+    h = hidden.detach().double().reshape(-1, hidden.shape[-1])
+    z = h @ weight.detach().double().t()
+    if bias is not None:
+        z = z + bias.detach().double()
+    return 2.0**-9 * (z / temperature).abs().max().item()
 
 
 def max_abs_err(a, b):

@@ -4,7 +4,8 @@ import torch
 from egrpo.kernels import linear_logprob_entropy
 from egrpo.kernels._common import HAS_TRITON, INTERPRETING
 from egrpo.kernels.reference import linear_logprob_entropy_reference as reference
-from tests.kernels._utils import AllocationTracker, PoisonEmpty, compile_for_sm90, max_abs_err
+from tests.kernels._utils import (AllocationTracker, PoisonEmpty, bf16_logit_half_ulp, compile_for_sm90, max_abs_err,
+                                  rounds_logits_to_bf16)
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     not INTERPRETING, reason="CPU tensors need TRITON_INTERPRET=1; compiled Triton is covered by the gpu tests"))]
@@ -60,10 +61,14 @@ def test_parity_values_and_grads(backend, dtype, V, temperature, bias):
             assert g.dtype == t.dtype, "gradients come back in the input dtype"
         eager = run_with_grads(reference, hidden, weight, b, targets, temperature, g_lp, g_h)
         # Values: never worse than eager PyTorch at the same dtype (max error against float64) plus
-        # VALUE_TOL; in bf16 the fused head also keeps fp32 accuracy (fp32 logits from the bf16 inputs).
+        # VALUE_TOL; with fp32 logits from bf16 inputs (CUDA, interpreter) the fused head keeps fp32 accuracy.
+        # Where the CPU GEMM rounds the logits to bf16 (as eager does), the tolerance is one more such rounding.
+        bf16_logits = rounds_logits_to_bf16(dtype, backend)
+        tol = bf16_logit_half_ulp(hidden, weight, b, temperature) if bf16_logits else VALUE_TOL
         for k in (0, 1):
             ours_err, eager_err = max_abs_err(ours[k], truth[k]), max_abs_err(eager[k], truth[k])
-            assert ours_err <= eager_err + VALUE_TOL and ours_err <= FP32_VALUE_ERR, (name, k, ours_err, eager_err)
+            assert ours_err <= eager_err + tol, (name, k, ours_err, eager_err)
+            assert bf16_logits or ours_err <= FP32_VALUE_ERR, (name, k, ours_err)
         # Gradients: never worse than eager, relative to the largest element, plus GRAD_TOL of the dtype.
         for g_ours, g_eager, g_true in zip(ours[2], eager[2], truth[2]):
             scale = g_true.abs().max().item() + 1e-12
@@ -95,6 +100,26 @@ def test_tolerance_is_below_a_dropped_vocab_column(backend, temperature):
                                      backend=backend, chunk_size=16)
     for k in (0, 1):
         assert max_abs_err(dropped[k], truth[k]) > max_abs_err(eager[k], truth[k]) + 10 * VALUE_TOL
+
+
+@pytest.mark.skipif(not rounds_logits_to_bf16(torch.bfloat16, "torch"), reason="this CPU has no bf16 GEMMs")
+@pytest.mark.parametrize("temperature,bias", [(1.0, False), (0.7, True)])
+def test_cpu_bf16_rounds_the_logits_once_and_nothing_else(temperature, bias):
+    """On a CPU with bf16 GEMMs the torch path's only departure from float64 is the bf16 rounding of the logits
+    GEMM's output: on those rounded logits (one GEMM over all rows, as a single chunk runs it) the log-probs and
+    entropies match a float64 softmax to fp32 accuracy, far inside the rounding's own effect."""
+    N, D, V = 37, 32, 16387
+    hidden, weight, b, targets = make_inputs(N, D, V, torch.bfloat16, bias)
+    z = (hidden @ weight.t()).double()   # the same bf16 GEMM, rounded once
+    if b is not None:
+        z = z + b.double()
+    log_p = torch.log_softmax(z / temperature, dim=-1)
+    logp_true = log_p.gather(1, targets[:, None]).squeeze(1)
+    ent_true = -(log_p.exp() * log_p).sum(-1)
+    logp, ent = linear_logprob_entropy(hidden, weight, targets, b, temperature, backend="torch", chunk_size=N)
+    assert max_abs_err(logp, logp_true) <= FP32_VALUE_ERR and max_abs_err(ent, ent_true) <= FP32_VALUE_ERR
+    full = reference(hidden.double(), weight.double(), targets, None if b is None else b.double(), temperature)
+    assert max_abs_err(logp, full[0]) > 10 * FP32_VALUE_ERR, "the rounding is visible, so the test could fail"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
