@@ -4,14 +4,21 @@ It once crashed on main after a refactor of the trainer's rollout; this keeps it
 
 import json
 
+import pytest
+
 from bench.rollout import main
 
 
-def test_bench_rollout_runs_on_cpu(tmp_path):
+@pytest.mark.parametrize("dtype,name", [("fp32", "rollout_cpu"), ("bf16", "rollout_cpu_bf16")])
+def test_bench_rollout_runs_on_cpu(tmp_path, dtype, name):
     readme = tmp_path / "README.md"
+    readme.write_text("<!-- rollout:begin -->fp32 rows<!-- rollout:end -->\n")
     main(["--configs", "tiny", "--threads", "1", "--repeats", "1", "--no-compile", "--out-dir", str(tmp_path),
-          "--readme", str(readme)])
-    payload = json.loads((tmp_path / "rollout_cpu.json").read_text())
+          "--readme", str(readme), "--dtype", dtype])
+    payload = json.loads((tmp_path / f"{name}.json").read_text())
+    assert payload["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+    # the bf16 run writes its own section and leaves the fp32 one alone
+    assert ("fp32 rows" in readme.read_text()) == (dtype == "bf16")
     (run,) = payload["runs"]
     for impl in ("today", "engine"):
         row = run["results"][impl]
