@@ -13,9 +13,9 @@ upstream gradient. Per chunk of rows of ``hidden [N, D]``:
 The losses only parameterise ``grad_fn`` (and which gradients they need); :func:`head_backward` is
 the recompute pass for callers whose gradient is known only after every row has been seen.
 
-Buffers per chunk: the fp32 logits, one fp32 temporary in the PyTorch row passes (none in Triton),
-and a half-precision copy for the GEMMs when the operands are bf16/fp16: at most 2.5 fp32
-``[chunk, V]`` buffers live at once. No ``[N, V]`` tensor is ever allocated.
+Buffers per chunk: the fp32 logits (formed into dz in place) and a half-precision copy for the GEMMs
+when the operands are bf16/fp16: 1.5 fp32 ``[chunk, V]`` buffers, plus one more fp32 buffer in the
+PyTorch dlogits pass only while the entropy carries gradient. No ``[N, V]`` tensor is ever allocated.
 """
 
 from __future__ import annotations
@@ -120,12 +120,13 @@ def num_warps(block: int, interpreting: bool = INTERPRETING) -> int:
 
 # --------------------------------------------------------------------------------------------
 # Row passes over one chunk. ``z`` is the fp32 (fp64) logits buffer of the chunk. The Triton passes
-# leave it untouched (they apply bias and 1/tau themselves); the PyTorch passes turn it into the
-# row log-softmax in place and leave the probabilities in ``tmp`` (two live [rows, V] buffers).
-# ``prepare`` brings a recomputed chunk into the state the backend's dlogits pass expects.
+# leave it untouched (they apply bias and 1/tau themselves); the PyTorch passes turn it into the row
+# log-softmax in place (and then into dz), with a [rows, 1024] block temporary: one live [rows, V]
+# buffer, two only while the entropy carries gradient. ``prepare`` brings a recomputed chunk into
+# the state the backend's dlogits pass expects. ``bufs`` (:class:`_ChunkBuffers`) lends temporaries.
 # --------------------------------------------------------------------------------------------
 
-def _stats_triton(z, tmp, bias, targets, inv_tau, logp, entropy, lse):
+def _stats_triton(z, bufs, bias, targets, inv_tau, logp, entropy, lse):
     rows, V = z.shape
     block = block_v(V)
     _head_stats_kernel[(rows,)](
@@ -135,7 +136,7 @@ def _stats_triton(z, tmp, bias, targets, inv_tau, logp, entropy, lse):
     )
 
 
-def _dlogits_triton(z, tmp, bias, targets, lse, entropy, g_logp, g_entropy, inv_tau, out):
+def _dlogits_triton(z, bufs, bias, targets, lse, entropy, g_logp, g_entropy, inv_tau, out):
     rows, V = z.shape
     block = block_v(V)
     _head_dlogits_kernel[(rows,)](
@@ -148,53 +149,60 @@ def _dlogits_triton(z, tmp, bias, targets, lse, entropy, g_logp, g_entropy, inv_
     )
 
 
-def _prepare_triton(z, tmp, bias, inv_tau, lse):
+def _prepare_triton(z, bufs, bias, inv_tau, lse):
     return None
 
 
-_ENTROPY_BLOCK = 1024
+_BLOCK = 1024  # columns per block of the torch stats pass
 
 
-def _stats_torch(z, tmp, bias, targets, inv_tau, logp, entropy, lse):
+def _stats_torch(z, bufs, bias, targets, inv_tau, logp, entropy, lse):
     if bias is not None:
         z.add_(bias)
     if inv_tau != 1.0:
         z.mul_(inv_tau)
     m = z.amax(dim=1)
     z.sub_(m[:, None])
-    torch.exp(z, out=tmp)
-    s = tmp.sum(dim=1)
+    # over column blocks: e = exp(z - m) into a [rows, 1024] temporary, s = sum e and u = sum e (z - m), the
+    # block partial sums added in float64 (one long fp32 sum over V = 16k-100k columns loses ~10x the accuracy
+    # of eager's pairwise sum); H = log s - u / s
+    # (two [rows, 1024] temporaries from the workspace: per-block temporaries would be fresh allocations of
+    # several MiB each, page-faulted on every block)
+    rows, cols = z.shape[0], min(_BLOCK, z.shape[1])
+    e, prod = bufs.scratch("block", rows, cols), bufs.scratch("block_product", rows, cols)
+    s = torch.zeros(rows, dtype=torch.float64, device=z.device)
+    u = torch.zeros_like(s)
+    for start in range(0, z.shape[1], _BLOCK):
+        zb = z[:, start:start + _BLOCK]
+        eb, pb = e[:, :zb.shape[1]], prod[:, :zb.shape[1]]
+        torch.exp(zb, out=eb)
+        s += eb.sum(dim=1)
+        torch.mul(eb, zb, out=pb)
+        u += pb.sum(dim=1)
     log_s = s.log()
-    z.sub_(log_s[:, None])  # z = log p
+    entropy.copy_(log_s - u / s)
+    log_s = log_s.to(z.dtype)
+    z.sub_(log_s[:, None])  # z = log p, what the dlogits pass starts from
     lse.copy_(m + log_s)
     logp.copy_(z.gather(1, targets[:, None]).squeeze(1))
-    # H = -sum_j e_j log p_j / s with e = exp(z - m), as batched dot products over column blocks: no [rows, V]
-    # temporary, and the block partial sums are added in float64 (one long fp32 dot over V = 16k-100k columns
-    # loses ~10x the accuracy of eager's pairwise sum)
-    acc = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
-    for start in range(0, z.shape[1], _ENTROPY_BLOCK):
-        cols = slice(start, start + _ENTROPY_BLOCK)
-        acc += torch.bmm(tmp[:, cols].unsqueeze(1), z[:, cols].unsqueeze(2)).view(-1)
-    entropy.copy_(-acc / s)
-    tmp.div_(s[:, None])  # tmp = p, reused by the dlogits pass of the same chunk (one exp per element)
 
 
-def _prepare_torch(z, tmp, bias, inv_tau, lse):
+def _prepare_torch(z, bufs, bias, inv_tau, lse):
     if bias is not None:
         z.add_(bias)
     if inv_tau != 1.0:
         z.mul_(inv_tau)
     z.sub_(lse[:, None])
-    torch.exp(z, out=tmp)
 
 
-def _dlogits_torch(z, tmp, bias, targets, lse, entropy, g_logp, g_entropy, inv_tau, out):
-    # z holds log p and tmp holds p (left there by _stats_torch or _prepare_torch);
+def _dlogits_torch(z, bufs, bias, targets, lse, entropy, g_logp, g_entropy, inv_tau, out):
+    # z holds log p (left there by _stats_torch or _prepare_torch);
     # dz = g_lp (onehot - p) - g_H p (log p + H), formed in place in z
-    p = tmp
     if g_entropy is None:
-        torch.mul(p, (-g_logp.to(z.dtype))[:, None], out=z)
+        z.exp_().mul_((-g_logp.to(z.dtype))[:, None])
     else:
+        p = bufs.scratch("p", *z.shape)  # the entropy term needs p and log p at once
+        torch.exp(z, out=p)
         z.add_(entropy[:, None]).mul_(g_entropy.to(z.dtype)[:, None])
         if g_logp is not None:
             z.add_(g_logp.to(z.dtype)[:, None])
@@ -211,12 +219,11 @@ class RowPasses(NamedTuple):
     stats: Callable
     dlogits: Callable
     prepare: Callable
-    needs_tmp: bool
 
 
 ROW_PASSES = {
-    "triton": RowPasses(_stats_triton, _dlogits_triton, _prepare_triton, False),
-    "torch": RowPasses(_stats_torch, _dlogits_torch, _prepare_torch, True),
+    "triton": RowPasses(_stats_triton, _dlogits_triton, _prepare_triton),
+    "torch": RowPasses(_stats_torch, _dlogits_torch, _prepare_torch),
 }
 
 
@@ -336,18 +343,22 @@ class _ChunkBuffers:
     """[chunk, V] buffers allocated once per pass and reused by every chunk (and, on CPU, kept between
     calls: see the workspace above)."""
 
-    def __init__(self, chunk, V, ldt, gdt, device, need_tmp, need_half, ws=None):
+    def __init__(self, chunk, V, ldt, gdt, device, need_half, ws=None):
         cpu_half = gdt != ldt and device.type != "cuda"
         shape = (chunk, V)
+        self.ws, self.ldt, self.device = ws, ldt, device
         # CUDA half operands: the fp32-output GEMM allocates z itself (the caching allocator reuses it)
         self.z = None if (gdt != ldt and device.type == "cuda") else _buffer(ws, "z", shape, ldt, device)
-        self.tmp = _buffer(ws, "tmp", shape, ldt, device) if need_tmp else None
         # CPU half operands: the GEMM writes its half logits here first (then dz reuses it)
         self.half = _buffer(ws, "half", shape, gdt, device) if (gdt != ldt and (need_half or cpu_half)) else None
         self.cpu_half = cpu_half
 
+    def scratch(self, name, rows, cols):
+        """A [rows, cols] temporary in the logits dtype for a row pass (from the workspace on CPU)."""
+        return _buffer(self.ws, name, (rows, cols), self.ldt, self.device)
+
     def logits(self, x, w):
-        """The chunk's fp32 (fp64) logits, and views of the temporaries sized to its rows."""
+        """The chunk's fp32 (fp64) logits, and the half buffer sized to its rows (or None)."""
         r = x.shape[0]
         half = None if self.half is None else self.half[:r]
         if self.z is None:
@@ -361,7 +372,7 @@ class _ChunkBuffers:
         else:
             z = self.z[:r]
             torch.mm(x, w.t(), out=z)
-        return z, (None if self.tmp is None else self.tmp[:r]), half
+        return z, half
 
 
 class _Operands:
@@ -383,7 +394,7 @@ def _chunk_setup(hidden, weight, chunk_size, backend, need_dz_half, ws):
     ops = _Operands(hidden, weight, backend)
     chunk = max(1, min(chunk_size, n_rows))
     passes = ROW_PASSES[backend]
-    bufs = _ChunkBuffers(chunk, V, ops.ldt, ops.gdt, hidden.device, passes.needs_tmp, need_dz_half, ws)
+    bufs = _ChunkBuffers(chunk, V, ops.ldt, ops.gdt, hidden.device, need_dz_half, ws)
     return passes, ops, bufs
 
 
@@ -421,13 +432,13 @@ def head_pass(
         for start in range(0, n_rows, chunk_size):
             rows = slice(start, min(n_rows, start + chunk_size))
             x = ops.x(hidden, rows)
-            z, tmp, half = bufs.logits(x, ops.w)
-            passes.stats(z, tmp, bias, targets[rows], inv_tau, logp[rows], entropy[rows], lse[rows])
+            z, half = bufs.logits(x, ops.w)
+            passes.stats(z, bufs, bias, targets[rows], inv_tau, logp[rows], entropy[rows], lse[rows])
             if grad_fn is not None:
                 g_logp, g_entropy = grad_fn(rows, logp[rows], entropy[rows])
                 if with_grads and (g_logp is not None or g_entropy is not None):
                     dz = z if half is None else half
-                    passes.dlogits(z, tmp, bias, targets[rows], lse[rows], entropy[rows], g_logp, g_entropy, inv_tau, dz)
+                    passes.dlogits(z, bufs, bias, targets[rows], lse[rows], entropy[rows], g_logp, g_entropy, inv_tau, dz)
                     grads.accumulate(dz, rows, x, ops.w, ws)
     return logp, entropy, lse
 
@@ -442,11 +453,11 @@ def head_backward(
         for start in range(0, n_rows, chunk_size):
             rows = slice(start, min(n_rows, start + chunk_size))
             x = ops.x(hidden, rows)
-            z, tmp, half = bufs.logits(x, ops.w)
-            passes.prepare(z, tmp, bias, inv_tau, lse[rows])
+            z, half = bufs.logits(x, ops.w)
+            passes.prepare(z, bufs, bias, inv_tau, lse[rows])
             dz = z if half is None else half
             passes.dlogits(
-                z, tmp, bias, targets[rows], lse[rows], entropy[rows],
+                z, bufs, bias, targets[rows], lse[rows], entropy[rows],
                 None if g_logp is None else g_logp[rows], None if g_entropy is None else g_entropy[rows],
                 inv_tau, dz,
             )
