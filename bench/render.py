@@ -346,8 +346,9 @@ def cpu_paired_lines(results_dir: Path) -> List[str]:
              "path vs eager PyTorch and `torch.compile(eager)`, run interleaved in one process; each figure is the "
              "median over rounds of the per-round time ratio (below 1 = ours faster). `head`: "
              "`linear_logprob_entropy`, trainable head (recomputes in backward: 8NDV); `grpo`: `grpo_loss`, "
-             "trainable head (6NDV); `grpo_frozen`: frozen head (4NDV). Goal: <= 1 against every column measured, fp32 and bf16. The 2 cores "
-             "were shared with other jobs while these ran: single figures move by ~10-20%.", ""]
+             "trainable head (6NDV); `grpo_frozen`: frozen head (4NDV). Goal: <= 1 against every column measured, fp32 and "
+             "bf16. On a CPU with bf16 GEMMs our bf16 path rounds the logits to bf16 once, as eager does (docs/kernels.md, "
+             "Numerics). Runs on a shared 2-core machine: single figures move by ~10% between runs.", ""]
     paths = sorted(results_dir.glob("cpu_paired*.json"))
     if not paths:
         return lines + ["**Not measured yet.**", ""]
