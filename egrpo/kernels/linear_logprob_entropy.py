@@ -11,7 +11,8 @@ Design (chosen to reach most of the H100's matmul peak without writing a GEMM):
 * Rows are processed in chunks of ``chunk_size`` (default: 256 MiB of fp32 logits on CUDA, i.e.
   4096 rows at V = 16384, 640 rows at V = 102400). Per chunk, a cuBLAS GEMM writes the chunk's
   logits in fp32 (fp32-output GEMM from bf16 operands where torch has it), so softmax statistics
-  never see bf16-rounded logits. Peak extra memory is O(chunk x V), never O(N x V).
+  never see bf16-rounded logits (on a CPU with bf16 GEMMs the torch backend rounds them once, as eager
+  bf16 code does). Peak extra memory is O(chunk x V), never O(N x V).
 * One Triton program per row streams the chunk's logits once in blocks of ``BLOCK_V`` columns with
   an online max / sum-exp / sum-exp*(z - m) recurrence (running max starts at -inf, ragged tail
   columns masked out) and writes logp, H and lse. Temperature and bias are applied in the kernel.
@@ -98,7 +99,8 @@ def linear_logprob_entropy(
         bias: optional ``[V]``, same dtype as ``hidden``.
         temperature: positive float; logits are divided by it.
         backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"triton"`` or ``"torch"``.
-        chunk_size: rows per chunk (default: 256 MiB of fp32 logits on CUDA, 32 MiB on CPU).
+        chunk_size: rows per chunk (default: 256 MiB of fp32 logits and at least 2048 rows on CUDA, 64 MiB and
+            at least 512 rows on CPU).
 
     Returns:
         ``(logp, entropy)``, each of shape ``hidden.shape[:-1]``, float32 (float64 for float64 input).
