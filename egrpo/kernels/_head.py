@@ -21,6 +21,7 @@ PyTorch dlogits pass only while the entropy carries gradient. No ``[N, V]`` tens
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from typing import Callable, NamedTuple, Optional
 
@@ -343,12 +344,14 @@ class _ChunkBuffers:
     """[chunk, V] buffers allocated once per pass and reused by every chunk (and, on CPU, kept between
     calls: see the workspace above)."""
 
-    def __init__(self, chunk, V, ldt, gdt, device, need_half, ws=None):
+    def __init__(self, chunk, V, ldt, gdt, device, need_half, ws=None, per_chunk_logits=False):
         cpu_half = gdt != ldt and device.type != "cuda"
         shape = (chunk, V)
         self.ws, self.ldt, self.device = ws, ldt, device
-        # CUDA half operands: the fp32-output GEMM allocates z itself (the caching allocator reuses it)
-        self.z = None if (gdt != ldt and device.type == "cuda") else _buffer(ws, "z", shape, ldt, device)
+        # CUDA half operands: the fp32-output GEMM allocates z itself (the caching allocator reuses it); so does
+        # every chunk when the next chunk's GEMM runs ahead (two chunks' logits are alive at once)
+        per_chunk = per_chunk_logits or (gdt != ldt and device.type == "cuda")
+        self.z = None if per_chunk else _buffer(ws, "z", shape, ldt, device)
         # CPU half operands: the GEMM writes its half logits here first (then dz reuses it)
         self.half = _buffer(ws, "half", shape, gdt, device) if (gdt != ldt and (need_half or cpu_half)) else None
         self.cpu_half = cpu_half
@@ -362,7 +365,7 @@ class _ChunkBuffers:
         r = x.shape[0]
         half = None if self.half is None else self.half[:r]
         if self.z is None:
-            z = mm_wide(x, w.t(), logits_dtype(x.dtype))  # fp32 output where torch has it
+            z = mm_wide(x, w.t(), self.ldt)  # fp32 output where torch has it (CPU: rounded to half, widened)
         elif self.cpu_half:
             # CPU GEMMs cannot write fp32 from bf16 operands: the logits are rounded to bf16 once, exactly as
             # eager bf16 code rounds them, and widened before any softmax statistic
@@ -389,13 +392,60 @@ class _Operands:
         return hidden[rows].to(self.gdt)
 
 
-def _chunk_setup(hidden, weight, chunk_size, backend, need_dz_half, ws):
+def overlap_row_passes() -> bool:
+    """Whether the logits GEMM of chunk k+1 is issued before the row passes of chunk k (on CUDA: on a second
+    stream, so the memory-bound row passes overlap a compute-bound GEMM). Off unless
+    ``EGRPO_OVERLAP_ROW_PASSES=1``: never yet measured on a GPU (``bench/gpu_quick.py`` has the paired row).
+    Costs one more chunk of fp32 logits. On CPU it only changes the order (a test vehicle)."""
+    return os.environ.get("EGRPO_OVERLAP_ROW_PASSES", "0") == "1"
+
+
+def _chunk_setup(hidden, weight, chunk_size, backend, need_dz_half, ws, lookahead=False):
     n_rows, V = hidden.shape[0], weight.shape[0]
     ops = _Operands(hidden, weight, backend)
     chunk = max(1, min(chunk_size, n_rows))
     passes = ROW_PASSES[backend]
-    bufs = _ChunkBuffers(chunk, V, ops.ldt, ops.gdt, hidden.device, need_dz_half, ws)
+    bufs = _ChunkBuffers(chunk, V, ops.ldt, ops.gdt, hidden.device, need_dz_half, ws, per_chunk_logits=lookahead)
     return passes, ops, bufs
+
+
+def _chunks(hidden, ops, bufs, chunk_size, lookahead):
+    """``(rows, x, z, half)`` per chunk of ``hidden``'s rows, ``z`` the chunk's logits.
+
+    ``lookahead``: the next chunk's logits GEMM is issued before this chunk is handed out, i.e. before the
+    caller queues this chunk's row passes and gradient GEMMs. On CUDA it runs on a side stream that first
+    waits for everything already queued on the current stream (so every earlier chunk's work, which frees
+    nothing it needs, is ordered before it); the current stream waits for its event before using ``z``, and
+    ``z`` is recorded on the current stream so the caching allocator keeps it until that use is done."""
+    n_rows = hidden.shape[0]
+    starts = list(range(0, n_rows, chunk_size))
+    cuda = hidden.device.type == "cuda"
+    side = torch.cuda.Stream(device=hidden.device) if (lookahead and cuda) else None
+
+    def logits(start):
+        rows = slice(start, min(n_rows, start + chunk_size))
+        x = ops.x(hidden, rows)
+        if side is None:
+            return rows, x, *bufs.logits(x, ops.w), None
+        current = torch.cuda.current_stream(hidden.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            z, half = bufs.logits(x, ops.w)
+            ready = torch.cuda.Event()
+            ready.record(side)
+        z.record_stream(current)
+        return rows, x, z, half, ready
+
+    pending = logits(starts[0]) if (lookahead and starts) else None
+    for i, start in enumerate(starts):
+        if lookahead:
+            chunk, pending = pending, (logits(starts[i + 1]) if i + 1 < len(starts) else None)
+        else:
+            chunk = logits(start)
+        rows, x, z, half, ready = chunk
+        if ready is not None:
+            torch.cuda.current_stream(hidden.device).wait_event(ready)
+        yield rows, x, z, half
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,15 +474,13 @@ def head_pass(
     """
     n_rows = hidden.shape[0]
     with_grads = grad_fn is not None and grads is not None and grads.any
+    lookahead = overlap_row_passes()
     with _workspace(hidden.device) as ws:
-        passes, ops, bufs = _chunk_setup(hidden, weight, chunk_size, backend, with_grads, ws)
+        passes, ops, bufs = _chunk_setup(hidden, weight, chunk_size, backend, with_grads, ws, lookahead)
         logp = torch.empty(n_rows, dtype=ops.ldt, device=hidden.device)
         entropy = torch.empty_like(logp)
         lse = torch.empty_like(logp)
-        for start in range(0, n_rows, chunk_size):
-            rows = slice(start, min(n_rows, start + chunk_size))
-            x = ops.x(hidden, rows)
-            z, half = bufs.logits(x, ops.w)
+        for rows, x, z, half in _chunks(hidden, ops, bufs, chunk_size, lookahead):
             passes.stats(z, bufs, bias, targets[rows], inv_tau, logp[rows], entropy[rows], lse[rows])
             if grad_fn is not None:
                 g_logp, g_entropy = grad_fn(rows, logp[rows], entropy[rows])
@@ -447,13 +495,10 @@ def head_backward(
     hidden, weight, targets, bias, lse, entropy, g_logp, g_entropy, inv_tau, chunk_size, backend, grads
 ):
     """Recompute each chunk's logits and accumulate the gradients of ``g_logp . logp + g_entropy . H``."""
-    n_rows = hidden.shape[0]
+    lookahead = overlap_row_passes()
     with _workspace(hidden.device) as ws:
-        passes, ops, bufs = _chunk_setup(hidden, weight, chunk_size, backend, True, ws)
-        for start in range(0, n_rows, chunk_size):
-            rows = slice(start, min(n_rows, start + chunk_size))
-            x = ops.x(hidden, rows)
-            z, half = bufs.logits(x, ops.w)
+        passes, ops, bufs = _chunk_setup(hidden, weight, chunk_size, backend, True, ws, lookahead)
+        for rows, x, z, half in _chunks(hidden, ops, bufs, chunk_size, lookahead):
             passes.prepare(z, bufs, bias, inv_tau, lse[rows])
             dz = z if half is None else half
             passes.dlogits(
