@@ -9,7 +9,8 @@ every row measured so far):
    bias) and the text case (N = 16384, D = 4096, V = 102400) against eager PyTorch, Liger and Cut
    Cross-Entropy where they apply, plus the frozen-image-head rows: time (median of a few reps),
    peak memory, fraction of the bf16 floor (useful GEMM FLOPs / measured rate / time) and max
-   abs difference from eager;
+   abs difference from eager; the GRPO rows once more with the row-pass overlap on
+   (``EGRPO_OVERLAP_ROW_PASSES=1``), to decide whether it becomes the default;
 4. if ``bench/rollout.py`` exists: ``python -m bench.rollout --device cuda --quick`` (optional).
 
 ``--dry-run`` runs the same code on CPU at toy shapes with the torch backend (tested in CI).
@@ -37,7 +38,10 @@ RESULTS = ROOT / "bench" / "results"
 # (op, impls): eager first (every other row's max abs diff is taken against it), then ours, then peers.
 ROWS = [
     ("head", ("eager", "ours_triton", "liger_flce", "cce")),
-    ("grpo", ("eager", "ours_triton", "ours_triton_frozen", "liger_grpo")),
+    # "+overlap": the same runner with EGRPO_OVERLAP_ROW_PASSES=1 (next chunk's logits GEMM on a side stream
+    # while this chunk's row passes run; issue 13 item 3), paired with the row without it
+    ("grpo", ("eager", "ours_triton", "ours_triton_frozen", "liger_grpo", "ours_triton+overlap",
+              "ours_triton_frozen+overlap")),
     ("eg_grpo", ("eager", "ours_triton", "ours_triton_frozen")),
 ]
 # Useful GEMM FLOPs per op in units of NDV (the floor): trainable head 6, frozen head 4.
@@ -97,10 +101,13 @@ def measure_rows(report, dry_run, reps, deadline):
                 if time.perf_counter() > deadline:
                     report.add("rows", {**row, "status": "skipped: time budget spent"})
                     continue
-                runner = build_impl(op, impl, case, device, allow_compile=False)
+                base, _, variant = impl.partition("+")
+                runner = build_impl(op, base, case, device, allow_compile=False)
                 if isinstance(runner, str):
                     report.add("rows", {**row, "status": runner})
                     continue
+                old_env = os.environ.get("EGRPO_OVERLAP_ROW_PASSES")
+                os.environ["EGRPO_OVERLAP_ROW_PASSES"] = "1" if variant == "overlap" else "0"
                 try:
                     timing, check = time_runner(runner, inp, device, reps=reps, warmup=1)
                     peak = cuda_peak_memory(runner, inp) if device == "cuda" else None
@@ -109,8 +116,13 @@ def measure_rows(report, dry_run, reps, deadline):
                         torch.cuda.empty_cache()
                     report.add("rows", {**row, "status": f"error: {type(e).__name__}: {str(e)[:300]}"})
                     continue
+                finally:
+                    if old_env is None:
+                        os.environ.pop("EGRPO_OVERLAP_ROW_PASSES", None)
+                    else:
+                        os.environ["EGRPO_OVERLAP_ROW_PASSES"] = old_env
                 ms = timing["forward_backward_ms"]["median"]
-                ndv = USEFUL_NDV.get(impl, 6)
+                ndv = USEFUL_NDV.get(base, 6)
                 floor_ms = ndv * case.N * case.D * case.V / rate["flops_per_s"] * 1e3
                 if impl == "eager":
                     eager_check = check

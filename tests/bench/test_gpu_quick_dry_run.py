@@ -19,3 +19,8 @@ def test_gpu_quick_dry_run_writes_every_row(tmp_path):
             assert 0 < ours["fraction_of_floor"]
         assert rows[(case, "grpo", "ours_torch_frozen")]["useful_ndv"] == 4
         assert rows[(case, "head", "cce")]["status"].startswith(("needs CUDA", "not installed"))
+        # the row-pass overlap rows: the same runner with the overlap on, same result, same useful FLOPs
+        for base in ("ours_torch", "ours_torch_frozen"):
+            plain, overlap = rows[(case, "grpo", base)], rows[(case, "grpo", base + "+overlap")]
+            assert overlap["status"] == "ok" and overlap["useful_ndv"] == plain["useful_ndv"]
+            assert overlap["max_abs_diff_vs_eager"] == plain["max_abs_diff_vs_eager"]
