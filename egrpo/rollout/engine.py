@@ -37,6 +37,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
+from .linear import can_pack, make_linear
 from .sampling import SamplingParams, phase_uniforms, sample
 from .vq import decode_images
 
@@ -66,6 +67,10 @@ class EngineConfig:
     # weights for the phase). None = on CPU (fewer, wider GEMMs and fewer ops: docs/rollout.md), off on CUDA
     # (the CUDA graph already removes the per-op cost and a 7B copy would cost GBs).
     fuse_projections: Optional[bool] = None
+    # The decode step's GEMM weights reordered once per phase into oneDNN's blocked layout (a copy of every
+    # projection and head weight for the phase), still fp32 / bf16 math. None = on where this torch has oneDNN
+    # linears for the model's dtype on CPU: the skinny decode GEMMs ran ~2x faster packed (docs/rollout.md).
+    pack_weights: Optional[bool] = None
 
     def __post_init__(self):
         if self.sampler not in ("auto", "triton", "torch"):
@@ -75,8 +80,9 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"engine.{name} must be an integer >= {minimum}{note}, got {value!r}")
-        if self.fuse_projections not in (None, True, False):
-            raise ValueError(f"engine.fuse_projections must be true, false or null (auto), got {self.fuse_projections!r}")
+        for name in ("fuse_projections", "pack_weights"):
+            if getattr(self, name) not in (None, True, False):
+                raise ValueError(f"engine.{name} must be true, false or null (auto), got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -203,27 +209,63 @@ class _PhaseState:
         # Every uniform of the phase, one row per draw: row 0 for the prefill's token, row step + 1 for the token
         # a decode step writes at column step + 1 (read through the device index, graph-safe, no host sync).
         self.uniforms = phase_uniforms(seed, total - length + 1, sampled_rows, device)
-        self.fused: Optional[List[_FusedLayer]] = None  # set by the engine when it fuses projections
+        self.fused: Optional[List[_LayerWeights]] = None  # set by the engine: concatenated and/or packed weights
+        self.head_weights: Optional[_HeadWeights] = None  # set by the engine when it packs weights
 
 
-class _FusedLayer:
-    """One layer's projections concatenated for a phase: ``qkv`` (always) and ``gate_up`` (stock SiLU-gated MLP
-    only; any other MLP module, e.g. a kernel patch, is called as it is)."""
+def _stock_mlp(mlp) -> bool:
+    """The stock Llama MLP, ``down(silu(gate(x)) * up(x))`` (transformers' ``SiLUActivation`` or torch's ``SiLU``)."""
+    silu = isinstance(mlp.act_fn, torch.nn.SiLU) or type(mlp.act_fn).__name__ == "SiLUActivation"
+    return type(mlp).__name__ == "LlamaMLP" and silu and mlp.gate_proj.bias is None and mlp.up_proj.bias is None
 
-    def __init__(self, layer):
+
+class _LayerWeights:
+    """One layer's projections for a phase, as callables ``x -> x W^T + b`` (:mod:`.linear`).
+
+    ``concat``: q/k/v as one GEMM and gate/up as another, from weights concatenated for the phase. ``pack``:
+    every weight oneDNN-packed (CPU). The MLP is taken apart only when it is the stock SiLU-gated one; any
+    other MLP module (e.g. a kernel patch) is called as it is."""
+
+    def __init__(self, layer, concat: bool, pack: bool, rows: int):
         attn = layer.self_attn
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-        self.qkv_weight = torch.cat([m.weight for m in projections], 0)
-        biases = [m.bias for m in projections]
-        self.qkv_bias = None
-        if any(b is not None for b in biases):  # a missing bias is a zero bias
-            self.qkv_bias = torch.cat([b if b is not None else m.weight.new_zeros(m.weight.shape[0])
-                                       for m, b in zip(projections, biases)], 0)
+        self.qkv = self.q = self.k = self.v = None
+        if concat:
+            weight = torch.cat([m.weight for m in projections], 0)
+            biases = [m.bias for m in projections]
+            bias = None
+            if any(b is not None for b in biases):  # a missing bias is a zero bias
+                bias = torch.cat([b if b is not None else m.weight.new_zeros(m.weight.shape[0])
+                                  for m, b in zip(projections, biases)], 0)
+            self.qkv = make_linear(weight, bias, pack, rows)
+        else:
+            self.q, self.k, self.v = (make_linear(m.weight, m.bias, pack, rows) for m in projections)
+        self.o = make_linear(attn.o_proj.weight, attn.o_proj.bias, pack, rows)
         mlp = layer.mlp
-        self.gate_up_weight = None
-        if type(mlp).__name__ == "LlamaMLP" and isinstance(mlp.act_fn, torch.nn.SiLU) and mlp.gate_proj.bias is None \
-                and mlp.up_proj.bias is None:
-            self.gate_up_weight = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], 0)
+        self.mlp = _stock_mlp(mlp)
+        self.gate_up = self.gate = self.up = self.down = None
+        if self.mlp:
+            if concat:
+                self.gate_up = make_linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], 0), None, pack, rows)
+            else:
+                self.gate = make_linear(mlp.gate_proj.weight, None, pack, rows)
+                self.up = make_linear(mlp.up_proj.weight, None, pack, rows)
+            self.down = make_linear(mlp.down_proj.weight, mlp.down_proj.bias, pack, rows)
+
+
+class _HeadWeights:
+    """The image generation head (stock ``JanusVQVAEHead``: proj_out -> activation -> vision_head) and the text
+    ``lm_head`` with packed weights for a phase; any other head module is called as it is."""
+
+    def __init__(self, model, pack: bool, rows: int):
+        head = model.model.generation_head
+        self.image = None
+        if type(head).__name__ == "JanusVQVAEHead":
+            self.image = (make_linear(head.proj_out.weight, head.proj_out.bias, pack, rows), head.activation_fn,
+                          make_linear(head.vision_head.weight, head.vision_head.bias, pack, rows))
+        lm_head = model.lm_head
+        self.text = make_linear(lm_head.weight, lm_head.bias, pack, rows) if isinstance(lm_head, torch.nn.Linear) \
+            else None
 
 
 def _rms_norm(norm, h):
@@ -283,17 +325,19 @@ class RolloutEngine:
         rows, length = h.shape[:2]
         heads, kv_heads, dim = state.heads, state.kv_heads, state.head_dim
         fused = state.fused[index] if state.fused is not None else None
-        if fused is not None:
+        if fused is not None and fused.qkv is not None:
             # One GEMM; rotary applied to q and k together (same arithmetic per element as apart).
-            qkv = F.linear(h, fused.qkv_weight, fused.qkv_bias)
+            qkv = fused.qkv(h)
             qk = _rotate(qkv[..., :(heads + kv_heads) * dim].view(rows, length, heads + kv_heads, dim),
                          cos.transpose(1, 2), sin.transpose(1, 2))
             q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
             v = qkv[..., (heads + kv_heads) * dim:].view(rows, length, kv_heads, dim).transpose(1, 2)
         else:
-            q = attn.q_proj(h).view(rows, -1, heads, dim).transpose(1, 2)
-            k = attn.k_proj(h).view(rows, -1, kv_heads, dim).transpose(1, 2)
-            v = attn.v_proj(h).view(rows, -1, kv_heads, dim).transpose(1, 2)
+            q_proj, k_proj, v_proj = (fused.q, fused.k, fused.v) if fused is not None else \
+                (attn.q_proj, attn.k_proj, attn.v_proj)
+            q = q_proj(h).view(rows, -1, heads, dim).transpose(1, 2)
+            k = k_proj(h).view(rows, -1, kv_heads, dim).transpose(1, 2)
+            v = v_proj(h).view(rows, -1, kv_heads, dim).transpose(1, 2)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         keys, values = state.keys[index], state.values[index]
         if isinstance(write_at, int):
@@ -308,14 +352,18 @@ class RolloutEngine:
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=key_mask, scale=attn.scaling,
                                                  enable_gqa=kv_heads != heads)
-        return attn.o_proj(out.transpose(1, 2).reshape(rows, -1, heads * dim))
+        o_proj = fused.o if fused is not None else attn.o_proj
+        return o_proj(out.transpose(1, 2).reshape(rows, -1, heads * dim))
 
     def _mlp(self, layer, index, x, state: _PhaseState):
         fused = state.fused[index] if state.fused is not None else None
-        if fused is None or fused.gate_up_weight is None:
+        if fused is None or not fused.mlp:
             return layer.mlp(x)
-        gate, up = F.linear(x, fused.gate_up_weight).chunk(2, -1)
-        return layer.mlp.down_proj(F.silu(gate).mul_(up))
+        if fused.gate_up is not None:
+            gate, up = fused.gate_up(x).chunk(2, -1)
+        else:
+            gate, up = fused.gate(x), fused.up(x)
+        return fused.down(F.silu(gate).mul_(up))
 
     def _layers(self, h, state, cos, sin, write_at, key_len, key_mask):
         for index, layer in enumerate(self.lm.layers):
@@ -326,12 +374,34 @@ class RolloutEngine:
 
     def _new_state(self, prefill: Prefill, new_tokens: int, seed: int, sampled_rows: int) -> _PhaseState:
         state = _PhaseState(self.lm, prefill, new_tokens, seed, sampled_rows)
-        fuse = self.config.fuse_projections
+        embeds = prefill.inputs_embeds
+        fuse, pack = self.config.fuse_projections, self.config.pack_weights
         if fuse is None:
-            fuse = prefill.inputs_embeds.device.type == "cpu"
-        if fuse:
-            state.fused = [_FusedLayer(layer) for layer in self.lm.layers]
+            fuse = embeds.device.type == "cpu"
+        if pack is None:
+            pack = can_pack(embeds.device, embeds.dtype)
+        elif pack and not can_pack(embeds.device, embeds.dtype):
+            raise ValueError(f"engine.pack_weights=true needs oneDNN linears for {embeds.dtype} on "
+                             f"{embeds.device.type} (CPU, float32 or bfloat16, torch built with oneDNN); set it "
+                             "to null (auto) or false")
+        rows = embeds.shape[0]
+        if fuse or pack:
+            state.fused = [_LayerWeights(layer, fuse, pack, rows) for layer in self.lm.layers]
+        if pack:
+            state.head_weights = _HeadWeights(self.model, pack, rows)
         return state
+
+    def _image_logits(self, hidden, state: _PhaseState):
+        weights = state.head_weights
+        if weights is None or weights.image is None:
+            return self.model.model.generation_head(hidden)
+        proj_out, activation, vision_head = weights.image
+        return vision_head(activation(proj_out(hidden)))
+
+    def _text_logits(self, hidden, state: _PhaseState):
+        if state.head_weights is None or state.head_weights.text is None:
+            return self.model.lm_head(hidden)
+        return state.head_weights.text(hidden)
 
     def _prefill(self, prefill: Prefill, state: _PhaseState) -> torch.Tensor:
         """One batched forward over the prompt; returns the last hidden state [R, D]."""
@@ -369,7 +439,7 @@ class RolloutEngine:
         Writes the next token and its KL at column ``state.step + 1`` and advances the counters."""
         embeds = self.model.prepare_embeddings_for_image_generation(token)
         hidden = self._decode_hidden(torch.cat([embeds, embeds], 0), state, step, keys)
-        logits = self.model.model.generation_head(hidden)
+        logits = self._image_logits(hidden, state)
         batch = token.shape[0]
         column = (state.step + 1).view(1)
         next_token, kl, logp = sample(logits[:batch], logits[batch:], params,
@@ -385,7 +455,7 @@ class RolloutEngine:
                    keys=None):
         hidden = self._decode_hidden(self.model.get_input_embeddings()(token), state, step, keys)
         column = (state.step + 1).view(1)
-        next_token, _, logp = sample(self.model.lm_head(hidden), None, params,
+        next_token, _, logp = sample(self._text_logits(hidden, state), None, params,
                                      state.uniforms.index_select(0, column)[0], False, self.config.sampler,
                                      want_logp=True)
         out_valid.index_copy_(1, column, (~finished)[:, None])
@@ -472,7 +542,7 @@ class RolloutEngine:
         tokens = torch.zeros(batch, num_tokens, dtype=torch.int64, device=device)
         kl = torch.zeros(batch, num_tokens, dtype=torch.float32, device=device)
         logp = torch.zeros(batch, num_tokens, dtype=torch.float32, device=device)
-        logits = self.model.model.generation_head(self._prefill(prefill, state))
+        logits = self._image_logits(self._prefill(prefill, state), state)
         first, first_kl, first_logp = sample(logits[:batch], logits[batch:], params, state.uniforms[0], True,
                                              self.config.sampler, want_logp=True)
         tokens[:, 0], kl[:, 0], logp[:, 0] = first, first_kl, first_logp
@@ -502,7 +572,7 @@ class RolloutEngine:
         ids = torch.full((rows, max_new_tokens), pad_id, dtype=torch.int64, device=device)
         valid = torch.zeros(rows, max_new_tokens, dtype=torch.bool, device=device)
         logp = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
-        first, _, first_logp = sample(self.model.lm_head(self._prefill(prefill, state)), None, params,
+        first, _, first_logp = sample(self._text_logits(self._prefill(prefill, state), state), None, params,
                                       state.uniforms[0], False, self.config.sampler, want_logp=True)
         ids[:, 0], valid[:, 0], logp[:, 0] = first, True, first_logp
         finished = first == eos_id
