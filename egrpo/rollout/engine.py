@@ -213,10 +213,18 @@ class _PhaseState:
         self.head_weights: Optional[_HeadWeights] = None  # set by the engine when it packs weights
 
 
+def _plain_linear(module) -> bool:
+    """An ``nn.Linear`` exactly, with no hooks: its forward is ``F.linear(x, weight, bias)`` and nothing else, so the
+    engine may concatenate or pack its weight. Anything else (a hooked or patched layer, a LoRA wrapper) is called."""
+    return type(module) is torch.nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+
+
 def _stock_mlp(mlp) -> bool:
     """The stock Llama MLP, ``down(silu(gate(x)) * up(x))`` (transformers' ``SiLUActivation`` or torch's ``SiLU``)."""
     silu = isinstance(mlp.act_fn, torch.nn.SiLU) or type(mlp.act_fn).__name__ == "SiLUActivation"
-    return type(mlp).__name__ == "LlamaMLP" and silu and mlp.gate_proj.bias is None and mlp.up_proj.bias is None
+    return type(mlp).__name__ == "LlamaMLP" and silu and not mlp._forward_hooks and not mlp._forward_pre_hooks \
+        and all(_plain_linear(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)) \
+        and mlp.gate_proj.bias is None and mlp.up_proj.bias is None
 
 
 class _LayerWeights:
@@ -230,7 +238,9 @@ class _LayerWeights:
         attn = layer.self_attn
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
         self.qkv = self.q = self.k = self.v = None
-        if concat:
+        if not all(_plain_linear(m) for m in projections):
+            self.q, self.k, self.v = projections   # called as they are
+        elif concat:
             weight = torch.cat([m.weight for m in projections], 0)
             biases = [m.bias for m in projections]
             bias = None
@@ -240,7 +250,8 @@ class _LayerWeights:
             self.qkv = make_linear(weight, bias, pack, rows)
         else:
             self.q, self.k, self.v = (make_linear(m.weight, m.bias, pack, rows) for m in projections)
-        self.o = make_linear(attn.o_proj.weight, attn.o_proj.bias, pack, rows)
+        self.o = make_linear(attn.o_proj.weight, attn.o_proj.bias, pack, rows) if _plain_linear(attn.o_proj) \
+            else attn.o_proj
         mlp = layer.mlp
         self.mlp = _stock_mlp(mlp)
         self.gate_up = self.gate = self.up = self.down = None
@@ -255,17 +266,17 @@ class _LayerWeights:
 
 class _HeadWeights:
     """The image generation head (stock ``JanusVQVAEHead``: proj_out -> activation -> vision_head) and the text
-    ``lm_head`` with packed weights for a phase; any other head module is called as it is."""
+    ``lm_head`` with packed weights for a phase; any other (or hooked) head module is called as it is."""
 
     def __init__(self, model, pack: bool, rows: int):
         head = model.model.generation_head
         self.image = None
-        if type(head).__name__ == "JanusVQVAEHead":
+        if type(head).__name__ == "JanusVQVAEHead" and not head._forward_hooks and not head._forward_pre_hooks \
+                and _plain_linear(head.proj_out) and _plain_linear(head.vision_head):
             self.image = (make_linear(head.proj_out.weight, head.proj_out.bias, pack, rows), head.activation_fn,
                           make_linear(head.vision_head.weight, head.vision_head.bias, pack, rows))
         lm_head = model.lm_head
-        self.text = make_linear(lm_head.weight, lm_head.bias, pack, rows) if isinstance(lm_head, torch.nn.Linear) \
-            else None
+        self.text = make_linear(lm_head.weight, lm_head.bias, pack, rows) if _plain_linear(lm_head) else None
 
 
 def _rms_norm(norm, h):

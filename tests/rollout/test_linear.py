@@ -66,3 +66,34 @@ def test_engine_refuses_a_packing_it_cannot_do():
     with pytest.raises(ValueError, match="engine.pack_weights=true needs oneDNN linears for torch.float64"):
         RolloutEngine(model, EngineConfig(pack_weights=True)).generate_image_tokens(
             prefill, 2, SamplingParams(cfg_scale=2.0), seed=0)
+
+
+def test_hooked_layers_are_called_not_packed():
+    """A forward hook (or any wrapper) on a projection or head must keep taking effect: such layers are called as
+    modules, and the hooks run at every step."""
+    model, tokenizer = build_model(ModelConfig(tiny=dict(image_size=32, num_layers=2, initializer_range=0.2),
+                                               dtype="fp32"), "cpu")
+    tokens = janus_tokens(tokenizer)
+    ids = torch.tensor([[tokens.bos, 10, 11, 12, tokens.image_start]] * 2)
+    prefill = cfg_prefill(model, ids, torch.ones_like(ids), tokens.pad, "right")
+    params = SamplingParams(cfg_scale=4.0)
+    calls = {"head": 0, "o_proj": 0}
+
+    def favour_token_7(module, args, out):
+        calls["head"] += 1
+        out = out.clone()
+        out[..., 7] += 50.0
+        return out
+
+    def count(module, args, out):
+        calls["o_proj"] += 1
+
+    handles = [model.model.generation_head.vision_head.register_forward_hook(favour_token_7),
+               model.model.language_model.layers[0].self_attn.o_proj.register_forward_hook(count)]
+    try:
+        out = RolloutEngine(model, EngineConfig()).generate_image_tokens(prefill, 6, params, seed=0)
+    finally:
+        for h in handles:
+            h.remove()
+    assert (out.tokens[:, 1:] == 7).all()   # the hook decided every sampled token
+    assert calls["head"] >= 6 and calls["o_proj"] >= 6
