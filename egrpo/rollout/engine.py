@@ -265,18 +265,20 @@ class _LayerWeights:
 
 
 class _HeadWeights:
-    """The image generation head (stock ``JanusVQVAEHead``: proj_out -> activation -> vision_head) and the text
-    ``lm_head`` with packed weights for a phase; any other (or hooked) head module is called as it is."""
+    """The head a phase samples from, with packed weights: the image generation head (stock ``JanusVQVAEHead``:
+    proj_out -> activation -> vision_head) for an image phase, the text ``lm_head`` for a text phase; any other
+    (or hooked) head module is called as it is."""
 
-    def __init__(self, model, pack: bool, rows: int):
+    def __init__(self, model, pack: bool, rows: int, image: bool):
+        self.image = self.text = None
         head = model.model.generation_head
-        self.image = None
-        if type(head).__name__ == "JanusVQVAEHead" and not head._forward_hooks and not head._forward_pre_hooks \
-                and _plain_linear(head.proj_out) and _plain_linear(head.vision_head):
+        if image and type(head).__name__ == "JanusVQVAEHead" and not head._forward_hooks \
+                and not head._forward_pre_hooks and _plain_linear(head.proj_out) and _plain_linear(head.vision_head):
             self.image = (make_linear(head.proj_out.weight, head.proj_out.bias, pack, rows), head.activation_fn,
                           make_linear(head.vision_head.weight, head.vision_head.bias, pack, rows))
         lm_head = model.lm_head
-        self.text = make_linear(lm_head.weight, lm_head.bias, pack, rows) if _plain_linear(lm_head) else None
+        if not image and _plain_linear(lm_head):
+            self.text = make_linear(lm_head.weight, lm_head.bias, pack, rows)
 
 
 def _rms_norm(norm, h):
@@ -383,7 +385,8 @@ class RolloutEngine:
             h = h + self._mlp(layer, index, _rms_norm(layer.post_attention_layernorm, h), state)
         return _rms_norm(self.lm.norm, h)
 
-    def _new_state(self, prefill: Prefill, new_tokens: int, seed: int, sampled_rows: int) -> _PhaseState:
+    def _new_state(self, prefill: Prefill, new_tokens: int, seed: int, sampled_rows: int,
+                   image: bool) -> _PhaseState:
         state = _PhaseState(self.lm, prefill, new_tokens, seed, sampled_rows)
         embeds = prefill.inputs_embeds
         fuse, pack = self.config.fuse_projections, self.config.pack_weights
@@ -399,7 +402,7 @@ class RolloutEngine:
         if fuse or pack:
             state.fused = [_LayerWeights(layer, fuse, pack, rows) for layer in self.lm.layers]
         if pack:
-            state.head_weights = _HeadWeights(self.model, pack, rows)
+            state.head_weights = _HeadWeights(self.model, pack, rows, image)
         return state
 
     def _image_logits(self, hidden, state: _PhaseState):
@@ -548,7 +551,7 @@ class RolloutEngine:
         batch = rows // 2
         if self.config.compile:
             prefill = pad_prompt(prefill, self.config.prompt_bucket)
-        state = self._new_state(prefill, num_tokens - 1, seed, batch)
+        state = self._new_state(prefill, num_tokens - 1, seed, batch, image=True)
         device = prefill.inputs_embeds.device
         tokens = torch.zeros(batch, num_tokens, dtype=torch.int64, device=device)
         kl = torch.zeros(batch, num_tokens, dtype=torch.float32, device=device)
@@ -579,7 +582,7 @@ class RolloutEngine:
         device = prefill.inputs_embeds.device
         if self.config.compile:
             prefill = pad_prompt(prefill, self.config.prompt_bucket)
-        state = self._new_state(prefill, max_new_tokens - 1, seed, rows)
+        state = self._new_state(prefill, max_new_tokens - 1, seed, rows, image=False)
         ids = torch.full((rows, max_new_tokens), pad_id, dtype=torch.int64, device=device)
         valid = torch.zeros(rows, max_new_tokens, dtype=torch.bool, device=device)
         logp = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)

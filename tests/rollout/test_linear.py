@@ -43,13 +43,18 @@ def test_packed_linear_under_inductor():
     assert (compiled(x).double() - expected).abs().max().item() <= 2e-6 * expected.abs().max().item()
 
 
-@needs_onednn
-def test_engine_packed_and_unpacked_draw_the_same_tokens():
+def _image_case():
+    """A tiny random Janus (2 layers) and a CFG prefill of two identical prompts."""
     model, tokenizer = build_model(ModelConfig(tiny=dict(image_size=32, num_layers=2, initializer_range=0.2),
                                                dtype="fp32"), "cpu")
     tokens = janus_tokens(tokenizer)
     ids = torch.tensor([[tokens.bos, 10, 11, 12, tokens.image_start]] * 2)
-    prefill = cfg_prefill(model, ids, torch.ones_like(ids), tokens.pad, "right")
+    return model, cfg_prefill(model, ids, torch.ones_like(ids), tokens.pad, "right")
+
+
+@needs_onednn
+def test_engine_packed_and_unpacked_draw_the_same_tokens():
+    model, prefill = _image_case()
     params = SamplingParams(cfg_scale=4.0)
     outs = [RolloutEngine(model, EngineConfig(pack_weights=pack)).generate_image_tokens(prefill, 12, params, seed=2)
             for pack in (True, False)]
@@ -71,11 +76,7 @@ def test_engine_refuses_a_packing_it_cannot_do():
 def test_hooked_layers_are_called_not_packed():
     """A forward hook (or any wrapper) on a projection or head must keep taking effect: such layers are called as
     modules, and the hooks run at every step."""
-    model, tokenizer = build_model(ModelConfig(tiny=dict(image_size=32, num_layers=2, initializer_range=0.2),
-                                               dtype="fp32"), "cpu")
-    tokens = janus_tokens(tokenizer)
-    ids = torch.tensor([[tokens.bos, 10, 11, 12, tokens.image_start]] * 2)
-    prefill = cfg_prefill(model, ids, torch.ones_like(ids), tokens.pad, "right")
+    model, prefill = _image_case()
     params = SamplingParams(cfg_scale=4.0)
     calls = {"head": 0, "o_proj": 0}
 
