@@ -437,6 +437,11 @@ class RolloutEngine:
         if step is not None:
             slot = state.prompt_len + step
             cos, sin = state.cos[:, :, slot:slot + 1], state.sin[:, :, slot:slot + 1]
+            if state.keys[0].dtype == torch.bfloat16 and state.slot.device.type == "cpu":
+                # bf16 CPU matmuls copy any operand that is not a whole dense tensor (a prefix of the cache is
+                # not), i.e. K and V of every layer at every step: attend over the whole buffer, masked instead.
+                key_mask = (state.key_valid & (state.slot <= slot))[:, None, None, :]
+                return self._layers(h, state, cos, sin, slot, state.total, key_mask)[:, 0]
             key_mask = state.key_valid[:, None, None, :slot + 1]
             return self._layers(h, state, cos, sin, slot, slot + 1, key_mask)[:, 0]
         keys = keys or state.total

@@ -73,6 +73,25 @@ def test_image_tokens_match_reference(tiny, layout, params, engine_config):
     assert out.tokens.unique().numel() > 4  # the draws vary
 
 
+def test_bf16_cpu_eager_step_matches_full_buffer_step(tiny):
+    """On CPU in bf16 the eager step attends over the whole K/V buffer with a mask built on the host (bf16 matmuls
+    would copy a prefix view); the compiled-shape step does the same with the mask built from the device step
+    counter, and that step matches the reference in fp32 above. Same tokens, KL and log-probs."""
+    import copy
+
+    model, tokens = tiny
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    ids, mask = _batch(tokens, "right")
+    prefill = cfg_prefill(model, ids, mask, tokens.pad, "right", keep_ids=(tokens.bos, tokens.image_start))
+    params = SamplingParams(cfg_scale=5.0)
+    eager = RolloutEngine(model).generate_image_tokens(prefill, IMAGE_TOKENS, params, seed=5)
+    full = RolloutEngine(model, EngineConfig(compile=True, compile_backend="eager", prompt_bucket=0)) \
+        .generate_image_tokens(prefill, IMAGE_TOKENS, params, seed=5)
+    assert torch.equal(eager.tokens, full.tokens) and eager.tokens.unique().numel() > 4
+    torch.testing.assert_close(eager.logp, full.logp, rtol=0, atol=0)
+    torch.testing.assert_close(eager.kl, full.kl, rtol=0, atol=0)
+
+
 def _eos_prone(model, tokens):
     """A copy of the model whose LM head has a bias towards EOS, so rows finish at different steps."""
     import copy
