@@ -15,7 +15,8 @@ Per phase (text CoT or image tokens) the engine
 
 Decode step variants (`EngineConfig`):
 
-* eager (default on CPU): attends over the filled prefix only (a view; the length is known on the host).
+* eager (default on CPU): attends over the filled prefix only (a view; the length is known on the host); in
+  bf16 on CPU over the whole buffer with a mask (bf16 CPU matmuls would copy the prefix views).
 * ``compile=True``: ``torch.compile`` of the step; attends over the buffer with a mask, so the shapes never
   change and one compilation serves the whole phase (one per key span, ``key_buckets``).
 * ``cuda_graph=True`` (CUDA only): the (compiled or eager) full-buffer step captured once per phase
@@ -42,6 +43,8 @@ from .sampling import SamplingParams, phase_uniforms, sample
 from .vq import decode_images
 
 LAYOUTS = ("left", "right")
+# Eager step, CPU, bf16: attend over the whole K/V buffer with a mask (see RolloutEngine._decode_hidden).
+_CPU_BF16_FULL_BUFFER = True
 
 
 @dataclass
@@ -61,7 +64,9 @@ class EngineConfig:
     prompt_bucket: int = 64
     sampler: str = "auto"            # "auto" (Triton on CUDA, torch on CPU) | "triton" | "torch"
     eos_check_every: int = 16        # text phase: host check for "all rows finished" every k steps
-    vq_batch_size: int = 8           # VQ decode chunk (rows; 0 = all at once); today's value, see docs
+    # VQ decode chunk (rows; 0 = all at once). None = 4 on CPU (the fastest chunk measured there: one call's
+    # activations stay in cache), 8 elsewhere (the old loop's value; unmeasured on GPU).
+    vq_batch_size: Optional[int] = None
     vq_channels_last: bool = True    # VQ decode in channels-last memory format (faster on CPU, see docs)
     # One GEMM for q/k/v and one for gate/up per layer, from weights concatenated once per phase (a copy of those
     # weights for the phase). None = on CPU (fewer, wider GEMMs and fewer ops: docs/rollout.md), off on CUDA
@@ -76,8 +81,10 @@ class EngineConfig:
         if self.sampler not in ("auto", "triton", "torch"):
             raise ValueError(f"engine.sampler must be auto, triton or torch, got {self.sampler!r}")
         for name, minimum, note in (("eos_check_every", 1, ""), ("key_buckets", 1, ""),
-                                    ("prompt_bucket", 0, " (0 = off)"), ("vq_batch_size", 0, " (0 = all rows)")):
+                                    ("prompt_bucket", 0, " (0 = off)"), ("vq_batch_size", 0, " (0 = all rows) or null (auto)")):
             value = getattr(self, name)
+            if name == "vq_batch_size" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"engine.{name} must be an integer >= {minimum}{note}, got {value!r}")
         for name in ("fuse_projections", "pack_weights"):
@@ -437,7 +444,7 @@ class RolloutEngine:
         if step is not None:
             slot = state.prompt_len + step
             cos, sin = state.cos[:, :, slot:slot + 1], state.sin[:, :, slot:slot + 1]
-            if state.keys[0].dtype == torch.bfloat16 and state.slot.device.type == "cpu":
+            if _CPU_BF16_FULL_BUFFER and state.keys[0].dtype == torch.bfloat16 and state.slot.device.type == "cpu":
                 # bf16 CPU matmuls copy any operand that is not a whole dense tensor (a prefix of the cache is
                 # not), i.e. K and V of every layer at every step: attend over the whole buffer, masked instead.
                 key_mask = (state.key_valid & (state.slot <= slot))[:, None, None, :]
@@ -608,7 +615,10 @@ class RolloutEngine:
 
     def decode(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """VQ-decode ``[B, T]`` image tokens to ``[B, 3, H, W]`` float32 in [0, 1]; see :mod:`egrpo.rollout.vq`."""
-        return decode_images(self.model, image_tokens, batch_size=self.config.vq_batch_size,
+        batch_size = self.config.vq_batch_size
+        if batch_size is None:
+            batch_size = 4 if image_tokens.device.type == "cpu" else 8
+        return decode_images(self.model, image_tokens, batch_size=batch_size,
                              channels_last=self.config.vq_channels_last)
 
 
