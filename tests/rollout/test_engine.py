@@ -147,6 +147,20 @@ def test_decode_matches_hf(tiny):
                                    atol=1e-5)
 
 
+def test_vq_decode_chunks_default_to_four_rows_on_cpu(tiny, monkeypatch):
+    model, _ = tiny
+    calls = []
+    decoder = model.model.vqmodel.decoder
+    original = decoder.forward
+    monkeypatch.setattr(decoder, "forward", lambda x: calls.append(x.shape[0]) or original(x))
+    image_tokens = torch.randint(0, model.config.vq_config.num_embeddings, (9, IMAGE_TOKENS))
+    RolloutEngine(model).decode(image_tokens)
+    assert calls == [4, 4, 1]
+    calls.clear()
+    RolloutEngine(model, EngineConfig(vq_batch_size=0)).decode(image_tokens)
+    assert calls == [9]
+
+
 def test_key_spans_cover_every_filled_slot():
     """The compiled step's key span at each step holds that step's slot, stays inside the buffer, and takes at
     most ``key_buckets`` values over a phase (one compilation / CUDA graph each)."""
