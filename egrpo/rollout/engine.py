@@ -43,8 +43,9 @@ from .sampling import SamplingParams, phase_uniforms, sample
 from .vq import decode_images
 
 LAYOUTS = ("left", "right")
-# Eager step, CPU, bf16: attend over the whole K/V buffer with a mask (see RolloutEngine._decode_hidden).
-_CPU_BF16_FULL_BUFFER = True
+# Eager step, CPU, bf16: attend over the whole K/V buffer with a mask while the buffer is at most this many times
+# the filled prefix (see RolloutEngine._decode_hidden); 0 = always the prefix.
+_CPU_BF16_FULL_BUFFER_RATIO = 3.0
 
 
 @dataclass
@@ -444,9 +445,12 @@ class RolloutEngine:
         if step is not None:
             slot = state.prompt_len + step
             cos, sin = state.cos[:, :, slot:slot + 1], state.sin[:, :, slot:slot + 1]
-            if _CPU_BF16_FULL_BUFFER and state.keys[0].dtype == torch.bfloat16 and state.slot.device.type == "cpu":
+            if state.keys[0].dtype == torch.bfloat16 and state.slot.device.type == "cpu" \
+                    and state.total <= _CPU_BF16_FULL_BUFFER_RATIO * (slot + 1):
                 # bf16 CPU matmuls copy any operand that is not a whole dense tensor (a prefix of the cache is
-                # not), i.e. K and V of every layer at every step: attend over the whole buffer, masked instead.
+                # not), i.e. K and V of every layer at every step: attend over the whole buffer, masked, once it
+                # costs less than that copy (write + two reads of the prefix: up to ~3x the prefix). Early in a
+                # long phase (a CoT buffer sized for 1024 new tokens) the prefix and its copy stay cheaper.
                 key_mask = (state.key_valid & (state.slot <= slot))[:, None, None, :]
                 return self._layers(h, state, cos, sin, slot, state.total, key_mask)[:, 0]
             key_mask = state.key_valid[:, None, None, :slot + 1]

@@ -73,12 +73,16 @@ def test_image_tokens_match_reference(tiny, layout, params, engine_config):
     assert out.tokens.unique().numel() > 4  # the draws vary
 
 
-def test_bf16_cpu_eager_step_matches_full_buffer_step(tiny):
+def test_bf16_cpu_eager_step_matches_full_buffer_step(tiny, monkeypatch):
     """On CPU in bf16 the eager step attends over the whole K/V buffer with a mask built on the host (bf16 matmuls
-    would copy a prefix view); the compiled-shape step does the same with the mask built from the device step
-    counter, and that step matches the reference in fp32 above. Same tokens, KL and log-probs."""
+    would copy a prefix view; here forced at every step); the compiled-shape step does the same with the mask
+    built from the device step counter, and that step matches the reference in fp32 above. Same tokens, KL and
+    log-probs, bit for bit."""
     import copy
 
+    import egrpo.rollout.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_CPU_BF16_FULL_BUFFER_RATIO", 1e9)
     model, tokens = tiny
     model = copy.deepcopy(model).to(torch.bfloat16)
     ids, mask = _batch(tokens, "right")
@@ -90,6 +94,11 @@ def test_bf16_cpu_eager_step_matches_full_buffer_step(tiny):
     assert torch.equal(eager.tokens, full.tokens) and eager.tokens.unique().numel() > 4
     torch.testing.assert_close(eager.logp, full.logp, rtol=0, atol=0)
     torch.testing.assert_close(eager.kl, full.kl, rtol=0, atol=0)
+    # ... and the prefix variant (what the eager step uses early in a long phase) draws the same tokens.
+    monkeypatch.setattr(engine_module, "_CPU_BF16_FULL_BUFFER_RATIO", 0.0)
+    prefix = RolloutEngine(model).generate_image_tokens(prefill, IMAGE_TOKENS, params, seed=5)
+    assert torch.equal(prefix.tokens, eager.tokens)
+    torch.testing.assert_close(prefix.logp, eager.logp, rtol=1e-3, atol=1e-3)
 
 
 def _eos_prone(model, tokens):
