@@ -16,7 +16,8 @@ Per phase (text CoT or image tokens) the engine
 Decode step variants (`EngineConfig`):
 
 * eager (default on CPU): attends over the filled prefix only (a view; the length is known on the host); in
-  bf16 on CPU over the whole buffer with a mask (bf16 CPU matmuls would copy the prefix views).
+  bf16 on CPU over the whole buffer with a mask once that is at most 3x the prefix (bf16 CPU matmuls copy
+  prefix views).
 * ``compile=True``: ``torch.compile`` of the step; attends over the buffer with a mask, so the shapes never
   change and one compilation serves the whole phase (one per key span, ``key_buckets``).
 * ``cuda_graph=True`` (CUDA only): the (compiled or eager) full-buffer step captured once per phase
