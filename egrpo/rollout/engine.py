@@ -66,8 +66,8 @@ class EngineConfig:
     prompt_bucket: int = 64
     sampler: str = "auto"            # "auto" (Triton on CUDA, torch on CPU) | "triton" | "torch"
     eos_check_every: int = 16        # text phase: host check for "all rows finished" every k steps
-    # VQ decode chunk (rows; 0 = all at once). None = 4 on CPU (the fastest chunk measured there: one call's
-    # activations stay in cache), 8 elsewhere (the old loop's value; unmeasured on GPU).
+    # VQ decode chunk (rows; 0 = all at once). None = the decoder's default (egrpo.rollout.vq.decode_images): 4 on
+    # CPU (the fastest chunk measured there: one call's activations stay in cache), 8 elsewhere (the old loop's).
     vq_batch_size: Optional[int] = None
     vq_channels_last: bool = True    # VQ decode in channels-last memory format (faster on CPU, see docs)
     # One GEMM for q/k/v and one for gate/up per layer, from weights concatenated once per phase (a copy of those
@@ -82,10 +82,10 @@ class EngineConfig:
     def __post_init__(self):
         if self.sampler not in ("auto", "triton", "torch"):
             raise ValueError(f"engine.sampler must be auto, triton or torch, got {self.sampler!r}")
-        for name, minimum, note in (("eos_check_every", 1, ""), ("key_buckets", 1, ""),
-                                    ("prompt_bucket", 0, " (0 = off)"), ("vq_batch_size", 0, " (0 = all rows) or null (auto)")):
+        for name, minimum, note in (("eos_check_every", 1, ""), ("key_buckets", 1, ""), ("prompt_bucket", 0, " (0 = off)"),
+                                    ("vq_batch_size", 0, " (0 = all rows) or null (auto)")):
             value = getattr(self, name)
-            if name == "vq_batch_size" and value is None:
+            if value is None and name == "vq_batch_size":  # null = the decoder's default
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"engine.{name} must be an integer >= {minimum}{note}, got {value!r}")
@@ -620,10 +620,7 @@ class RolloutEngine:
 
     def decode(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """VQ-decode ``[B, T]`` image tokens to ``[B, 3, H, W]`` float32 in [0, 1]; see :mod:`egrpo.rollout.vq`."""
-        batch_size = self.config.vq_batch_size
-        if batch_size is None:
-            batch_size = 4 if image_tokens.device.type == "cpu" else 8
-        return decode_images(self.model, image_tokens, batch_size=batch_size,
+        return decode_images(self.model, image_tokens, batch_size=self.config.vq_batch_size,
                              channels_last=self.config.vq_channels_last)
 
 
