@@ -4,7 +4,9 @@ Steps (each writes ``bench/results/gpu_quick.json`` as soon as it finishes, so a
 every row measured so far):
 
 1. the gpu-marked kernel tests (compiled Triton, real block sizes) under a time limit;
-2. a bf16 8192^3 GEMM: the matmul rate every "fraction of the floor" uses;
+2. a bf16 8192^3 GEMM: the matmul rate every "fraction of the floor" uses; a 1 GiB device copy: the
+   bandwidth; with both, ``bench/fusion_model.py``'s prediction for each case (row passes overlapped
+   vs fused into a GEMM epilogue; issue 13 item 3) is stored under ``fusion_model``;
 3. the fused head and the GRPO / EG-GRPO losses at the image case (N = 36864, D = 4096, V = 16384,
    bias) and the text case (N = 16384, D = 4096, V = 102400) against eager PyTorch, Liger and Cut
    Cross-Entropy where they apply, plus the frozen-image-head rows: time (median of a few reps),
@@ -30,7 +32,8 @@ from pathlib import Path
 import torch
 
 from bench.env import device_name, versions
-from bench.measure import cuda_peak_memory, matmul_rate, time_runner
+from bench.fusion_model import row_pass_fusion_model
+from bench.measure import copy_bandwidth, cuda_peak_memory, matmul_rate, time_runner
 from bench.ops import Case, build_impl, make_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,6 +92,12 @@ def measure_rows(report, dry_run, reps, deadline):
     dtype = torch.float32 if dry_run else torch.bfloat16
     rate = matmul_rate(dtype, device, n=256 if dry_run else 8192, reps=3 if dry_run else 10)
     report.data["matmul_rate"] = rate
+    bandwidth = copy_bandwidth(device, mib=16 if dry_run else 1024, reps=3 if dry_run else 10)
+    report.data["copy_bandwidth"] = bandwidth
+    report.data["fusion_model"] = {
+        case.name: {"N": case.N, "D": case.D, "V": case.V,
+                    **row_pass_fusion_model(case.N, case.D, case.V, rate["flops_per_s"], bandwidth["bytes_per_s"])}
+        for case in cases(dry_run)}
     for case in cases(dry_run):
         for op, impl_names in ROWS:
             inp = make_inputs(op, case, dtype, device)

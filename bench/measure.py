@@ -153,3 +153,19 @@ def matmul_rate(dtype, device, n: Optional[int] = None, reps: int = 10) -> Dict[
         if i >= 3:
             times.append(time.perf_counter() - t0)
     return {"flops_per_s": 2 * n**3 / statistics.median(times), "n": n, "dtype": str(dtype).replace("torch.", "")}
+
+
+def copy_bandwidth(device, mib: Optional[int] = None, reps: int = 10) -> Dict[str, float]:
+    """Bytes/s of a device-to-device copy (read + write counted), measured now (median of ``reps``)."""
+    mib = mib or (1024 if device == "cuda" else 64)
+    src = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(reps + 2):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return {"bytes_per_s": 2 * src.numel() * 4 / statistics.median(times), "mib": mib}

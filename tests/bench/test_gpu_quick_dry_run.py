@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from bench.gpu_quick import main
 
 
@@ -10,6 +12,11 @@ def test_gpu_quick_dry_run_writes_every_row(tmp_path):
     assert main(["--dry-run", "--skip-tests", "--reps", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["dry_run"] and report["matmul_rate"]["flops_per_s"] > 0
+    assert report["copy_bandwidth"]["bytes_per_s"] > 0
+    for case in ("image", "text"):  # the fusion model's prediction from the measured rate and bandwidth
+        model = report["fusion_model"][case]
+        assert model["frozen"]["fused_ms"] == pytest.approx(3 * model["frozen"]["gemm_unit_ms"])
+        assert model["trainable"]["unfused_serial_ms"] > model["trainable"]["unfused_overlapped_ms"]
     rows = {(r["case"], r["op"], r["impl"]): r for r in report["rows"]}
     for case in ("image", "text"):
         for op in ("head", "grpo", "eg_grpo"):
