@@ -13,7 +13,9 @@ every row measured so far):
    peak memory, fraction of the bf16 floor (useful GEMM FLOPs / measured rate / time) and max
    abs difference from eager; the GRPO rows once more with the row-pass overlap on
    (``EGRPO_OVERLAP_ROW_PASSES=1``), to decide whether it becomes the default;
-4. if ``bench/rollout.py`` exists: ``python -m bench.rollout --device cuda --quick`` (optional).
+4. the rollout decode rows: ``python -m bench.rollout --device cuda --quick`` in the last ``--rollout-s``
+   seconds of the budget (the 7B shape first; ``bench/results/rollout_cuda.json`` is rewritten after every
+   configuration, so a timeout keeps what was measured).
 
 ``--dry-run`` runs the same code on CPU at toy shapes with the torch backend (tested in CI).
 """
@@ -150,7 +152,10 @@ def measure_rows(report, dry_run, reps, deadline):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dry-run", action="store_true", help="CPU, toy shapes, torch backend, no gpu tests")
-    p.add_argument("--budget-s", type=float, default=420.0, help="stop starting new rows after this many seconds")
+    p.add_argument("--budget-s", type=float, default=420.0,
+                   help="seconds for steps 1-4; new kernel rows stop --rollout-s before the end")
+    p.add_argument("--rollout-s", type=float, default=100.0,
+                   help="seconds kept for the rollout rows (0 skips them)")
     p.add_argument("--tests-timeout-s", type=float, default=180.0)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--skip-tests", action="store_true", help="skip step 1 (the pytest run)")
@@ -161,7 +166,7 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out) if args.out else RESULTS / ("gpu_quick_dry_run.json" if args.dry_run else "gpu_quick.json")
     report = Report(out, args.dry_run)
-    deadline = report.t0 + args.budget_s
+    deadline = report.t0 + args.budget_s - args.rollout_s
     if args.dry_run:
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "--co",
                "tests/kernels"]
@@ -170,10 +175,14 @@ def main(argv=None) -> int:
     tests_rc = 0 if args.skip_tests else run_step(report, "gpu-marked kernel tests" + (" (collect only)" if args.dry_run else ""), cmd,
                         args.tests_timeout_s, env={"TRITON_INTERPRET": "0"} if not args.dry_run else None)
     measure_rows(report, args.dry_run, 2 if args.dry_run else args.reps, deadline)
-    if (ROOT / "bench" / "rollout.py").exists() and not args.dry_run:
-        remaining = max(30.0, deadline + 60 - time.perf_counter())
-        run_step(report, "rollout decode (optional)", [sys.executable, "-m", "bench.rollout", "--device", "cuda",
-                                                        "--quick"], remaining)
+    if args.rollout_s > 0:
+        # the rollout's own budget stops it starting configurations; the timeout (20 s later) is the backstop
+        remaining = max(60.0, report.t0 + args.budget_s - time.perf_counter())
+        cmd = [sys.executable, "-m", "bench.rollout", "--device", "cuda", "--quick", "--budget-s", f"{remaining - 40:.0f}"]
+        if args.dry_run:
+            cmd += ["--dry-run", "--rows", "4", "--repeats", "1", "--out-dir", str(out.parent)]
+        run_step(report, "rollout decode rows" + (" (dry run: CPU, toy shape)" if args.dry_run else ""), cmd,
+                 remaining + 20)
     print(f"wrote {out}")
     return 0 if tests_rc == 0 else 1
 

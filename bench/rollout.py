@@ -3,7 +3,9 @@
     python -m bench.rollout                       # CPU: demo + mid-size configs, 1 and 2 threads
     python -m bench.rollout --configs mid --threads 1 --no-compile
     python -m bench.rollout --dtype bf16          # CPU with the model in bf16 (own JSON and README section)
-    python -m bench.rollout --device cuda --quick # GPU: Janus-Pro-1B / 7B shapes, 2 layers, 16 and 128 images
+    python -m bench.rollout --device cuda         # GPU: Janus-Pro-1B / 7B shapes, 2 layers, 16 and 128 images
+    python -m bench.rollout --device cuda --quick --budget-s 100   # what `make gpu-quick` runs (see main())
+    python -m bench.rollout --device cuda --dry-run   # the GPU run's code on CPU at a toy shape (tested in CI)
 
 Per configuration and thread count, the implementations run alternately in one process (``--repeats``
 rounds, median), so the ratios are side by side. Measured per implementation:
@@ -36,6 +38,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -61,6 +64,9 @@ CPU_CONFIGS = {
 }
 DEFAULT_CPU_CONFIGS = ["demo", "mid"]
 # Janus-Pro shapes with 2 layers (report per layer); 384 px, 16 px patches = 576 tokens, 16384 codes.
+# --dry-run: the same code on CPU at a toy shape (64 px, 16 tokens), so a lent GPU's minutes are not spent
+# finding this script's bugs.
+DRY_RUN_SHAPES = {"toy": dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, full_layers=4)}
 GPU_SHAPES = {
     "janus-pro-1b": dict(hidden_size=2048, num_layers=2, num_heads=16, intermediate_size=5632, full_layers=24),
     "janus-pro-7b": dict(hidden_size=4096, num_layers=2, num_heads=32, intermediate_size=11008, full_layers=30),
@@ -134,7 +140,7 @@ def _implementations(model, tokenizer, prefills, image_tokens, device, compile_s
 
 def bench_config(name, model, tokenizer, prefills, image_tokens, device, threads, repeats, compile_step,
                  hf_generate=True):
-    if device == "cpu":
+    if device == "cpu" and threads:  # 0: leave the thread count alone (the GPU run's dry run)
         torch.set_num_threads(threads)
     # torch.compile caches per code object, across engines: without a reset, the compilations of earlier
     # configurations count against the recompile limit of this one (then it silently runs eager).
@@ -193,7 +199,7 @@ def bench_vq(model, rows, image_tokens, device, repeats):
             for name, t in times.items()}
 
 
-def run_cpu(args):
+def run_cpu(args, on_run=lambda runs: None):
     runs = []
     for name in args.configs:
         spec = CPU_CONFIGS[name]
@@ -213,6 +219,7 @@ def run_cpu(args):
                                                          bandwidth)
             runs.append(run)
             _print_run(run)
+            on_run(runs)
     return runs
 
 
@@ -246,39 +253,56 @@ def floor_ms_per_step(model, rows: int, mean_keys: float, bandwidth_gbs: float) 
     return 1e3 * (weight_bytes + head_bytes + kv_bytes) / (bandwidth_gbs * 1e9)
 
 
-def run_cuda(args):
+def run_cuda(args, on_run=lambda runs: None, skipped=None):
+    """The GPU rows (or, with ``args.dry_run``, the same code on CPU at a toy shape). ``on_run(runs)`` is
+    called after every measured configuration (the JSON is rewritten each time); configurations not started
+    because ``args.budget_s`` was spent are appended to ``skipped``."""
     from transformers import JanusForConditionalGeneration
 
     from egrpo.trainer.model import tiny_janus_config
 
+    device = "cpu" if args.dry_run else "cuda"
+    shapes = DRY_RUN_SHAPES if args.dry_run else GPU_SHAPES
+    if args.quick:  # the issue's headline shape first: a budget that runs out drops the 1B rows
+        shapes = dict(reversed(list(shapes.items())))
+    image_size, image_tokens = (64, 16) if args.dry_run else (384, 576)
+    deadline = time.perf_counter() + (args.budget_s if args.budget_s else float("inf"))
     tokenizer = build_char_tokenizer()
     tokens = janus_tokens(tokenizer)
-    bandwidth = _bandwidth_gbs("cuda")
+    bandwidth = _bandwidth_gbs(device)
     runs = []
-    for shape_name, shape in GPU_SHAPES.items():
+    for shape_name, shape in shapes.items():
+        if time.perf_counter() > deadline:
+            skipped.extend(f"{shape_name}, {images} images: time budget spent" for images in args.rows)
+            continue
         overrides = {k: v for k, v in shape.items() if k != "full_layers"}
-        config = tiny_janus_config(tokenizer, image_size=384, patch_size=16, image_vocab_size=16384,
-                                   vq_channel_multiplier=(1, 1, 2, 2, 4), vq_base_channels=128,
+        config = tiny_janus_config(tokenizer, image_size=image_size, patch_size=16, image_vocab_size=16384,
+                                   vq_channel_multiplier=(1, 1, 2, 2, 4), vq_base_channels=32 if args.dry_run else 128,
                                    max_position_embeddings=4096, **overrides)
         config._attn_implementation = config.text_config._attn_implementation = "sdpa"
-        model = JanusForConditionalGeneration(config).to("cuda", torch.bfloat16).eval()
+        model = JanusForConditionalGeneration(config).to(device, torch.bfloat16).eval()
         for images in args.rows:
+            if time.perf_counter() > deadline:
+                skipped.append(f"{shape_name}, {images} images: time budget spent")
+                continue
             group = max(1, images // 2)
-            prefills = _prompt_batch(tokenizer, tokens, PROMPTS[:2], group, "cuda")
+            prefills = _prompt_batch(tokenizer, tokens, PROMPTS[:2], group, device)
             print(f"[rollout] {shape_name}: {prefills[0].input_ids.shape[0]} images", flush=True)
-            run = bench_config(shape_name, model, tokenizer, prefills, 576, "cuda", 0, args.repeats,
+            run = bench_config(shape_name, model, tokenizer, prefills, image_tokens, device, 0, args.repeats,
                                args.compile, hf_generate=False)
             # Floor per step: weights once + the KV cache of all 2B rows (mean length), over the copy bandwidth.
             prompt_len = prefills[0].input_ids.shape[1]
-            floor_ms = floor_ms_per_step(model, 2 * prefills[0].rows, prompt_len + 576 / 2, bandwidth)
+            floor_ms = floor_ms_per_step(model, 2 * prefills[0].rows, prompt_len + image_tokens / 2, bandwidth)
             run["floor_ms_per_step"] = floor_ms
             run["per_layer"] = {impl: r["ms_per_step"] / shape["num_layers"] for impl, r in run["results"].items()}
             run["shape"] = dict(overrides, full_layers=shape["full_layers"], images=prefills[0].input_ids.shape[0])
             run["bandwidth_gbs"] = bandwidth
             runs.append(run)
             _print_run(run)
+            on_run(runs)
         del model
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     return runs
 
 
@@ -334,6 +358,8 @@ def _print_run(run):
 
 
 def _result_name(payload):
+    if payload.get("dry_run"):
+        return "rollout_cuda_dry_run", False
     cpu_bf16 = payload["device"] == "cpu" and payload["dtype"] == "bfloat16"
     return f"rollout_{payload['device']}" + ("_bf16" if cpu_bf16 else ""), cpu_bf16
 
@@ -368,29 +394,40 @@ def _markdown(payload):
             if impl not in run["results"]:
                 lines.append(f"| {run['config']} | {run['threads'] or '-'} | {run['images']} x {run['image_tokens']} "
                              f"| {impl} | | | | | | | {note} |")
+    for reason in payload.get("skipped", []):
+        lines.append(f"- not run: {reason}")
     lines.append(end)
     return "\n".join(lines)
 
 
-def _write(payload, out_dir: Path, readme: Path):
+def _write(payload, out_dir: Path, readme: Optional[Path], quiet=False):
+    """The JSON, and the README section unless ``readme`` is None (a dry run must not replace real rows)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     name, cpu_bf16 = _result_name(payload)
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(payload, indent=1))
-    _replace_section(readme, *((BF16_BEGIN, BF16_END) if cpu_bf16 else (BEGIN, END)), _markdown(payload))
-    print(f"wrote {path} and the rollout section of {readme}")
+    if readme is not None:
+        _replace_section(readme, *((BF16_BEGIN, BF16_END) if cpu_bf16 else (BEGIN, END)), _markdown(payload))
+    if not quiet:
+        print(f"wrote {path}" + (f" and the rollout section of {readme}" if readme is not None else ""))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--quick", action="store_true", help="GPU: 2 layers of each Janus-Pro shape")
+    parser.add_argument("--quick", action="store_true",
+                        help="GPU (make gpu-quick): 2 timed rounds, no torch.compile row, the 7B shape first")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="with --device cuda: run the GPU code on CPU at a toy shape; JSON only, no README")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="GPU: stop starting new configurations after this many seconds (the rest are listed "
+                             "as not run)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                         help="CPU: the model's dtype (the GPU rows always run bf16)")
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CPU_CONFIGS, choices=list(CPU_CONFIGS))
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--rows", nargs="+", type=int, default=[16, 128], help="GPU: images per rollout")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3; 2 with --quick)")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="skip engine-compiled (CPU compilation takes about a minute per config)")
     parser.add_argument("--vq-only", action="store_true",
@@ -398,22 +435,40 @@ def main(argv=None):
     parser.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results")
     parser.add_argument("--readme", type=Path, default=BENCH_DIR / "README.md")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
+    if args.dry_run and args.device != "cuda":
+        parser.error("--dry-run: only with --device cuda (it runs the GPU code on CPU)")
+    if args.device == "cuda" and not args.dry_run and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here (--dry-run runs the same code on CPU)")
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 3
+    if args.quick:
+        args.compile = False  # minutes of compilation; the CUDA-graph rows are the GPU engine anyway
     torch.manual_seed(0)
     if args.vq_only:
         return run_vq_only(args)
-    runs = run_cuda(args) if args.device == "cuda" else run_cpu(args)
     import transformers
 
+    on_gpu = args.device == "cuda" and not args.dry_run
     payload = dict(
-        device=args.device, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        cpu=(torch.cuda.get_device_name() if args.device == "cuda" else
+        device=args.device, dry_run=args.dry_run,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        cpu=(torch.cuda.get_device_name() if on_gpu else
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible"),
         dtype="bfloat16" if (args.device == "cuda" or args.dtype == "bf16") else "float32", torch=torch.__version__,
-        transformers=transformers.__version__, repeats=args.repeats, runs=runs,
+        transformers=transformers.__version__, repeats=args.repeats, runs=[], skipped=[],
     )
-    _write(payload, args.out_dir, args.readme)
+    readme = None if args.dry_run else args.readme
+
+    def save(runs):  # after every configuration: a run killed later keeps what it measured
+        payload["runs"] = list(runs)
+        _write(payload, args.out_dir, readme, quiet=True)
+
+    if args.device == "cuda":
+        runs = run_cuda(args, save, payload["skipped"])
+    else:
+        runs = run_cpu(args, save)
+    payload["runs"] = runs
+    _write(payload, args.out_dir, readme)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ tests' reference for the prefills and contexts, the path to reproduce runs made 
 where the engine is untested (ZeRO-3).
 """
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -126,16 +128,20 @@ class Rollout:
     cot_sampling_logp: Optional[torch.Tensor] = None  # [B, Lc] float32 the same for the CoT tokens (0 after EOS)
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_argument(lm_class) -> str:
+    """The name of the KV-cache argument of ``lm.forward``: ``cache`` from transformers 5.24 on, where
+    ``past_key_values`` is deprecated (removal announced for 5.40); ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(lm_class.forward).parameters else "past_key_values"
+
+
 def _language_model(model, embeds, attention_mask, position_ids, cache=None):
     """Last hidden state [B, S, D] of the base LM over ``embeds`` (the last S positions of ``attention_mask``)."""
-    out = model.model.language_model(
-        inputs_embeds=embeds,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        past_key_values=cache,
-        use_cache=cache is not None,
-    )
-    return out.last_hidden_state, out.past_key_values
+    lm = model.model.language_model
+    name = _cache_argument(type(lm))
+    out = lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+             use_cache=cache is not None, **{name: cache})
+    return out.last_hidden_state, getattr(out, name)
 
 
 def _new_cache(model):

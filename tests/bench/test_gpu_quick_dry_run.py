@@ -31,3 +31,8 @@ def test_gpu_quick_dry_run_writes_every_row(tmp_path):
             plain, overlap = rows[(case, "grpo", base)], rows[(case, "grpo", base + "+overlap")]
             assert overlap["status"] == "ok" and overlap["useful_ndv"] == plain["useful_ndv"]
             assert overlap["max_abs_diff_vs_eager"] == plain["max_abs_diff_vs_eager"]
+    # step 4: the rollout rows ran as a subprocess (the GPU code on CPU) and wrote their own JSON
+    (step,) = [s for s in report["steps"] if s["step"].startswith("rollout decode rows")]
+    assert step["rc"] == 0, step["tail"]
+    rollout = json.loads((tmp_path / "rollout_cuda_dry_run.json").read_text())
+    assert rollout["runs"] and "engine" in rollout["runs"][0]["results"]

@@ -4,12 +4,14 @@ import torch
 from transformers import DynamicCache
 
 from egrpo.rollout.sampling import phase_uniforms, sample_torch
+from egrpo.trainer.rollout import _cache_argument
 
 
 def _forward(model, embeds, mask, positions, cache):
-    out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                     cache=cache, use_cache=True)
-    return out.last_hidden_state[:, -1], out.past_key_values
+    lm = model.model.language_model
+    name = _cache_argument(type(lm))  # ``cache`` from transformers 5.24 on, ``past_key_values`` before
+    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, **{name: cache})
+    return out.last_hidden_state[:, -1], getattr(out, name)
 
 
 def reference_image_tokens(model, prefill, num_tokens, params, seed):

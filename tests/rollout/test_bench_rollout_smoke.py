@@ -25,3 +25,29 @@ def test_bench_rollout_runs_on_cpu(tmp_path, dtype, name):
         assert row["ms_per_step"] > 0 and row["images_per_s"] > 0 and row["decode_ms"] > 0
     assert run["floor_ms_per_step"] > 0 and run["bandwidth_gbs"] > 0
     assert "| tiny | 1 | 4 x " in readme.read_text()
+
+
+def test_gpu_rows_dry_run_on_cpu(tmp_path):
+    """`--device cuda --dry-run`: the GPU run's code (model build, prefill, floor, per-layer figures) on CPU at a
+    toy shape, so a lent GPU's minutes are not spent on this script's bugs; it writes no README rows."""
+    readme = tmp_path / "README.md"
+    main(["--device", "cuda", "--dry-run", "--quick", "--rows", "4", "--repeats", "1", "--out-dir", str(tmp_path),
+          "--readme", str(readme)])
+    assert not readme.exists()
+    payload = json.loads((tmp_path / "rollout_cuda_dry_run.json").read_text())
+    assert payload["dry_run"] and payload["dtype"] == "bfloat16" and payload["skipped"] == []
+    (run,) = payload["runs"]
+    assert run["images"] == 4 and run["image_tokens"] == 16 and run["shape"]["full_layers"] == 4
+    assert "engine-compiled" not in run["results"]  # --quick: no compilation
+    for impl in ("today", "engine"):
+        assert run["results"][impl]["ms_per_step"] > 0
+        assert run["per_layer"][impl] == run["results"][impl]["ms_per_step"] / 2
+    assert run["floor_ms_per_step"] > 0
+
+
+def test_gpu_rows_budget_lists_what_it_did_not_run(tmp_path):
+    main(["--device", "cuda", "--dry-run", "--quick", "--rows", "4", "8", "--budget-s", "1e-9",
+          "--out-dir", str(tmp_path)])
+    payload = json.loads((tmp_path / "rollout_cuda_dry_run.json").read_text())
+    assert payload["runs"] == []
+    assert payload["skipped"] == ["toy, 4 images: time budget spent", "toy, 8 images: time budget spent"]
