@@ -56,6 +56,11 @@ def assert_one_line_error(rc, err, *needles):
     ([*BASE, "train.device=cuda"], ["train.device=cuda"]),
     ([*BASE, "train.stepz=3"], ["stepz", "train"]),
     ([*BASE, "data.prompts=null", "data.prompts_file=missing.jsonl"], ["data.prompts_file", "missing.jsonl"]),
+    ([*BASE, "rewards.0.tolerance=abc"], ["rewards[0]", "tolerance must be a number", "'abc'"]),
+    ([*BASE, "optim.betas=[0.9,2]"], ["optim.betas", "[0, 1)"]),
+    ([*BASE, "optim.eps=-1"], ["optim.eps", "> 0"]),
+    ([*BASE, "optim.weight_decay=-1"], ["optim.weight_decay", ">= 0"]),
+    ([*BASE, "optim.min_lr_ratio=5"], ["optim.min_lr_ratio", "[0, 1]"]),
 ])
 def test_config_mistakes_are_one_line_exit_2(capsys, tmp_path, args, needles):
     if "train.device=cuda" in args and torch.cuda.is_available():
@@ -330,3 +335,89 @@ def test_plot_analysis_without_cots_says_so(capsys, tmp_path):
     empty.write_text("")
     rc, _, err = cli(capsys, "plot-analysis", empty, "--out", tmp_path / "plots")
     assert_one_line_error(rc, err, "empty.jsonl", "no records")
+
+
+# --------------------------------------------------------------------------------------------- the run directory
+
+ALWAYS_FAILS = '''
+class AlwaysFails:
+    def __call__(self, images, prompts, metadata):
+        raise RuntimeError("reward server unreachable")
+'''
+
+
+def test_unwritable_out_dir_is_one_line(capsys):
+    rc, _, err = cli(capsys, "train", *BASE, "train.out_dir=/proc/egrpo-run")
+    assert_one_line_error(rc, err, "train.out_dir", "/proc/egrpo-run", "cannot be created")
+
+
+def test_a_run_directory_in_use_is_refused_and_released_after_the_run(capsys, tmp_path):
+    import fcntl
+
+    from egrpo.trainer.train import LOCK_NAME
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / LOCK_NAME, "a+") as held:   # another training holding the directory
+        held.write("pid 4242 on elsewhere, since then")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for extra in ([], ["--overwrite"]):     # --overwrite must not move a live run aside either
+            rc, _, err = cli(capsys, "train", *RUN, f"train.out_dir={run}", *extra)
+            assert_one_line_error(rc, err, str(run), "in use by another training", "pid 4242")
+        assert os.listdir(run) == [LOCK_NAME]
+    rc, _, err = cli(capsys, "train", *RUN, "train.steps=1", f"train.out_dir={run}")
+    assert rc == 0, err
+    with open(run / LOCK_NAME, "a+") as after:  # the finished run let go of it
+        fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_start_that_fails_before_its_first_step_leaves_the_directory_reusable(capsys, tmp_path, monkeypatch):
+    (tmp_path / "badrewards.py").write_text(ALWAYS_FAILS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    run = tmp_path / "run"
+    rc, _, err = cli(capsys, "train", *RUN, f"train.out_dir={run}", "rewards.0.name=badrewards:AlwaysFails")
+    assert_one_line_error(rc, err, "AlwaysFails", "unreachable")
+    assert not (run / "config.yaml").exists() and not (run / "config_history.jsonl").exists()
+    # the corrected command runs in the same directory without --overwrite
+    rc, _, err = cli(capsys, "train", *RUN, f"train.out_dir={run}")
+    assert rc == 0, err
+    history = [json.loads(line) for line in open(run / "config_history.jsonl")]
+    assert [h["event"] for h in history] == ["start"]
+    assert not [p for p in os.listdir(run) if p.startswith("previous-")]
+
+
+def test_a_changed_resume_that_fails_leaves_the_run_as_it_was(capsys, base_run, tmp_path, monkeypatch):
+    run = copy_run(base_run, tmp_path)
+    before = (run / "config.yaml").read_text()
+    (tmp_path / "badrewards.py").write_text(ALWAYS_FAILS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    rc, _, err = cli(capsys, "train", "--resume", run, "train.steps=3", "--allow-changes",
+                     "rewards.0.name=badrewards:AlwaysFails")
+    assert_one_line_error(rc, err, "AlwaysFails")
+    assert (run / "config.yaml").read_text() == before
+    # a plain resume continues as before; a refused change names the checkpoint's own config
+    rc, _, err = cli(capsys, "train", "--resume", run, "train.steps=4", "optim.lr=5e-3")
+    assert_one_line_error(rc, err, "optim.lr", "--config " + str(run / "checkpoints" / "step_000002" / "config.yaml"))
+    rc, _, err = cli(capsys, "train", "--resume", run, "train.steps=3")
+    assert rc == 0, err
+    assert [r["step"] for r in read_metrics(str(run / "metrics.jsonl"))] == [1, 2, 3]
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(capsys, base_run, tmp_path):
+    from egrpo.trainer.train import find_checkpoint
+
+    run = copy_run(base_run, tmp_path)
+    old_step2 = (run / "checkpoints" / "step_000002" / "manifest.json").read_text()
+    rc, _, err = cli(capsys, "train", "--resume", run / "checkpoints" / "step_000001", "train.steps=3",
+                     "train.save_every=0")
+    assert rc == 0, err
+    (aside,) = [p for p in os.listdir(run / "checkpoints") if p.startswith("abandoned-")]
+    assert aside in err and "another branch" in err
+    assert (run / "checkpoints" / aside / "step_000002" / "manifest.json").read_text() == old_step2
+    assert not (run / "checkpoints" / "step_000002").exists()   # this branch saved only at its end (step 3)
+    assert find_checkpoint(str(run))[1] == "step_000003"
+    assert [r["step"] for r in read_metrics(str(run / "metrics.jsonl"))] == [1, 2, 3]
+

@@ -7,12 +7,16 @@ with the project's generation function (`egrpo.tools.eval_cli`).
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Callable, List, Sequence, Tuple
 
 import torch
 
-from .io import progress
+from .io import EvalError, progress
+
+# Written into an image folder by ``egrpo eval --model``: the settings its images were generated with.
+SETTINGS_FILE = "generation_settings.json"
 
 ImageGenerator = Callable[[Sequence[str], int, int], torch.Tensor]
 
@@ -42,3 +46,61 @@ def generate_missing(jobs: Sequence[Tuple[str, List[str]]], generator: ImageGene
             save_png(image, path)
             written += 1
     return written
+
+
+def prompts_digest(jobs: Sequence[Tuple[str, List[str]]]) -> str:
+    """A short hash of the jobs' prompts, in order (which prompt each image shows)."""
+    import hashlib
+
+    text = json.dumps([prompt for prompt, _ in jobs])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _show(value) -> str:
+    return "(none)" if value is None else json.dumps(value)
+
+
+def check_generation_settings(folder: str, settings: dict, jobs: Sequence[Tuple[str, List[str]]],
+                              flag: str = "--images") -> None:
+    """Refuse to add images to ``folder`` (by `generate_missing`, which keeps the images already there) when
+    they would not all come from the same ``settings``: `EvalError` when the folder's `SETTINGS_FILE` records
+    other settings (the message names each), or when some job's image already exists without such a record.
+
+    ``settings``: plain JSON values (model path, seed, sampling options, ``prompts``: `prompts_digest`, ...)."""
+    path = os.path.join(folder, SETTINGS_FILE)
+    what_to_do = (f"use a new {flag} folder (or delete {folder}) to generate with these settings, or leave out "
+                  "--model/--tiny to score the images as they are")
+    if not os.path.exists(path):
+        if any(os.path.exists(p) for _, paths in jobs for p in paths):
+            raise EvalError(f"{flag} {folder} already holds images but no {SETTINGS_FILE} saying how they were "
+                            f"generated, so they cannot be resumed safely; {what_to_do}")
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)
+        if not isinstance(recorded, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise EvalError(f"{path} is not readable ({type(e).__name__}: {e}); {what_to_do}") from None
+    settings = json.loads(json.dumps(settings))          # tuples -> lists, as read back from the file
+    changed = []
+    for key in sorted(set(recorded) | set(settings)):
+        if recorded.get(key) != settings.get(key):
+            if key == "prompts":
+                changed.append("prompts (a different --prompts list)")
+            else:
+                changed.append(f"{key} ({_show(recorded.get(key))} -> {_show(settings.get(key))})")
+    if changed:
+        raise EvalError(f"{flag} {folder} holds images generated with other settings: {'; '.join(changed)}; "
+                        f"{what_to_do}")
+
+
+def write_generation_settings(folder: str, settings: dict) -> str:
+    """Record ``settings`` in ``folder/SETTINGS_FILE`` (atomically); returns its path."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, SETTINGS_FILE)
+    with open(path + ".partial", "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(path + ".partial", path)
+    return path

@@ -172,7 +172,7 @@ class RewardSet:
 
     def _score(self, k: int, images, prompts, metadata) -> torch.Tensor:
         """Function ``k`` on one batch, retried; raises the last error after ``1 + retries[k]`` attempts."""
-        name, fn = self.names[k], self.functions[k]
+        fn = self.functions[k]
         error: Optional[Exception] = None
         for _ in range(1 + self.retries[k]):
             try:
@@ -247,7 +247,10 @@ def build_rewards(configs) -> RewardSet:
             on_error.append(getattr(rc, "on_error", "stop"))
         cls = resolve_reward(name)
         check_reward_arguments(cls, kwargs, f"rewards[{i}] ({name!r})")
-        functions.append(cls(**kwargs))
+        try:
+            functions.append(cls(**kwargs))
+        except TypeError as e:   # e.g. a value of the wrong type that no annotation declared
+            raise ValueError(f"rewards[{i}] ({name!r}): {e}") from e
         label = name.rsplit(":", 1)[-1]
         if label in names:
             label = f"{label}_{i}"
@@ -270,6 +273,33 @@ def check_reward_arguments(cls: Callable, kwargs: Dict, where: str) -> None:
     except TypeError as e:
         accepted = [p.name for p in signature.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
         raise ValueError(f"{where}: bad arguments: {e} (accepted arguments: {', '.join(accepted) or 'none'})") from None
+    # A value of the wrong plain type (YAML reads `tolerance=abc` as a string) would otherwise fail deep in
+    # the constructor or the first reward call; numbers may be given for floats, not bools or strings.
+    expected = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}
+    for name, value in kwargs.items():
+        param = signature.parameters.get(name)
+        kind = _plain_annotation(param.annotation) if param is not None else None
+        if kind is None or value is None:
+            continue
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
+              else isinstance(value, int) and not isinstance(value, bool) if kind is int
+              else isinstance(value, kind))
+        if not ok:
+            raise ValueError(f"{where}: {name} must be {expected[kind]}, got {value!r}")
+
+
+def _plain_annotation(annotation) -> Optional[type]:
+    """``float``/``int``/``bool``/``str`` when ``annotation`` is that type (or ``Optional`` of it, or its name as
+    a string under postponed evaluation); None otherwise."""
+    import typing
+
+    names = {"float": float, "int": int, "bool": bool, "str": str}
+    if isinstance(annotation, str):
+        annotation = names.get(annotation.replace("Optional[", "").rstrip("]").strip(), annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Union and len(args) == 1:
+        annotation = args[0]
+    return annotation if annotation in names.values() else None
 
 
 def reward_defaults(cls: Callable) -> Dict:

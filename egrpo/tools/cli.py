@@ -18,6 +18,10 @@ import os
 import sys
 from typing import List
 
+from egrpo.errors import UserError
+
+from .validate import check_positive, prepare_generation_dir, prepare_output_file, resolve_device
+
 
 def parse_reward_specs(specs: List[str], config_file: str = None) -> List[dict]:
     rewards = []
@@ -88,8 +92,6 @@ def _add_model_args(p):
 
 
 def _load_model(args):
-    import torch
-
     from egrpo.trainer.model import ModelConfig, build_model, num_image_tokens
     from egrpo.trainer.rollout import RolloutConfig
 
@@ -101,7 +103,7 @@ def _load_model(args):
         tiny = json.loads(args.tiny) if args.tiny is not None else None
     except json.JSONDecodeError as e:
         raise ValueError(f"--tiny {args.tiny!r} is not valid JSON ({e})") from None
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     cfg = ModelConfig(path=args.model, tiny=tiny, dtype=args.dtype)
     model, tokenizer = build_model(cfg, device)
     rollout_cfg = RolloutConfig(
@@ -114,8 +116,18 @@ def _load_model(args):
 def run_analyze(args) -> int:
     from .analyze import analyze, load_prompts
 
+    check_positive(args.cots, "--cots", minimum=0)
+    check_positive(args.images, "--images")
+    check_positive(args.entropy_bins, "--entropy-bins", minimum=0)
+    if args.text_entropy == "released" and args.cots == 0:
+        raise UserError("--text-entropy released needs CoTs (the released CoT rollout): give --cots >= 1, or use "
+                        "--text-entropy masked")
+    resolve_device(args.device)
     prompts, metadata = load_prompts(args.prompts)
     reward_set = build_reward_set(args)
+    moved = prepare_output_file(args.out, args.overwrite)       # checked before the model loads
+    if moved:
+        print(f"moved the earlier {args.out} to {moved}", file=sys.stderr)
     model, tokenizer, rollout_cfg = _load_model(args)
     with open(args.out, "w", encoding="utf-8") as out:
         records = analyze(model, tokenizer, prompts, metadata, reward_set, args.cots, args.images, rollout_cfg,
@@ -158,7 +170,16 @@ def run_generate(args) -> int:
     from .analyze import load_prompts
     from .generate import generate
 
+    check_positive(args.images_per_prompt, "--images-per-prompt")
+    check_positive(args.images_per_cot, "--images-per-cot")
+    if args.images_per_cot != 1 and not args.cot:
+        raise UserError(f"--images-per-cot {args.images_per_cot} needs --cot (images per CoT); without --cot, "
+                        "give the number of images with --images-per-prompt")
+    resolve_device(args.device)
     prompts, metadata = load_prompts(args.prompts)
+    moved = prepare_generation_dir(args.out, args.overwrite)    # checked before the model loads
+    if moved:
+        print(f"moved the earlier generations in {args.out} to {moved}", file=sys.stderr)
     model, tokenizer, rollout_cfg = _load_model(args)
     rollout_cfg = replace(rollout_cfg, cot=args.cot, images_per_cot=args.images_per_cot if args.cot else 1)
     records = generate(model, tokenizer, prompts, args.out, rollout_cfg, images_per_prompt=args.images_per_prompt,
@@ -192,7 +213,9 @@ def add_tool_subcommands(subparsers) -> None:
                    help="CoT entropy over the valid CoT tokens (masked) or every position of the text row (released)")
     p.add_argument("--entropy-bins", type=int, default=50,
                    help="per-record token-entropy histograms with this many bins over [0, 1] (0: none)")
-    p.add_argument("--out", required=True, help="output jsonl")
+    p.add_argument("--out", required=True, help="output jsonl (an existing file is refused without --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out exists: rename it to <name>.previous-<time>.jsonl and write a new one")
     p.set_defaults(func=run_analyze)
 
     p = subparsers.add_parser("plot-analysis", help="figures + correlation table from an analyze jsonl")
@@ -208,7 +231,10 @@ def add_tool_subcommands(subparsers) -> None:
 
     p = subparsers.add_parser("generate", help="batch image generation (PNGs + generations.jsonl)")
     _add_model_args(p)
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (one holding generations is refused without "
+                   "--overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out holds generations: move them into <out>/previous-<time>/ and generate afresh")
     p.add_argument("--cot", action="store_true", help="write a semantic CoT before each image")
     p.add_argument("--images-per-prompt", type=int, default=1, help="CoTs per prompt with --cot, else images")
     p.add_argument("--images-per-cot", type=int, default=1, help="images per CoT (with --cot)")

@@ -1,8 +1,10 @@
 """``egrpo eval {geneval,compbench,prefs,ocr,wise}``: score a folder of images, or generate it first.
 
 With ``--model DIR`` (or ``--tiny JSON``) the images are generated into ``--images`` in the benchmark's layout
-(skipping those already there), then scored. Scores go to ``--out`` (default ``<images>/scores``):
-``results*.jsonl`` (per image, resumable), ``summary.json`` and ``summary.md``.
+(skipping those already there), then scored. The generation settings are recorded in
+``<images>/generation_settings.json``; a later ``--model``/``--tiny`` run into the same folder with other settings
+is refused (the images there would not be the ones asked for). Scores go to ``--out`` (default
+``<images>/scores/<benchmark>``): ``results*.jsonl`` (per image, resumable), ``summary.json`` and ``summary.md``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def janus_generator(model, tokenizer, rollout_cfg):
 
 def _add_common(p, prompts_help: str, prompts_required: bool = False):
     p.add_argument("--images", required=True, help="image folder (read, or written when --model/--tiny is given)")
-    p.add_argument("--out", default=None, help="where scores go (default: <images>/scores)")
+    p.add_argument("--out", default=None, help="where scores go (default: <images>/scores/<benchmark>)")
     p.add_argument("--prompts", default=None, required=prompts_required, help=prompts_help)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--no-progress", action="store_true")
@@ -54,28 +56,60 @@ def _add_common(p, prompts_help: str, prompts_required: bool = False):
 
 
 def _device(args) -> str:
-    import torch
+    from .validate import resolve_device
 
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device(args.device)
 
 
-def _generator(args):
-    """An image generator when --model/--tiny is given, else None."""
+def _wants_generation(args) -> bool:
+    """True when --model/--tiny asks for images to be generated (checked: --prompts, --images-per-prompt)."""
     if args.model is None and args.tiny is None:
-        return None
+        return False
+    if args.model is not None and args.tiny is not None:
+        raise EvalError("give one of --model DIR or --tiny JSON, not both")
     if args.prompts is None:
         raise EvalError("generating images (--model/--tiny) needs --prompts")
+    if args.images_per_prompt is not None and args.images_per_prompt < 1:
+        raise EvalError(f"--images-per-prompt must be >= 1, got {args.images_per_prompt}")
+    return True
+
+
+def _generation_settings(args, jobs, images_per_prompt: int) -> dict:
+    """What decides the generated images (recorded in the image folder; see `check_generation_settings`)."""
+    from egrpo.eval.generation import prompts_digest
+
+    path = lambda p: None if p is None else os.path.abspath(p)
+    settings = {"model": path(args.model), "tiny": args.tiny, "dtype": args.dtype, "cfg_scale": args.cfg_scale,
+                "temperature": args.temperature, "top_k": args.top_k, "cot": args.cot, "seed": args.seed,
+                "images_per_prompt": images_per_prompt, "prompts": prompts_digest(jobs)}
+    if args.cot:
+        settings.update(cot_max_tokens=args.cot_max_tokens, cot_template=path(args.cot_template),
+                        cot_temperature=args.cot_temperature)
+    return settings
+
+
+def _generate(args, jobs, images_per_prompt: int, write_layout=None) -> None:
+    """Generate the missing images of ``jobs`` (``(prompt, paths)``) into ``--images``: the folder's recorded
+    generation settings are checked first (before any model loads), recorded once the model has loaded, then
+    ``write_layout()`` writes the benchmark's index files and the images are generated."""
     from dataclasses import replace
+
+    from egrpo.eval.generation import check_generation_settings, generate_missing, write_generation_settings
 
     from .cli import _load_model
 
-
+    settings = _generation_settings(args, jobs, images_per_prompt)
+    check_generation_settings(args.images, settings, jobs)
     model, tokenizer, rollout_cfg = _load_model(args)
-    return janus_generator(model, tokenizer, replace(rollout_cfg, cot=args.cot))
+    generator = janus_generator(model, tokenizer, replace(rollout_cfg, cot=args.cot))
+    write_generation_settings(args.images, settings)
+    if write_layout is not None:
+        write_layout()
+    generate_missing(jobs, generator, seed=args.seed, show_progress=not args.no_progress)
 
 
 def _out(args) -> str:
-    return args.out or os.path.join(args.images, "scores")
+    return args.out or os.path.join(args.images, "scores", args.benchmark)
 
 
 def _record_settings(summary: dict, args) -> None:
@@ -101,20 +135,21 @@ def _report(summary: dict, args=None) -> None:
 
 
 def run_geneval(args) -> int:
-    from egrpo.eval.generation import generate_missing
     from egrpo.eval.geneval import (ClipColourClassifier, Mask2FormerDetector, evaluate_geneval, load_geneval_prompts,
                           read_layout, sample_path, write_prompt_folder)
 
-    generator = _generator(args)
-    if generator is not None:
-        prompts = load_geneval_prompts(args.prompts)
-        n = args.images_per_prompt or 4
-        for i, meta in enumerate(prompts):
-            write_prompt_folder(args.images, i, meta)
-        jobs = [(m["prompt"], [sample_path(args.images, i, j) for j in range(n)]) for i, m in enumerate(prompts)]
-        generate_missing(jobs, generator, seed=args.seed, show_progress=not args.no_progress)
-    read_layout(args.images)                  # a bad folder is reported before any model is loaded
     device = _device(args)
+    if _wants_generation(args):
+        prompts = load_geneval_prompts(args.prompts)      # a bad prompt file is reported before any model loads
+        n = args.images_per_prompt or 4
+        jobs = [(m["prompt"], [sample_path(args.images, i, j) for j in range(n)]) for i, m in enumerate(prompts)]
+
+        def write_layout():
+            for i, meta in enumerate(prompts):
+                write_prompt_folder(args.images, i, meta)
+
+        _generate(args, jobs, n, write_layout)
+    read_layout(args.images)                  # a bad folder is reported before any model is loaded
     detector = Mask2FormerDetector(args.detector, device=device)
     colours = ClipColourClassifier(args.clip, device=device)
     _report(evaluate_geneval(args.images, _out(args), detector, colours, show_progress=not args.no_progress), args)
@@ -124,19 +159,17 @@ def run_geneval(args) -> int:
 def run_compbench(args) -> int:
     from egrpo.eval.compbench import (AVAILABLE, BlipVqaScorer, ClipCosineScorer, check_category, evaluate_compbench,
                             generation_jobs, read_prompt_file, read_samples, spacy_chunker)
-    from egrpo.eval.generation import generate_missing
 
     check_category(args.category)
     scorer_kind = AVAILABLE[args.category]
     weights = args.blip if scorer_kind == "blip_vqa" else args.clip
     if not weights:
         raise EvalError(f"compbench {args.category}: give --{'blip' if scorer_kind == 'blip_vqa' else 'clip'} DIR")
-    generator = _generator(args)
-    if generator is not None:
-        jobs = generation_jobs(read_prompt_file(args.prompts), args.images, args.images_per_prompt or 10)
-        generate_missing(jobs, generator, seed=args.seed, show_progress=not args.no_progress)
-    read_samples(args.images)
     device = _device(args)
+    if _wants_generation(args):
+        n = args.images_per_prompt or 10
+        _generate(args, generation_jobs(read_prompt_file(args.prompts), args.images, n), n)
+    read_samples(args.images)
     if scorer_kind == "blip_vqa":
         scorer = BlipVqaScorer(args.blip, chunker=spacy_chunker(args.spacy_model), device=device)
     else:
@@ -148,21 +181,18 @@ def run_compbench(args) -> int:
 
 def _generate_plain(args, default_n: int) -> None:
     """prefs / OCR: generate with ``egrpo generate``'s layout (PNGs + generations.jsonl)."""
-    generator = _generator(args)
-    if generator is None:
+    if not _wants_generation(args):
         return
-    from .analyze import load_prompts
-
-    from egrpo.eval.generation import generate_missing
     from egrpo.eval.training import write_generations_index
+
+    from .analyze import load_prompts
 
     texts, metadata = load_prompts(args.prompts)
     prompts = [{"prompt": t, **(m or {})} for t, m in zip(texts, metadata)]
     n = args.images_per_prompt or default_n
-    write_generations_index(args.images, prompts, n)
     jobs = [(p["prompt"], [os.path.join(args.images, f"{i:05d}_{j:02d}.png") for j in range(n)])
             for i, p in enumerate(prompts)]
-    generate_missing(jobs, generator, seed=args.seed, show_progress=not args.no_progress)
+    _generate(args, jobs, n, lambda: write_generations_index(args.images, prompts, n))
 
 
 def run_prefs(args) -> int:
@@ -172,11 +202,12 @@ def run_prefs(args) -> int:
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
         raise EvalError(f"--metrics: unknown {unknown} (choose from {', '.join(METRICS)})")
+    device = _device(args)
     _generate_plain(args, default_n=1)
     folder_items(args.images, args.prompt)
     paths = {k: getattr(args, k) for k in ("hps", "hps_tokenizer", "pickscore", "pickscore_processor", "clip",
                                             "aesthetic_head", "imagereward", "imagereward_med_config")}
-    scorers = {m: build_scorer(m, paths, _device(args)) for m in metrics}
+    scorers = {m: build_scorer(m, paths, device) for m in metrics}
     summary = evaluate_prefs(args.images, _out(args), scorers, prompt=args.prompt, show_progress=not args.no_progress)
     _report(summary, args)
     return 0
@@ -186,37 +217,56 @@ def run_ocr(args) -> int:
     from egrpo.eval.ocr import evaluate_ocr
     from egrpo.eval.prefs import folder_items
 
+    _device(args)
     _generate_plain(args, default_n=1)
     folder_items(args.images, args.prompt)
     _report(evaluate_ocr(args.images, _out(args), prompt=args.prompt, show_progress=not args.no_progress), args)
     return 0
 
 
+def _judge_key(args):
+    """The judge's API key from ``--judge-key-env``. Unset: an error for api.openai.com (every request would be
+    refused), else a warning (a local OpenAI-compatible server often needs no key)."""
+    from urllib.parse import urlparse
+
+    key = os.environ.get(args.judge_key_env)
+    if key:
+        return key
+    host = (urlparse(args.judge_url).hostname or "").lower()
+    if host == "openai.com" or host.endswith(".openai.com"):
+        raise EvalError(f"--judge-key-env: the environment variable {args.judge_key_env} is not set; export it with "
+                        f"your API key for {args.judge_url} (or name another variable with --judge-key-env)")
+    print(f"egrpo eval wise: warning: {args.judge_key_env} is not set; asking {args.judge_url} without an API key "
+          "(set it, or --judge-key-env VAR, if the judge needs one)", file=sys.stderr)
+    return None
+
+
 def run_wise(args) -> int:
-    from egrpo.eval.generation import generate_missing
     from egrpo.eval.wise import JUDGE_INSTRUCTIONS, OpenAIJudge, evaluate_wise, load_wise_prompts
 
     prompts = load_wise_prompts(args.prompts.split(","))
-    generator = _generator(args)
-    if generator is not None:
-        jobs = [(row["Prompt"], [os.path.join(args.images, f"{int(row['prompt_id'])}.png")]) for row in prompts]
-        generate_missing(jobs, generator, seed=args.seed, show_progress=not args.no_progress)
     instructions = JUDGE_INSTRUCTIONS
     if args.judge_prompt:
         with open(args.judge_prompt, encoding="utf-8") as f:
             instructions = f.read()
-    judge = OpenAIJudge(args.judge_url, model=args.judge_model, api_key=os.environ.get(args.judge_key_env),
+    # the judge (URL, key) is checked before any image is generated
+    judge = OpenAIJudge(args.judge_url, model=args.judge_model, api_key=_judge_key(args),
                         instructions=instructions, timeout=args.judge_timeout, retries=args.judge_retries)
+    _device(args)
+    if _wants_generation(args):
+        jobs = [(row["Prompt"], [os.path.join(args.images, f"{int(row['prompt_id'])}.png")]) for row in prompts]
+        _generate(args, jobs, 1)
     _report(evaluate_wise(args.images, _out(args), prompts, judge, show_progress=not args.no_progress), args)
     return 0
 
 
 def run(args) -> int:
+    from egrpo.errors import UserError
     from egrpo.rewards.base import MissingDependencyError
 
     try:
         return args.eval_func(args)
-    except (EvalError, MissingDependencyError, FileNotFoundError) as e:
+    except (EvalError, UserError, MissingDependencyError, FileNotFoundError) as e:
         print(f"egrpo eval {args.benchmark}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -36,11 +36,37 @@ PAIRS = (
 )
 
 
+# Fields every record of an `egrpo analyze` jsonl has and the figures read.
+REQUIRED_FIELDS = ("prompt", "reward", "image_entropy_mean", "image_entropy_std")
+
+
 def load_records(path: str) -> List[dict]:
-    with open(path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    """The records of an `egrpo analyze` jsonl; a line that is not JSON, or a record without one of
+    `REQUIRED_FIELDS`, is a `UserError` naming the file and line."""
+    from egrpo.errors import UserError
+
+    expected = "expected a jsonl written by `egrpo analyze`"
+    records = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path} line {number} is not JSON ({e.msg}); {expected}") from None
+                if not isinstance(record, dict):
+                    raise UserError(f"{path} line {number} is not a JSON object; {expected}")
+                missing = [k for k in REQUIRED_FIELDS if k not in record]
+                if missing:
+                    raise UserError(f"{path} line {number} has no {', '.join(repr(k) for k in missing)} field(s); "
+                                    f"{expected} (not `egrpo score` output or another jsonl)")
+                records.append(record)
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a UTF-8 text file; {expected}") from None
     if not records:
-        raise ValueError(f"{path}: no records")
+        raise UserError(f"{path}: no records; {expected}")
     return records
 
 

@@ -135,7 +135,7 @@ class OptimConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 0            # 0, 2 or 3
+    zero_stage: int = 0            # 0, 1, 2 or 3 (DeepSpeed ZeRO stage; 0 = plain data parallel; 1 untested here)
     bf16: Optional[bool] = None    # None = follow model.dtype
     extra: Dict[str, Any] = field(default_factory=dict)   # merged into the DeepSpeed JSON config as is
 
@@ -232,6 +232,12 @@ class Config:
             raise ConfigError("optim.warmup_steps and optim.grad_clip must be >= 0")
         if len(o.betas) != 2:
             raise ConfigError(f"optim.betas must have two values, got {o.betas}")
+        if not all(0.0 <= b < 1.0 for b in o.betas):
+            raise ConfigError(f"optim.betas must both be in [0, 1), got {list(o.betas)}")
+        if o.eps <= 0 or o.weight_decay < 0:
+            raise ConfigError(f"optim.eps must be > 0 and optim.weight_decay >= 0, got {o.eps} and {o.weight_decay}")
+        if not 0.0 <= o.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1] (a fraction of optim.lr), got {o.min_lr_ratio}")
         if ds.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}")
         if ds.bf16 is False and m.dtype == "bf16":

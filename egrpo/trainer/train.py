@@ -501,6 +501,10 @@ def load_checkpoint(engine, load_dir: str, tag: str, rank: int) -> Tuple[int, in
 # ---------------------------------------------------------------------------------------------- run directory
 
 RUN_MARKERS = ("metrics.jsonl", "checkpoints", "config.yaml", "config_history.jsonl")
+# One training per run directory: process 0 holds an exclusive flock on this file for the whole run (the OS
+# drops it when the process ends, however it ends). It is never moved aside or counted as part of a run.
+LOCK_NAME = ".egrpo-train.lock"
+_HELD_LOCKS: Dict[str, Any] = {}   # realpath(out_dir) -> open lock file of this process
 
 # What a resume may change (docs/training.md, "Resuming"). First matching pattern wins:
 #   free      applied and logged (bookkeeping and speed settings that do not change the run's math)
@@ -557,9 +561,11 @@ SETTINGS_ADDED_LATER: Dict[str, Any] = {
 }
 
 
-def check_resume_changes(old: Dict[str, Any], new: Dict[str, Any], step: int, allow_changes: bool) -> List[str]:
+def check_resume_changes(old: Dict[str, Any], new: Dict[str, Any], step: int, allow_changes: bool,
+                         checkpoint_config: Optional[str] = None) -> List[str]:
     """Compare the checkpoint's effective config with this run's under `RESUME_POLICY`; returns one log line
-    per applied change, raises ResumeError naming every refused key."""
+    per applied change, raises ResumeError naming every refused key (and, given ``checkpoint_config``, the
+    file that resumes with the checkpoint's own settings)."""
     a, b = flatten_config(old), flatten_config(new)
     lines, refused, never = [], [], []
     for key in sorted(set(a) | set(b)):
@@ -583,8 +589,12 @@ def check_resume_changes(old: Dict[str, Any], new: Dict[str, Any], step: int, al
         raise ResumeError(f"cannot resume with {'; '.join(never)}: the checkpoint's weights and optimizer state "
                           "depend on it; start a new run (another train.out_dir) instead")
     if refused:
+        # the changes may come from the run's own config.yaml (a changed resume that ran a step, then
+        # stopped before its first checkpoint), not from this command: name the file that resumes as before
+        before = (f"resume with the checkpoint's own settings: --config {checkpoint_config}" if checkpoint_config
+                  else "drop them to resume as before")
         raise ResumeError(f"resuming would change {'; '.join(refused)}: these change what the run optimises; pass "
-                          "--allow-changes to apply them (each is logged), or drop them to resume as before")
+                          f"--allow-changes to apply them (each is logged), or {before}")
     if b.get("train.steps", 0) <= step:
         raise ResumeError(f"the checkpoint is at step {step} and train.steps={b.get('train.steps')}: nothing to "
                           f"train; give train.steps > {step} to continue the run")
@@ -592,20 +602,85 @@ def check_resume_changes(old: Dict[str, Any], new: Dict[str, Any], step: int, al
 
 
 def move_previous_run(out_dir: str) -> str:
-    """Move everything in ``out_dir`` (earlier ``previous-*`` folders aside) into ``out_dir/previous-<time>/``."""
+    """Move everything in ``out_dir`` (earlier ``previous-*`` folders and the lock aside) into
+    ``out_dir/previous-<time>/``."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     dest, n = os.path.join(out_dir, f"previous-{stamp}"), 1
     while os.path.exists(dest):
         dest, n = os.path.join(out_dir, f"previous-{stamp}-{n}"), n + 1
     os.makedirs(dest)
     for name in os.listdir(out_dir):
-        if not name.startswith("previous-"):
+        if not name.startswith("previous-") and name != LOCK_NAME:
             os.replace(os.path.join(out_dir, name), os.path.join(dest, name))
     return dest
 
 
+def set_aside_newer_checkpoints(ckpt_root: str, resumed_tag: str, resumed_step: int) -> Optional[str]:
+    """Move the step checkpoints after ``resumed_step`` into ``ckpt_root/abandoned-<time>/`` and point
+    ``latest`` at ``resumed_tag``, so a later plain ``--resume`` cannot continue the abandoned branch. Returns
+    the folder, or None when there was nothing newer."""
+    newer = [n for n in os.listdir(ckpt_root)
+             if STEP_TAG.match(n) and int(STEP_TAG.match(n).group(1)) > resumed_step]
+    if not newer:
+        return None
+    base = dest = os.path.join(ckpt_root, f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while os.path.exists(dest):
+        dest, n = f"{base}-{n}", n + 1
+    os.makedirs(dest)
+    for name in newer:
+        os.replace(os.path.join(ckpt_root, name), os.path.join(dest, name))
+    write_atomic(os.path.join(ckpt_root, "latest"), resumed_tag)
+    return dest
+
+
 def holds_run(out_dir: str) -> bool:
-    return any(os.path.exists(os.path.join(out_dir, m)) for m in RUN_MARKERS)
+    """Whether ``out_dir`` holds something of a run worth keeping: a checkpoint, a metric record, or the
+    config a run records after its first completed step. What a start that failed before its first step
+    leaves (an empty ``metrics.jsonl``, ``tensorboard/``) does not count: the corrected command may reuse it."""
+    def nonempty(name: str) -> bool:
+        path = os.path.join(out_dir, name)
+        return os.path.isdir(path) and bool(os.listdir(path)) or os.path.isfile(path) and os.path.getsize(path) > 0
+
+    return any(nonempty(m) for m in RUN_MARKERS)
+
+
+def acquire_run_lock(out_dir: str) -> None:
+    """Refuse (RunDirError) when another process trains in ``out_dir``; otherwise hold its lock until
+    :func:`release_run_lock` or the end of this process. A second call from this process (an earlier
+    ``train()`` that raised) keeps the lock it already holds."""
+    try:
+        import fcntl
+    except ImportError:   # no flock (Windows): no protection, as before
+        return
+    key = os.path.realpath(out_dir)
+    if key in _HELD_LOCKS:
+        return
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        handle = open(os.path.join(out_dir, LOCK_NAME), "a+", encoding="utf-8")
+    except OSError as e:
+        raise RunDirError(f"train.out_dir {out_dir!r} cannot be created or written: {e.strerror or e}; "
+                          "pick another train.out_dir") from e
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read(300).strip() or "unknown"
+        handle.close()
+        raise RunDirError(f"train.out_dir {out_dir!r} is in use by another training ({owner}); wait for it to "
+                          "end or stop it, or pick another train.out_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    handle.flush()
+    _HELD_LOCKS[key] = handle
+
+
+def release_run_lock(out_dir: str) -> None:
+    handle = _HELD_LOCKS.pop(os.path.realpath(out_dir), None)
+    if handle is not None:
+        handle.close()   # closing the file drops the flock
 
 
 def same_path(a: str, b: str) -> bool:
@@ -728,7 +803,17 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
     objective = build_objective(cfg.objective.name, cfg.objective.settings)
     effective = cfg.effective_dict()
 
-    # ---- run directory: never destroy a run; a resume may change only what its policy allows
+    # ---- run directory: one training at a time; never destroy a run; a resume may change only what its
+    # policy allows
+    lock_error: List[Any] = [None]
+    if is_main:
+        try:
+            acquire_run_lock(out_dir)
+        except RunDirError as e:
+            lock_error[0] = e
+    dist.broadcast_object_list(lock_error, src=0)
+    if lock_error[0] is not None:
+        raise lock_error[0]
     step, data_position, resume_from, changes = 0, 0, None, []
     if resume is not None:
         found: List[Any] = [None]
@@ -750,11 +835,15 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
         saved_config = os.path.join(resume_from, "config.yaml")
         if os.path.isfile(saved_config):
             with open(saved_config, encoding="utf-8") as f:
-                changes = check_resume_changes(yaml.safe_load(f), effective, int(state["step"]), allow_changes)
+                changes = check_resume_changes(yaml.safe_load(f), effective, int(state["step"]), allow_changes,
+                                               checkpoint_config=saved_config)
         if holds_run(out_dir) and not same_path(os.path.dirname(load_dir), out_dir) and not overwrite:
             raise RunDirError(f"train.out_dir {out_dir!r} already holds another run; resume into the run's own "
                               "directory, pick a new train.out_dir, or pass --overwrite to move the old run aside")
     elif holds_run(out_dir) and not overwrite:
+        if _checkpoint_root(out_dir) is None:   # e.g. stopped by a crash before its first checkpoint
+            raise RunDirError(f"train.out_dir {out_dir!r} already holds a run without a checkpoint; pass --overwrite "
+                              "to move it aside (into previous-<time>/), or pick a new train.out_dir")
         raise RunDirError(f"train.out_dir {out_dir!r} already holds a run; continue it with --resume {out_dir}, "
                           "or pass --overwrite to move it aside (into previous-<time>/), or pick a new train.out_dir")
     dist.barrier()
@@ -764,7 +853,11 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
         os.makedirs(out_dir, exist_ok=True)
     dist.barrier()
 
-    # ---- model, reference, rewards, data
+    # ---- rewards first (a wrong checkpoint path fails before minutes of policy loading), model, reference, data
+    try:
+        reward_set = build_rewards(cfg.rewards)
+    except (ValueError, ImportError, OSError) as e:   # bad arguments, missing package or weights
+        raise ConfigError(f"rewards: {e}") from e
     builder = model_builder or build_model
     model, tokenizer = load_model(builder, cfg.model, device)
     # guided log-probs (objective.logprob_source: guided) need the unconditional branch with the sampler's layout
@@ -776,10 +869,6 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
     if needs_reference(objective):
         ref_model, _ = load_model(builder, cfg.model, device)   # the initial policy, frozen
         ref_model.requires_grad_(False)
-    try:
-        reward_set = build_rewards(cfg.rewards)
-    except (ValueError, ImportError, OSError) as e:   # bad arguments, missing package or weights
-        raise ConfigError(f"rewards: {e}") from e
     prompts, metadata = load_prompts(cfg.data)
     stream = PromptStream(prompts, metadata, t.seed, cfg.data.shuffle)
     backend, chunk_size = objective.settings.backend, objective.settings.chunk_size
@@ -808,12 +897,22 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
         say(f"resumed from step {step} ({resume_from})", is_main)
         for line in changes:
             say(f"resume changes {line}", is_main)
-    if is_main:
-        save_config(cfg, os.path.join(out_dir, "config.yaml"))
-        with open(os.path.join(out_dir, "config_history.jsonl"), "a", encoding="utf-8") as f:
-            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step,
-                                "event": "resume" if resume_from else "start", "resumed_from": resume_from,
-                                "changes": changes, "config": effective}) + "\n")
+    started_at = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step}
+
+    def record_config() -> None:
+        """The run's config.yaml and its history line, written once this invocation has completed a step: a
+        start or a changed resume that fails earlier leaves the run's recorded settings as they were. A resume
+        from an older checkpoint of this run moves the newer ones (now another branch) aside at that point."""
+        if is_main:
+            if resume_from is not None and same_path(os.path.dirname(load_dir), out_dir):
+                moved = set_aside_newer_checkpoints(load_dir, tag, int(state["step"]))
+                if moved:
+                    say(f"the checkpoints after step {int(state['step'])} of the run this resume continues belong to "
+                        f"another branch now; moved to {moved}")
+            save_config(cfg, os.path.join(out_dir, "config.yaml"))
+            with open(os.path.join(out_dir, "config_history.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps({**started_at, "event": "resume" if resume_from else "start",
+                                    "resumed_from": resume_from, "changes": changes, "config": effective}) + "\n")
     logger = MetricLogger(out_dir, enabled=is_main, tensorboard=t.tensorboard,
                           resume_step=step if resume_from is not None else None)
 
@@ -932,6 +1031,8 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
             stop_signal = int(flags[1])
             step += 1
             steps_this_run += 1
+            if steps_this_run == 1:
+                record_config()
 
             # ---- metrics: mean over micro-batches, then over processes; rewards gathered for exact stats
             local = {**mean_dicts(loss_metrics), **mean_dicts(rollout_metrics)}
@@ -1017,6 +1118,8 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
     if return_params:
         summary["params"] = trainable_state(engine, module, zero3)
     logger.close()
+    if is_main:
+        release_run_lock(out_dir)
     return summary
 
 

@@ -129,7 +129,7 @@ def test_cli_geneval_generates_with_tiny_janus_then_scores(tiny_dirs, tmp_path, 
     assert sorted(os.listdir(images / "00000" / "samples")) == ["0000.png", "0001.png"]
     out = capsys.readouterr().out
     assert "| single_object | 2 |" in out
-    with open(images / "scores" / "summary.json") as f:
+    with open(images / "scores" / "geneval" / "summary.json") as f:
         summary = json.load(f)
     assert summary["settings"]["detector"] == tiny_dirs["detector"] and summary["settings"]["images_per_prompt"] == 2
     assert summary["tasks"]["single_object"] in (0.0, 0.5, 1.0)

@@ -21,8 +21,8 @@ def clip_dir(tmp_path_factory):
     return save_tiny_clip(tmp_path_factory.mktemp("eval_cli") / "clip")
 
 
-def summary_of(images):
-    return json.loads((images / "scores" / "summary.json").read_text())
+def summary_of(images, benchmark):
+    return json.loads((images / "scores" / benchmark / "summary.json").read_text())
 
 
 def test_compbench_generates_in_its_layout_then_scores(tmp_path, clip_dir, capsys):
@@ -32,7 +32,7 @@ def test_compbench_generates_in_its_layout_then_scores(tmp_path, clip_dir, capsy
     assert main(["eval", "compbench", "--category", "non_spatial", "--images", str(images), "--prompts", str(prompts),
                  "--images-per-prompt", "2", "--clip", clip_dir, *GEN]) == 0
     assert len(list((images / "samples").glob("a green bench_*.png"))) == 2
-    summary = summary_of(images)
+    summary = summary_of(images, "compbench")
     assert summary["category"] == "non_spatial" and summary["scored"] == 4 and summary["failed"] == 0
     assert summary["settings"]["clip"] == clip_dir and summary["settings"]["images_per_prompt"] == 2
     assert "| non_spatial | clip | 4 |" in capsys.readouterr().out
@@ -47,9 +47,9 @@ def test_prefs_generates_then_scores(tmp_path, clip_dir):
     rows = [json.loads(line) for line in (images / "generations.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["a red apple", "a cat"]
     assert sorted(p.name for p in images.glob("*.png")) == ["00000_00.png", "00001_00.png"]
-    summary = summary_of(images)
+    summary = summary_of(images, "prefs")
     assert summary["scored"] == {"clipscore": 2, "pickscore": 2} and summary["failed"] == {"clipscore": 0, "pickscore": 0}
-    assert (images / "scores" / "results.pickscore.jsonl").exists()
+    assert (images / "scores" / "prefs" / "results.pickscore.jsonl").exists()
 
 
 def test_ocr_generates_then_reads(tmp_path):
@@ -57,9 +57,9 @@ def test_ocr_generates_then_reads(tmp_path):
     prompts.write_text('a sign that says "hello"\n')
     images = tmp_path / "ocr"
     assert main(["eval", "ocr", "--images", str(images), "--prompts", str(prompts), *GEN]) == 0
-    summary = summary_of(images)
+    summary = summary_of(images, "ocr")
     assert summary["scored"] == 1 and 0.0 <= summary["accuracy"] <= 1.0
-    (record,) = [json.loads(line) for line in (images / "scores" / "results.jsonl").read_text().splitlines()]
+    (record,) = [json.loads(line) for line in (images / "scores" / "ocr" / "results.jsonl").read_text().splitlines()]
     assert record["target"] == "hello"
 
 
@@ -85,6 +85,85 @@ def test_wise_generates_then_asks_the_judge(tmp_path, monkeypatch):
         server.server_close()
     assert (images / "1.png").exists() and len(FakeJudge.requests) == 1
     assert FakeJudge.requests[0][1]["Authorization"] == "Bearer secret"
-    summary = summary_of(images)
+    summary = summary_of(images, "wise")
     assert summary["scored"] == 1 and summary["categories"]["Cultural"] == pytest.approx(wiscore(2, 1, 2))
-    assert "secret" not in (images / "scores" / "summary.json").read_text()
+    assert "secret" not in (images / "scores" / "wise" / "summary.json").read_text()
+
+
+def test_generation_settings_are_checked_and_each_benchmark_keeps_its_summary(tmp_path, clip_dir, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text('a sign that says "hi"\n')
+    images = tmp_path / "shared"
+    prefs = ["eval", "prefs", "--metrics", "clipscore", "--images", str(images), "--prompts", str(prompts),
+             "--clip", clip_dir, *GEN]
+    assert main(prefs) == 0
+    image = images / "00000_00.png"
+    stamp = image.stat().st_mtime_ns
+    capsys.readouterr()
+    # the same folder with another seed: refused before anything is generated or scored (images kept)
+    assert main([*prefs, "--seed", "7"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--images" in err and "seed (0 -> 7)" in err and "new --images folder" in err
+    assert image.stat().st_mtime_ns == stamp and summary_of(images, "prefs")["settings"]["seed"] == 0
+    assert main([*prefs[:-len(GEN)], "--tiny", '{"num_layers": 1}', *GEN[2:]]) == 2
+    assert "tiny (" in capsys.readouterr().err
+    assert main(prefs) == 0                       # same settings: resumes (nothing regenerated)
+    assert image.stat().st_mtime_ns == stamp
+    # another benchmark on the same folder writes its own summary next to the first one's
+    assert main(["eval", "ocr", "--images", str(images), "--no-progress"]) == 0
+    assert summary_of(images, "prefs")["scored"] == {"clipscore": 1}
+    assert summary_of(images, "ocr")["scored"] == 1
+
+
+def test_eval_refuses_generating_over_images_without_a_record(tmp_path, capsys):
+    from tests.eval.conftest import write_png
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    images = tmp_path / "mine"
+    write_png(images / "00000_00.png")
+    assert main(["eval", "ocr", "--images", str(images), "--prompts", str(prompts), *GEN]) == 2
+    assert "already holds images but no generation_settings.json" in capsys.readouterr().err
+    assert not (images / "generations.jsonl").exists()
+
+
+def test_eval_option_errors_come_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import torch
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    geneval = ["eval", "geneval", "--images", str(tmp_path / "g"), "--detector", "d", "--clip", "c",
+               "--model", str(tmp_path / "no-model"), "--no-progress"]
+    assert main([*geneval, "--prompts", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "--prompts" in err and "line 1" in err and "no-model" not in err
+    assert main([*geneval, "--prompts", str(bad), "--device", "gpu"]) == 2
+    assert "--device 'gpu'" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([*geneval, "--prompts", str(bad), "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    assert main(["eval", "ocr", "--images", str(tmp_path / "o"), "--prompts", str(prompts), "--images-per-prompt",
+                 "0", "--model", str(tmp_path / "no-model")]) == 2
+    assert "--images-per-prompt must be >= 1" in capsys.readouterr().err
+
+
+def test_wise_needs_the_api_key_for_openai_and_warns_elsewhere(tmp_path, capsys, monkeypatch):
+    import argparse
+
+    from egrpo.tools.eval_cli import _judge_key
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    prompts = tmp_path / "wise.json"
+    prompts.write_text(json.dumps([{"prompt_id": 1, "Prompt": "a temple", "Explanation": "x", "Category": "Cultural"}]))
+    images = tmp_path / "wise"
+    assert main(["eval", "wise", "--images", str(images), "--prompts", str(prompts), "--judge-url",
+                 "https://api.openai.com/v1", *GEN]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "OPENAI_API_KEY is not set" in err
+    assert not images.exists()                    # refused before generating
+    args = argparse.Namespace(judge_key_env="OPENAI_API_KEY", judge_url="http://127.0.0.1:8000/v1")
+    assert _judge_key(args) is None and "warning: OPENAI_API_KEY is not set" in capsys.readouterr().err
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    assert _judge_key(args) == "k"

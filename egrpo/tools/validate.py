@@ -1,0 +1,105 @@
+"""Checks the tools run before any model loads, and moving earlier outputs aside (``--overwrite``).
+
+Each check raises `egrpo.errors.UserError` with a one-line message naming the argument and what to do; the
+``egrpo`` entry point prints it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+from egrpo.errors import UserError
+
+
+def resolve_device(device: Optional[str], flag: str = "--device") -> str:
+    """``device`` checked against this machine (None: ``cuda`` when available, else ``cpu``): ``cpu``, ``cuda``
+    or ``cuda:N``. Same rule as ``train.device`` (egrpo/trainer/config.py), for the command-line tools."""
+    import torch
+
+    if device is None or device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    name, _, index = device.partition(":")
+    if name == "cpu" and not index:
+        return "cpu"
+    if name != "cuda" or (index and not index.isdigit()):
+        raise UserError(f"{flag} {device!r}: not a device; use cpu, cuda or cuda:N (or leave it out: cuda if "
+                        "available, else cpu)")
+    if not torch.cuda.is_available():
+        raise UserError(f"{flag} {device}: no CUDA device is available on this machine (or this torch has no CUDA "
+                        "support); use --device cpu or leave it out")
+    if index and int(index) >= torch.cuda.device_count():
+        raise UserError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                        f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    return device
+
+
+def check_positive(value: Optional[int], flag: str, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise UserError(f"{flag} must be >= {minimum}, got {value}")
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def move_aside(out_dir: str) -> str:
+    """Move everything in ``out_dir`` (except earlier ``previous-*`` folders) into ``out_dir/previous-<time>/``;
+    returns that folder."""
+    stamp = _stamp()
+    dest, n = os.path.join(out_dir, f"previous-{stamp}"), 1
+    while os.path.exists(dest):
+        dest, n = os.path.join(out_dir, f"previous-{stamp}-{n}"), n + 1
+    os.makedirs(dest)
+    for name in os.listdir(out_dir):
+        if not name.startswith("previous-"):
+            os.replace(os.path.join(out_dir, name), os.path.join(dest, name))
+    return dest
+
+
+def move_file_aside(path: str) -> str:
+    """Rename ``path`` to ``<stem>.previous-<time><ext>`` next to it; returns the new name."""
+    stem, ext = os.path.splitext(path)
+    stamp = _stamp()
+    dest, n = f"{stem}.previous-{stamp}{ext}", 1
+    while os.path.exists(dest):
+        dest, n = f"{stem}.previous-{stamp}-{n}{ext}", n + 1
+    os.replace(path, dest)
+    return dest
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def holds_generations(out_dir: str) -> bool:
+    """True when ``out_dir`` holds a ``generations.jsonl`` or images (outside earlier ``previous-*`` folders)."""
+    if not os.path.isdir(out_dir):
+        return False
+    return any(name == "generations.jsonl" or name.lower().endswith(IMAGE_EXTENSIONS) for name in os.listdir(out_dir))
+
+
+def prepare_generation_dir(out_dir: str, overwrite: bool, flag: str = "--out") -> Optional[str]:
+    """Refuse an ``out_dir`` that already holds generations unless ``overwrite``; with ``overwrite``, its content
+    is moved to ``out_dir/previous-<time>/`` (returned). A path that is a file is refused."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"{flag} {out_dir} is a file; give a directory")
+    if not holds_generations(out_dir):
+        return None
+    if not overwrite:
+        raise UserError(f"{flag} {out_dir} already holds generations (generations.jsonl / images); give a new "
+                        f"{flag}, or pass --overwrite to move them into {os.path.join(out_dir, 'previous-<time>')}/")
+    return move_aside(out_dir)
+
+
+def prepare_output_file(path: str, overwrite: bool, flag: str = "--out") -> Optional[str]:
+    """Refuse an existing file ``path`` unless ``overwrite``; with ``overwrite`` it is renamed to
+    ``<stem>.previous-<time><ext>`` (returned). A directory is refused."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a directory; give a file name such as analysis.jsonl")
+    if not os.path.exists(path):
+        return None
+    if not overwrite:
+        raise UserError(f"{flag} {path} already exists; give a new {flag}, or pass --overwrite to keep the old "
+                        "file as <name>.previous-<time><ext> and write a new one")
+    return move_file_aside(path)

@@ -1,0 +1,91 @@
+"""User mistakes in ``egrpo generate / analyze / plot-analysis``: one-line errors (exit code 2) before any
+model loads, and outputs that are never overwritten silently."""
+
+import json
+
+import pytest
+
+from egrpo.cli import main
+
+TINY = ["--tiny", '{"image_size": 32, "num_layers": 1}', "--dtype", "fp32", "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red apple\n")
+    return str(path)
+
+
+def one_line_error(capsys):
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    return err
+
+
+def test_generate_refuses_an_out_with_generations_and_overwrite_moves_them_aside(tmp_path, prompts, capsys):
+    out = tmp_path / "gen"
+    out.mkdir()
+    (out / "generations.jsonl").write_text('{"file": "00000_00.png"}\n')
+    (out / "00000_00.png").write_bytes(b"old")
+    (out / "00007_00.png").write_bytes(b"stale")
+    assert main(["generate", "--prompts", prompts, "--out", str(out), *TINY]) == 2
+    err = one_line_error(capsys)
+    assert "--out" in err and "already holds generations" in err and "--overwrite" in err
+    assert (out / "00000_00.png").read_bytes() == b"old"
+    assert main(["generate", "--prompts", prompts, "--out", str(out), "--overwrite", *TINY]) == 0
+    (previous,) = out.glob("previous-*")
+    assert (previous / "00000_00.png").read_bytes() == b"old" and (previous / "00007_00.png").exists()
+    assert (previous / "generations.jsonl").exists()
+    assert sorted(p.name for p in out.glob("*.png")) == ["00000_00.png"]     # no stale image left next to new ones
+    assert (out / "00000_00.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_analyze_refuses_an_existing_out_unless_overwrite(tmp_path, prompts, capsys):
+    out = tmp_path / "analysis.jsonl"
+    out.write_text('{"old": 1}\n')
+    common = ["analyze", "--prompts", prompts, "--reward", "jpeg_compressibility", "--cots", "0", "--images", "1",
+              "--out", str(out)]
+    assert main([*common, *TINY]) == 2
+    assert "already exists" in one_line_error(capsys) and out.read_text() == '{"old": 1}\n'
+    assert main([*common, "--overwrite", *TINY]) == 0
+    (kept,) = tmp_path.glob("analysis.previous-*.jsonl")
+    assert kept.read_text() == '{"old": 1}\n' and "reward" in json.loads(out.read_text().splitlines()[0])
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["generate", "--images-per-cot", "2"], "--images-per-cot 2 needs --cot"),
+    (["generate", "--images-per-prompt", "0"], "--images-per-prompt must be >= 1"),
+    (["generate", "--cot", "--images-per-cot", "0"], "--images-per-cot must be >= 1"),
+    (["analyze", "--cots", "-1", "--reward", "colour"], "--cots must be >= 0"),
+    (["analyze", "--cots", "0", "--text-entropy", "released", "--reward", "colour"], "--text-entropy released needs"),
+    (["generate", "--device", "gpu"], "--device 'gpu': not a device"),
+])
+def test_option_errors_come_before_the_model_loads(tmp_path, prompts, capsys, argv, expected):
+    out = str(tmp_path / ("gen" if argv[0] == "generate" else "a.jsonl"))
+    assert main([*argv, "--prompts", prompts, "--out", out, "--model", str(tmp_path / "no-model")]) == 2
+    err = one_line_error(capsys)
+    assert expected in err and "no-model" not in err
+
+
+def test_device_cuda_without_cuda_is_a_one_line_error(tmp_path, prompts, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["generate", "--prompts", prompts, "--out", str(tmp_path / "g"), "--device", "cuda",
+                 "--tiny", "{}"]) == 2
+    err = one_line_error(capsys)
+    assert "--device cuda: no CUDA device" in err and "--device cpu" in err
+
+
+def test_plot_analysis_names_the_file_and_what_it_expects(tmp_path, capsys):
+    scores = tmp_path / "score.jsonl"        # `egrpo score --out` rows, not analysis records
+    scores.write_text(json.dumps({"file": "00000_00.png", "prompt": "a", "total": 0.5}) + "\n")
+    assert main(["plot-analysis", str(scores), "--out", str(tmp_path / "plots")]) == 2
+    err = one_line_error(capsys)
+    assert str(scores) in err and "line 1" in err and "'reward'" in err and "egrpo analyze" in err
+    text = tmp_path / "p.txt"
+    text.write_text("a red apple\n")
+    assert main(["plot-analysis", str(text), "--out", str(tmp_path / "plots")]) == 2
+    err = one_line_error(capsys)
+    assert str(text) in err and "line 1 is not JSON" in err
