@@ -100,6 +100,10 @@ class EvalConfig:
                     raise EvalError(str(e)) from None
         if self.metric is None:
             self.metric = self.prefs_metrics[0] if self.evaluator == "prefs" else HEADLINE[self.evaluator]
+        known = reportable_metrics(self)
+        if known is not None and self.metric not in known:   # found now, not after the first evaluation
+            raise EvalError(f"eval.metric {self.metric!r} is not a result of evaluator {self.evaluator!r}; "
+                            f"choose one of {sorted(known)}")
         return self
 
     @classmethod
@@ -231,6 +235,25 @@ def rank_share(jobs: Sequence, rank: int, world: int) -> Tuple[list, int]:
     mine = list(jobs[rank::world])
     most = -(-len(jobs) // world)
     return mine, most - len(mine)
+
+
+def reportable_metrics(cfg: "EvalConfig") -> Optional[set]:
+    """The names `flat_metrics` can report for ``cfg``'s evaluator where they are known before any scoring
+    (reward: each reward's label, as `build_rewards` names it, and ``score``; prefs: its metrics; geneval:
+    ``overall`` and the task tags); None where they depend on the results."""
+    if cfg.evaluator == "reward":
+        labels: List[str] = []
+        for i, spec in enumerate(cfg.rewards):
+            label = str(spec["name"]).rsplit(":", 1)[-1]
+            labels.append(f"{label}_{i}" if label in labels else label)
+        return {"score", *labels}
+    if cfg.evaluator == "prefs":
+        return set(cfg.prefs_metrics)
+    if cfg.evaluator == "geneval":
+        from egrpo.rewards.geneval import TAGS
+
+        return {"overall", "untagged", *TAGS}
+    return None
 
 
 def flat_metrics(summary: dict) -> Dict[str, float]:

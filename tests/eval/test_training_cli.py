@@ -3,6 +3,7 @@
 
 import dataclasses
 import json
+import re
 import os
 
 import pytest
@@ -34,6 +35,14 @@ def test_config_validation():
                          ({"every_steps": 2}, "eval.prompts"), ({"max_prompts": 0}, "max_prompts"),
                          ({"images_per_prompt": 0}, "images_per_prompt"), ({"every": 3}, "unknown key")):
         with pytest.raises(EvalError, match=message):
+            EvalConfig.from_dict(bad)
+    # a selection metric the evaluator cannot report is refused at once, naming the choices
+    reward = {"evaluator": "reward", "rewards": [{"name": "colour"}, {"name": "colour", "weight": 2}]}
+    assert EvalConfig.from_dict({**reward, "metric": "colour_1"}).metric == "colour_1"
+    for bad, choices in (({**reward, "metric": "nosuch"}, "['colour', 'colour_1', 'score']"),
+                         ({"evaluator": "prefs", "prefs_metrics": ["hps"], "metric": "clipscore"}, "['hps']"),
+                         ({"metric": "overal"}, "'overall'")):
+        with pytest.raises(EvalError, match=rf"eval.metric .* choose one of .*{re.escape(choices)}"):
             EvalConfig.from_dict(bad)
 
 
@@ -78,10 +87,14 @@ def test_cadence_best_tracking_and_state(tmp_path):
     lower = TrainingEvaluator(EvalConfig(every_steps=1, prompts=cfg.prompts, metric="overall", higher_is_better=False),
                               str(tmp_path / "run2"), scorer_factory=lambda c, d: lambda i, o, p: {"overall": 1.0})
     assert lower.evaluate(1, fake_generator([])).is_best is True
-    missing = TrainingEvaluator(EvalConfig(every_steps=1, prompts=cfg.prompts, metric="hps"), str(tmp_path / "run3"),
-                                scorer_factory=lambda c, d: lambda i, o, p: {"overall": 1.0})
-    with pytest.raises(EvalError, match="eval.metric 'hps'"):
-        missing.evaluate(1, fake_generator([]))
+    with pytest.raises(EvalError, match="eval.metric 'hps'"):   # GenEval's names are known: refused up front
+        TrainingEvaluator(EvalConfig(every_steps=1, prompts=cfg.prompts, metric="hps"), str(tmp_path / "run3"),
+                          scorer_factory=lambda c, d: lambda i, o, p: {"overall": 1.0})
+    # where the names depend on the results, a metric missing from them stops the evaluation, naming it
+    unknown = TrainingEvaluator(EvalConfig(every_steps=1, prompts=cfg.prompts, metric="overall"), str(tmp_path / "run6"),
+                                scorer_factory=lambda c, d: lambda i, o, p: {"accuracy": 1.0})
+    with pytest.raises(EvalError, match="eval.metric 'overall' is not among the finite results"):
+        unknown.evaluate(1, fake_generator([]))
 
 
 def test_training_evaluator_with_tiny_geneval_models(tiny_dirs, tmp_path):
