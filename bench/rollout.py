@@ -150,7 +150,8 @@ def bench_config(name, model, tokenizer, prefills, image_tokens, device, threads
     notes = {}
     for impl, (sample_fn, _) in list(impls.items()):  # warm-up (compilation, allocator); drop what fails
         try:
-            elapsed, _ = _timed(sample_fn, device)
+            with torch.no_grad():  # the loop's own sampling function keeps an autograd graph of every step otherwise
+                elapsed, _ = _timed(sample_fn, device)
             if impl == "engine-compiled":
                 notes[impl] = f"first call incl. compilation {elapsed:.1f} s"
         except Exception as error:  # noqa: BLE001 - a peer that cannot run keeps its row with the reason
@@ -280,7 +281,7 @@ def run_cuda(args, on_run=lambda runs: None, skipped=None):
                                    vq_channel_multiplier=(1, 1, 2, 2, 4), vq_base_channels=32 if args.dry_run else 128,
                                    max_position_embeddings=4096, **overrides)
         config._attn_implementation = config.text_config._attn_implementation = "sdpa"
-        model = JanusForConditionalGeneration(config).to(device, torch.bfloat16).eval()
+        model = JanusForConditionalGeneration(config).to(device, torch.bfloat16).eval().requires_grad_(False)
         for images in args.rows:
             if time.perf_counter() > deadline:
                 skipped.append(f"{shape_name}, {images} images: time budget spent")
