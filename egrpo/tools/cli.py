@@ -191,9 +191,12 @@ def run_generate(args) -> int:
 def run_score(args) -> int:
     from .score import format_rows, score_folder
 
+    moved = prepare_output_file(args.out, args.overwrite) if args.out else None   # before any reward model loads
     reward_set = build_reward_set(args)
     rows = score_folder(args.images, reward_set, prompt=args.prompt, batch_size=args.batch_size)
     print(format_rows(rows, reward_set.names))
+    if moved:
+        print(f"kept the previous {args.out} as {moved}")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             for row in rows:
@@ -244,7 +247,10 @@ def add_tool_subcommands(subparsers) -> None:
     p.add_argument("--images", required=True, help="folder of images (prompts from its generations.jsonl, or --prompt)")
     p.add_argument("--prompt", default=None, help="one prompt for every image")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--out", default=None, help="also write the rows as jsonl")
+    p.add_argument("--out", default=None, help="also write the rows as jsonl (an existing file is refused without "
+                   "--overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out exists: rename it to <name>.previous-<time>.jsonl and write a new one")
     _add_reward_args(p)
     p.set_defaults(func=run_score)
 

@@ -53,6 +53,24 @@ def test_analyze_refuses_an_existing_out_unless_overwrite(tmp_path, prompts, cap
     assert kept.read_text() == '{"old": 1}\n' and "reward" in json.loads(out.read_text().splitlines()[0])
 
 
+def test_score_refuses_an_existing_out_unless_overwrite(tmp_path, capsys):
+    from egrpo.eval.generation import save_png
+
+    import torch
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    save_png(torch.rand(3, 8, 8), str(images / "a.png"))
+    out = tmp_path / "scores.jsonl"
+    out.write_text('{"old": 1}\n')
+    common = ["score", "--images", str(images), "--prompt", "a red apple", "--reward", "colour", "--out", str(out)]
+    assert main(common) == 2
+    assert "already exists" in one_line_error(capsys) and out.read_text() == '{"old": 1}\n'
+    assert main([*common, "--overwrite"]) == 0
+    (kept,) = tmp_path.glob("scores.previous-*.jsonl")
+    assert kept.read_text() == '{"old": 1}\n' and "total" in json.loads(out.read_text().splitlines()[0])
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["generate", "--images-per-cot", "2"], "--images-per-cot 2 needs --cot"),
     (["generate", "--images-per-prompt", "0"], "--images-per-prompt must be >= 1"),
