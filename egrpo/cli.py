@@ -90,14 +90,22 @@ def run_config(args):
 
 
 def dry_run(cfg) -> int:
-    """Validate the config, the prompts and the reward arguments (without building any model), then print
-    the effective config."""
+    """Validate the config, the prompts, the reward arguments and that the rewards' weight paths exist (without
+    building any model), then print the effective config."""
     import yaml
 
     from egrpo.trainer.config import load_prompts
 
     cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))   # the objective's settings included
     prompts, _ = load_prompts(cfg.data)
+    from egrpo.errors import ConfigError
+    from egrpo.rewards.registry import missing_weights, resolve_reward
+
+    missing = [m for i, rc in enumerate(cfg.rewards)
+               for m in missing_weights(resolve_reward(rc.name), rc.kwargs, f"rewards[{i}]")]
+    if missing:
+        raise ConfigError(f"reward weights not found: {'; '.join(missing)} (download them first and give local "
+                          "paths; nothing is downloaded at run time)")
     print(yaml.safe_dump(cfg.effective_dict(), sort_keys=False), end="")
     print(f"# dry run: config, {len(prompts)} prompts and {len(cfg.rewards)} reward(s) check out; nothing was "
           "trained", file=sys.stderr)

@@ -92,6 +92,19 @@ def test_dry_run_prints_effective_config_and_trains_nothing(capsys, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+
+def test_dry_run_reports_reward_weights_that_are_not_on_disk(capsys, tmp_path):
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    config = yaml.safe_load(open(DEMO))
+    config["rewards"] = [{"name": "hps", "checkpoint": "/no/hps.pt", "tokenizer": str(tokenizer)},
+                         {"name": "git_vqa", "path": "/no/git"}]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    rc, _, err = cli(capsys, "train", "--config", tmp_path / "c.yaml", *SMALL, "--dry-run")
+    assert_one_line_error(rc, err, "rewards[0].checkpoint: /no/hps.pt", "rewards[1].path: /no/git", "download")
+    assert str(tokenizer) not in err   # the one that exists is not named
+
+
 def test_bench_subcommand_is_gone_and_tools_errors_are_one_line(capsys, tmp_path):
     rc, _, err = cli(capsys, "bench")
     assert rc == 2 and "invalid choice" in err

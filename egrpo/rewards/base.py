@@ -103,6 +103,8 @@ class Reward:
     """
 
     name = "reward"
+    # Constructor arguments that name local weight files or folders (`missing_weights` checks them up front).
+    weight_arguments: Tuple[str, ...] = ()
 
     def __init__(self, batch_size: int = 8, on_failure: str = "error"):
         if int(batch_size) < 1:

@@ -76,6 +76,7 @@ class ClipScoreReward(ModelReward):
     """PickScore-style reward from a local transformers `CLIPModel` directory (tokenizer files included)."""
 
     name = "clip_score"
+    weight_arguments = ("path", "tokenizer_path")   # checked to exist by `egrpo train --dry-run`
 
     def __init__(self, path: str, use_logit_scale: bool = True, scale: float = 1.0, device: str = "cpu",
                  dtype: str = "fp32", batch_size: int = 8, on_failure: str = "error",

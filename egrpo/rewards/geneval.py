@@ -143,6 +143,7 @@ class GenEvalReward(WrapsDetector, Reward):
     """
 
     name = "geneval"
+    weight_arguments = ("detector_path",)   # checked to exist by `egrpo train --dry-run`
 
     def __init__(self, detector_path: Optional[str] = None, detector: Optional[Callable] = None,
                  box_threshold: float = 0.3, text_threshold: float = 0.25, position_threshold: float = 0.1,

@@ -35,6 +35,7 @@ def token_id(tokenizer, word: str) -> int:
 @register_reward("git_vqa")
 class GitVQAReward(ModelReward):
     name = "git_vqa"
+    weight_arguments = ("path",)   # checked to exist by `egrpo train --dry-run`
 
     def __init__(self, path: str, question: str = "{noun}?", aggregate: str = "mean", yes: str = "yes",
                  no: str = "no", device: str = "cpu", dtype: str = "fp32", batch_size: int = 8,

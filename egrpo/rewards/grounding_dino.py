@@ -57,6 +57,7 @@ class GroundingDinoDetector(ModelReward):
     """``detector(images [B, 3, H, W], phrases per image) -> List[List[Detection]]`` (boxes normalised xyxy)."""
 
     name = "grounding_dino_detector"
+    weight_arguments = ("path",)   # checked to exist by `egrpo train --dry-run`
 
     def __init__(self, path: str, box_threshold: float = 0.3, text_threshold: float = 0.25, device: str = "cpu",
                  dtype: str = "fp32", batch_size: int = 8, offload_between_calls: bool = False):
@@ -205,6 +206,7 @@ class GroundingDinoReward(WrapsDetector, ModelReward):
     """
 
     name = "grounding_dino"
+    weight_arguments = ("path",)   # checked to exist by `egrpo train --dry-run`
 
     def __init__(self, path: Optional[str] = None, strict: bool = False, box_threshold: float = 0.3,
                  nms_iou: float = 0.5, near_distance: float = 150.0, released_spatial: bool = False,

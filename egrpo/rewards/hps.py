@@ -139,6 +139,7 @@ class HPSReward(ModelReward):
     """HPS v2.1: ``cos(image, prompt)`` (x ``scale``) from ``checkpoint`` (open_clip format) + ``tokenizer`` dir."""
 
     name = "hps"
+    weight_arguments = ("checkpoint", "tokenizer")   # checked to exist by `egrpo train --dry-run`
 
     def __init__(self, checkpoint: str, tokenizer: str, scale: float = 1.0, vision_heads: Optional[int] = None,
                  text_heads: Optional[int] = None, device: str = "cpu", dtype: str = "fp32", batch_size: int = 8,

@@ -28,6 +28,7 @@ CONVERSATION = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|i
 @register_reward("orm")
 class ORMReward(ModelReward):
     name = "orm"
+    weight_arguments = ("path",)   # checked to exist by `egrpo train --dry-run`
 
     def __init__(self, path: str, question: str = QUESTION, conversation: str = CONVERSATION,
                  temperature: float = 0.3, yes: str = "yes", no: str = "no", image_token: str = "<image>",

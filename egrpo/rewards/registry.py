@@ -288,6 +288,18 @@ def check_reward_arguments(cls: Callable, kwargs: Dict, where: str) -> None:
             raise ValueError(f"{where}: {name} must be {expected[kind]}, got {value!r}")
 
 
+def missing_weights(cls: Callable, kwargs: Dict, where: str) -> List[str]:
+    """``"<where>.<argument>: <path>"`` for each of ``cls.weight_arguments`` given in ``kwargs`` whose path does not
+    exist on this machine (nothing is loaded; `egrpo train --dry-run` reports them before a real run would
+    load the policy first)."""
+    missing = []
+    for name in getattr(cls, "weight_arguments", ()):
+        value = kwargs.get(name)
+        if value not in (None, "") and not os.path.exists(os.path.expanduser(str(value))):
+            missing.append(f"{where}.{name}: {value}")
+    return missing
+
+
 def _plain_annotation(annotation) -> Optional[type]:
     """``float``/``int``/``bool``/``str`` when ``annotation`` is that type (or ``Optional`` of it, or its name as
     a string under postponed evaluation); None otherwise."""
