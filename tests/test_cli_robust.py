@@ -61,6 +61,7 @@ def assert_one_line_error(rc, err, *needles):
     ([*BASE, "optim.eps=-1"], ["optim.eps", "> 0"]),
     ([*BASE, "optim.weight_decay=-1"], ["optim.weight_decay", ">= 0"]),
     ([*BASE, "optim.min_lr_ratio=5"], ["optim.min_lr_ratio", "[0, 1]"]),
+    ([*BASE, "rollout.image_tokens=17"], ["rollout.image_tokens=17", "16 image tokens"]),
 ])
 def test_config_mistakes_are_one_line_exit_2(capsys, tmp_path, args, needles):
     if "train.device=cuda" in args and torch.cuda.is_available():

@@ -174,6 +174,15 @@ class Config:
     def validate(self, world_size: int = 1) -> "Config":
         """Raise ConfigError with the offending key on any inconsistency; returns self."""
         m, r, d, o, ds, t = self.model, self.rollout, self.data, self.optim, self.deepspeed, self.train
+        if isinstance(m.tiny, dict):   # a tiny model's token count is known before it is built (a path's is not)
+            from .model import TINY_DEFAULTS
+
+            tiny = {**TINY_DEFAULTS, **m.tiny}
+            grid = int(tiny["image_size"]) // int(tiny["patch_size"])
+            if r.image_tokens != grid * grid:
+                raise ConfigError(f"rollout.image_tokens={r.image_tokens} but the tiny model makes {grid * grid} "
+                                  f"image tokens per image ((model.tiny.image_size / patch_size)^2); set "
+                                  f"rollout.image_tokens={grid * grid}")
         if not m.path and m.tiny is None:
             raise ConfigError("model.path is required (a local directory in the transformers or original Janus "
                               "layout, or a hub id) "
