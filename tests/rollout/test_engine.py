@@ -147,6 +147,71 @@ def test_text_rows_finish_at_different_steps(tiny):
         assert row[n - 1] == tokens.eos and (row[n:] == tokens.pad).all()
 
 
+@pytest.fixture(scope="module")
+def tiny_gqa():
+    """The tiny Janus with grouped-query attention: 4 query heads share 2 K/V heads (the tiny builder always gives
+    one K/V head per query head, where any grouping of query heads onto K/V heads gives the same result)."""
+    from transformers import JanusForConditionalGeneration
+
+    from egrpo.trainer.model import tiny_janus_config
+    from egrpo.trainer.tokenizer import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    config = tiny_janus_config(tokenizer, image_size=32, num_layers=2, initializer_range=0.2)
+    config.text_config.num_key_value_heads = 2
+    config._attn_implementation = config.text_config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = JanusForConditionalGeneration(config).eval()
+    attn = model.model.language_model.layers[0].self_attn
+    assert attn.k_proj.out_features * 2 == attn.q_proj.out_features   # really grouped
+    return model, janus_tokens(tokenizer)
+
+
+@pytest.mark.parametrize("engine_config", ENGINES[:2], ids=["eager", "eager-unfused"])
+def test_grouped_query_attention_matches_reference(tiny_gqa, engine_config):
+    """With num_key_value_heads < num_heads the engine's decode attention (CPU: its own grouped matmuls) pairs each
+    query head with the K/V head HF pairs it with: same image tokens and CoT tokens as the HF reference loop."""
+    model, tokens = tiny_gqa
+    engine = RolloutEngine(model, engine_config)
+    ids, mask = _batch(tokens, "right", group=1)
+    prefill = cfg_prefill(model, ids, mask, tokens.pad, "right")
+    params = SamplingParams(cfg_scale=5.0)
+    out = engine.generate_image_tokens(prefill, IMAGE_TOKENS, params, seed=11)
+    ref_tokens, ref_kl = reference_image_tokens(model, prefill, IMAGE_TOKENS, params, seed=11)
+    assert torch.equal(out.tokens, ref_tokens) and out.tokens.unique().numel() > 4
+    torch.testing.assert_close(out.kl, ref_kl, rtol=1e-4, atol=1e-5)
+    ids, mask = _batch(tokens, "left", group=1)
+    prefill = text_prefill(model, ids, mask)
+    text = engine.generate_text(prefill, 12, tokens.eos, tokens.pad, SamplingParams(), seed=5)
+    ref_ids, ref_mask = reference_text(model, prefill, 12, tokens.eos, tokens.pad, SamplingParams(), seed=5)
+    assert torch.equal(text.ids, ref_ids) and torch.equal(text.mask, ref_mask)
+
+
+def test_text_phase_stops_at_the_first_check_after_all_rows_finished(tiny, monkeypatch):
+    """``eos_check_every=k``: once every row has emitted EOS the phase runs at most until the next step that is a
+    multiple of k, not on to ``max_new_tokens`` (same tokens either way, so only the step count shows it)."""
+    model, tokens = tiny
+    model = _eos_prone(model, tokens)
+    calls = []
+    original = RolloutEngine._text_step
+
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs.get("step"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RolloutEngine, "_text_step", counting)
+    ids, mask = _batch(tokens, "left", group=4)
+    max_new = 60
+    out = RolloutEngine(model, EngineConfig(eos_check_every=4)).generate_text(
+        text_prefill(model, ids, mask), max_new, tokens.eos, tokens.pad, SamplingParams(), seed=2)
+    longest = out.ids.shape[1]                    # the last row finished with its token number `longest`
+    assert (out.ids == tokens.eos).any(1).all() and longest < max_new - 8
+    needed = longest - 1                          # decode steps after the prefill's token
+    assert needed <= len(calls) <= -(-needed // 4) * 4, (longest, len(calls))
+    assert calls == list(range(len(calls)))
+
+
 def test_decode_matches_hf(tiny):
     model, tokens = tiny
     image_tokens = torch.randint(0, model.config.vq_config.num_embeddings, (3, IMAGE_TOKENS))
@@ -182,7 +247,8 @@ def test_key_spans_cover_every_filled_slot():
 
 
 @pytest.mark.parametrize("field,value", [("sampler", "cuda"), ("eos_check_every", 0), ("vq_batch_size", -1),
-                                         ("key_buckets", 0), ("fuse_projections", "yes"), ("pack_weights", "auto")])
+                                         ("key_buckets", 0), ("fuse_projections", "yes"), ("pack_weights", "auto"),
+                                         ("prompt_bucket", -1)])
 def test_bad_engine_config(field, value):
     with pytest.raises(ValueError, match=field):
         EngineConfig(**{field: value})

@@ -52,7 +52,10 @@ def _expected_kl(cond, uncond, params):
 
 
 CASES = [(params, 300, torch.float32) for params in PARAMS] + [
-    (PARAMS[2], 37, torch.bfloat16), (PARAMS[5], 37, torch.bfloat16)]
+    (PARAMS[2], 37, torch.bfloat16), (PARAMS[5], 37, torch.bfloat16),
+    # No CFG in bf16: only ``cond.float()`` makes the torch path compute in float32 (with CFG the float32 uncond
+    # promotes it anyway).
+    (SamplingParams(top_k=7), 37, torch.bfloat16)]
 
 
 @pytest.mark.parametrize("params,vocab,dtype", CASES)
@@ -156,10 +159,33 @@ def test_one_uniform_per_row_is_required():
     (dict(top_k=0), "top_k"), (dict(top_k=2.5), "top_k"),
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(cfg_scale=-0.1), "cfg_scale"),
+    (dict(top_k=True), "top_k"), (dict(temperature="1"), "temperature"),
 ])
 def test_invalid_settings_are_rejected(kwargs, name):
     with pytest.raises(ValueError, match=name):
         SamplingParams(**kwargs)
+
+
+def test_phase_seeds_and_rows_give_distinct_streams():
+    """A row's generator seed mixes the phase seed and the row index: (seed s, row r + 1) is not (seed s + 1,
+    row r) (nor any other nearby pair), and the text and image phases of one rollout draw different numbers."""
+    from egrpo.rollout.engine import seeds_from_generator
+
+    tables = {seed: phase_uniforms(seed, 4, 8, "cpu") for seed in range(8)}
+    for seed in range(7):
+        for row in range(7):
+            assert not torch.equal(tables[seed][:, row + 1], tables[seed + 1][:, row]), (seed, row)
+    streams = {tuple(table[:, row].tolist()) for table in tables.values() for row in range(8)}
+    assert len(streams) == 64
+    seed_text, seed_image = seeds_from_generator(torch.Generator().manual_seed(0))
+    text, image = phase_uniforms(seed_text, 6, 4, "cpu"), phase_uniforms(seed_image, 6, 4, "cpu")
+    assert not torch.isin(text, image).any()
+
+
+def test_uncond_shape_must_equal_cond_shape():
+    for uncond in (torch.randn(2, 7), torch.randn(1, 8)):   # a wrong width errors; one row would broadcast
+        with pytest.raises(ValueError, match="uncond shape"):
+            sample(torch.randn(2, 8), uncond, SamplingParams(cfg_scale=2.0), torch.rand(2), backend="torch")
 
 
 def test_uncond_required_exactly_with_cfg():

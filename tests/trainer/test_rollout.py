@@ -748,6 +748,68 @@ def test_diverged_weights_raise_instead_of_sampling_garbage(sampler):
                 _generator(0))
 
 
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_diverged_lm_head_raises_in_the_cot_phase(tiny_model, template_file, sampler):
+    """The CoT phase is checked too: NaN text logits (the image head stays finite) raise, they do not go on to
+    sample images from garbage CoTs."""
+    model, tokenizer = tiny_model
+    handle = model.lm_head.register_forward_hook(lambda module, inputs, output: torch.full_like(output, float("nan")))
+    try:
+        with pytest.raises(RuntimeError, match="nan"):
+            rollout(model, tokenizer, PROMPTS, _cot_cfg(template_file, cot_max_tokens=3, engine=SAMPLERS[sampler]),
+                    _generator(0))
+    finally:
+        handle.remove()
+
+
+def test_cot_sampling_settings_reach_the_engine(tiny_model, template_file, monkeypatch):
+    """rollout.cot_temperature / cot_top_k / cot_top_p are the text phase's SamplingParams (no CFG)."""
+    model, tokenizer = tiny_model
+    seen = []
+    original = RolloutEngine.generate_text
+
+    def recording(engine, prefill, max_new_tokens, eos_id, pad_id, params, seed):
+        seen.append((max_new_tokens, params))
+        return original(engine, prefill, max_new_tokens, eos_id, pad_id, params, seed)
+
+    monkeypatch.setattr(RolloutEngine, "generate_text", recording)
+    cfg = _cot_cfg(template_file, cot_max_tokens=3, cot_temperature=0.7, cot_top_p=0.3, cot_top_k=17)
+    rollout(model, tokenizer, PROMPTS, cfg, _generator(0))
+    assert seen == [(3, SamplingParams(temperature=0.7, top_k=17, top_p=0.3, cfg_scale=None))]
+
+
+def test_make_engine_follows_rollout_compile(tiny_model):
+    """rollout.compile reaches the engine (building it compiles nothing: that happens at the first decode step)."""
+    model, _ = tiny_model
+    assert rollout_module.make_engine(model, RolloutConfig(compile=True)).config.compile is True
+    assert rollout_module.make_engine(model, RolloutConfig()).config.compile is False
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_cot_eos_frac_is_the_share_of_cots_that_reached_eos(tiny_model, template_file, sampler):
+    """rollout/cot_eos_frac = share of CoTs holding an EOS (the others ran to cot_max_tokens). Even rows of the text
+    phase are pushed to EOS at once, odd rows never reach it: 1/2."""
+    model, tokenizer = tiny_model
+    eos = janus_tokens(tokenizer).eos
+
+    def hook(module, inputs, output):
+        output = output.clone()
+        output[0::2, ..., eos] += 100.0
+        output[1::2, ..., eos] -= 100.0
+        return output
+
+    handle = model.lm_head.register_forward_hook(hook)
+    try:
+        out = rollout(model, tokenizer, PROMPTS, _cot_cfg(template_file, cot_max_tokens=4, engine=SAMPLERS[sampler]),
+                      _generator(0))
+    finally:
+        handle.remove()
+    reached = (out.cot_ids == eos).any(1).float()
+    assert reached.tolist() == [1, 1, 0, 0] * 2      # images_per_cot=2: each CoT's rows are consecutive
+    assert out.cot_mask.sum(1).tolist() == [1, 1, 4, 4] * 2
+    assert out.metrics["rollout/cot_eos_frac"] == pytest.approx(float(reached.mean())) == 0.5
+
+
 def test_rollout_reuses_a_given_engine_and_refuses_another_models(tiny_model):
     model, tokenizer = tiny_model
     cfg = RolloutConfig(group_size=2, image_tokens=16)
