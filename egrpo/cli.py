@@ -103,8 +103,13 @@ def dry_run(cfg) -> int:
 
     missing = [m for i, rc in enumerate(cfg.rewards)
                for m in missing_weights(resolve_reward(rc.name), rc.kwargs, f"rewards[{i}]")]
+    if cfg.eval.every_steps:   # the scoring models of evaluation during training
+        missing += [f"eval.models.{name}: {path}" for name, path in sorted(cfg.eval.models.items())
+                    if path not in (None, "") and not os.path.exists(os.path.expanduser(str(path)))]
+        missing += [m for i, spec in enumerate(cfg.eval.rewards)
+                    for m in missing_weights(resolve_reward(spec["name"]), spec, f"eval.rewards[{i}]")]
     if missing:
-        raise ConfigError(f"reward weights not found: {'; '.join(missing)} (download them first and give local "
+        raise ConfigError(f"weights not found: {'; '.join(missing)} (download them first and give local "
                           "paths; nothing is downloaded at run time)")
     print(yaml.safe_dump(cfg.effective_dict(), sort_keys=False), end="")
     print(f"# dry run: config, {len(prompts)} prompts and {len(cfg.rewards)} reward(s) check out; nothing was "

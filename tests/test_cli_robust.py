@@ -100,9 +100,13 @@ def test_dry_run_reports_reward_weights_that_are_not_on_disk(capsys, tmp_path):
     config = yaml.safe_load(open(DEMO))
     config["rewards"] = [{"name": "hps", "checkpoint": "/no/hps.pt", "tokenizer": str(tokenizer)},
                          {"name": "git_vqa", "path": "/no/git"}]
+    (tmp_path / "prompts.txt").write_text("a red apple\n")
+    config["eval"] = {"every_steps": 2, "evaluator": "prefs", "prompts": str(tmp_path / "prompts.txt"),
+                      "prefs_metrics": ["hps"], "models": {"hps": "/no/eval-hps.pt", "hps_tokenizer": str(tokenizer)}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     rc, _, err = cli(capsys, "train", "--config", tmp_path / "c.yaml", *SMALL, "--dry-run")
-    assert_one_line_error(rc, err, "rewards[0].checkpoint: /no/hps.pt", "rewards[1].path: /no/git", "download")
+    assert_one_line_error(rc, err, "rewards[0].checkpoint: /no/hps.pt", "rewards[1].path: /no/git",
+                          "eval.models.hps: /no/eval-hps.pt", "download")
     assert str(tokenizer) not in err   # the one that exists is not named
 
 
