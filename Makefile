@@ -9,7 +9,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.egrpo-installed
 PYTEST_WORKERS ?= 2
 # The files holding gpu-marked tests (none of them needs DeepSpeed or the OCR deps).
-GPU_TESTS ?= tests/kernels tests/test_objectives.py tests/test_stage.py tests/trainer/test_model.py
+GPU_TESTS ?= tests/kernels tests/test_objectives.py tests/test_stage.py tests/trainer/test_model.py \
+	tests/rollout/test_engine_gpu.py
 # EGRPO_NO_DEPS=1 installs the package without resolving dependencies and without any index (offline GPU
 # boxes that already carry torch/triton/transformers). EGRPO_WHEELS=DIR first installs every wheel in DIR
 # without an index (what `make gpu-wheels` downloads: DeepSpeed, Liger-Kernel and what they need).

@@ -3,7 +3,8 @@
 Steps (each writes ``bench/results/gpu_quick.json`` as soon as it finishes, so a killed run keeps
 every row measured so far):
 
-1. the gpu-marked kernel tests (compiled Triton, real block sizes) under a time limit;
+1. the gpu-marked kernel tests (compiled Triton, real block sizes) and the rollout engine's CUDA tests
+   (CUDA graph, Triton sampler) under a time limit;
 2. a bf16 8192^3 GEMM: the matmul rate every "fraction of the floor" uses; a 1 GiB device copy: the
    bandwidth; with both, ``bench/fusion_model.py``'s prediction for each case (row passes overlapped
    vs fused into a GEMM epilogue; issue 13 item 3) is stored under ``fusion_model``;
@@ -169,9 +170,10 @@ def main(argv=None) -> int:
     deadline = report.t0 + args.budget_s - args.rollout_s
     if args.dry_run:
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "--co",
-               "tests/kernels"]
+               "tests/kernels", "tests/rollout/test_engine_gpu.py"]
     else:
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "-x", "tests/kernels"]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "-x", "tests/kernels",
+               "tests/rollout/test_engine_gpu.py"]
     tests_rc = 0 if args.skip_tests else run_step(report, "gpu-marked kernel tests" + (" (collect only)" if args.dry_run else ""), cmd,
                         args.tests_timeout_s, env={"TRITON_INTERPRET": "0"} if not args.dry_run else None)
     measure_rows(report, args.dry_run, 2 if args.dry_run else args.reps, deadline)
