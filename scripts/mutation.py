@@ -63,7 +63,8 @@ TESTS = {
     # trainer check compares with its own hand-written float64 objective
     "egrpo/kernels/reference.py": [TRAINER_CHECK, "tests/kernels/test_reference.py", "tests/test_objectives.py",
                                    "tests/test_stage.py",
-                                   "tests/kernels/test_grpo_loss.py", "tests/kernels/test_entropy_masks.py"],
+                                   "tests/kernels/test_grpo_loss.py", "tests/kernels/test_entropy_masks.py",
+                                   "tests/kernels/test_cross_sample_similarity.py"],
     "egrpo/objectives*": ["tests/test_objective*.py", "tests/test_stage*.py", TRAINER_CHECK],
 }
 

@@ -296,3 +296,40 @@ def test_gpu_eg_grpo_image_head_memory_vs_released_eager():
                                ref_logp=ref_logp).backward()
 
     assert peak(ours) * 8 <= peak(eager)
+
+
+def test_entropy_reward_correlations_with_a_partial_mask_by_hand():
+    """The `corr/` metrics: Pearson r of the rewards with each row's masked image-entropy mean and (unbiased) std
+    and its masked CoT-entropy mean, recomputed here with plain Python over the valid tokens only."""
+    from egrpo.objectives.metrics import entropy_reward_correlations
+
+    g = torch.Generator().manual_seed(5)
+    B, T = 6, 7
+    image, text = torch.rand(B, T, generator=g), torch.rand(B, T, generator=g)
+    image_mask = (torch.rand(B, T, generator=g) > 0.3).float()
+    image_mask[:, :2] = 1                       # at least two valid tokens per row (a std needs them)
+    text_mask = (torch.rand(B, T, generator=g) > 0.5).float()
+    text_mask[:, 0] = 1
+    rewards = torch.rand(B, generator=g)
+
+    def pearson(x, y):
+        mx, my = sum(x) / len(x), sum(y) / len(y)
+        cov = sum((a - mx) * (b - my) for a, b in zip(x, y))
+        return cov / math.sqrt(sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
+
+    def valid(values, mask, i):
+        return [float(v) for v, m in zip(values[i], mask[i]) if m > 0]
+
+    means, stds, text_means = [], [], []
+    for i in range(B):
+        v = valid(image, image_mask, i)
+        mean = sum(v) / len(v)
+        means.append(mean)
+        stds.append(math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)))
+        t = valid(text, text_mask, i)
+        text_means.append(sum(t) / len(t))
+    r = [float(x) for x in rewards]
+    out = entropy_reward_correlations(rewards, image, image_mask, text, text_mask)
+    assert float(out["corr/reward_vs_image_entropy_mean"]) == pytest.approx(pearson(r, means), abs=1e-9)
+    assert float(out["corr/reward_vs_image_entropy_std"]) == pytest.approx(pearson(r, stds), abs=1e-9)
+    assert float(out["corr/reward_vs_cot_entropy_mean"]) == pytest.approx(pearson(r, text_means), abs=1e-9)
