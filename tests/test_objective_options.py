@@ -80,6 +80,20 @@ def test_top_entropy_quantile_alone(head, rho):
     assert abs(kept.item() - rho) < 0.1
 
 
+
+@pytest.mark.parametrize("tis", [None, 1.5])
+def test_top_entropy_quantile_one_is_off(tis):
+    """rho = 1 (the default) masks nothing, also when the IS correction runs the token-options pass: the same
+    loss as without the option, and no top-entropy mask metric (the quantile is never taken)."""
+    batch = _batch(seed=2, sampling=True)
+    rewards = torch.rand(B, dtype=torch.float64)
+    out = build_objective("grpo", backend="torch", beta=BETA, top_entropy_quantile=1.0, tis_clip_max=tis)(
+        rewards, G, batch, head="fused")
+    plain = build_objective("grpo", backend="torch", beta=BETA, tis_clip_max=tis)(rewards, G, batch, head="fused")
+    assert not any(k.startswith("mask/top_entropy_frac") for k in out.metrics)
+    torch.testing.assert_close(out.loss, plain.loss, rtol=0, atol=0)
+
+
 def _eager_entropy(batch):
     with torch.no_grad():
         logprobs = torch.log_softmax(batch.hidden @ batch.weight.T + batch.bias, -1)
