@@ -54,7 +54,7 @@ TRAINER_CHECK = "tests/trainer/test_train.py|-k float64"
 TESTS = {
     "egrpo/kernels/grpo_loss.py": ["tests/kernels/test_grpo_loss*.py", "tests/kernels/test_head_paths.py"],
     "egrpo/kernels/_head.py": ["tests/kernels/test_linear_logprob_entropy*.py", "tests/kernels/test_grpo_loss*.py",
-                               "tests/kernels/test_head_paths.py"],
+                               "tests/kernels/test_head_paths.py", "tests/kernels/test_overlap_row_passes.py"],
     "egrpo/kernels/linear_logprob_entropy.py": ["tests/kernels/test_linear_logprob_entropy*.py"],
     "egrpo/kernels/entropy_masks.py": ["tests/kernels/test_entropy_masks*.py"],
     "egrpo/kernels/cross_sample_similarity.py": ["tests/kernels/test_cross_sample_similarity*.py"],

@@ -125,3 +125,17 @@ def test_every_setting_and_its_default_is_in_the_docs():
             if f.name != "normalization":   # STAGE's own default is stated in its table's heading line
                 documented = row.group(1)
                 assert documented == str(default) or float(documented) == float(default), (name, f.name, documented)
+
+
+def test_a_custom_objective_that_declares_nothing_asks_for_nothing_extra():
+    """`Needs()` is what a custom objective gets by default: only the policy's own log-probs (text included
+    when the rollout has a CoT); no reference model, sampling log-probs, codebook vectors or guided pass."""
+    import dataclasses
+
+    from egrpo.objectives import Needs
+
+    needs = Needs()
+    assert {f.name: getattr(needs, f.name) for f in dataclasses.fields(needs)} == {
+        "reference_logp": False, "reference_entropy": False, "codebook_vectors": False, "text": True,
+        "sampling_logp": False, "unconditional_hidden": False}
+    assert not needs.reference_model

@@ -333,3 +333,25 @@ def test_entropy_reward_correlations_with_a_partial_mask_by_hand():
     assert float(out["corr/reward_vs_image_entropy_mean"]) == pytest.approx(pearson(r, means), abs=1e-9)
     assert float(out["corr/reward_vs_image_entropy_std"]) == pytest.approx(pearson(r, stds), abs=1e-9)
     assert float(out["corr/reward_vs_cot_entropy_mean"]) == pytest.approx(pearson(r, text_means), abs=1e-9)
+
+
+def test_token_metrics_over_a_single_valid_token():
+    """kl/, entropy/, logp/ and adv/token_mean are means over the valid tokens; with one valid token they are that
+    token's values (the denominator's floor of 1 only guards an empty mask), and with none they are 0."""
+    from types import SimpleNamespace
+
+    from egrpo.objectives.metrics import base_metrics
+
+    T = 5
+    mask = torch.zeros(2, T)
+    mask[1, 3] = 1.0
+    out = SimpleNamespace(kl=torch.rand(2, T) + 0.5, entropy=torch.rand(2, T) + 0.5, logp=-torch.rand(2, T) - 0.5,
+                          advantages=torch.rand(2, T) + 0.5, clipped_low=torch.zeros(2, T), clipped_high=torch.zeros(2, T))
+    empty = SimpleNamespace(**{k: v.clone() for k, v in vars(out).items()})
+    parts = [("image", SimpleNamespace(mask=mask)), ("text", SimpleNamespace(mask=torch.zeros(2, T)))]
+    m = base_metrics(torch.tensor([0.1, 0.2]), torch.tensor([1.0, -1.0]), torch.tensor(0.0),
+                     {"image": out, "text": empty}, parts)
+    for key, field in (("kl/image", "kl"), ("entropy/image_mean", "entropy"), ("logp/image_mean", "logp"),
+                       ("adv/token_mean_image", "advantages")):
+        assert float(m[key]) == pytest.approx(float(getattr(out, field)[1, 3]))
+    assert float(m["kl/text"]) == 0.0 and float(m["entropy/text_mean"]) == 0.0
