@@ -20,7 +20,7 @@ from typing import List
 
 from egrpo.errors import UserError
 
-from .validate import check_positive, prepare_generation_dir, prepare_output_file, resolve_device
+from .validate import check_at_least, prepare_generation_dir, prepare_output_file, resolve_device
 
 
 def parse_reward_specs(specs: List[str], config_file: str = None) -> List[dict]:
@@ -116,9 +116,9 @@ def _load_model(args):
 def run_analyze(args) -> int:
     from .analyze import analyze, load_prompts
 
-    check_positive(args.cots, "--cots", minimum=0)
-    check_positive(args.images, "--images")
-    check_positive(args.entropy_bins, "--entropy-bins", minimum=0)
+    check_at_least(args.cots, "--cots", minimum=0)
+    check_at_least(args.images, "--images")
+    check_at_least(args.entropy_bins, "--entropy-bins", minimum=0)
     if args.text_entropy == "released" and args.cots == 0:
         raise UserError("--text-entropy released needs CoTs (the released CoT rollout): give --cots >= 1, or use "
                         "--text-entropy masked")
@@ -170,8 +170,8 @@ def run_generate(args) -> int:
     from .analyze import load_prompts
     from .generate import generate
 
-    check_positive(args.images_per_prompt, "--images-per-prompt")
-    check_positive(args.images_per_cot, "--images-per-cot")
+    check_at_least(args.images_per_prompt, "--images-per-prompt")
+    check_at_least(args.images_per_cot, "--images-per-cot")
     if args.images_per_cot != 1 and not args.cot:
         raise UserError(f"--images-per-cot {args.images_per_cot} needs --cot (images per CoT); without --cot, "
                         "give the number of images with --images-per-prompt")

@@ -7,10 +7,10 @@ Each check raises `egrpo.errors.UserError` with a one-line message naming the ar
 from __future__ import annotations
 
 import os
-import time
 from typing import Optional
 
 from egrpo.errors import UserError
+from egrpo.outputs import move_contents_aside, stamped_path
 
 
 def resolve_device(device: Optional[str], flag: str = "--device") -> str:
@@ -35,36 +35,15 @@ def resolve_device(device: Optional[str], flag: str = "--device") -> str:
     return device
 
 
-def check_positive(value: Optional[int], flag: str, minimum: int = 1) -> None:
+def check_at_least(value: Optional[int], flag: str, minimum: int = 1) -> None:
     if value is not None and value < minimum:
         raise UserError(f"{flag} must be >= {minimum}, got {value}")
-
-
-def _stamp() -> str:
-    return time.strftime("%Y%m%d-%H%M%S")
-
-
-def move_aside(out_dir: str) -> str:
-    """Move everything in ``out_dir`` (except earlier ``previous-*`` folders) into ``out_dir/previous-<time>/``;
-    returns that folder."""
-    stamp = _stamp()
-    dest, n = os.path.join(out_dir, f"previous-{stamp}"), 1
-    while os.path.exists(dest):
-        dest, n = os.path.join(out_dir, f"previous-{stamp}-{n}"), n + 1
-    os.makedirs(dest)
-    for name in os.listdir(out_dir):
-        if not name.startswith("previous-"):
-            os.replace(os.path.join(out_dir, name), os.path.join(dest, name))
-    return dest
 
 
 def move_file_aside(path: str) -> str:
     """Rename ``path`` to ``<stem>.previous-<time><ext>`` next to it; returns the new name."""
     stem, ext = os.path.splitext(path)
-    stamp = _stamp()
-    dest, n = f"{stem}.previous-{stamp}{ext}", 1
-    while os.path.exists(dest):
-        dest, n = f"{stem}.previous-{stamp}-{n}{ext}", n + 1
+    dest = stamped_path(f"{stem}.previous", ext)
     os.replace(path, dest)
     return dest
 
@@ -89,7 +68,7 @@ def prepare_generation_dir(out_dir: str, overwrite: bool, flag: str = "--out") -
     if not overwrite:
         raise UserError(f"{flag} {out_dir} already holds generations (generations.jsonl / images); give a new "
                         f"{flag}, or pass --overwrite to move them into {os.path.join(out_dir, 'previous-<time>')}/")
-    return move_aside(out_dir)
+    return move_contents_aside(out_dir)
 
 
 def prepare_output_file(path: str, overwrite: bool, flag: str = "--out") -> Optional[str]:

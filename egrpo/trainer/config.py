@@ -175,14 +175,13 @@ class Config:
         """Raise ConfigError with the offending key on any inconsistency; returns self."""
         m, r, d, o, ds, t = self.model, self.rollout, self.data, self.optim, self.deepspeed, self.train
         if isinstance(m.tiny, dict):   # a tiny model's token count is known before it is built (a path's is not)
-            from .model import TINY_DEFAULTS
+            from .model import tiny_patch_grid
 
-            tiny = {**TINY_DEFAULTS, **m.tiny}
-            grid = int(tiny["image_size"]) // int(tiny["patch_size"])
-            if r.image_tokens != grid * grid:
-                raise ConfigError(f"rollout.image_tokens={r.image_tokens} but the tiny model makes {grid * grid} "
+            tokens = tiny_patch_grid(m.tiny) ** 2
+            if r.image_tokens != tokens:
+                raise ConfigError(f"rollout.image_tokens={r.image_tokens} but the tiny model makes {tokens} "
                                   f"image tokens per image ((model.tiny.image_size / patch_size)^2); set "
-                                  f"rollout.image_tokens={grid * grid}")
+                                  f"rollout.image_tokens={tokens}")
         if not m.path and m.tiny is None:
             raise ConfigError("model.path is required (a local directory in the transformers or original Janus "
                               "layout, or a hub id) "

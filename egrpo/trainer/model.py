@@ -54,6 +54,13 @@ class ModelConfig:
     seed: int = 0                         # init seed of the tiny model
 
 
+def tiny_patch_grid(tiny: dict) -> int:
+    """Patches per side of the tiny model built from ``tiny`` (overrides of `TINY_DEFAULTS`): its image tokens
+    per image are this squared."""
+    c = {**TINY_DEFAULTS, **tiny}
+    return int(c["image_size"]) // int(c["patch_size"])
+
+
 def tiny_janus_config(tokenizer, **overrides):
     """A small random `JanusConfig` whose text vocabulary and special ids match ``tokenizer``."""
     from transformers import JanusConfig
@@ -64,7 +71,7 @@ def tiny_janus_config(tokenizer, **overrides):
     c = {**TINY_DEFAULTS, **overrides}
     if c["image_size"] % c["patch_size"]:
         raise ValueError(f"model.tiny: image_size {c['image_size']} not divisible by patch_size {c['patch_size']}")
-    grid = c["image_size"] // c["patch_size"]
+    grid = tiny_patch_grid(c)
     upsampled = grid * 2 ** (len(c["vq_channel_multiplier"]) - 1)
     if upsampled != c["image_size"]:
         raise ValueError(

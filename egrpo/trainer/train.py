@@ -51,6 +51,7 @@ import yaml
 from egrpo.errors import CheckpointError, ConfigError, DivergenceError, ResumeError, RunDirError
 from egrpo.eval.io import EvalError
 from egrpo.checkpoints import export_model
+from egrpo.outputs import move_contents_aside, stamped_path
 from egrpo.objectives import build_objective
 from egrpo.rewards.base import mask_failed_rewards
 from egrpo.rewards.registry import build_rewards
@@ -602,17 +603,9 @@ def check_resume_changes(old: Dict[str, Any], new: Dict[str, Any], step: int, al
 
 
 def move_previous_run(out_dir: str) -> str:
-    """Move everything in ``out_dir`` (earlier ``previous-*`` folders and the lock aside) into
+    """Move everything in ``out_dir`` (but earlier ``previous-*`` folders and the lock) into
     ``out_dir/previous-<time>/``."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    dest, n = os.path.join(out_dir, f"previous-{stamp}"), 1
-    while os.path.exists(dest):
-        dest, n = os.path.join(out_dir, f"previous-{stamp}-{n}"), n + 1
-    os.makedirs(dest)
-    for name in os.listdir(out_dir):
-        if not name.startswith("previous-") and name != LOCK_NAME:
-            os.replace(os.path.join(out_dir, name), os.path.join(dest, name))
-    return dest
+    return move_contents_aside(out_dir, keep=(LOCK_NAME,))
 
 
 def set_aside_newer_checkpoints(ckpt_root: str, resumed_tag: str, resumed_step: int) -> Optional[str]:
@@ -623,10 +616,7 @@ def set_aside_newer_checkpoints(ckpt_root: str, resumed_tag: str, resumed_step: 
              if STEP_TAG.match(n) and int(STEP_TAG.match(n).group(1)) > resumed_step]
     if not newer:
         return None
-    base = dest = os.path.join(ckpt_root, f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}")
-    n = 1
-    while os.path.exists(dest):
-        dest, n = f"{base}-{n}", n + 1
+    dest = stamped_path(os.path.join(ckpt_root, "abandoned"))
     os.makedirs(dest)
     for name in newer:
         os.replace(os.path.join(ckpt_root, name), os.path.join(dest, name))
@@ -640,7 +630,9 @@ def holds_run(out_dir: str) -> bool:
     leaves (an empty ``metrics.jsonl``, ``tensorboard/``) does not count: the corrected command may reuse it."""
     def nonempty(name: str) -> bool:
         path = os.path.join(out_dir, name)
-        return os.path.isdir(path) and bool(os.listdir(path)) or os.path.isfile(path) and os.path.getsize(path) > 0
+        if os.path.isdir(path):
+            return bool(os.listdir(path))
+        return os.path.isfile(path) and os.path.getsize(path) > 0
 
     return any(nonempty(m) for m in RUN_MARKERS)
 

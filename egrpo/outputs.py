@@ -1,0 +1,31 @@
+"""Keeping earlier outputs: timestamped names that never overwrite, and moving a folder's contents aside.
+
+Used by ``egrpo train --overwrite`` (a run moved into ``previous-<time>/``), by a resume that abandons newer
+checkpoints, and by the tools' ``--overwrite`` (generate / analyze / score)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Iterable
+
+
+def stamped_path(stem: str, ext: str = "") -> str:
+    """``<stem>-<YYYYmmdd-HHMMSS><ext>``, or with ``-1``, ``-2``, ... appended to the stamp when that exists."""
+    base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base + ext, 1
+    while os.path.exists(path):
+        path, n = f"{base}-{n}{ext}", n + 1
+    return path
+
+
+def move_contents_aside(folder: str, keep: Iterable[str] = ()) -> str:
+    """Move everything in ``folder`` except earlier ``previous-*`` folders and the names in ``keep`` into a new
+    ``folder/previous-<time>/``; returns it. Nothing is deleted."""
+    keep = set(keep)
+    dest = stamped_path(os.path.join(folder, "previous"))
+    os.makedirs(dest)
+    for name in os.listdir(folder):
+        if not name.startswith("previous-") and name not in keep and name != os.path.basename(dest):
+            os.replace(os.path.join(folder, name), os.path.join(dest, name))
+    return dest
