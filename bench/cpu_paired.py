@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 
 from bench.env import device_name, versions
 from egrpo.kernels import grpo_loss, linear_logprob_entropy
+from egrpo.kernels._common import cpu_fp32_gemm
 from egrpo.kernels.reference import grpo_loss_reference, linear_logprob_entropy_reference
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -63,7 +65,22 @@ def grpo_step(fn, frozen):
     return step
 
 
-def impls(kind, compile_eager):
+def with_blas_gemms(step):
+    """``step`` with our fp32 CPU GEMMs on torch.mm (BLAS) instead of oneDNN: what the GEMM library contributes."""
+    def run(*args):
+        old = os.environ.get("EGRPO_CPU_FP32_GEMM")
+        os.environ["EGRPO_CPU_FP32_GEMM"] = "blas"
+        try:
+            return step(*args)
+        finally:
+            if old is None:
+                del os.environ["EGRPO_CPU_FP32_GEMM"]
+            else:
+                os.environ["EGRPO_CPU_FP32_GEMM"] = old
+    return run
+
+
+def impls(kind, compile_eager, dtype=torch.float32):
     if kind == "head":
         out = {"fused": head_step(lambda h, w, t: linear_logprob_entropy(h, w, t, backend="torch")),
                "eager": head_step(lambda h, w, t: linear_logprob_entropy_reference(h, w, t))}
@@ -78,6 +95,8 @@ def impls(kind, compile_eager):
     if compile_eager:
         compiled = torch.compile(eager_fn, dynamic=False)
         out["compiled_eager"] = wrap(compiled)
+    if dtype == torch.float32 and cpu_fp32_gemm() == "onednn":
+        out["fused_blas"] = with_blas_gemms(out["fused"])
     return out
 
 
@@ -87,7 +106,7 @@ def measure(kind, N, D, V, dtype, rounds, compile_eager):
         # silently runs the eager code, which would then be reported as "compiled"
         torch._dynamo.reset()
     hidden, weight, targets = make(N, D, V, dtype)
-    runs = impls(kind, compile_eager)
+    runs = impls(kind, compile_eager, dtype)
     for step in runs.values():  # warm-up (and compile)
         step(hidden, weight, targets)
     times = {k: [] for k in runs}
@@ -128,6 +147,7 @@ def main(argv=None) -> int:
     cases = cases or (CASES[:1] if args.quick else CASES)
     rounds = 2 if args.quick else args.rounds
     report = {"device": device_name("cpu"), "threads": args.threads, "versions": versions(),
+              "cpu_fp32_gemm": cpu_fp32_gemm(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "method": "interleaved rounds in one process; median of per-round time ratios", "rows": []}
     out = Path(args.out)

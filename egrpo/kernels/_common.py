@@ -220,6 +220,46 @@ def logits_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# The library that runs fp32 chunk GEMMs on CPU. PyTorch's ``torch.mm`` calls BLAS (MKL in the x86 wheels), which
+# on the AMD EPYC development core runs fp32 GEMMs at ~85 GFLOP/s (MKL's AVX2 code path on AMD); oneDNN, which
+# PyTorch ships for its CPU convolutions and bf16 GEMMs, runs the same fp32 GEMMs at ~165-210 GFLOP/s with AVX-512,
+# still in fp32 (docs/kernels.md, "CPU fp32 GEMMs"). ``EGRPO_CPU_FP32_GEMM=blas`` goes back to ``torch.mm``.
+CPU_FP32_GEMMS = ("onednn", "blas")
+_ONEDNN_FP32_OK: Optional[bool] = None
+
+
+def cpu_fp32_gemm() -> str:
+    """``"onednn"`` or ``"blas"``: who runs the fp32 chunk GEMMs on CPU (read at every call, so a test or a user
+    can switch it with ``EGRPO_CPU_FP32_GEMM``). ``"onednn"`` is the default where this torch build has it."""
+    global _ONEDNN_FP32_OK
+    choice = os.environ.get("EGRPO_CPU_FP32_GEMM", "onednn")
+    if choice not in CPU_FP32_GEMMS:
+        raise ValueError(f"EGRPO_CPU_FP32_GEMM must be one of {CPU_FP32_GEMMS}, got {choice!r}")
+    if choice == "onednn" and _ONEDNN_FP32_OK is None:
+        try:  # present in x86 and aarch64 builds with oneDNN; probe once rather than trust the attribute
+            a, b = torch.ones(2, 3), torch.ones(4, 3)
+            _ONEDNN_FP32_OK = bool(torch.backends.mkldnn.is_available()) and torch.equal(
+                torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""), torch.full((2, 4), 3.0))
+        except Exception:  # pragma: no cover - depends on the build
+            _ONEDNN_FP32_OK = False
+    return "onednn" if (choice == "onednn" and _ONEDNN_FP32_OK) else "blas"
+
+
+def uses_onednn(a: torch.Tensor) -> bool:
+    """Whether a GEMM with operand ``a`` runs through :func:`onednn_mm` (fp32 on CPU, oneDNN chosen)."""
+    return a.device.type == "cpu" and a.dtype == torch.float32 and cpu_fp32_gemm() == "onednn"
+
+
+def onednn_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (fp32, CPU) by oneDNN, into a new tensor (oneDNN's linear has no ``out=``)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
+
+
+def onednn_addmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc + a @ b`` (fp32, CPU) by oneDNN, the add fused into the GEMM, into a new tensor."""
+    return torch.ops.mkldnn._linear_pointwise.binary(a, acc, b.t(), None, "add")
+
+
 _OUT_DTYPE_MM_OK: Optional[bool] = None
 _OUT_DTYPE_ADDMM_OK: Optional[bool] = None
 
@@ -238,6 +278,8 @@ def mm_wide(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.T
             out = torch.mm(a, b, out_dtype=out_dtype)
             _OUT_DTYPE_MM_OK = True
             return out
+        except torch.OutOfMemoryError:  # not a sign of a missing feature: keep the fp32-output GEMM for later calls
+            raise
         except (TypeError, RuntimeError, NotImplementedError):
             _OUT_DTYPE_MM_OK = False
     return torch.mm(a, b).to(out_dtype)
@@ -258,6 +300,8 @@ def addmm_wide(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
             out = torch.addmm(acc, a, b, out_dtype=acc.dtype)
             _OUT_DTYPE_ADDMM_OK = True
             return out
+        except torch.OutOfMemoryError:  # not a sign of a missing feature: keep the fp32-output GEMM for later calls
+            raise
         except (TypeError, RuntimeError, NotImplementedError):
             _OUT_DTYPE_ADDMM_OK = False
     return acc.add_(mm_wide(a, b, acc.dtype))

@@ -27,7 +27,9 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from ._common import HAS_TRITON, INTERPRETING, addmm_wide, gemm_dtype, logits_dtype, mm_wide
+from ._common import (
+    HAS_TRITON, INTERPRETING, addmm_wide, cpu_fp32_gemm, gemm_dtype, logits_dtype, mm_wide, onednn_mm, uses_onednn,
+)
 
 if HAS_TRITON:
     import triton
@@ -232,6 +234,11 @@ ROW_PASSES = {
 # Gradient accumulators and chunk buffers
 # --------------------------------------------------------------------------------------------
 
+# dW's per-block temporary on the oneDNN fp32 path (our choice): below glibc's 32 MiB mmap threshold, so the
+# allocator hands the same block back instead of page-faulting a fresh one for every block.
+ONEDNN_DW_BLOCK_BYTES = 16 * 2**20
+
+
 class HeadGrads:
     """Gradient accumulators of one pass: dx in ``dx_dtype`` (default the input dtype), dW and db
     in fp32 (fp64 for fp64 inputs)."""
@@ -246,13 +253,18 @@ class HeadGrads:
         self._dw_part = None  # reusable [V, D] buffer for a CPU half-precision dW GEMM's output
 
     def accumulate(self, dz, rows, x_chunk, w_gemm, ws=None):
+        onednn = uses_onednn(dz)
         if self.dx is not None:
-            if dz.dtype == self.dx.dtype:
+            if onednn:
+                self.dx[rows] = onednn_mm(dz, w_gemm)
+            elif dz.dtype == self.dx.dtype:
                 torch.mm(dz, w_gemm, out=self.dx[rows])
             else:
                 self.dx[rows] = mm_wide(dz, w_gemm, logits_dtype(dz.dtype)).to(self.dx.dtype)
         if self.need_dw:
-            if self.dw is None:
+            if onednn:
+                self._accumulate_dw_onednn(dz, x_chunk)
+            elif self.dw is None:
                 if rows.start == 0 and rows.stop >= self.n_rows:
                     # one chunk: a single GEMM with fp32 accumulation inside it, rounded once, exactly as the
                     # final cast of an fp32 accumulator would be
@@ -269,6 +281,17 @@ class HeadGrads:
                 self.dw = addmm_wide(self.dw, dz.t(), x_chunk)
         if self.db is not None:
             self.db += dz.sum(0, dtype=self.db.dtype)
+
+    def _accumulate_dw_onednn(self, dz, x_chunk):
+        if self.dw is None:
+            self.dw = onednn_mm(dz.t(), x_chunk)
+            return
+        # oneDNN's GEMM cannot accumulate in place: each block of vocabulary rows goes through a temporary of at
+        # most ONEDNN_DW_BLOCK_BYTES (recycled by the allocator, unlike a whole new [V, D]) added into dW
+        block = max(1, ONEDNN_DW_BLOCK_BYTES // (4 * self.dw.shape[1]))
+        for start in range(0, self.dw.shape[0], block):
+            cols = slice(start, start + block)
+            self.dw[cols] += onednn_mm(dz[:, cols].t(), x_chunk)
 
     @property
     def any(self):
@@ -348,9 +371,11 @@ class _ChunkBuffers:
         cpu_half = gdt != ldt and device.type != "cuda"
         shape = (chunk, V)
         self.ws, self.ldt, self.device = ws, ldt, device
+        # fp32 on CPU: oneDNN's GEMM writes the logits into a tensor of its own (see cpu_fp32_gemm)
+        self.onednn = device.type == "cpu" and gdt == ldt == torch.float32 and cpu_fp32_gemm() == "onednn"
         # CUDA half operands: the fp32-output GEMM allocates z itself (the caching allocator reuses it); so does
         # every chunk when the next chunk's GEMM runs ahead (two chunks' logits are alive at once)
-        per_chunk = per_chunk_logits or (gdt != ldt and device.type == "cuda")
+        per_chunk = per_chunk_logits or self.onednn or (gdt != ldt and device.type == "cuda")
         self.z = None if per_chunk else _buffer(ws, "z", shape, ldt, device)
         # CPU half operands: the GEMM writes its half logits here first (then dz reuses it)
         self.half = _buffer(ws, "half", shape, gdt, device) if (gdt != ldt and (need_half or cpu_half)) else None
@@ -364,7 +389,9 @@ class _ChunkBuffers:
         """The chunk's fp32 (fp64) logits, and the half buffer sized to its rows (or None)."""
         r = x.shape[0]
         half = None if self.half is None else self.half[:r]
-        if self.z is None:
+        if self.onednn:
+            z = onednn_mm(x, w.t())
+        elif self.z is None:
             z = mm_wide(x, w.t(), self.ldt)  # fp32 output where torch has it (CPU: rounded to half, widened)
         elif self.cpu_half:
             # CPU GEMMs cannot write fp32 from bf16 operands: the logits are rounded to bf16 once, exactly as
@@ -409,6 +436,18 @@ def _chunk_setup(hidden, weight, chunk_size, backend, need_dz_half, ws, lookahea
     return passes, ops, bufs
 
 
+_SIDE_STREAMS = {}
+
+
+def _side_stream(device):
+    """One side stream per device for the whole process: cuBLAS keeps a workspace per (handle, stream) that is never
+    freed, so a new stream per call would add one per call (up to the 32 streams of torch's pool)."""
+    key = torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=key)
+    return _SIDE_STREAMS[key]
+
+
 def _chunks(hidden, ops, bufs, chunk_size, lookahead):
     """``(rows, x, z, half)`` per chunk of ``hidden``'s rows, ``z`` the chunk's logits.
 
@@ -420,7 +459,7 @@ def _chunks(hidden, ops, bufs, chunk_size, lookahead):
     n_rows = hidden.shape[0]
     starts = list(range(0, n_rows, chunk_size))
     cuda = hidden.device.type == "cuda"
-    side = torch.cuda.Stream(device=hidden.device) if (lookahead and cuda) else None
+    side = _side_stream(hidden.device) if (lookahead and cuda) else None
 
     def logits(start):
         rows = slice(start, min(n_rows, start + chunk_size))
@@ -446,6 +485,9 @@ def _chunks(hidden, ops, bufs, chunk_size, lookahead):
         if ready is not None:
             torch.cuda.current_stream(hidden.device).wait_event(ready)
         yield rows, x, z, half
+        # drop this chunk before the next one's GEMM: where each chunk's logits are a tensor of their own, two
+        # chunks would otherwise be alive at once (the callers drop theirs too)
+        del chunk, x, z, half, ready
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,6 +530,8 @@ def head_pass(
                     dz = z if half is None else half
                     passes.dlogits(z, bufs, bias, targets[rows], lse[rows], entropy[rows], g_logp, g_entropy, inv_tau, dz)
                     grads.accumulate(dz, rows, x, ops.w, ws)
+                    del dz
+            del x, z, half  # one chunk's logits alive at a time (see _chunks)
     return logp, entropy, lse
 
 
@@ -507,4 +551,5 @@ def head_backward(
                 inv_tau, dz,
             )
             grads.accumulate(dz, rows, x, ops.w, ws)
+            del x, z, half, dz  # one chunk's logits alive at a time (see _chunks)
     return grads

@@ -30,6 +30,7 @@ import torch
 from ._common import FLOAT_DTYPES, HAS_TRITON, INTERPRETING, resolve_backend
 
 NORM_EPS = 1e-12
+NUM_WARPS = 2  # per program on a GPU (also what the sm_90 compile test uses)
 
 if HAS_TRITON:
     import triton
@@ -107,7 +108,7 @@ def _similarity_triton(vectors, ids, adv, group_size, include_self_when_zero):
         sim, sim.stride(0),
         T, C, group_size, n_tblocks,
         HAS_IDS=ids is not None, INCLUDE_SELF_WHEN_ZERO=include_self_when_zero,
-        BLOCK_T=block_t, BLOCK_C=block_c, num_warps=1 if INTERPRETING else 2,
+        BLOCK_T=block_t, BLOCK_C=block_c, num_warps=1 if INTERPRETING else NUM_WARPS,
     )
     return sim
 

@@ -51,6 +51,7 @@ import torch
 from ._common import HAS_TRITON, INTERPRETING, resolve_backend
 
 SCOPES = ("sequence", "group", "batch")
+NUM_WARPS = 4  # per program on a GPU (also what the sm_90 compile test uses)
 METHODS = ("index", "linear")
 
 if HAS_TRITON:
@@ -105,7 +106,7 @@ def _order_stats_triton(units: torch.Tensor, valid: Optional[torch.Tensor], rank
         values, valid.to(torch.uint8).contiguous() if valid is not None else values,
         ranks.to(torch.int32).contiguous(), out, L,
         HAS_VALID=valid is not None, NUM_RANKS=ranks.shape[1], BLOCK=block,
-        num_warps=1 if INTERPRETING else 4,
+        num_warps=1 if INTERPRETING else NUM_WARPS,
     )
     return out.to(units.dtype if units.dtype != torch.float64 else torch.float64)
 

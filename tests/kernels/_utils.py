@@ -28,10 +28,11 @@ class AllocationTracker(TorchDispatchMode):
     re-wraps existing storage with it) allocate nothing and are not counted.
     """
 
-    def __init__(self):
+    def __init__(self, name_at_least: int = None):
         super().__init__()
         self.max_numel = 0
         self.max_op = None
+        self.name_at_least, self.large_ops = name_at_least, []  # the op of every new tensor of >= that many elements
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -43,6 +44,8 @@ class AllocationTracker(TorchDispatchMode):
                 continue
             if t.numel() > self.max_numel:
                 self.max_numel, self.max_op = t.numel(), str(func)
+            if self.name_at_least is not None and t.numel() >= self.name_at_least:
+                self.large_ops.append(str(func))
         return out
 
 
@@ -94,19 +97,20 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 module_name, kernel_name, signature, constexprs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+num_warps = int(sys.argv[5])
 importlib.import_module(module_name)
 kernel = getattr(sys.modules[module_name], kernel_name)
 for name in constexprs:
     signature[name] = "constexpr"
 compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                          target=GPUTarget("cuda", 90, 32))
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 assert compiled.asm.get("cubin"), "no cubin produced"
 print("compiled", kernel_name)
 """
 
 
-def compile_for_sm90(module_name, kernel_name, signature, constexprs):
-    """Compile a Triton kernel ahead of time for an H100 (sm_90), with no GPU present.
+def compile_for_sm90(module_name, kernel_name, signature, constexprs, *, num_warps):
+    """Compile a Triton kernel ahead of time for an H100 (sm_90), with no GPU present, with the warps its launch uses.
 
     Runs in a subprocess without TRITON_INTERPRET, so the real compiler (down to ptxas) checks
     the kernel: type errors and unsupported constructs surface here instead of on a lent GPU.
@@ -119,7 +123,8 @@ def compile_for_sm90(module_name, kernel_name, signature, constexprs):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT, module_name, kernel_name, json.dumps(signature), json.dumps(constexprs)],
+        [sys.executable, "-c", _COMPILE_SCRIPT, module_name, kernel_name, json.dumps(signature), json.dumps(constexprs),
+         str(num_warps)],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -30,3 +30,40 @@ def test_broken_interpreter_gets_a_clear_error_every_time(monkeypatch):
         with pytest.raises(RuntimeError, match=r"Triton interpreter .*numpy.*backend='torch'"):
             _common.resolve_backend("triton", torch.device("cpu"))
     assert _common.resolve_backend("torch", torch.device("cpu")) == "torch"
+
+
+class _OnCuda:
+    """Stands in for a CUDA tensor in the fp32-output GEMM helpers (only ``is_cuda`` and ``dtype`` are read)."""
+
+    is_cuda, dtype = True, torch.bfloat16
+
+
+@pytest.mark.parametrize("helper,flag", [("mm_wide", "_OUT_DTYPE_MM_OK"), ("addmm_wide", "_OUT_DTYPE_ADDMM_OK")])
+def test_out_of_memory_does_not_switch_off_the_fp32_output_gemm(helper, flag, monkeypatch):
+    """An OOM inside the fp32-output GEMM is re-raised, not read as "this torch has no out_dtype": that would round
+    every later chunk's logits to bf16 for the rest of the process."""
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch, "mm", out_of_memory)
+    monkeypatch.setattr(torch, "addmm", out_of_memory)
+    monkeypatch.setattr(_common, flag, None)
+    args = (_OnCuda(), _OnCuda(), torch.float32) if helper == "mm_wide" else (torch.zeros(1), _OnCuda(), _OnCuda())
+    with pytest.raises(torch.OutOfMemoryError):
+        getattr(_common, helper)(*args)
+    assert getattr(_common, flag) is None
+
+
+@pytest.mark.parametrize("value", ["onednn", "blas"])
+def test_cpu_fp32_gemm_setting(value, monkeypatch):
+    monkeypatch.setenv("EGRPO_CPU_FP32_GEMM", value)
+    assert _common.cpu_fp32_gemm() in (value, "blas")  # "onednn" falls back to "blas" on a build without oneDNN
+    assert _common.uses_onednn(torch.zeros(1)) == (_common.cpu_fp32_gemm() == "onednn")
+    assert not _common.uses_onednn(torch.zeros(1, dtype=torch.float64))  # oneDNN has no fp64 GEMM
+    assert not _common.uses_onednn(torch.zeros(1, dtype=torch.bfloat16))  # bf16 GEMMs: torch.mm runs oneDNN already
+
+
+def test_unknown_cpu_fp32_gemm_is_named(monkeypatch):
+    monkeypatch.setenv("EGRPO_CPU_FP32_GEMM", "mkl")
+    with pytest.raises(ValueError, match="EGRPO_CPU_FP32_GEMM must be one of"):
+        _common.cpu_fp32_gemm()

@@ -1,8 +1,13 @@
 """The CPU chunk workspace: buffers kept between calls, fresh ones for a nested call, released on request."""
 
+import weakref
+
+import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from egrpo.kernels import free_cpu_workspace, grpo_loss, linear_logprob_entropy
+from egrpo.kernels._common import cpu_fp32_gemm
 from egrpo.kernels._head import CPU_WORKSPACE_MAX_BYTES
 from egrpo.kernels.reference import linear_logprob_entropy_reference
 from tests.kernels._utils import AllocationTracker, max_abs_err
@@ -15,7 +20,14 @@ def _inputs():
     return torch.randn(N, D), torch.randn(V, D) / D**0.5, torch.randint(0, V, (N,))
 
 
-def test_second_call_allocates_no_chunk_buffer_and_free_releases_them():
+@pytest.fixture
+def blas_gemms(monkeypatch):
+    """fp32 GEMMs by torch.mm (BLAS), which writes into the workspace's logits buffer; the default oneDNN GEMM
+    returns logits of its own (test_onednn_logits_are_the_only_fresh_chunk_buffer)."""
+    monkeypatch.setenv("EGRPO_CPU_FP32_GEMM", "blas")
+
+
+def test_second_call_allocates_no_chunk_buffer_and_free_releases_them(blas_gemms):
     hidden, weight, targets = _inputs()
     free_cpu_workspace()
     with AllocationTracker() as first:
@@ -31,6 +43,58 @@ def test_second_call_allocates_no_chunk_buffer_and_free_releases_them():
     with AllocationTracker() as third:
         linear_logprob_entropy(hidden, weight, targets, chunk_size=CHUNK)
     assert third.max_numel == CHUNK * V
+
+
+def test_onednn_logits_are_the_only_fresh_chunk_buffer(monkeypatch):
+    """With oneDNN's fp32 GEMM the chunk logits are its output tensor (it has no ``out=``); every other chunk
+    buffer still comes from the workspace on the second call."""
+    monkeypatch.setenv("EGRPO_CPU_FP32_GEMM", "onednn")
+    if cpu_fp32_gemm() != "onednn":
+        pytest.skip("this torch build has no oneDNN linear")
+    hidden, weight, targets = _inputs()
+    free_cpu_workspace()
+    linear_logprob_entropy(hidden, weight, targets, chunk_size=CHUNK)
+    with AllocationTracker(name_at_least=CHUNK * V) as second:
+        linear_logprob_entropy(hidden, weight, targets, chunk_size=CHUNK)
+    # one per chunk's logits GEMM, nothing else of chunk size
+    assert second.large_ops == ["mkldnn._linear_pointwise.default"] * (N // CHUNK), second.large_ops
+
+
+class LiveChunkLogits(TorchDispatchMode):
+    """The most chunk-sized tensors (>= ``numel`` elements) alive at once, counted at each new one."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.alive, self.most = numel, [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.numel() >= self.numel and "mkldnn" in str(func):
+            self.alive = [r for r in self.alive if r() is not None] + [weakref.ref(out)]
+            self.most = max(self.most, len(self.alive))
+        return out
+
+
+@pytest.mark.parametrize("with_grad_fn", [False, True], ids=["forward+recompute", "one-pass"])
+def test_onednn_keeps_one_chunk_of_logits_alive(with_grad_fn, monkeypatch):
+    """Each oneDNN GEMM returns a fresh [chunk, V] tensor: the chunk loops must drop the previous one before the
+    next GEMM, or the peak holds two chunks."""
+    monkeypatch.setenv("EGRPO_CPU_FP32_GEMM", "onednn")
+    if cpu_fp32_gemm() != "onednn":
+        pytest.skip("this torch build has no oneDNN linear")
+    hidden, weight, targets = _inputs()
+    B, T = N // 8, 8
+    h = hidden.view(B, T, D).clone().requires_grad_()
+    with LiveChunkLogits(CHUNK * V) as live:
+        if with_grad_fn:
+            out = grpo_loss(h, weight, targets.view(B, T), torch.ones(B, T, dtype=torch.bool), None,
+                            advantage_fn=lambda lp, ent, seqs: ent.detach(), advantage_fn_scope="sequence",
+                            chunk_size=CHUNK)
+            out.loss.backward()
+        else:
+            logp, _ = linear_logprob_entropy(h, weight, targets.view(B, T), chunk_size=CHUNK)
+            logp.sum().backward()
+    assert live.most == 1, live.most
 
 
 def test_a_head_op_nested_in_advantage_fn_does_not_share_the_buffers():
@@ -59,7 +123,7 @@ def test_a_head_op_nested_in_advantage_fn_does_not_share_the_buffers():
     assert torch.equal(grads(True), plain)
 
 
-def test_cap_bounds_what_is_kept():
+def test_cap_bounds_what_is_kept(blas_gemms):
     assert CPU_WORKSPACE_MAX_BYTES == 1 << 30
     hidden, weight, targets = _inputs()
     import egrpo.kernels._head as head

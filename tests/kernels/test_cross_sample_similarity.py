@@ -5,6 +5,7 @@ from egrpo.kernels import cross_sample_similarity
 from egrpo.kernels.reference import cross_sample_similarity_reference
 
 from egrpo.kernels._common import HAS_TRITON, INTERPRETING
+from egrpo.kernels.cross_sample_similarity import NUM_WARPS as SIMILARITY_NUM_WARPS
 
 from ._utils import PoisonEmpty, compile_for_sm90, max_abs_err
 
@@ -266,4 +267,5 @@ def test_kernel_compiles_for_h100(has_ids):
                  "adv_ptr": "*fp32", "stride_ab": "i32", "stride_at": "i32", "sim_ptr": "*fp32", "stride_sb": "i32",
                  "T": "i32", "C": "i32", "group_size": "i32", "n_tblocks": "i32"}
     compile_for_sm90("egrpo.kernels.cross_sample_similarity", "_cross_sample_similarity_kernel", signature,
-                     {"HAS_IDS": has_ids, "INCLUDE_SELF_WHEN_ZERO": False, "BLOCK_T": 64, "BLOCK_C": 8})
+                     {"HAS_IDS": has_ids, "INCLUDE_SELF_WHEN_ZERO": False, "BLOCK_T": 64, "BLOCK_C": 8},
+                     num_warps=SIMILARITY_NUM_WARPS)

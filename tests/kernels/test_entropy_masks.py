@@ -3,6 +3,7 @@ import torch
 
 from egrpo.kernels import entropy_masks
 from egrpo.kernels._common import HAS_TRITON, INTERPRETING
+from egrpo.kernels.entropy_masks import NUM_WARPS as ENTROPY_MASKS_NUM_WARPS
 from tests.kernels._utils import compile_for_sm90
 from egrpo.kernels.reference import entropy_masks_reference
 
@@ -150,4 +151,5 @@ def test_gpu_triton_matches_torch(method, scope):
 def test_kernel_compiles_for_h100(has_valid, num_ranks):
     signature = {"values_ptr": "*fp32", "valid_ptr": "*u8", "ranks_ptr": "*i32", "out_ptr": "*fp32", "L": "i32"}
     compile_for_sm90("egrpo.kernels.entropy_masks", "_unit_order_stats_kernel", signature,
-                     {"HAS_VALID": has_valid, "NUM_RANKS": num_ranks, "BLOCK": 1024})
+                     {"HAS_VALID": has_valid, "NUM_RANKS": num_ranks, "BLOCK": 1024},
+                     num_warps=ENTROPY_MASKS_NUM_WARPS)

@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from egrpo.kernels import grpo_loss, linear_logprob_entropy
-from egrpo.kernels._common import INTERPRETING
+from egrpo.kernels._common import INTERPRETING, cpu_fp32_gemm
 from egrpo.kernels.reference import grpo_loss_reference, linear_logprob_entropy_reference
 from tests.kernels._utils import AllocationTracker, PoisonEmpty, max_abs_err, rounds_logits_to_bf16
 
@@ -134,10 +134,11 @@ def test_path_parity_with_float64(backend, path, frozen, dtype):
 
 
 class GemmFlops(TorchDispatchMode):
-    """Counts 2 m n k for every matrix multiply that runs."""
+    """Counts 2 m n k for every matrix multiply that runs (BLAS through aten, or oneDNN's linear: X W^T)."""
 
     OPS = {torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default,
            torch.ops.aten.addmm.out}
+    LINEAR_OPS = {torch.ops.mkldnn._linear_pointwise.default: 1, torch.ops.mkldnn._linear_pointwise.binary: 2}
 
     def __init__(self):
         super().__init__()
@@ -147,15 +148,21 @@ class GemmFlops(TorchDispatchMode):
         if func in self.OPS:
             a, b = (args[0], args[1]) if "mm." in str(func) and "addmm" not in str(func) else (args[1], args[2])
             self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        elif func in self.LINEAR_OPS:
+            x, w = args[0], args[self.LINEAR_OPS[func]]
+            self.flops += 2 * x.shape[0] * x.shape[1] * w.shape[0]
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("cpu_gemm", ["onednn", "blas"])
 @pytest.mark.parametrize("path,frozen,cost", [
     ("advantages", True, 4), ("advantages", False, 6),
     ("fn_sequence", True, 4), ("fn_sequence", False, 6), ("fn_group", False, 6),
     ("fn_batch", True, 4), ("fn_batch", False, 8),  # the one path that recomputes (dW needs g first)
 ])
-def test_gemm_cost_of_each_path(path, frozen, cost):
+def test_gemm_cost_of_each_path(path, frozen, cost, cpu_gemm, monkeypatch):
+    monkeypatch.setenv("EGRPO_CPU_FP32_GEMM", cpu_gemm)
+    assert cpu_fp32_gemm() == cpu_gemm  # (also runs oneDNN's one-time probe GEMM outside the count)
     hidden, weight, bias, targets, mask, seq_adv, kw = make_case(torch.float32)
     with GemmFlops() as counter:
         run_ours(path, hidden, weight, bias, targets, mask, seq_adv, kw, frozen, [], backend="torch", chunk_size=10)

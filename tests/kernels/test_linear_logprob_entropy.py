@@ -3,6 +3,7 @@ import torch
 
 from egrpo.kernels import linear_logprob_entropy
 from egrpo.kernels._common import HAS_TRITON, INTERPRETING
+from egrpo.kernels._head import num_warps as head_num_warps
 from egrpo.kernels.reference import linear_logprob_entropy_reference as reference
 from tests.kernels._utils import (AllocationTracker, PoisonEmpty, bf16_logit_half_ulp, compile_for_sm90, max_abs_err,
                                   rounds_logits_to_bf16)
@@ -120,6 +121,30 @@ def test_cpu_bf16_rounds_the_logits_once_and_nothing_else(temperature, bias):
     assert max_abs_err(logp, logp_true) <= FP32_VALUE_ERR and max_abs_err(ent, ent_true) <= FP32_VALUE_ERR
     full = reference(hidden.double(), weight.double(), targets, None if b is None else b.double(), temperature)
     assert max_abs_err(logp, full[0]) > 10 * FP32_VALUE_ERR, "the rounding is visible, so the test could fail"
+
+
+@pytest.mark.parametrize("cpu_gemm", ["onednn", "blas"])
+def test_cpu_fp32_gemm_libraries(cpu_gemm, monkeypatch):
+    """Both fp32 GEMM libraries on CPU (EGRPO_CPU_FP32_GEMM), over ragged chunks and, for oneDNN, a dW accumulated
+    through vocabulary blocks of a ragged size: never worse than eager fp32 against float64."""
+    import egrpo.kernels._head as head
+
+    monkeypatch.setenv("EGRPO_CPU_FP32_GEMM", cpu_gemm)
+    N, D, V = 45, 24, 1037
+    monkeypatch.setattr(head, "ONEDNN_DW_BLOCK_BYTES", 4 * D * 100)  # 11 blocks, the last of 37 rows
+    hidden, weight, b, targets = make_inputs(N, D, V, torch.float32)
+    g_lp, g_h = torch.randn(N, dtype=torch.float64), torch.randn(N, dtype=torch.float64)
+    truth = run_with_grads(reference, hidden.double(), weight.double(), b.double(), targets, 0.7, g_lp, g_h)
+    eager = run_with_grads(reference, hidden, weight, b, targets, 0.7, g_lp, g_h)
+    with AllocationTracker(name_at_least=16 * V) as tracker:
+        ours = run_with_grads(linear_logprob_entropy, hidden, weight, b, targets, 0.7, g_lp, g_h, chunk_size=16)
+    linear_ops = [op for op in tracker.large_ops if "mkldnn" in op]
+    assert bool(linear_ops) == (cpu_gemm == "onednn"), tracker.large_ops
+    for k in (0, 1):
+        assert max_abs_err(ours[k], truth[k]) <= max_abs_err(eager[k], truth[k]) + VALUE_TOL
+    for g_ours, g_eager, g_true in zip(ours[2], eager[2], truth[2]):
+        scale = g_true.abs().max().item()
+        assert max_abs_err(g_ours, g_true) / scale <= max_abs_err(g_eager, g_true) / scale + GRAD_TOL[torch.float32]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -294,7 +319,8 @@ _DLOGITS_SIG = {"logits_ptr": "*fp32", "stride_logits": "i64", "dz_ptr": "*bf16"
      {"HAS_BIAS": False, "HAS_G_LOGP": False, "HAS_G_ENTROPY": True, "BLOCK_V": 1024}),
 ])
 def test_kernels_compile_for_h100(kernel, signature, constexprs):
-    compile_for_sm90("egrpo.kernels.linear_logprob_entropy", kernel, dict(signature), constexprs)
+    compile_for_sm90("egrpo.kernels.linear_logprob_entropy", kernel, dict(signature), constexprs,
+                     num_warps=head_num_warps(constexprs["BLOCK_V"], interpreting=False))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
