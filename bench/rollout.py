@@ -18,6 +18,11 @@ rounds, median), so the ratios are side by side. Measured per implementation:
   as a CUDA graph), ``engine-graph-spans`` (the same over 4 key spans) and the time per layer;
 * ``decode ms``: the VQ decode alone (today: chunks of 8 rows NCHW; engine: its default chunks, channels-last).
 
+On CUDA the rows that capture CUDA graphs run after the others (warm-up and timed rounds), since a device-side
+assert in a capture poisons the process's CUDA context; a row that raises keeps the rounds it completed and the
+error in its notes, and the other rows and configurations still run. cuDNN attention is off for every CUDA row
+(``sdpa_backends`` in the JSON): it builds one plan per (batch, key length), i.e. one per step of the eager rows.
+
 Implementations: ``today`` = ``egrpo.trainer.rollout.sample_image_tokens`` + ``decode_images`` (the loop
 of the trainer on main); ``hf-generate`` = ``JanusForConditionalGeneration.generate(generation_mode="image")``
 (static cache, transformers' sampling; no KL metric; timed where it runs); ``engine`` = `RolloutEngine`
@@ -97,7 +102,8 @@ def _prompt_batch(tokenizer, tokens, prompts, group, device):
 
 
 def _implementations(model, tokenizer, prefills, image_tokens, device, compile_step, hf_generate):
-    """name -> (sample() -> tokens, decode(tokens)). ``prefills``: the (cond, uncond) protocol Prefills."""
+    """``(impls, graph_rows)``: name -> (sample() -> tokens, decode(tokens)), and the names of the rows that capture
+    CUDA graphs. ``prefills``: the (cond, uncond) protocol Prefills."""
     from egrpo.trainer import rollout as today
     from egrpo.trainer.protocol import Prefill
 
@@ -135,7 +141,46 @@ def _implementations(model, tokenizer, prefills, image_tokens, device, compile_s
             prefill = today.engine_prefill(model, Prefill.cat([cond, uncond]))  # the trainer's conversion
             return engine.generate_image_tokens(prefill, image_tokens, params, seed=0).tokens
         impls[name] = (run, engine.decode)
-    return impls
+    graph_rows = {name for name, engine in engines.items() if device == "cuda" and engine.config.cuda_graph}
+    return impls, graph_rows
+
+
+def _error_note(error: BaseException) -> str:
+    """One line for a row's notes: the exception's type and the first line of its message."""
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:120]}"
+
+
+def _run_rows(impls, results, notes, device, repeats):
+    """Warm-up, then ``repeats`` rounds of ``impls`` alternating. A row that raises leaves the later rounds with the
+    error in ``notes``; it keeps the rounds it completed, or is dropped from ``results`` if none."""
+    live = dict(impls)
+    for impl, (sample_fn, _) in list(live.items()):  # warm-up (compilation, allocator)
+        try:
+            with torch.no_grad():  # the loop's own sampling function keeps an autograd graph of every step otherwise
+                elapsed, _ = _timed(sample_fn, device)
+            if impl == "engine-compiled":
+                notes[impl] = f"first call incl. compilation {elapsed:.1f} s"
+        except Exception as error:  # noqa: BLE001 - a peer that cannot run keeps its row with the reason
+            notes[impl] = f"n/a: {_error_note(error)}"
+            live.pop(impl)
+            results.pop(impl)
+    with torch.no_grad():
+        for round_ in range(repeats):
+            for impl, (sample_fn, decode_fn) in list(live.items()):
+                try:
+                    seconds, out = _timed(sample_fn, device)
+                    decode_s = _timed(lambda: decode_fn(out), device)[0]
+                except Exception as error:  # noqa: BLE001 - one row's failure must not lose the others' rows
+                    live.pop(impl)
+                    done = len(results[impl]["sample_s"])
+                    failure = (f"failed in timed round {round_ + 1} (median of the {done} before): " if done
+                               else "n/a: ") + _error_note(error)
+                    notes[impl] = f"{notes[impl]}; {failure}" if impl in notes else failure
+                    if not done:
+                        results.pop(impl)
+                    continue
+                results[impl]["sample_s"].append(seconds)
+                results[impl]["decode_s"].append(decode_s)
 
 
 def bench_config(name, model, tokenizer, prefills, image_tokens, device, threads, repeats, compile_step,
@@ -145,26 +190,13 @@ def bench_config(name, model, tokenizer, prefills, image_tokens, device, threads
     # torch.compile caches per code object, across engines: without a reset, the compilations of earlier
     # configurations count against the recompile limit of this one (then it silently runs eager).
     torch._dynamo.reset()
-    impls = _implementations(model, tokenizer, prefills, image_tokens, device, compile_step, hf_generate)
+    impls, graph_rows = _implementations(model, tokenizer, prefills, image_tokens, device, compile_step, hf_generate)
     results = {k: {"sample_s": [], "decode_s": []} for k in impls}
     notes = {}
-    for impl, (sample_fn, _) in list(impls.items()):  # warm-up (compilation, allocator); drop what fails
-        try:
-            with torch.no_grad():  # the loop's own sampling function keeps an autograd graph of every step otherwise
-                elapsed, _ = _timed(sample_fn, device)
-            if impl == "engine-compiled":
-                notes[impl] = f"first call incl. compilation {elapsed:.1f} s"
-        except Exception as error:  # noqa: BLE001 - a peer that cannot run keeps its row with the reason
-            notes[impl] = f"n/a: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
-            impls.pop(impl)
-            results.pop(impl)
-    with torch.no_grad():
-        for _ in range(repeats):
-            for impl, (sample_fn, decode_fn) in impls.items():
-                seconds, out = _timed(sample_fn, device)
-                sampled = out if isinstance(out, torch.Tensor) else out
-                results[impl]["sample_s"].append(seconds)
-                results[impl]["decode_s"].append(_timed(lambda: decode_fn(sampled), device)[0])
+    # The rows without CUDA graphs first, warm-up and timed rounds, then those with: a device-side assert during a
+    # capture or a replay poisons the CUDA context, and every later CUDA call of the process fails.
+    for group in ([k for k in impls if k not in graph_rows], [k for k in impls if k in graph_rows]):
+        _run_rows({k: impls[k] for k in group}, results, notes, device, repeats)
     rows = prefills[0].rows
     table = {}
     for impl, r in results.items():
@@ -254,10 +286,30 @@ def floor_ms_per_step(model, rows: int, mean_keys: float, bandwidth_gbs: float) 
     return 1e3 * (weight_bytes + head_bytes + kv_bytes) / (bandwidth_gbs * 1e9)
 
 
+def _sdpa_backends() -> dict:
+    """The scaled-dot-product-attention backends torch may pick now (its global switches)."""
+    cuda = torch.backends.cuda
+    return dict(flash=cuda.flash_sdp_enabled(), mem_efficient=cuda.mem_efficient_sdp_enabled(),
+                cudnn=cuda.cudnn_sdp_enabled(), math=cuda.math_sdp_enabled())
+
+
 def run_cuda(args, on_run=lambda runs: None, skipped=None):
     """The GPU rows (or, with ``args.dry_run``, the same code on CPU at a toy shape). ``on_run(runs)`` is
     called after every measured configuration (the JSON is rewritten each time); configurations not started
-    because ``args.budget_s`` was spent are appended to ``skipped``."""
+    because ``args.budget_s`` was spent, or that failed outside a row, are appended to ``skipped``.
+
+    cuDNN attention is off for every row (restored at the end): torch may pick it for bf16 SDPA with a mask
+    (sm90), and it builds one plan per (batch, key length), so the eager rows, whose key length grows every
+    step, would spend tens of seconds building plans. Each run records the enabled backends (``sdpa_backends``)."""
+    cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        return _run_cuda(args, on_run, skipped)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
+
+
+def _run_cuda(args, on_run, skipped):
     from transformers import JanusForConditionalGeneration
 
     from egrpo.trainer.model import tiny_janus_config
@@ -277,27 +329,38 @@ def run_cuda(args, on_run=lambda runs: None, skipped=None):
             skipped.extend(f"{shape_name}, {images} images: time budget spent" for images in args.rows)
             continue
         overrides = {k: v for k, v in shape.items() if k != "full_layers"}
-        config = tiny_janus_config(tokenizer, image_size=image_size, patch_size=16, image_vocab_size=16384,
-                                   vq_channel_multiplier=(1, 1, 2, 2, 4), vq_base_channels=32 if args.dry_run else 128,
-                                   max_position_embeddings=4096, **overrides)
-        config._attn_implementation = config.text_config._attn_implementation = "sdpa"
-        model = JanusForConditionalGeneration(config).to(device, torch.bfloat16).eval().requires_grad_(False)
+        try:
+            config = tiny_janus_config(tokenizer, image_size=image_size, patch_size=16, image_vocab_size=16384,
+                                       vq_channel_multiplier=(1, 1, 2, 2, 4),
+                                       vq_base_channels=32 if args.dry_run else 128, max_position_embeddings=4096,
+                                       **overrides)
+            config._attn_implementation = config.text_config._attn_implementation = "sdpa"
+            model = JanusForConditionalGeneration(config).to(device, torch.bfloat16).eval().requires_grad_(False)
+        except Exception as error:  # noqa: BLE001 - e.g. a CUDA context poisoned earlier: list it, write the JSON
+            skipped.extend(f"{shape_name}, {images} images: model build failed: {_error_note(error)}"
+                           for images in args.rows)
+            continue
         for images in args.rows:
             if time.perf_counter() > deadline:
                 skipped.append(f"{shape_name}, {images} images: time budget spent")
                 continue
-            group = max(1, images // 2)
-            prefills = _prompt_batch(tokenizer, tokens, PROMPTS[:2], group, device)
-            print(f"[rollout] {shape_name}: {prefills[0].input_ids.shape[0]} images", flush=True)
-            run = bench_config(shape_name, model, tokenizer, prefills, image_tokens, device, 0, args.repeats,
-                               args.compile, hf_generate=False)
-            # Floor per step: weights once + the KV cache of all 2B rows (mean length), over the copy bandwidth.
-            prompt_len = prefills[0].input_ids.shape[1]
-            floor_ms = floor_ms_per_step(model, 2 * prefills[0].rows, prompt_len + image_tokens / 2, bandwidth)
+            try:
+                group = max(1, images // 2)
+                prefills = _prompt_batch(tokenizer, tokens, PROMPTS[:2], group, device)
+                print(f"[rollout] {shape_name}: {prefills[0].input_ids.shape[0]} images", flush=True)
+                run = bench_config(shape_name, model, tokenizer, prefills, image_tokens, device, 0, args.repeats,
+                                   args.compile, hf_generate=False)
+                # Floor per step: weights once + the KV cache of all 2B rows (mean length), over the copy bandwidth.
+                prompt_len = prefills[0].input_ids.shape[1]
+                floor_ms = floor_ms_per_step(model, 2 * prefills[0].rows, prompt_len + image_tokens / 2, bandwidth)
+            except Exception as error:  # noqa: BLE001 - the rows' own failures are in their notes; this is the rest
+                skipped.append(f"{shape_name}, {images} images: failed: {_error_note(error)}")
+                continue
             run["floor_ms_per_step"] = floor_ms
             run["per_layer"] = {impl: r["ms_per_step"] / shape["num_layers"] for impl, r in run["results"].items()}
             run["shape"] = dict(overrides, full_layers=shape["full_layers"], images=prefills[0].input_ids.shape[0])
             run["bandwidth_gbs"] = bandwidth
+            run["sdpa_backends"] = _sdpa_backends()
             runs.append(run)
             _print_run(run)
             on_run(runs)
@@ -378,6 +441,11 @@ def _markdown(payload):
              f"{payload['repeats']} timed rounds (median), implementations alternating in one process", ""]
     if payload["device"] == "cpu":
         lines.append("CPU numbers are noisy (2 shared cores); read the side-by-side ratios.")
+        lines.append("")
+    backends = next((run["sdpa_backends"] for run in payload["runs"] if "sdpa_backends" in run), None)
+    if backends:
+        lines.append("SDPA backends enabled: " + ", ".join(k for k, on in backends.items() if on) +
+                     " (cuDNN attention off: one plan per key length); rows with CUDA graphs ran after the others.")
         lines.append("")
     lines += ["| config | threads | images x tokens | implementation | ms/step | decode ms | images/s | "
               "step speed-up vs today | images/s vs today | ms/step / memory floor | notes |",

@@ -47,6 +47,14 @@ LAYOUTS = ("left", "right")
 # Eager step, CPU, bf16: attend over the whole K/V buffer with a mask while the buffer is at most this many times
 # the filled prefix (see RolloutEngine._decode_hidden); 0 = always the prefix.
 _CPU_BF16_FULL_BUFFER_RATIO = 3.0
+# torch.compile modes that capture CUDA graphs of their own (rejected together with the engine's CUDA graphs).
+_CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+
+
+def _captures_graphs(device: torch.device) -> bool:
+    """Whether ``cuda_graph=True`` applies to a phase on ``device``: CUDA graphs exist on CUDA only. (A function of its
+    own so that the CPU tests can run the capture path with a stand-in for torch.cuda's graph API.)"""
+    return device.type == "cuda"
 
 
 @dataclass
@@ -92,6 +100,11 @@ class EngineConfig:
         for name in ("fuse_projections", "pack_weights"):
             if getattr(self, name) not in (None, True, False):
                 raise ValueError(f"engine.{name} must be true, false or null (auto), got {getattr(self, name)!r}")
+        if self.compile and self.cuda_graph and self.compile_mode in _CUDAGRAPH_COMPILE_MODES:
+            # Those modes capture torch's own CUDA graphs inside the step, which the engine then captures in its graph.
+            raise ValueError(f"engine.compile_mode={self.compile_mode!r} makes torch capture its own CUDA graphs, "
+                             "nested in the engine's (engine.cuda_graph=true): use compile_mode null or "
+                             "'max-autotune-no-cudagraphs', or set engine.cuda_graph=false")
 
 
 @dataclass
@@ -508,7 +521,7 @@ class RolloutEngine:
     def _runner(self, kind: str, fn: Callable, state: _PhaseState, static_args: tuple):
         """Return ``run(step)`` performing one decode step in the configured mode."""
         cfg = self.config
-        on_cuda = state.slot.device.type == "cuda"
+        on_cuda = _captures_graphs(state.slot.device)
         if not cfg.compile and not (cfg.cuda_graph and on_cuda):
             return lambda step: fn(*static_args, step=step)
         step_fn = fn
@@ -533,22 +546,33 @@ class RolloutEngine:
 
     def _capture(self, step_fn, state: _PhaseState, static_args: tuple, keys: int):
         """Capture one full-buffer decode step (over ``keys`` slots) as a CUDA graph; replays advance the
-        device counters."""
+        device counters. Called at the phase's current step ``s`` (the first step of the span ``keys``); the
+        warm-up runs step ``s`` twice, so it never steps past the phase, and leaves the state as it found it."""
+        tensors = [t for t in static_args if isinstance(t, torch.Tensor)]
         saved_step = state.step.clone()
-        saved = [t.clone() for t in static_args if isinstance(t, torch.Tensor)]
+        saved = [t.clone() for t in tensors]
+
+        def restore():
+            # Back to step s: a second warm-up at s + 1 would index one past the buffers when s is the phase's
+            # last step (a 2-token phase, or a key span that starts on the last step): on CUDA a device-side
+            # assert that kills the process. K/V written at slot s are rewritten by the replay of step s.
+            state.step.copy_(saved_step)
+            for tensor, value in zip(tensors, saved):
+                tensor.copy_(value)
+
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up (compilation, autotuning, allocator) outside the graph
                 step_fn(*static_args, step=None, keys=keys)
+                restore()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: only this thread's capture-unsafe CUDA calls fail the capture, not another thread's (in
+        # the trainer, torch.distributed's NCCL watchdog queries events all the time).
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             step_fn(*static_args, step=None, keys=keys)
-        # Undo the warm-up and capture side effects (the capture itself also ran nothing; warm-up did).
-        state.step.copy_(saved_step)
-        for tensor, value in zip([t for t in static_args if isinstance(t, torch.Tensor)], saved):
-            tensor.copy_(value)
+        restore()  # the capture records and runs nothing on CUDA; anything that did run is undone
         return graph
 
     # ---- phases ----------------------------------------------------------------------------------------

@@ -876,6 +876,14 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
     module = engine.module
     sampler = make_engine(module, cfg.rollout)   # the rollout engine (None: plain loop); built once for compile
     zero3 = cfg.deepspeed.zero_stage == 3
+    if zero3 and sampler is not None and sampler.config.cuda_graph:
+        # ZeRO-3 hooks every module the engine calls (parameter fetch / release bookkeeping, prefetch, stream
+        # syncs): Python run per call, which a CUDA graph would record once and replay without, and a host sync
+        # inside a capture fails it. No config switch for this: the engine's eager step is what ZeRO-3 gets.
+        sampler.config = replace(sampler.config, cuda_graph=False)
+        if torch.device(device).type == "cuda":
+            say("rollout engine: CUDA graphs off under DeepSpeed ZeRO-3 (its parameter-fetch hooks cannot be "
+                "captured); eager decode step", is_main)
     if ref_model is not None and zero3:
         ref_model = partitioned_reference(ref_model, cfg, world)
     trainable = [p for p in module.parameters() if p.requires_grad]

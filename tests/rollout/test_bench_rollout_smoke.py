@@ -51,3 +51,69 @@ def test_gpu_rows_budget_lists_what_it_did_not_run(tmp_path):
     payload = json.loads((tmp_path / "rollout_cuda_dry_run.json").read_text())
     assert payload["runs"] == []
     assert payload["skipped"] == ["toy, 4 images: time budget spent", "toy, 8 images: time budget spent"]
+
+
+def _dry_run(tmp_path, repeats=2):
+    main(["--device", "cuda", "--dry-run", "--quick", "--rows", "4", "--repeats", str(repeats),
+          "--out-dir", str(tmp_path)])
+    return json.loads((tmp_path / "rollout_cuda_dry_run.json").read_text())
+
+
+def test_gpu_rows_a_row_failing_in_a_timed_round_keeps_the_others(tmp_path, monkeypatch):
+    """A row that raises after its warm-up (e.g. a CUDA graph capture or replay) keeps the rounds it completed and
+    the error in its notes; the other rows still run and the JSON is written."""
+    from egrpo.rollout.engine import RolloutEngine
+
+    calls = []
+    original = RolloutEngine.generate_image_tokens
+
+    def third_call_fails(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # warm-up, timed round 1, then round 2 fails
+            raise RuntimeError("CUDA error: device-side assert triggered\nmore lines")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RolloutEngine, "generate_image_tokens", third_call_fails)
+    (run,) = _dry_run(tmp_path)["runs"]
+    assert len(run["results"]["today"]["samples_ms"]) == 2
+    assert len(run["results"]["engine"]["samples_ms"]) == 1
+    assert run["notes"]["engine"] == ("failed in timed round 2 (median of the 1 before): RuntimeError: CUDA error: "
+                                      "device-side assert triggered")
+    # ... and a row that fails in its first timed round has no timings, only the reason
+    calls.clear()
+    calls.append(1)
+    (run,) = _dry_run(tmp_path)["runs"]
+    assert "engine" not in run["results"] and run["notes"]["engine"].startswith("n/a: RuntimeError: CUDA error")
+    assert len(run["results"]["today"]["samples_ms"]) == 2
+
+
+def test_gpu_rows_graph_rows_run_after_the_others(tmp_path, monkeypatch):
+    """Rows that capture CUDA graphs run (warm-up and timed rounds) after every other row of the configuration: a
+    device-side assert in one would make every later CUDA call of the process fail."""
+    import bench.rollout as bench
+
+    order = []
+    original = bench._implementations
+
+    def implementations(*args, **kwargs):
+        impls, graph_rows = original(*args, **kwargs)
+
+        def recording(name, sample):
+            return lambda: order.append(name) or sample()
+        # the dry run has no CUDA-graph rows: mark the engine's as one
+        return {name: (recording(name, s), d) for name, (s, d) in impls.items()}, graph_rows | {"engine"}
+
+    monkeypatch.setattr(bench, "_implementations", implementations)
+    _dry_run(tmp_path)
+    assert order == ["today"] * 3 + ["engine"] * 3
+
+
+def test_gpu_rows_run_without_cudnn_attention(tmp_path):
+    """cuDNN SDPA is off for the CUDA rows (one plan per key length would eat the budget), recorded in the JSON,
+    and restored afterwards."""
+    import torch
+
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    (run,) = _dry_run(tmp_path, repeats=1)["runs"]
+    assert run["sdpa_backends"] == dict(flash=True, mem_efficient=True, cudnn=False, math=True)
+    assert torch.backends.cuda.cudnn_sdp_enabled()

@@ -38,3 +38,27 @@ def test_graph_and_triton_match_eager_torch(params):
     b = graph.generate_text(text, 24, tokens.eos, tokens.pad, text_params, seed=9)
     assert torch.equal(a.ids, b.ids) and torch.equal(a.mask, b.mask)
     assert torch.isfinite(a.logp).all() and torch.isfinite(b.logp).all()
+
+
+@pytest.mark.parametrize("new_tokens,key_buckets", [(2, 1), (9, 2)])
+def test_graph_captured_on_the_last_step_matches_eager(new_tokens, key_buckets):
+    """A graph captured on a phase's last decode step (a 2-token phase; with a 9-slot prompt and 2 spans of 16
+    slots, the second span starts on the last step): its warm-up must not step past the buffers (it once did: a
+    device-side assert). tests/rollout/test_engine_graph.py checks the same on CPU with a stand-in graph API."""
+    model, tokenizer = build_model(
+        ModelConfig(tiny=dict(image_size=32, num_layers=2, initializer_range=0.2), dtype="fp32"), "cuda")
+    tokens = janus_tokens(tokenizer)
+    ids = torch.randint(10, 100, (6, 9), device="cuda")
+    ids[:, 0], ids[:, -1] = tokens.bos, tokens.image_start
+    mask = torch.ones_like(ids)
+    eager = RolloutEngine(model, EngineConfig(cuda_graph=False, sampler="torch"))
+    graph = RolloutEngine(model, EngineConfig(cuda_graph=True, key_buckets=key_buckets, sampler="torch"))
+    prefill = cfg_prefill(model, ids, mask, tokens.pad, "left", keep_ids=(tokens.bos, tokens.image_start))
+    params = SamplingParams(cfg_scale=5.0)
+    a = eager.generate_image_tokens(prefill, new_tokens, params, seed=4)
+    b = graph.generate_image_tokens(prefill, new_tokens, params, seed=4)
+    assert torch.equal(a.tokens, b.tokens)
+    text = text_prefill(model, ids, mask)
+    a = eager.generate_text(text, new_tokens, tokens.eos, tokens.pad, SamplingParams(top_k=20), seed=9)
+    b = graph.generate_text(text, new_tokens, tokens.eos, tokens.pad, SamplingParams(top_k=20), seed=9)
+    assert torch.equal(a.ids, b.ids)
