@@ -14,8 +14,8 @@ The losses only parameterise ``grad_fn`` (and which gradients they need); :func:
 the recompute pass for callers whose gradient is known only after every row has been seen.
 
 Buffers per chunk: the fp32 logits (formed into dz in place) and a half-precision copy for the GEMMs
-when the operands are bf16/fp16: 1.5 fp32 ``[chunk, V]`` buffers, plus one more fp32 buffer in the
-PyTorch dlogits pass only while the entropy carries gradient. No ``[N, V]`` tensor is ever allocated.
+when the operands are bf16/fp16: 1.5 fp32 ``[chunk, V]`` buffers, plus [chunk, 1024] block temporaries
+in the PyTorch row passes. No ``[N, V]`` tensor is ever allocated.
 """
 
 from __future__ import annotations
@@ -124,8 +124,8 @@ def num_warps(block: int, interpreting: bool = INTERPRETING) -> int:
 # --------------------------------------------------------------------------------------------
 # Row passes over one chunk. ``z`` is the fp32 (fp64) logits buffer of the chunk. The Triton passes
 # leave it untouched (they apply bias and 1/tau themselves); the PyTorch passes turn it into the row
-# log-softmax in place (and then into dz), with a [rows, 1024] block temporary: one live [rows, V]
-# buffer, two only while the entropy carries gradient. ``prepare`` brings a recomputed chunk into
+# log-softmax in place (and then into dz), with [rows, 1024] block temporaries: one live [rows, V]
+# buffer, also while the entropy carries gradient. ``prepare`` brings a recomputed chunk into
 # the state the backend's dlogits pass expects. ``bufs`` (:class:`_ChunkBuffers`) lends temporaries.
 # --------------------------------------------------------------------------------------------
 
@@ -204,12 +204,21 @@ def _dlogits_torch(z, bufs, bias, targets, lse, entropy, g_logp, g_entropy, inv_
     if g_entropy is None:
         z.exp_().mul_((-g_logp.to(z.dtype))[:, None])
     else:
-        p = bufs.scratch("p", *z.shape)  # the entropy term needs p and log p at once
-        torch.exp(z, out=p)
-        z.add_(entropy[:, None]).mul_(g_entropy.to(z.dtype)[:, None])
-        if g_logp is not None:
-            z.add_(g_logp.to(z.dtype)[:, None])
-        z.mul_(p).neg_()
+        # the entropy term needs p and log p at once: p goes through a [rows, 1024] block temporary, column block
+        # by column block, rather than a second [rows, V] buffer
+        rows, cols = z.shape[0], min(_BLOCK, z.shape[1])
+        p = bufs.scratch("block", rows, cols)
+        g_h = g_entropy.to(z.dtype)[:, None]
+        g_lp = None if g_logp is None else g_logp.to(z.dtype)[:, None]
+        h = entropy.to(z.dtype)[:, None]
+        for start in range(0, z.shape[1], _BLOCK):
+            zb = z[:, start:start + _BLOCK]
+            pb = p[:, :zb.shape[1]]
+            torch.exp(zb, out=pb)
+            zb.add_(h).mul_(g_h)
+            if g_lp is not None:
+                zb.add_(g_lp)
+            zb.mul_(pb).neg_()
     if g_logp is not None:
         z.scatter_add_(1, targets[:, None], g_logp.to(z.dtype)[:, None])
     if inv_tau != 1.0:
@@ -251,6 +260,7 @@ class HeadGrads:
         self.need_dw, self.dw, self._acc_dtype = bool(need_dw), None, acc
         self.db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if (need_db and bias is not None) else None
         self._dw_part = None  # reusable [V, D] buffer for a CPU half-precision dW GEMM's output
+        self._dw_t = None  # the oneDNN fp32 path accumulates dW^T [D, V] (see _accumulate_dw_onednn)
 
     def accumulate(self, dz, rows, x_chunk, w_gemm, ws=None):
         onednn = uses_onednn(dz)
@@ -283,21 +293,26 @@ class HeadGrads:
             self.db += dz.sum(0, dtype=self.db.dtype)
 
     def _accumulate_dw_onednn(self, dz, x_chunk):
-        if self.dw is None:
-            self.dw = onednn_mm(dz.t(), x_chunk)
+        # dW^T = x^T dz, kept as [D, V] until results(): oneDNN reads dz^T as a strided weight where it is, while
+        # dW = dz^T x would first copy dz^T (one more [chunk, V] buffer at the peak)
+        x_t = x_chunk.t().contiguous()
+        if self._dw_t is None:
+            self._dw_t = onednn_mm(x_t, dz)
             return
-        # oneDNN's GEMM cannot accumulate in place: each block of vocabulary rows goes through a temporary of at
-        # most ONEDNN_DW_BLOCK_BYTES (recycled by the allocator, unlike a whole new [V, D]) added into dW
-        block = max(1, ONEDNN_DW_BLOCK_BYTES // (4 * self.dw.shape[1]))
-        for start in range(0, self.dw.shape[0], block):
+        # oneDNN's GEMM cannot accumulate in place: each block of vocabulary columns goes through a temporary of
+        # at most ONEDNN_DW_BLOCK_BYTES (recycled by the allocator, unlike a whole new [D, V]) added into dW^T
+        block = max(1, ONEDNN_DW_BLOCK_BYTES // (4 * self._dw_t.shape[0]))
+        for start in range(0, self._dw_t.shape[1], block):
             cols = slice(start, start + block)
-            self.dw[cols] += onednn_mm(dz[:, cols].t(), x_chunk)
+            self._dw_t[:, cols] += onednn_mm(x_t, dz[:, cols])
 
     @property
     def any(self):
         return self.dx is not None or self.need_dw or self.db is not None
 
     def results(self, weight, bias):
+        if self._dw_t is not None:
+            self.dw, self._dw_t = self._dw_t.t().contiguous(), None
         if self.need_dw and self.dw is None:  # no rows at all
             self.dw = torch.zeros(weight.shape, dtype=self._acc_dtype, device=weight.device)
         dw = self.dw.to(weight.dtype) if self.dw is not None else None

@@ -45,6 +45,20 @@ def test_second_call_allocates_no_chunk_buffer_and_free_releases_them(blas_gemms
     assert third.max_numel == CHUNK * V
 
 
+def test_entropy_gradient_needs_no_second_chunk_buffer(blas_gemms):
+    """With gradients through logp and entropy (forward, then the recompute in backward), the only [chunk, V]
+    buffer ever allocated is the logits buffer: p goes through [chunk, 1024] block temporaries."""
+    hidden, weight, targets = _inputs()
+    free_cpu_workspace()
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with AllocationTracker(name_at_least=CHUNK * V) as tracker:
+        logp, ent = linear_logprob_entropy(h, w, targets, chunk_size=CHUNK)
+        (logp.sum() + ent.sum()).backward()
+    buffers = [op for op in tracker.large_ops if "mm" not in op]  # (dW, [V, D], is as large here)
+    assert buffers == ["aten.empty.memory_format"], tracker.large_ops
+    assert h.grad.abs().max() > 0 and w.grad.abs().max() > 0
+
+
 def test_onednn_logits_are_the_only_fresh_chunk_buffer(monkeypatch):
     """With oneDNN's fp32 GEMM the chunk logits are its output tensor (it has no ``out=``); every other chunk
     buffer still comes from the workspace on the second call."""
