@@ -6,7 +6,10 @@ import math
 import pytest
 import torch
 
-from egrpo.rollout.sampling import SamplingParams, phase_uniforms, sample, sample_torch, sample_triton
+from egrpo.rollout.sampling import (SamplingParams, phase_uniforms, sample, sample_torch, sample_triton,
+                                    sampler_num_warps)
+from egrpo.kernels._common import HAS_TRITON
+from tests.kernels._utils import compile_for_sm90
 
 # scipy.stats.chi2.ppf(1 - 1e-4, df) for df = 1..5: a correct sampler fails 1 run in 10^4.
 CHI2_CRITICAL = {1: 15.136705, 2: 18.420681, 3: 21.107513, 4: 23.512742, 5: 25.744832}
@@ -194,3 +197,20 @@ def test_uncond_required_exactly_with_cfg():
         sample(cond, None, SamplingParams(cfg_scale=2.0), torch.rand(2))
     with pytest.raises(ValueError, match="uncond"):
         sample(cond, cond, SamplingParams(), torch.rand(2))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("dtype,vocab,flags", [
+    ("bf16", 16384, dict(HAS_UNCOND=True, TOP_K=True, TOP_P=True, WANT_KL=True, WANT_LOGP=True)),
+    ("fp32", 102400, dict(HAS_UNCOND=False, TOP_K=False, TOP_P=False, WANT_KL=False, WANT_LOGP=False)),
+    ("bf16", 100, dict(HAS_UNCOND=True, TOP_K=True, TOP_P=False, WANT_KL=True, WANT_LOGP=False)),
+])
+def test_sampler_kernel_compiles_for_h100(dtype, vocab, flags):
+    """The compiled sampler (never run here: CPU runs it under the interpreter) with the launch's block and warps."""
+    block = min(4096, 1 << (vocab - 1).bit_length())
+    signature = {"cond_ptr": f"*{dtype}", "uncond_ptr": f"*{dtype}", "stride_cond": "i32", "stride_uncond": "i32",
+                 "uniform_ptr": "*fp32", "token_ptr": "*i64",
+                 "kl_ptr": "*fp32" if flags["WANT_KL"] else "*i64", "logp_ptr": "*fp32" if flags["WANT_LOGP"] else "*i64",
+                 "V": "i32", "cfg_scale": "fp32", "inv_temp": "fp32", "top_k": "i32", "top_p": "fp32"}
+    compile_for_sm90("egrpo.rollout.sampling", "_cfg_sample_kernel", signature, dict(flags, BLOCK=block),
+                     num_warps=sampler_num_warps(block))
