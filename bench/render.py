@@ -190,7 +190,10 @@ def device_section(dev: str, report: Optional[dict], readme_dir: Path, plots_dir
         f"- device: {report['device']}; dtype {report['dtype']}; date {report['date']}; host `{report['host']}`",
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
         f"- matmul rate measured in this run: {report['matmul']['flops_per_s'] / 1e12:.3f} TFLOP/s "
-        f"({report['matmul']['dtype']} {report['matmul']['n']}^3 GEMM); floor = 6NDV / that rate",
+        f"({report['matmul']['dtype']} {report['matmul']['n']}^3 GEMM); floor = 6NDV / that rate"
+        + ("; on CPU that is `torch.mm`'s rate (BLAS), while our fp32 chunk GEMMs run through oneDNN, up to ~2x "
+           "faster on the AMD development CPU (docs/kernels.md, \"CPU fp32 GEMMs\"), so our fraction can exceed 100%"
+           if dev == "cpu" and report["dtype"] == "float32" else ""),
         f"- {report['reps']} timed repetitions after {report['warmup']} warm-up; times are "
         f"`median [p20, p80]` in ms; {report['wall_s']:.0f} s for the whole run",
     ]

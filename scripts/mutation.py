@@ -54,11 +54,13 @@ TRAINER_CHECK = "tests/trainer/test_train.py|-k float64"
 TESTS = {
     "egrpo/kernels/grpo_loss.py": ["tests/kernels/test_grpo_loss*.py", "tests/kernels/test_head_paths.py"],
     "egrpo/kernels/_head.py": ["tests/kernels/test_linear_logprob_entropy*.py", "tests/kernels/test_grpo_loss*.py",
-                               "tests/kernels/test_head_paths.py", "tests/kernels/test_overlap_row_passes.py"],
+                               "tests/kernels/test_head_paths.py", "tests/kernels/test_overlap_row_passes.py",
+                               "tests/kernels/test_cpu_workspace.py"],
     "egrpo/kernels/linear_logprob_entropy.py": ["tests/kernels/test_linear_logprob_entropy*.py"],
     "egrpo/kernels/entropy_masks.py": ["tests/kernels/test_entropy_masks*.py"],
     "egrpo/kernels/cross_sample_similarity.py": ["tests/kernels/test_cross_sample_similarity*.py"],
-    "egrpo/kernels/_common.py": ["tests/kernels/test_common*.py", "tests/kernels/test_linear_logprob_entropy*.py"],
+    "egrpo/kernels/_common.py": ["tests/kernels/test_common*.py", "tests/kernels/test_linear_logprob_entropy*.py",
+                                 "tests/kernels/test_head_paths.py", "tests/kernels/test_cpu_workspace.py"],
     # the eager references: ground truth of the kernel tests and the trainer's head_impl=eager path, which the
     # trainer check compares with its own hand-written float64 objective
     "egrpo/kernels/reference.py": [TRAINER_CHECK, "tests/kernels/test_reference.py", "tests/test_objectives.py",

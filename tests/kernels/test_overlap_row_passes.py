@@ -78,7 +78,9 @@ def test_next_gemm_runs_before_this_chunks_row_passes(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("frozen", [True, False])
 def test_gpu_side_stream_is_bit_identical(monkeypatch, frozen):
-    """On CUDA the next GEMM runs on a side stream: same results as one stream, bit for bit, over many chunks."""
+    """On CUDA the next GEMM runs on a side stream: same results as one stream, bit for bit, over many chunks.
+    (cuBLAS promises bitwise-equal results only with one active stream per workspace: if this fails, rerun with
+    CUBLAS_WORKSPACE_CONFIG=:4096:8 before reading it as a race.)"""
     torch.manual_seed(0)
     Bg, Tg, Dg, Vg = 64, 64, 256, 16384
     hidden = torch.randn(Bg, Tg, Dg, device="cuda", dtype=torch.bfloat16)
