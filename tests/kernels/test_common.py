@@ -67,3 +67,16 @@ def test_unknown_cpu_fp32_gemm_is_named(monkeypatch):
     monkeypatch.setenv("EGRPO_CPU_FP32_GEMM", "mkl")
     with pytest.raises(ValueError, match="EGRPO_CPU_FP32_GEMM must be one of"):
         _common.cpu_fp32_gemm()
+
+
+@pytest.mark.parametrize("device,vocab,rows", [
+    ("cpu", 16384, 1024),     # 64 MiB of fp32 logits
+    ("cpu", 102400, 512),     # the budget gives 163 rows: the dW GEMM's floor of 512 rows wins
+    ("cuda", 16384, 4096),    # 256 MiB
+    ("cuda", 102400, 2048),   # the budget gives 655 rows: the floor of 2048 wins
+])
+def test_default_chunk_rows_follow_the_documented_budgets(device, vocab, rows):
+    """docs/kernels.md: 64 MiB (CPU) / 256 MiB (CUDA) of fp32 logits per chunk, at least 512 / 2048 rows, whole
+    128-row tiles, never more rows than there are."""
+    assert _common.default_chunk_rows(10**6, vocab, torch.device(device)) == rows
+    assert _common.default_chunk_rows(300, vocab, torch.device(device)) == 300
