@@ -71,6 +71,13 @@ def test_config_mistakes_are_one_line_exit_2(capsys, tmp_path, args, needles):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_bad_kernel_environment_switch_is_a_config_error(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("EGRPO_CPU_FP32_GEMM", "mkl")
+    rc, _, err = cli(capsys, "train", *BASE, f"train.out_dir={tmp_path / 'run'}")
+    assert_one_line_error(rc, err, "EGRPO_CPU_FP32_GEMM", "'onednn', 'blas'", "'mkl'")
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_prompts_json_and_debug_shows_traceback(capsys, tmp_path):
     bad = tmp_path / "prompts.json"
     bad.write_text('["a red apple", ')

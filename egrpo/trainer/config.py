@@ -262,6 +262,11 @@ class Config:
             raise ConfigError(f"train.device must be 'auto', 'cpu' or 'cuda', got {t.device!r}")
         if t.head_impl not in ("fused", "eager"):
             raise ConfigError(f"train.head_impl must be 'fused' or 'eager', got {t.head_impl!r}")
+        from egrpo.kernels._common import cpu_fp32_gemm
+        try:  # an environment switch of the kernels: checked here rather than at the first CPU loss
+            cpu_fp32_gemm()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if not self.rewards:
             raise ConfigError("rewards: at least one reward function is required")
         from egrpo.rewards.registry import REWARDS, check_reward_arguments, load_adapters, resolve_reward
