@@ -28,7 +28,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from ._common import (
-    HAS_TRITON, INTERPRETING, addmm_wide, cpu_fp32_gemm, gemm_dtype, logits_dtype, mm_wide, onednn_mm, uses_onednn,
+    HAS_TRITON, INTERPRETING, addmm_wide, gemm_dtype, logits_dtype, mm_wide, onednn_mm, uses_onednn,
 )
 
 if HAS_TRITON:
@@ -262,8 +262,8 @@ class HeadGrads:
         self._dw_part = None  # reusable [V, D] buffer for a CPU half-precision dW GEMM's output
         self._dw_t = None  # the oneDNN fp32 path accumulates dW^T [D, V] (see _accumulate_dw_onednn)
 
-    def accumulate(self, dz, rows, x_chunk, w_gemm, ws=None):
-        onednn = uses_onednn(dz)
+    def accumulate(self, dz, rows, x_chunk, w_gemm, ws=None, onednn=False):
+        """Add the chunk's gradients from its ``dz``; ``onednn``: the pass's fp32 CPU GEMMs run through oneDNN."""
         if self.dx is not None:
             if onednn:
                 self.dx[rows] = onednn_mm(dz, w_gemm)
@@ -382,12 +382,12 @@ class _ChunkBuffers:
     """[chunk, V] buffers allocated once per pass and reused by every chunk (and, on CPU, kept between
     calls: see the workspace above)."""
 
-    def __init__(self, chunk, V, ldt, gdt, device, need_half, ws=None, per_chunk_logits=False):
+    def __init__(self, chunk, V, ldt, gdt, device, need_half, ws=None, per_chunk_logits=False, onednn=False):
         cpu_half = gdt != ldt and device.type != "cuda"
         shape = (chunk, V)
         self.ws, self.ldt, self.device = ws, ldt, device
-        # fp32 on CPU: oneDNN's GEMM writes the logits into a tensor of its own (see cpu_fp32_gemm)
-        self.onednn = device.type == "cpu" and gdt == ldt == torch.float32 and cpu_fp32_gemm() == "onednn"
+        # fp32 on CPU through oneDNN: its GEMM writes the logits into a tensor of its own (see _Operands)
+        self.onednn = onednn
         # CUDA half operands: the fp32-output GEMM allocates z itself (the caching allocator reuses it); so does
         # every chunk when the next chunk's GEMM runs ahead (two chunks' logits are alive at once)
         per_chunk = per_chunk_logits or self.onednn or (gdt != ldt and device.type == "cuda")
@@ -429,6 +429,8 @@ class _Operands:
         self.ldt = logits_dtype(hidden.dtype)
         self.gdt = gemm_dtype(hidden.dtype, hidden.device, backend)
         self.w = weight.to(self.gdt)
+        # who runs the fp32 GEMMs on CPU (cpu_fp32_gemm), decided once for the whole pass
+        self.onednn = uses_onednn(self.w)
 
     def x(self, hidden, rows):
         return hidden[rows].to(self.gdt)
@@ -447,7 +449,8 @@ def _chunk_setup(hidden, weight, chunk_size, backend, need_dz_half, ws, lookahea
     ops = _Operands(hidden, weight, backend)
     chunk = max(1, min(chunk_size, n_rows))
     passes = ROW_PASSES[backend]
-    bufs = _ChunkBuffers(chunk, V, ops.ldt, ops.gdt, hidden.device, need_dz_half, ws, per_chunk_logits=lookahead)
+    bufs = _ChunkBuffers(chunk, V, ops.ldt, ops.gdt, hidden.device, need_dz_half, ws, per_chunk_logits=lookahead,
+                         onednn=ops.onednn)
     return passes, ops, bufs
 
 
@@ -544,7 +547,7 @@ def head_pass(
                 if with_grads and (g_logp is not None or g_entropy is not None):
                     dz = z if half is None else half
                     passes.dlogits(z, bufs, bias, targets[rows], lse[rows], entropy[rows], g_logp, g_entropy, inv_tau, dz)
-                    grads.accumulate(dz, rows, x, ops.w, ws)
+                    grads.accumulate(dz, rows, x, ops.w, ws, onednn=ops.onednn)
                     del dz
             del x, z, half  # one chunk's logits alive at a time (see _chunks)
     return logp, entropy, lse
@@ -565,6 +568,6 @@ def head_backward(
                 None if g_logp is None else g_logp[rows], None if g_entropy is None else g_entropy[rows],
                 inv_tau, dz,
             )
-            grads.accumulate(dz, rows, x, ops.w, ws)
+            grads.accumulate(dz, rows, x, ops.w, ws, onednn=ops.onednn)
             del x, z, half, dz  # one chunk's logits alive at a time (see _chunks)
     return grads

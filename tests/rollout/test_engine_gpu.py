@@ -12,14 +12,19 @@ from egrpo.trainer.tokenizer import janus_tokens
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("params", [SamplingParams(cfg_scale=5.0), SamplingParams(cfg_scale=2.0, top_k=20, top_p=0.9)])
-def test_graph_and_triton_match_eager_torch(params):
+def _tiny_model_and_prompts():
+    """A 2-layer tiny Janus on CUDA and 6 prompts of 9 ids (BOS ... image start), all attended."""
     model, tokenizer = build_model(
         ModelConfig(tiny=dict(image_size=32, num_layers=2, initializer_range=0.2), dtype="fp32"), "cuda")
     tokens = janus_tokens(tokenizer)
     ids = torch.randint(10, 100, (6, 9), device="cuda")
     ids[:, 0], ids[:, -1] = tokens.bos, tokens.image_start
-    mask = torch.ones_like(ids)
+    return model, tokens, ids, torch.ones_like(ids)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(cfg_scale=5.0), SamplingParams(cfg_scale=2.0, top_k=20, top_p=0.9)])
+def test_graph_and_triton_match_eager_torch(params):
+    model, tokens, ids, mask = _tiny_model_and_prompts()
     mask[:2, :3] = 0
     prefill = cfg_prefill(model, ids, mask, tokens.pad, "left", keep_ids=(tokens.bos, tokens.image_start))
     eager = RolloutEngine(model, EngineConfig(cuda_graph=False, sampler="torch"))
@@ -45,12 +50,7 @@ def test_graph_captured_on_the_last_step_matches_eager(new_tokens, key_buckets):
     """A graph captured on a phase's last decode step (a 2-token phase; with a 9-slot prompt and 2 spans of 16
     slots, the second span starts on the last step): its warm-up must not step past the buffers (it once did: a
     device-side assert). tests/rollout/test_engine_graph.py checks the same on CPU with a stand-in graph API."""
-    model, tokenizer = build_model(
-        ModelConfig(tiny=dict(image_size=32, num_layers=2, initializer_range=0.2), dtype="fp32"), "cuda")
-    tokens = janus_tokens(tokenizer)
-    ids = torch.randint(10, 100, (6, 9), device="cuda")
-    ids[:, 0], ids[:, -1] = tokens.bos, tokens.image_start
-    mask = torch.ones_like(ids)
+    model, tokens, ids, mask = _tiny_model_and_prompts()
     eager = RolloutEngine(model, EngineConfig(cuda_graph=False, sampler="torch"))
     graph = RolloutEngine(model, EngineConfig(cuda_graph=True, key_buckets=key_buckets, sampler="torch"))
     prefill = cfg_prefill(model, ids, mask, tokens.pad, "left", keep_ids=(tokens.bos, tokens.image_start))
