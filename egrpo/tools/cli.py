@@ -91,9 +91,35 @@ def _add_model_args(p):
     p.add_argument("--no-progress", action="store_true")
 
 
-def _load_model(args):
-    from egrpo.trainer.model import ModelConfig, build_model, num_image_tokens
+# RolloutConfig fields set from a command-line flag: its errors name the flag the user typed
+_ROLLOUT_FLAGS = {"cfg_scale": "--cfg-scale", "temperature": "--temperature", "top_k": "--top-k",
+                  "cot_max_tokens": "--cot-max-tokens", "cot_template": "--cot-template",
+                  "cot_temperature": "--cot-temperature", "images_per_cot": "--images-per-cot"}
+
+
+def rollout_config(args, image_tokens: int = 576, **changes):
+    """The validated ``RolloutConfig`` of the model flags (plus ``changes``). Called once before anything is
+    written or loaded (``image_tokens`` is then a placeholder) and again with the model's image-token count, so
+    that a bad sampling flag is a one-line error naming it, not a half-written output."""
+    from dataclasses import replace
+
     from egrpo.trainer.rollout import RolloutConfig
+
+    cfg = RolloutConfig(
+        cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, cot_max_tokens=args.cot_max_tokens,
+        cot_temperature=args.cot_temperature, cot_template=args.cot_template, image_tokens=image_tokens,
+        engine=not getattr(args, "no_engine", False), compile=getattr(args, "compile", False))  # other CLIs: defaults
+    try:
+        return replace(cfg, **changes).validate()
+    except ValueError as e:
+        message = str(e)
+        for name, flag in _ROLLOUT_FLAGS.items():
+            message = message.replace(f"rollout.{name} ", f"{flag} ").replace(f"rollout.{name}=", f"{flag} ")
+        raise UserError(message) from None
+
+
+def _load_model(args, **changes):
+    from egrpo.trainer.model import ModelConfig, build_model, num_image_tokens
 
     if (args.model is None) == (args.tiny is None):
         raise ValueError("give exactly one of --model PATH or --tiny JSON")
@@ -106,11 +132,7 @@ def _load_model(args):
     device = resolve_device(args.device)
     cfg = ModelConfig(path=args.model, tiny=tiny, dtype=args.dtype)
     model, tokenizer = build_model(cfg, device)
-    rollout_cfg = RolloutConfig(
-        cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, cot_max_tokens=args.cot_max_tokens,
-        cot_temperature=args.cot_temperature, cot_template=args.cot_template, image_tokens=num_image_tokens(model),
-        engine=not getattr(args, "no_engine", False), compile=getattr(args, "compile", False))  # other CLIs: defaults
-    return model, tokenizer, rollout_cfg
+    return model, tokenizer, rollout_config(args, num_image_tokens(model), **changes)
 
 
 def run_analyze(args) -> int:
@@ -123,6 +145,7 @@ def run_analyze(args) -> int:
         raise UserError("--text-entropy released needs CoTs (the released CoT rollout): give --cots >= 1, or use "
                         "--text-entropy masked")
     resolve_device(args.device)
+    rollout_config(args)                                        # bad sampling flags: before any file is touched
     prompts, metadata = load_prompts(args.prompts)
     reward_set = build_reward_set(args)
     moved = prepare_output_file(args.out, args.overwrite)       # checked before the model loads
@@ -165,8 +188,6 @@ def run_plot(args) -> int:
 
 
 def run_generate(args) -> int:
-    from dataclasses import replace
-
     from .analyze import load_prompts
     from .generate import generate
 
@@ -176,12 +197,13 @@ def run_generate(args) -> int:
         raise UserError(f"--images-per-cot {args.images_per_cot} needs --cot (images per CoT); without --cot, "
                         "give the number of images with --images-per-prompt")
     resolve_device(args.device)
+    phases = dict(cot=args.cot, images_per_cot=args.images_per_cot if args.cot else 1)
+    rollout_config(args, **phases)                              # bad sampling flags: before any file is touched
     prompts, metadata = load_prompts(args.prompts)
     moved = prepare_generation_dir(args.out, args.overwrite)    # checked before the model loads
     if moved:
         print(f"moved the earlier generations in {args.out} to {moved}", file=sys.stderr)
-    model, tokenizer, rollout_cfg = _load_model(args)
-    rollout_cfg = replace(rollout_cfg, cot=args.cot, images_per_cot=args.images_per_cot if args.cot else 1)
+    model, tokenizer, rollout_cfg = _load_model(args, **phases)
     records = generate(model, tokenizer, prompts, args.out, rollout_cfg, images_per_prompt=args.images_per_prompt,
                        seed=args.seed, metadata=metadata, progress=not args.no_progress)
     print(f"wrote {len(records)} images to {args.out}")

@@ -35,10 +35,13 @@ def generate(model, tokenizer, prompts: Sequence[str], out_dir: str, rollout_cfg
     device = model.lm_head.weight.device
     engine = make_engine(model, cfg)   # one for all prompts (holds the compiled steps with rollout.compile)
     records = []
-    with open(os.path.join(out_dir, "generations.jsonl"), "w", encoding="utf-8") as out:
+    out = None   # opened with the first image: a run that fails before it leaves no generations behind
+    try:
         for k, prompt in enumerate(tqdm(list(prompts), desc="generate", unit="prompt", disable=not progress)):
             generator = torch.Generator(device=device).manual_seed(seed + k)
             ro = rollout(model, tokenizer, [prompt], cfg, generator, engine)
+            if out is None:
+                out = open(os.path.join(out_dir, "generations.jsonl"), "w", encoding="utf-8")
             for j in range(ro.images.shape[0]):
                 name = f"{k:05d}_{j:02d}.png"
                 tensor_to_png(ro.images[j], os.path.join(out_dir, name))
@@ -49,4 +52,7 @@ def generate(model, tokenizer, prompts: Sequence[str], out_dir: str, rollout_cfg
                           "metadata": dict((metadata or [{}] * len(prompts))[k] or {})}
                 out.write(json.dumps(record) + "\n")
                 records.append(record)
+    finally:
+        if out is not None:
+            out.close()
     return records

@@ -52,10 +52,16 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def holds_generations(out_dir: str) -> bool:
-    """True when ``out_dir`` holds a ``generations.jsonl`` or images (outside earlier ``previous-*`` folders)."""
+    """True when ``out_dir`` holds a non-empty ``generations.jsonl`` or images (outside earlier ``previous-*``
+    folders)."""
     if not os.path.isdir(out_dir):
         return False
-    return any(name == "generations.jsonl" or name.lower().endswith(IMAGE_EXTENSIONS) for name in os.listdir(out_dir))
+    def holds(name: str) -> bool:
+        if name == "generations.jsonl":   # an empty one (a run that failed before its first image) holds nothing
+            return os.path.getsize(os.path.join(out_dir, name)) > 0
+        return name.lower().endswith(IMAGE_EXTENSIONS)
+
+    return any(holds(name) for name in os.listdir(out_dir))
 
 
 def prepare_generation_dir(out_dir: str, overwrite: bool, flag: str = "--out") -> Optional[str]:
@@ -72,11 +78,11 @@ def prepare_generation_dir(out_dir: str, overwrite: bool, flag: str = "--out") -
 
 
 def prepare_output_file(path: str, overwrite: bool, flag: str = "--out") -> Optional[str]:
-    """Refuse an existing file ``path`` unless ``overwrite``; with ``overwrite`` it is renamed to
+    """Refuse an existing, non-empty file ``path`` unless ``overwrite``; with ``overwrite`` it is renamed to
     ``<stem>.previous-<time><ext>`` (returned). A directory is refused."""
     if os.path.isdir(path):
         raise UserError(f"{flag} {path} is a directory; give a file name such as analysis.jsonl")
-    if not os.path.exists(path):
+    if not os.path.exists(path) or os.path.getsize(path) == 0:   # an empty file (a failed run's) holds nothing
         return None
     if not overwrite:
         raise UserError(f"{flag} {path} already exists; give a new {flag}, or pass --overwrite to keep the old "
