@@ -163,6 +163,9 @@ def run_analyze(args) -> int:
 def run_plot(args) -> int:
     from .plot_analysis import correlation_table, format_table, load_records, plot_analysis
 
+    for path in args.input:
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: no such file; give the jsonl written by `egrpo analyze --out`")
     if len(args.input) > 1:
         from .plot_analysis import plot_comparison
 
@@ -213,6 +216,10 @@ def run_generate(args) -> int:
 def run_score(args) -> int:
     from .score import format_rows, score_folder
 
+    check_at_least(args.batch_size, "--batch-size")
+    if not os.path.isdir(args.images):
+        raise UserError(f"--images {args.images}: no such folder; give the folder of images to score "
+                        "(e.g. the --out of `egrpo generate`)")
     moved = prepare_output_file(args.out, args.overwrite) if args.out else None   # before any reward model loads
     reward_set = build_reward_set(args)
     rows = score_folder(args.images, reward_set, prompt=args.prompt, batch_size=args.batch_size)

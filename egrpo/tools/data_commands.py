@@ -20,13 +20,19 @@ def run_convert(args) -> int:
 
 def run_data_geneval(args) -> int:
     from egrpo.data import PromptFileError, load_prompt_file, write_geneval_prompts
+    from egrpo.errors import UserError
+
+    from .validate import prepare_output_file
 
     try:
         exclude = load_prompt_file(args.exclude, schema="geneval") if args.exclude else None
+        moved = prepare_output_file(args.out, args.overwrite)   # a prompt file may have been edited by hand
         counts = write_geneval_prompts(args.out, args.n, ratio=args.ratio, seed=args.seed, exclude=exclude)
-    except (PromptFileError, ValueError) as e:
+    except (PromptFileError, UserError, ValueError) as e:
         print(f"egrpo data geneval: {e}", file=sys.stderr)
         return 2
+    if moved:
+        print(f"kept the previous {args.out} as {moved}")
     print(f"wrote {sum(counts.values())} prompts to {args.out}: "
           + ", ".join(f"{tag} {n}" for tag, n in counts.items()))
     return 0
@@ -56,7 +62,9 @@ def add_data_subcommands(subparsers) -> None:
     p = subparsers.add_parser("data", help="prompt files: generate GenEval-style prompts, validate a file")
     sub = p.add_subparsers(dest="data_command", required=True)
     g = sub.add_parser("geneval", help="GenEval-style training prompts (Flow-GRPO schema) from COCO classes/colours")
-    g.add_argument("--out", required=True, help="output .jsonl")
+    g.add_argument("--out", required=True, help="output .jsonl (an existing file is refused without --overwrite)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="--out exists: rename it to <name>.previous-<time>.jsonl and write a new one")
     g.add_argument("--n", type=int, required=True, help="number of prompts")
     g.add_argument("--ratio", default="0:1:7:1:4:5",
                    help="single_object:two_object:counting:colors:position:color_attr (default: STAGE's 0:1:7:1:4:5)")

@@ -79,3 +79,24 @@ def test_empty_outputs_of_a_failed_run_do_not_count_as_results(tmp_path):
     empty.write_text("{}\n")
     with pytest.raises(Exception, match="already exists"):
         prepare_output_file(str(empty), overwrite=False)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["score", "--images", "{tmp}/missing", "--reward", "colour"], "--images"),
+    (["score", "--images", "{tmp}", "--reward", "colour", "--batch-size", "0"], "--batch-size"),
+    (["plot-analysis", "{tmp}/missing.jsonl", "--out", "{tmp}/figs"], "missing.jsonl: no such file"),
+])
+def test_score_and_plot_mistakes_are_one_line_errors_naming_the_argument(tmp_path, capsys, argv, named):
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = one_line_error(capsys)
+    assert named in err and "Errno" not in err and "range()" not in err, err
+
+
+def test_data_geneval_keeps_an_existing_prompt_file(tmp_path, capsys):
+    out = tmp_path / "train.jsonl"
+    out.write_text('{"prompt": "edited by hand", "tag": "counting"}\n')
+    assert main(["data", "geneval", "--out", str(out), "--n", "4"]) == 2
+    assert "already exists" in one_line_error(capsys) and "edited by hand" in out.read_text()
+    assert main(["data", "geneval", "--out", str(out), "--n", "4", "--overwrite"]) == 0
+    (kept,) = tmp_path.glob("train.previous-*.jsonl")
+    assert "edited by hand" in kept.read_text() and out.read_text().count("\n") == 4
