@@ -72,20 +72,33 @@ def main(argv=None) -> int:
         return 2
 
 
+def _resumed_run_dir(resume: str):
+    """The run directory (``config.yaml`` + ``checkpoints/``) that ``--resume`` points into: the run itself, its
+    ``checkpoints/`` directory or one checkpoint directory; None when it is none of them."""
+    here = os.path.abspath(resume)
+    for run_dir in (here, os.path.dirname(here), os.path.dirname(os.path.dirname(here))):
+        if os.path.isfile(os.path.join(run_dir, "config.yaml")) and os.path.isdir(os.path.join(run_dir, "checkpoints")):
+            return run_dir
+    return None
+
+
 def run_config(args):
     """The config of ``egrpo train``: ``--config`` plus overrides, or with only ``--resume``, the run's own
-    effective ``config.yaml`` (its ``out_dir`` pointing at that run) plus overrides."""
+    effective ``config.yaml`` plus overrides. With ``--resume``, ``train.out_dir`` is the resumed run's
+    directory unless an override names another one: a config file's ``out_dir`` (``runs/demo`` in the demo) must
+    not silently move the continuation of another run elsewhere."""
     from egrpo.errors import ConfigError
     from egrpo.trainer.config import load_config
 
+    run_dir = _resumed_run_dir(args.resume) if args.resume is not None else None
+    keep_run_dir = [] if run_dir is None or any(o.strip().startswith("train.out_dir=") for o in args.overrides) \
+        else [f"train.out_dir={run_dir}"]
     if args.config is not None:
-        return load_config(args.config, args.overrides)
+        return load_config(args.config, [*keep_run_dir, *args.overrides])
     if args.resume is None:
         raise ConfigError("--config is required (or --resume RUN_DIR to continue a run with its own config)")
-    here = os.path.abspath(args.resume)
-    for run_dir in (here, os.path.dirname(here), os.path.dirname(os.path.dirname(here))):
-        if os.path.isfile(os.path.join(run_dir, "config.yaml")) and os.path.isdir(os.path.join(run_dir, "checkpoints")):
-            return load_config(os.path.join(run_dir, "config.yaml"), [f"train.out_dir={run_dir}", *args.overrides])
+    if run_dir is not None:
+        return load_config(os.path.join(run_dir, "config.yaml"), [f"train.out_dir={run_dir}", *args.overrides])
     raise ConfigError(f"--resume {args.resume}: no run directory with config.yaml found; give --config as well")
 
 

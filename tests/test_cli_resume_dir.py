@@ -1,0 +1,44 @@
+"""``egrpo train --config FILE --resume RUN`` continues RUN in its own directory unless ``train.out_dir`` is given
+on the command line (the config file's ``out_dir`` is a template value, not a request to move the run)."""
+
+import argparse
+import os
+
+import pytest
+
+from egrpo.cli import run_config
+
+DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    run = tmp_path / "my-run"
+    (run / "checkpoints" / "step_000002").mkdir(parents=True)
+    (run / "config.yaml").write_text(open(DEMO, encoding="utf-8").read())   # its out_dir says runs/demo
+    return run
+
+
+def args(config, resume, *overrides):
+    return argparse.Namespace(config=config, resume=resume, overrides=list(overrides))
+
+
+@pytest.mark.parametrize("resume", ["", "checkpoints", "checkpoints/step_000002"])
+def test_resume_with_a_config_keeps_the_run_directory(run_dir, resume):
+    cfg = run_config(args(DEMO, str(run_dir / resume), "train.steps=5"))
+    assert os.path.abspath(cfg.train.out_dir) == str(run_dir) and cfg.train.steps == 5
+
+
+def test_resume_alone_uses_the_runs_config_and_directory(run_dir):
+    assert os.path.abspath(run_config(args(None, str(run_dir))).train.out_dir) == str(run_dir)
+
+
+def test_an_explicit_out_dir_still_forks_the_run(run_dir, tmp_path):
+    cfg = run_config(args(DEMO, str(run_dir), f"train.out_dir={tmp_path / 'fork'}"))
+    assert cfg.train.out_dir == str(tmp_path / "fork")
+
+
+def test_a_checkpoint_outside_any_run_keeps_the_configs_out_dir(tmp_path):
+    lone = tmp_path / "downloaded-checkpoint"
+    lone.mkdir()
+    assert run_config(args(DEMO, str(lone))).train.out_dir == "runs/demo"
