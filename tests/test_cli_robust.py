@@ -446,3 +446,84 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(capsys, base_run
     assert find_checkpoint(str(run))[1] == "step_000003"
     assert [r["step"] for r in read_metrics(str(run / "metrics.jsonl"))] == [1, 2, 3]
 
+
+
+def test_a_resume_that_only_extends_steps_stretches_the_schedule(capsys, base_run, tmp_path):
+    """train.steps 2 -> 4 alone (no --allow-changes): the linear decay now ends at step 4, not at the checkpoint's
+    step 2 (where the restored schedule would give LR 0 from here on)."""
+    run = copy_run(base_run, tmp_path)
+    rc, _, err = cli(capsys, "train", "--resume", run, "train.steps=4")
+    assert rc == 0, err
+    assert "train.steps: 2 -> 4" in err
+    records = read_metrics(str(run / "metrics.jsonl"))
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    # 1e-3 linearly to 0 over 4 updates, continued at update 2: 1e-3 * (1 - 2/4), 1e-3 * (1 - 3/4).
+    assert records[2]["lr"] == pytest.approx(5e-4) and records[3]["lr"] == pytest.approx(2.5e-4)
+
+
+def test_resuming_an_older_checkpoint_points_latest_at_it_and_keeps_it(base_run, tmp_path):
+    """Stopped before the resumed branch saved anything: `latest` names the resumed checkpoint (not the abandoned
+    step 2), which is still there, so a plain --resume continues this branch without a warning."""
+    from egrpo.trainer.train import find_checkpoint, train
+
+    run = copy_run(base_run, tmp_path)
+    overrides = ["train.steps=3", "train.save_every=0", "optim.schedule=linear"]
+    summary = train(small_config(run, *overrides), resume=str(run / "checkpoints" / "step_000001"), stop_after=1)
+    assert summary["step"] == 2 and not summary["finished"]
+    assert (run / "checkpoints" / "latest").read_text() == "step_000001"
+    assert sorted(p for p in os.listdir(run / "checkpoints") if p.startswith("step_")) == ["step_000001"]
+    assert find_checkpoint(str(run))[1:] == ("step_000001", [])
+    assert [r["step"] for r in read_metrics(str(run / "metrics.jsonl"))] == [1, 2]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_not_restarted_over(capsys, tmp_path):
+    """A run that recorded steps but no checkpoint: a plain start into its directory is refused (its metrics and
+    config are kept), naming --overwrite, not --resume (there is nothing to resume)."""
+    from egrpo.trainer.train import train
+
+    run = tmp_path / "run"
+    summary = train(small_config(run, "train.steps=3", "train.save_every=0"), stop_after=1)
+    assert summary["step"] == 1 and not (run / "checkpoints").exists()
+    rc, _, err = cli(capsys, "train", *RUN, f"train.out_dir={run}")
+    assert_one_line_error(rc, err, str(run), "without a checkpoint", "--overwrite")
+    assert [r["step"] for r in read_metrics(str(run / "metrics.jsonl"))] == [1]
+
+
+def test_a_resume_into_another_runs_directory_is_refused(capsys, base_run, tmp_path):
+    """--resume A with train.out_dir=B, where B holds another run: refused (B untouched) unless --overwrite, which
+    moves B's run aside; a resume of a run into its own directory with --overwrite moves nothing."""
+    a = copy_run(base_run, tmp_path / "a")
+    b = copy_run(base_run, tmp_path / "b")
+    rc, _, err = cli(capsys, "train", "--resume", a, "train.steps=3", f"train.out_dir={b}")
+    assert_one_line_error(rc, err, str(b), "another run", "--overwrite")
+    assert not [p for p in os.listdir(b) if p.startswith("previous-")]
+    rc, _, err = cli(capsys, "train", "--resume", a, "train.steps=3", f"train.out_dir={b}", "--overwrite")
+    assert rc == 0, err
+    (aside,) = [p for p in os.listdir(b) if p.startswith("previous-")]
+    assert (b / aside / "checkpoints" / "step_000002").is_dir()
+    # the run's own directory: --overwrite does not move the run being resumed
+    rc, _, err = cli(capsys, "train", "--resume", a, "train.steps=3", "--overwrite")
+    assert rc == 0, err
+    assert not [p for p in os.listdir(a) if p.startswith("previous-")]
+    assert [r["step"] for r in read_metrics(str(a / "metrics.jsonl"))] == [1, 2, 3]
+    history = [json.loads(line) for line in open(a / "config_history.jsonl")]
+    assert [h["event"] for h in history] == ["start", "resume"]
+
+
+def test_a_resume_of_an_older_checkpoint_that_fails_keeps_the_newer_metrics(capsys, base_run, tmp_path, monkeypatch):
+    """--resume <run>/checkpoints/step_000001 that fails before completing a step leaves the run as it was: its
+    newer checkpoint stays `latest`, and the metric records after step 1 stay too, so a plain --resume continues
+    from step 2 with the whole history (not with a hole at step 2)."""
+    run = copy_run(base_run, tmp_path)
+    before = (run / "metrics.jsonl").read_text()
+    (tmp_path / "badrewards.py").write_text(ALWAYS_FAILS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    rc, _, err = cli(capsys, "train", "--resume", run / "checkpoints" / "step_000001", "train.steps=3",
+                     "--allow-changes", "rewards.0.name=badrewards:AlwaysFails")
+    assert_one_line_error(rc, err, "AlwaysFails")
+    assert (run / "metrics.jsonl").read_text() == before
+    assert (run / "checkpoints" / "latest").read_text() == "step_000002"
+    rc, _, err = cli(capsys, "train", "--resume", run, "train.steps=3")
+    assert rc == 0, err
+    assert [r["step"] for r in read_metrics(str(run / "metrics.jsonl"))] == [1, 2, 3]

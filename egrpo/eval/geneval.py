@@ -340,14 +340,17 @@ def read_layout(root: str) -> List[dict]:
 # ------------------------------------------------------------------------------------------------------ scoring
 
 def summarise(records: Sequence[dict], failed: int = 0) -> dict:
-    """Per-task accuracy, overall = unweighted mean over the tasks present, and the image counts."""
+    """Per-task accuracy, overall = unweighted mean over the tagged tasks present (as GenEval's summary, whose
+    group-by skips rows without a tag; images without one are reported as ``untagged`` and count in the overall
+    only when no image has a tag), and the image counts."""
     tasks: Dict[str, List[float]] = {}
     for r in records:
         tasks.setdefault(r.get("tag") or "untagged", []).append(float(r["correct"]))
     per_task = {tag: mean(values) for tag, values in sorted(tasks.items(), key=lambda kv: _tag_order(kv[0]))}
+    tagged = [score for tag, score in per_task.items() if tag != "untagged"]
     return {
         "benchmark": "geneval",
-        "overall": mean(per_task.values()),
+        "overall": mean(tagged or per_task.values()),
         "tasks": per_task,
         "images": {tag: len(values) for tag, values in tasks.items()},
         "scored": len(records),

@@ -17,33 +17,50 @@ VOLATILE_PREFIXES = ("time/", "memory/")
 class MetricLogger:
     """Appends ``{"step": s, **metrics}`` lines to ``<out_dir>/metrics.jsonl`` and mirrors the scalars to
     tensorboard (``<out_dir>/tensorboard``). On resume, records of steps after ``resume_step`` (written by the
-    interrupted run after its last checkpoint) are dropped so the file reads like one uninterrupted run."""
+    interrupted run after its last checkpoint) are dropped so the file reads like one uninterrupted run. They are
+    dropped (and tensorboard purged) only when the resumed run writes its first record or closes after its steps:
+    a resume that fails before that (e.g. from an older checkpoint, whose newer checkpoints then stay the run's
+    latest) leaves the run's history as it was."""
 
     def __init__(self, out_dir: str, *, enabled: bool = True, tensorboard: bool = True, resume_step: Optional[int] = None):
         self.enabled = enabled
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.writer = None
+        self._tensorboard = os.path.join(out_dir, "tensorboard") if tensorboard else None
+        self._resume_step = resume_step   # records after it are dropped at the first record or at close
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
         if resume_step is None:
             open(self.path, "w").close()
-        elif os.path.exists(self.path):
+
+    def _start(self) -> None:
+        """At the resumed run's first record: drop the interrupted run's records after the checkpoint (the file
+        is replaced atomically: a crash here keeps the old one) and open tensorboard purged from there on."""
+        resume_step, self._resume_step = self._resume_step, None
+        if resume_step is not None and os.path.exists(self.path):
             kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-            with open(self.path, "w", encoding="utf-8") as f:
+            tmp = f"{self.path}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
                 for record in kept:
                     f.write(json.dumps(record) + "\n")
-        if tensorboard:
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        if self._tensorboard is not None:
+            tb_dir, self._tensorboard = self._tensorboard, None
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=None if resume_step is None else resume_step + 1)
+                self.writer = SummaryWriter(tb_dir, purge_step=None if resume_step is None else resume_step + 1)
             except ImportError:  # tensorboard is optional at run time
                 self.writer = None
 
     def log(self, step: int, metrics: Dict[str, float]) -> None:
         if not self.enabled:
             return
+        if self._resume_step is not None or self._tensorboard is not None:
+            self._start()
         record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
@@ -54,6 +71,11 @@ class MetricLogger:
             self.writer.flush()
 
     def close(self) -> None:
+        """End of a run that completed its steps (not called when it failed): a resumed run that logged nothing
+        (``train.log_every`` larger than the steps it ran) still drops the interrupted run's later records."""
+        if self.enabled and self._resume_step is not None:
+            self._tensorboard = None   # nothing to mirror
+            self._start()
         if self.writer is not None:
             self.writer.close()
             self.writer = None

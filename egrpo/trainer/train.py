@@ -608,6 +608,23 @@ def move_previous_run(out_dir: str) -> str:
     return move_contents_aside(out_dir, keep=(LOCK_NAME,))
 
 
+def set_aside_newer_evals(out_dir: str, resumed_step: int) -> Optional[str]:
+    """Move the ``eval/step_*`` folders of steps after ``resumed_step`` (an interrupted run's, or another
+    branch's) into ``eval/abandoned-<time>/`` (returned; None when there are none), so that the resumed run
+    evaluates those steps afresh. Called once the resumed run has completed a step: a resume that fails earlier
+    leaves them in place. Nothing is deleted."""
+    folder = os.path.join(out_dir, "eval")
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    newer = [name for name in names if STEP_TAG.match(name) and int(STEP_TAG.match(name).group(1)) > resumed_step]
+    if not newer:
+        return None
+    dest = stamped_path(os.path.join(folder, "abandoned"))
+    os.makedirs(dest)
+    for name in newer:
+        os.replace(os.path.join(folder, name), os.path.join(dest, name))
+    return dest
+
+
 def set_aside_newer_checkpoints(ckpt_root: str, resumed_tag: str, resumed_step: int) -> Optional[str]:
     """Move the step checkpoints after ``resumed_step`` into ``ckpt_root/abandoned-<time>/`` and point
     ``latest`` at ``resumed_tag``, so a later plain ``--resume`` cannot continue the abandoned branch. Returns
@@ -909,10 +926,16 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
                 if moved:
                     say(f"the checkpoints after step {int(state['step'])} of the run this resume continues belong to "
                         f"another branch now; moved to {moved}")
+            if resume_from is not None:
+                moved = set_aside_newer_evals(out_dir, int(state["step"]))
+                if moved:
+                    say(f"the evaluations after step {int(state['step'])} were of other weights; moved to {moved}")
             save_config(cfg, os.path.join(out_dir, "config.yaml"))
             with open(os.path.join(out_dir, "config_history.jsonl"), "a", encoding="utf-8") as f:
                 f.write(json.dumps({**started_at, "event": "resume" if resume_from else "start",
                                     "resumed_from": resume_from, "changes": changes, "config": effective}) + "\n")
+        dist.barrier()   # the eval folders are set aside before any process evaluates this run's first step
+
     logger = MetricLogger(out_dir, enabled=is_main, tensorboard=t.tensorboard,
                           resume_step=step if resume_from is not None else None)
 
@@ -1127,8 +1150,9 @@ def build_evaluator(cfg: Config, out_dir: str, device: torch.device, resumed_sta
                     step: int, is_main: bool):
     """The `TrainingEvaluator` of ``cfg.eval`` (None when off), with the best value of the checkpoint resumed
     from, its prompts read and its scoring models loaded (a bad setting stops the run before its first step).
-    On resume, eval folders of steps after the checkpoint (the interrupted run's) are removed: they are
-    evaluated again, from the resumed weights. Call it on every process."""
+    On resume, eval folders of steps after the checkpoint are set aside once the resumed run has completed a
+    step (`set_aside_newer_evals`): they are evaluated again, from the resumed weights. Call it on every
+    process."""
     import torch.distributed as dist
 
     if not cfg.eval.every_steps:
@@ -1140,13 +1164,6 @@ def build_evaluator(cfg: Config, out_dir: str, device: torch.device, resumed_sta
         if not evaluator.load_state_dict(resumed_state.get("eval") or {}):
             say("eval settings that define the best value changed since the checkpoint: the best value starts "
                 "afresh (checkpoints/best is replaced at the next evaluation)", is_main)
-        if is_main:
-            folder = os.path.join(out_dir, "eval")
-            for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
-                match = STEP_TAG.match(name)
-                if match and int(match.group(1)) > step:
-                    shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
-        dist.barrier()
     try:
         evaluator.prepare()
     except (ValueError, OSError, ImportError) as e:   # EvalError, bad or missing weights, a missing package

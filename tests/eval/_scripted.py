@@ -12,3 +12,13 @@ class ScriptedReward:
 
     def __call__(self, images, prompts, metadata):
         return torch.tensor([ScriptedReward.values.pop(0) for _ in range(images.shape[0])])
+
+
+class FailingReward:
+    """A training reward that always raises: a resume with it fails before completing a step."""
+
+    def __init__(self, label: str = "failing"):
+        self.label = label
+
+    def __call__(self, images, prompts, metadata):
+        raise RuntimeError("scripted reward failure")

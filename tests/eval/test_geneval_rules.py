@@ -121,3 +121,14 @@ def test_summary_is_unweighted_mean_of_tasks():
     assert summary["failed"] == 1 and summary["complete"] is False
     assert summarise([])["overall"] is None
     assert issubclass(EvalError, ValueError)
+
+
+def test_untagged_images_are_reported_but_left_out_of_the_overall():
+    """As GenEval's summary (a group-by over the tag, which skips rows without one): the overall is the mean of
+    the tagged tasks; untagged images get their own line, and make the overall only when nothing is tagged."""
+    records = [{"tag": "colors", "correct": True}, {"tag": "position", "correct": False}]
+    records += [{"correct": False}, {"tag": "", "correct": False}, {"tag": None, "correct": True}]
+    summary = summarise(records)
+    assert summary["tasks"]["untagged"] == pytest.approx(1 / 3) and summary["images"]["untagged"] == 3
+    assert summary["overall"] == pytest.approx(0.5)                          # (1 + 0) / 2, untagged left out
+    assert summarise([{"correct": True}, {"correct": False}])["overall"] == pytest.approx(0.5)

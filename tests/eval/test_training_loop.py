@@ -163,3 +163,28 @@ def test_two_processes_under_zero3(tmp_path):
     best_step = max(records, key=lambda r: r["eval/score"])["step"]
     assert torch.load(out / "checkpoints" / "best" / "trainer_state.pt", weights_only=False)["step"] == best_step
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000002"
+
+
+def test_a_resume_sets_later_evaluations_aside_only_once_it_has_completed_a_step(tmp_path):
+    """Resuming from an older checkpoint re-evaluates the later steps from the resumed weights; the earlier
+    evaluations of those steps are moved into eval/abandoned-<time>/ (never deleted), and only once the resumed
+    run has completed a step: a resume that fails before that leaves the run's eval folders as they were."""
+    out = tmp_path / "run"
+    overrides = ["train.save_every=2", "eval.every_steps=2", "eval.evaluator=reward",
+                 f"eval.prompts={eval_prompts(tmp_path, ['a red apple'])}", "eval.images_per_prompt=1",
+                 "eval.rewards=[{name: colour}]"]
+    train(small_config(out, "train.steps=4", *overrides))
+    later = out / "eval" / "step_000004"
+    (later / "marker").write_text("evaluation of the first branch")
+    older = str(out / "checkpoints" / "step_000002")
+
+    with pytest.raises(Exception, match="scripted reward failure"):
+        train(small_config(out, "train.steps=4", *overrides, "rewards=[{name: 'tests.eval._scripted:FailingReward'}]"),
+              resume=older, allow_changes=True)
+    assert (later / "marker").exists() and not list((out / "eval").glob("abandoned-*"))
+
+    train(small_config(out, "train.steps=4", *overrides), resume=older)
+    assert later.is_dir() and not (later / "marker").exists()                 # evaluated again
+    (aside,) = (out / "eval").glob("abandoned-*")
+    assert (aside / "step_000004" / "marker").read_text() == "evaluation of the first branch"
+    assert (out / "eval" / "step_000002").is_dir()                            # steps up to the checkpoint stay

@@ -2,6 +2,7 @@
 intact checkpoint (truncated, zero-byte, random-byte files, a missing manifest, `latest` naming a missing or
 empty tag), one-line errors naming the file, `keep_last` pruning and the `best` slot."""
 
+import json
 import os
 
 import pytest
@@ -54,8 +55,14 @@ def test_layout_manifest_and_roundtrip(run):
     root = run_dir / "checkpoints"
     assert (root / "latest").read_text() == "step_000003"
     for step in (1, 2, 3):
-        assert verify_checkpoint(str(root / f"step_{step:06d}")) is None
-        assert (root / f"step_{step:06d}" / "config.yaml").exists()
+        tag_dir = root / f"step_{step:06d}"
+        assert verify_checkpoint(str(tag_dir)) is None
+        assert (tag_dir / "config.yaml").exists()
+        # the manifest covers every file of the checkpoint (RNG states, trainer state and config included)
+        files = json.loads((tag_dir / MANIFEST).read_text())["files"]
+        on_disk = {os.path.relpath(os.path.join(d, n), tag_dir) for d, _, names in os.walk(tag_dir) for n in names}
+        assert set(files) == on_disk - {MANIFEST}
+        assert {"rng_rank000.pt", "trainer_state.pt", "config.yaml"} <= set(files)
     load_dir, tag, problems = find_checkpoint(str(run_dir))
     assert (tag, problems) == ("step_000003", [])
     fresh = tiny_engine(seed=1)
@@ -64,8 +71,8 @@ def test_layout_manifest_and_roundtrip(run):
     assert torch.equal(fresh.module.weight, weights[3])
 
 
-@pytest.mark.parametrize("damage", ["truncated", "zero_bytes", "random_bytes", "no_manifest", "latest_missing_tag",
-                                    "latest_empty_tag"])
+@pytest.mark.parametrize("damage", ["truncated", "zero_bytes", "random_bytes", "missing_file", "no_manifest",
+                                    "latest_missing_tag", "latest_empty_tag"])
 def test_damaged_latest_falls_back_to_newest_intact(run, damage):
     run_dir, _, weights = run
     root = run_dir / "checkpoints"
@@ -80,6 +87,8 @@ def test_damaged_latest_falls_back_to_newest_intact(run, damage):
         size = os.path.getsize(victim)
         with open(victim, "wb") as f:
             f.write(os.urandom(size))
+    elif damage == "missing_file":   # e.g. deleted by hand, or lost with a node's local disk
+        os.remove(victim)
     elif damage == "no_manifest":    # a save killed before its manifest
         os.remove(newest / MANIFEST)
     elif damage == "latest_missing_tag":
@@ -91,7 +100,8 @@ def test_damaged_latest_falls_back_to_newest_intact(run, damage):
     expected = "step_000003" if damage.startswith("latest") else "step_000002"
     assert tag == expected
     assert len(problems) == 1
-    named = {"truncated": victim, "zero_bytes": victim, "random_bytes": victim, "no_manifest": MANIFEST,
+    named = {"truncated": victim, "zero_bytes": victim, "random_bytes": victim, "missing_file": victim,
+             "no_manifest": MANIFEST,
              "latest_missing_tag": "step_000009", "latest_empty_tag": "step_000009"}[damage]
     assert named in problems[0] and "\n" not in problems[0]
     fresh = tiny_engine(seed=1)

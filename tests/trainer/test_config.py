@@ -207,3 +207,24 @@ def test_reward_name_override_drops_the_old_arguments():
     assert cfg.rewards[0].kwargs == {"scale": 2} and cfg.rewards[0].retries == 1   # no `tolerance` left
     same = load_config(DEMO, ["rewards.0.name=colour"])
     assert same.rewards[0].kwargs == {"tolerance": 1.0}   # the same name keeps its arguments
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.keep_last=-1", "train.keep_last"), ("train.save_every=-1", "train.save_every"),
+    ("train.log_every=0", "train.log_every"), ("train.sample_every=-1", "train.sample_every"),
+    ("train.steps=0", "train.steps"), ("train.updates_per_rollout=0", "train.updates_per_rollout"),
+    ("train.device=tpu", "train.device"), ("train.head_impl=fast", "train.head_impl"),
+    ("train.export_format=gguf", "train.export_format"), ("model.dtype=fp16", "model.dtype"),
+    ("deepspeed.zero_stage=4", "deepspeed.zero_stage"), ("deepspeed.bf16=true", "deepspeed.bf16"),
+    ("optim.lr=0", "optim.lr"), ("optim.warmup_steps=-1", "optim.warmup_steps"),
+    ("optim.grad_clip=-1", "optim.grad_clip"), ("optim.grad_accum=0", "optim.grad_accum"),
+    ("data.prompts_per_step=0", "data.prompts_per_step"), ("data.schema=csv", "data.schema"),
+    ("rewards.0.retries=-1", "rewards[0].retries"), ("rewards.0.on_error=retry", "rewards[0].on_error"),
+])
+def test_each_bad_setting_is_refused_naming_it(override, needle):
+    """docs/training.md: a bad setting stops the run before anything starts, with one line naming the setting."""
+    load_config(DEMO).validate()
+    with pytest.raises(ConfigError) as info:
+        load_config(DEMO, [override]).validate()
+    message = str(info.value)
+    assert needle in message and "\n" not in message, message
