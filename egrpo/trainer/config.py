@@ -253,11 +253,10 @@ class Config:
                               "DeepSpeed's bf16 mode (fp32 master weights); set model.dtype=fp32 or deepspeed.bf16=true")
         if ds.bf16 and m.dtype == "fp32":
             raise ConfigError("deepspeed.bf16 is true but model.dtype is 'fp32'; set model.dtype=bf16")
-        if t.steps < 1 or t.updates_per_rollout < 1:
-            raise ConfigError("train.steps and train.updates_per_rollout must be >= 1")
-        if t.save_every < 0 or t.sample_every < 0 or t.log_every < 1 or t.keep_last < 0:
-            raise ConfigError("train.save_every / train.sample_every / train.keep_last must be >= 0 and "
-                              "train.log_every >= 1")
+        for name, minimum in (("steps", 1), ("updates_per_rollout", 1), ("save_every", 0), ("sample_every", 0),
+                              ("keep_last", 0), ("log_every", 1)):
+            if getattr(t, name) < minimum:
+                raise ConfigError(f"train.{name} must be >= {minimum}, got {getattr(t, name)}")
         if t.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device must be 'auto', 'cpu' or 'cuda', got {t.device!r}")
         if t.head_impl not in ("fused", "eager"):

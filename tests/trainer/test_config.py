@@ -228,3 +228,11 @@ def test_each_bad_setting_is_refused_naming_it(override, needle):
         load_config(DEMO, [override]).validate()
     message = str(info.value)
     assert needle in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("key, bad, minimum", [("steps", 0, 1), ("updates_per_rollout", 0, 1), ("save_every", -1, 0),
+                                               ("sample_every", -1, 0), ("keep_last", -1, 0), ("log_every", 0, 1)])
+def test_train_counts_name_only_the_bad_key(key, bad, minimum):
+    with pytest.raises(ConfigError) as info:
+        load_config(DEMO, [f"train.{key}={bad}"]).validate()
+    assert str(info.value) == f"train.{key} must be >= {minimum}, got {bad}"
