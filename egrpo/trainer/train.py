@@ -608,14 +608,11 @@ def move_previous_run(out_dir: str) -> str:
     return move_contents_aside(out_dir, keep=(LOCK_NAME,))
 
 
-def set_aside_newer_evals(out_dir: str, resumed_step: int) -> Optional[str]:
-    """Move the ``eval/step_*`` folders of steps after ``resumed_step`` (an interrupted run's, or another
-    branch's) into ``eval/abandoned-<time>/`` (returned; None when there are none), so that the resumed run
-    evaluates those steps afresh. Called once the resumed run has completed a step: a resume that fails earlier
-    leaves them in place. Nothing is deleted."""
-    folder = os.path.join(out_dir, "eval")
+def move_steps_after(folder: str, step: int) -> Optional[str]:
+    """Move the ``step_*`` entries of ``folder`` for steps after ``step`` into ``folder/abandoned-<time>/``;
+    returns it, or None when there are none (or no folder). Nothing is deleted."""
     names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    newer = [name for name in names if STEP_TAG.match(name) and int(STEP_TAG.match(name).group(1)) > resumed_step]
+    newer = [name for name in names if STEP_TAG.match(name) and int(STEP_TAG.match(name).group(1)) > step]
     if not newer:
         return None
     dest = stamped_path(os.path.join(folder, "abandoned"))
@@ -625,19 +622,20 @@ def set_aside_newer_evals(out_dir: str, resumed_step: int) -> Optional[str]:
     return dest
 
 
+def set_aside_newer_evals(out_dir: str, resumed_step: int) -> Optional[str]:
+    """Move the ``eval/step_*`` folders of steps after ``resumed_step`` (an interrupted run's, or another
+    branch's) into ``eval/abandoned-<time>/`` (returned), so that the resumed run evaluates those steps afresh.
+    Called once the resumed run has completed a step: a resume that fails earlier leaves them in place."""
+    return move_steps_after(os.path.join(out_dir, "eval"), resumed_step)
+
+
 def set_aside_newer_checkpoints(ckpt_root: str, resumed_tag: str, resumed_step: int) -> Optional[str]:
     """Move the step checkpoints after ``resumed_step`` into ``ckpt_root/abandoned-<time>/`` and point
     ``latest`` at ``resumed_tag``, so a later plain ``--resume`` cannot continue the abandoned branch. Returns
     the folder, or None when there was nothing newer."""
-    newer = [n for n in os.listdir(ckpt_root)
-             if STEP_TAG.match(n) and int(STEP_TAG.match(n).group(1)) > resumed_step]
-    if not newer:
-        return None
-    dest = stamped_path(os.path.join(ckpt_root, "abandoned"))
-    os.makedirs(dest)
-    for name in newer:
-        os.replace(os.path.join(ckpt_root, name), os.path.join(dest, name))
-    write_atomic(os.path.join(ckpt_root, "latest"), resumed_tag)
+    dest = move_steps_after(ckpt_root, resumed_step)
+    if dest is not None:
+        write_atomic(os.path.join(ckpt_root, "latest"), resumed_tag)
     return dest
 
 

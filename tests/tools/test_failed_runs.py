@@ -5,20 +5,7 @@ import pytest
 
 from egrpo.cli import main
 
-TINY = ["--tiny", '{"image_size": 32, "num_layers": 1}', "--dtype", "fp32", "--device", "cpu", "--no-progress"]
-
-
-@pytest.fixture
-def prompts(tmp_path):
-    path = tmp_path / "prompts.txt"
-    path.write_text("a red apple\n")
-    return str(path)
-
-
-def one_line_error(capsys):
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "Traceback" not in err, err
-    return err
+from tests.tools._cli import TINY, one_line_error
 
 
 @pytest.mark.parametrize("flag, value", [("--top-k", "0"), ("--temperature", "0"), ("--cfg-scale", "-1"),
