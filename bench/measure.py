@@ -63,14 +63,22 @@ def run_once(runner: Runner, inp, device):
     return fwd, (bwd if runner.differentiable else None), check.detach()
 
 
-def time_runner(runner: Runner, inp, device, reps: int, warmup: int):
+def time_runner(runner: Runner, inp, device, reps: int, warmup: int, min_time_s: float = 0.0, max_reps: int = 0):
+    """``warmup`` untimed calls (the first compiles Triton / torch.compile code and grows the allocator), then
+    ``reps`` timed ones; with ``min_time_s``, more timed calls (up to ``max_reps``) until their summed time reaches
+    it, so fast rows get more samples than slow ones. ``warmup_s`` (host wall time of each warm-up call, synced)
+    says what compilation cost."""
     check = None
+    warmup_s = []
     for i in range(max(warmup, 1)):  # the first call also gives the value checked against eager
-        _, _, c = run_once(runner, inp, device)
+        t0 = time.perf_counter()
+        _, _, c = run_once(runner, inp, device)  # run_once synchronises before returning
+        warmup_s.append(time.perf_counter() - t0)
         if check is None:
             check = c.float().clone()
     fwd, bwd = [], []
-    for _ in range(reps):
+    while len(fwd) < reps or (min_time_s and len(fwd) < max_reps
+                               and (sum(fwd) + sum(bwd)) < min_time_s * 1e3):
         f, b, _ = run_once(runner, inp, device)
         fwd.append(f)
         if b is not None:
@@ -82,6 +90,7 @@ def time_runner(runner: Runner, inp, device, reps: int, warmup: int):
     else:
         out["backward_ms"] = None
         out["forward_backward_ms"] = stats(fwd)
+    out["warmup_s"] = [round(t, 4) for t in warmup_s]
     return out, check
 
 
@@ -139,33 +148,64 @@ def cuda_peak_memory(runner: Runner, inp) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def matmul_rate(dtype, device, n: Optional[int] = None, reps: int = 10) -> Dict[str, float]:
-    """FLOP/s of an ``n^3`` GEMM in ``dtype``, measured now (median of ``reps``)."""
-    n = n or (8192 if device == "cuda" else 1024)
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+def _timed_batches(fn, device, batches: int, inner: int, warmup_s: float, warmup_calls: int):
+    """Median seconds per call of ``fn``: ``batches`` batches of ``inner`` back-to-back calls. On CUDA each batch
+    is timed with events after ``warmup_s`` seconds of calls (clocks and power settle under sustained load, as in
+    the benchmarked rows, instead of the idle-boost first milliseconds); elsewhere with a synced host clock."""
+    if device == "cuda":
+        t_end = time.perf_counter() + warmup_s
+        done = 0
+        while done < warmup_calls or time.perf_counter() < t_end:
+            for _ in range(inner):
+                fn()
+            torch.cuda.synchronize()
+            done += 1
+        times = []
+        for _ in range(batches):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop) / 1e3 / inner)
+        return statistics.median(times), times
+    for _ in range(warmup_calls):
+        fn()
     times = []
-    for i in range(reps + 3):
-        _sync(device)
+    for _ in range(batches):
         t0 = time.perf_counter()
-        torch.mm(a, b)
-        _sync(device)
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
-    return {"flops_per_s": 2 * n**3 / statistics.median(times), "n": n, "dtype": str(dtype).replace("torch.", "")}
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter() - t0) / inner)
+    return statistics.median(times), times
+
+
+def matmul_rate(dtype, device, n: Optional[int] = None, reps: int = 10) -> Dict[str, float]:
+    """FLOP/s of an ``n^3`` GEMM in ``dtype`` on random data, measured now: on CUDA ``reps`` event-timed batches of
+    back-to-back products after ~0.3 s of sustained products (median per product)."""
+    n = n or (8192 if device == "cuda" else 1024)
+    a = torch.randn(n, n, device=device).to(dtype)   # random, never zeros (zeros run faster)
+    b = torch.randn(n, n, device=device).to(dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    cuda = device == "cuda"
+    sec, times = _timed_batches(lambda: torch.mm(a, b, out=c), device, reps, 10 if cuda else 1,
+                                warmup_s=0.3 if cuda else 0.0, warmup_calls=3 if cuda else 1)
+    return {"flops_per_s": 2 * n**3 / sec, "n": n, "dtype": str(dtype).replace("torch.", ""),
+            "spread": [2 * n**3 / max(times) , 2 * n**3 / min(times)],
+            "method": ("CUDA events over batches of 10 back-to-back torch.mm (out=), after 0.3 s of them; median"
+                       if cuda else "perf_counter per product, median")}
 
 
 def copy_bandwidth(device, mib: Optional[int] = None, reps: int = 10) -> Dict[str, float]:
-    """Bytes/s of a device-to-device copy (read + write counted), measured now (median of ``reps``)."""
+    """Bytes/s of a device-to-device copy (read + write counted), measured now (median; events on CUDA)."""
     mib = mib or (1024 if device == "cuda" else 64)
-    src = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device).fill_(1.0)
+    src = torch.randn(mib * 2**20 // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    times = []
-    for i in range(reps + 2):
-        _sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return {"bytes_per_s": 2 * src.numel() * 4 / statistics.median(times), "mib": mib}
+    cuda = device == "cuda"
+    sec, times = _timed_batches(lambda: dst.copy_(src), device, reps, 10 if cuda else 1,
+                                warmup_s=0.1 if cuda else 0.0, warmup_calls=2)
+    nbytes = 2 * src.numel() * 4
+    return {"bytes_per_s": nbytes / sec, "mib": mib, "spread": [nbytes / max(times), nbytes / min(times)],
+            "method": ("CUDA events over batches of 10 back-to-back copies, after 0.1 s of them; median"
+                       if cuda else "perf_counter per copy, median")}

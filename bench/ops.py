@@ -36,8 +36,9 @@ from egrpo.objectives import eg_grpo_token_advantages
 from egrpo.objectives import stage_kl_weights, stage_policy_weights
 
 IMPLS = ("ours_triton", "ours_torch", "eager", "compile", "torch_lce", "liger_flce", "liger_grpo", "cce")
-# The trainer's frozen image head (no dW): our GRPO loss with weight/bias not requiring grad.
-FROZEN_IMPLS = ("ours_triton_frozen", "ours_torch_frozen")
+# The trainer's frozen image head (no dW): the GRPO losses with weight/bias detached, ours and the peers that can
+# skip dW too (eager autograd; Liger's GRPO loss, which computes grad_weight only when the weight requires grad).
+FROZEN_IMPLS = ("ours_triton_frozen", "ours_torch_frozen", "eager_frozen", "liger_grpo_frozen")
 IMPL_LABELS = {
     "ours_triton": "ours (Triton)",
     "ours_torch": "ours (torch chunked)",
@@ -49,6 +50,8 @@ IMPL_LABELS = {
     "cce": "Cut Cross-Entropy (Apple)",
     "ours_triton_frozen": "ours (Triton), frozen head",
     "ours_torch_frozen": "ours (torch chunked), frozen head",
+    "eager_frozen": "eager PyTorch, frozen head",
+    "liger_grpo_frozen": "Liger LigerFusedLinearGRPOLoss, frozen head",
 }
 GEMM_OPS = ("head", "grpo", "eg_grpo", "stage")
 OPS = GEMM_OPS + ("entropy_masks", "similarity")
@@ -216,6 +219,12 @@ def build_impl(op: str, impl: str, case: Case, device: str, allow_compile: bool 
             return "n/a: frozen-head rows are measured for the GRPO losses"
         if impl == "ours_triton_frozen" and not on_cuda:
             return "needs CUDA (the Triton interpreter is far too slow to time)"
+        if impl == "eager_frozen":
+            return _eager(op, case, frozen=True)
+        if impl == "liger_grpo_frozen":
+            if op != "grpo":
+                return "n/a: takes [B] sequence advantages; cannot apply entropy-shaped per-token advantages"
+            return _liger_grpo(case, device, frozen=True)
         return _ours(op, case, "triton" if impl == "ours_triton_frozen" else "torch", frozen=True)
     if impl == "cce":
         if op != "head":
@@ -319,25 +328,53 @@ def _ours(op, case, backend, frozen=False):
     raise ValueError(op)
 
 
-def _eager(op, case):
+def _eager_grpo_loss(hidden, weight, targets, mask, advantages, bias, ref_logp, eps=0.2):
+    """The GRPO loss (sequence advantages, k3 KL, token-mean) through full logits, as a TRL-style trainer writes it:
+    bf16 GEMM, fp32 log-softmax, the log-prob gathered under autograd, the entropy (logged, never differentiated)
+    under ``no_grad``. ``grpo_loss_reference`` computes the same loss but tracks the entropy's graph too, which
+    keeps one more fp32 ``[N, V]`` tensor alive and would flatter every speed-up and memory ratio against eager."""
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    logp = log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(log_p.exp() * log_p).sum(-1)  # noqa: F841 - computed as the trainer logs it
+    m = mask.to(logp.dtype)
+    adv = advantages.to(logp.dtype)[:, None]
+    ratio = torch.exp(logp - logp.detach())
+    surr = torch.min(ratio * adv, torch.clamp(ratio, 1 - eps, 1 + eps) * adv)
+    delta = ref_logp.to(logp.dtype) - logp
+    kl = torch.exp(delta) - delta - 1
+    den = m.sum().clamp(min=1)
+    return -(surr * m).sum() / den + BETA * (kl * m).sum() / den
+
+
+def _eager(op, case, frozen=False):
     if op == "head":
         def forward(inp):
             x, y = _flat(inp)
             lp, h = linear_logprob_entropy_reference(x, inp["weight"], y, inp["bias"])
             return (lp, h), (inp["g_logp"].reshape(-1), inp["g_entropy"].reshape(-1)), lp
         return Runner(forward, computes_entropy=True)
+    notes = ["frozen head: weight and bias detached, autograd runs no dW GEMM (4NDV)"] if frozen else []
     if op == "grpo":
         def forward(inp):
-            loss = grpo_loss_reference(inp["hidden"], inp["weight"], inp["targets"], inp["mask"], inp["advantages"],
-                                       inp["bias"], ref_logp=inp["ref_logp"], beta=BETA)[0]
+            weight, bias = _head_params(inp, frozen)
+            loss = _eager_grpo_loss(inp["hidden"], weight, inp["targets"], inp["mask"], inp["advantages"], bias,
+                                    inp["ref_logp"])
             return (loss,), (None,), loss
-        return Runner(forward, computes_entropy=True)
+        return Runner(forward, computes_entropy=True,
+                      notes=notes + ["entropy (a logged metric) under no_grad, as TRL computes it"])
     if op == "eg_grpo":
         def forward(inp):
-            loss = eg_grpo_loss_reference(inp["hidden"], inp["weight"], inp["targets"], inp["mask"], inp["advantages"],
-                                          inp["bias"], ref_logp=inp["ref_logp"], beta=BETA)
+            weight, bias = _head_params(inp, frozen)
+            loss = eg_grpo_loss_reference(inp["hidden"], weight, inp["targets"], inp["mask"], inp["advantages"],
+                                          bias, ref_logp=inp["ref_logp"], beta=BETA)
             return (loss,), (None,), loss
-        return Runner(forward, computes_entropy=True)
+        return Runner(forward, computes_entropy=True, notes=notes)
+    if frozen:
+        raise ValueError(f"no frozen eager {op!r}")
     if op == "stage":
         def forward(inp):
             sim = _eager_similarity(inp["codes"], inp["advantages"], case.group_size)
@@ -389,10 +426,15 @@ def _cce(case):
 
     def forward(inp):
         x, y = _flat(inp)
-        loss = linear_cross_entropy(x, inp["weight"], y, bias=inp["bias"], reduction="sum")
+        # bias only when there is one: cut-cross-entropy 25.1.1 (make gpu-wheels) has no bias parameter at all,
+        # so bias=None would raise a TypeError in the bias-free text case
+        kwargs = {} if inp["bias"] is None else {"bias": inp["bias"]}
+        loss = linear_cross_entropy(x, inp["weight"], y, reduction="sum", **kwargs)
         return (loss,), (None,), -loss.float() / x.shape[0]  # mean log-prob
     return Runner(forward, computes_entropy=False,
-                  notes=["log-prob only: cannot compute entropy", "reduction='sum'"])
+                  notes=["log-prob only: cannot compute entropy", "reduction='sum'",
+                         "filter_eps default (gradient blocks with every p < bf16 eps/32 skipped; recomputes the "
+                         "logits in backward: 8NDV)"])
 
 
 def _liger_flce(case):
@@ -408,7 +450,7 @@ def _liger_flce(case):
                   notes=["log-prob only: cannot compute entropy", "reduction='sum' (its fused backward needs a scalar)"])
 
 
-def _liger_grpo(case, device):
+def _liger_grpo(case, device, frozen=False):
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
     # loss_type="bnpo" is sum(per-token loss * mask) / sum(mask): our "token_mean" normalisation.
@@ -416,10 +458,22 @@ def _liger_grpo(case, device):
                                        epsilon_low=0.2, epsilon_high=0.2, loss_type="bnpo")
 
     def forward(inp):
-        loss = loss_fn(inp["hidden"], inp["weight"], inp["targets"], inp["mask"].float(), inp["advantages"],
-                       bias=inp["bias"], ref_per_token_logps=inp["ref_logp"])[0]
+        weight, bias = _head_params(inp, frozen)
+        loss = loss_fn(inp["hidden"], weight, inp["targets"], inp["mask"].float(), inp["advantages"],
+                       bias=bias, ref_per_token_logps=inp["ref_logp"])[0]
         return (loss,), (None,), loss
-    notes = ["no entropy output", f"chunk_size={loss_fn.chunk_size} sequence(s) per chunk (its default)"]
+    notes = ["no entropy output", f"chunk_size={loss_fn.chunk_size} sequence(s) per chunk (its default)",
+             "its selective log-prob recomputes the logits in backward and runs its dx/dW GEMMs in fp32 "
+             "(IEEE unless TF32 is on: see the +tf32 row)"]
+    if frozen:
+        import inspect
+
+        from liger_kernel.chunked_loss.fused_linear_ppo import LigerFusedLinearPPOBase
+
+        if "weight_requires_grad" in inspect.getsource(LigerFusedLinearPPOBase.forward):
+            notes.append("frozen head: weight and bias detached, so it computes no grad_weight (4NDV useful)")
+        else:  # older Liger: grad_weight is always formed, so this row is not a like-for-like frozen peer
+            notes.append("frozen head requested, but this Liger version computes grad_weight anyway (6NDV)")
     if device != "cuda":
         notes.append("compiled=False on CPU")
     return Runner(forward, computes_entropy=False, notes=notes)
