@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from bench.env import device_name, versions
+from bench.ops import eager_grpo_loss
 from egrpo.kernels import grpo_loss, linear_logprob_entropy
 from egrpo.kernels._common import cpu_fp32_gemm
-from egrpo.kernels.reference import grpo_loss_reference, linear_logprob_entropy_reference
+from egrpo.kernels.reference import linear_logprob_entropy_reference
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # (N, D, V): image-head-like and text-head-like rows, sized so one fwd+bwd takes ~0.1-3 s on one core.
@@ -59,7 +60,7 @@ def grpo_step(fn, frozen):
         mask = torch.ones(N // T, T, dtype=torch.bool)
         adv = torch.linspace(-1, 1, N // T)
         out = fn(h, w, targets.view(N // T, T), mask, adv)
-        loss = out[0] if isinstance(out, tuple) else out.loss
+        loss = out[0] if isinstance(out, tuple) else getattr(out, "loss", out)
         loss.backward()
         return h.grad
     return step
@@ -89,8 +90,8 @@ def impls(kind, compile_eager, dtype=torch.float32):
     else:
         frozen = kind == "grpo_frozen"
         out = {"fused": grpo_step(lambda *a: grpo_loss(*a, backend="torch"), frozen),
-               "eager": grpo_step(grpo_loss_reference, frozen)}
-        eager_fn = grpo_loss_reference
+               "eager": grpo_step(eager_grpo_loss, frozen)}
+        eager_fn = eager_grpo_loss   # the logged entropy under no_grad, as trainers write it
         wrap = lambda f: grpo_step(f, frozen)  # noqa: E731
     if compile_eager:
         compiled = torch.compile(eager_fn, dynamic=False)

@@ -328,11 +328,12 @@ def _ours(op, case, backend, frozen=False):
     raise ValueError(op)
 
 
-def _eager_grpo_loss(hidden, weight, targets, mask, advantages, bias, ref_logp, eps=0.2):
-    """The GRPO loss (sequence advantages, k3 KL, token-mean) through full logits, as a TRL-style trainer writes it:
-    bf16 GEMM, fp32 log-softmax, the log-prob gathered under autograd, the entropy (logged, never differentiated)
-    under ``no_grad``. ``grpo_loss_reference`` computes the same loss but tracks the entropy's graph too, which
-    keeps one more fp32 ``[N, V]`` tensor alive and would flatter every speed-up and memory ratio against eager."""
+def eager_grpo_loss(hidden, weight, targets, mask, advantages, bias=None, ref_logp=None, eps=0.2, beta=BETA):
+    """The GRPO loss (sequence advantages, k3 KL when ``ref_logp`` is given, token-mean) through full logits, as a
+    TRL-style trainer writes it: the GEMM in the input dtype, fp32 log-softmax, the log-prob gathered under
+    autograd, the entropy (logged, never differentiated) under ``no_grad``. ``grpo_loss_reference`` computes the
+    same loss but tracks the entropy's graph too, which keeps one more fp32 ``[N, V]`` tensor alive (and gives
+    ``torch.compile`` a backward to prepare for it): as a benchmark peer it would flatter every ratio."""
     logits = hidden @ weight.t()
     if bias is not None:
         logits = logits + bias
@@ -344,10 +345,12 @@ def _eager_grpo_loss(hidden, weight, targets, mask, advantages, bias, ref_logp, 
     adv = advantages.to(logp.dtype)[:, None]
     ratio = torch.exp(logp - logp.detach())
     surr = torch.min(ratio * adv, torch.clamp(ratio, 1 - eps, 1 + eps) * adv)
-    delta = ref_logp.to(logp.dtype) - logp
-    kl = torch.exp(delta) - delta - 1
     den = m.sum().clamp(min=1)
-    return -(surr * m).sum() / den + BETA * (kl * m).sum() / den
+    loss = -(surr * m).sum() / den
+    if ref_logp is not None:
+        delta = ref_logp.to(logp.dtype) - logp
+        loss = loss + beta * ((torch.exp(delta) - delta - 1) * m).sum() / den
+    return loss
 
 
 def _eager(op, case, frozen=False):
@@ -361,8 +364,8 @@ def _eager(op, case, frozen=False):
     if op == "grpo":
         def forward(inp):
             weight, bias = _head_params(inp, frozen)
-            loss = _eager_grpo_loss(inp["hidden"], weight, inp["targets"], inp["mask"], inp["advantages"], bias,
-                                    inp["ref_logp"])
+            loss = eager_grpo_loss(inp["hidden"], weight, inp["targets"], inp["mask"], inp["advantages"], bias,
+                                   inp["ref_logp"])
             return (loss,), (None,), loss
         return Runner(forward, computes_entropy=True,
                       notes=notes + ["entropy (a logged metric) under no_grad, as TRL computes it"])
