@@ -296,3 +296,27 @@ def test_gpu_peak_memory_far_below_eager():
     ours = peak(grpo_loss, backend="triton", chunk_size=1024)
     eager = peak(grpo_loss_reference)
     assert ours * 8 <= eager, (ours, eager)
+
+
+def test_a_ratio_exactly_on_the_clip_bound_is_not_clipped():
+    """eps_low = eps_high = 0 on policy: every ratio is exactly 1 = both bounds. The surrogate's derivative there
+    is A (min and clamp both pass it), so the policy gradient is the unclipped one; a strict `<` / `>` test of
+    the bound (not `<=` / `>=`) must mark no token clipped."""
+    B, T, D, V = 4, 16, 16, 1000
+    hidden, weight, bias, targets, mask, adv, kw = make_case(B, T, D, V, torch.float32, off_policy=False,
+                                                             weights=False)
+    kw["beta"] = 0.0
+    assert (adv < 0).any() and (adv > 0).any()
+    h = hidden.double().requires_grad_()
+    logp, _ = f64.logp_entropy(h, weight, targets, bias)
+    m = mask.double()
+    a = adv.double()[:, None] if adv.dim() == 1 else adv.double()
+    loss = -(a * torch.exp(logp - logp.detach()) * m).sum() / m.sum()     # unclipped policy gradient
+    (g_expected,) = torch.autograd.grad(loss, h)
+    for backend in ("torch", "triton") if INTERPRETING else ("torch",):
+        x = hidden.clone().requires_grad_()
+        out = grpo_loss(x, weight, targets, mask, adv, bias, backend=backend, chunk_size=8, eps_low=0.0,
+                        eps_high=0.0, **kw)
+        (g,) = torch.autograd.grad(out.loss, x)
+        assert not out.clipped_low.any() and not out.clipped_high.any(), backend
+        assert max_abs_err(g, g_expected) < 1e-5 * g_expected.abs().max().item(), backend
