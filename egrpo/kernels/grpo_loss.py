@@ -230,18 +230,30 @@ class GRPOLossFunction(torch.autograd.Function):
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         with torch.no_grad():
             loss, per_token, grads = _run(plan, hidden2, weight, bias, targets1, need)
-        dx, dw, db = grads.results(weight, bias)
-        ctx.save_for_backward(dx, dw, db)
+        # The gradients, computed here, are handed over once in backward (not saved for it): with no other
+        # reference left, autograd takes them as the parameters' .grad without a copy, and the upstream scale is
+        # applied in place, so no second [V, D] gradient is ever allocated.
+        ctx.grads = grads.results(weight, bias)
         ctx.mark_non_differentiable(*per_token)
         return (loss,) + per_token
 
     @staticmethod
     def backward(ctx, g_loss, *_unused):
-        dx, dw, db = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("grpo_loss: a second backward through the same loss; the fused loss computes its "
+                               "gradients in the forward and hands them over once (retain_graph=True is not "
+                               "supported: call grpo_loss again)")
+        dx, dw, db = ctx.grads
+        ctx.grads = None
         if g_loss is None:
             return None, None, None, None, None
-        scale = lambda t: None if t is None else t * g_loss.to(t.dtype)  # noqa: E731
-        return scale(dx), scale(dw), scale(db), None, None
+        # an upstream gradient of exactly 1 (loss.backward()) needs no pass over dW; the check reads a host
+        # value, so only on CPU (on CUDA the in-place scale is one cheap memory-bound pass without a sync)
+        if not (g_loss.device.type == "cpu" and g_loss.numel() == 1 and float(g_loss) == 1.0):
+            for t in (dx, dw, db):
+                if t is not None:
+                    t.mul_(g_loss.to(t.dtype))
+        return dx, dw, db, None, None
 
 
 def _check_token_tensor(name, t, B, T, valid, allow_per_sequence=False, device=None):

@@ -202,3 +202,31 @@ def test_gemm_cost_with_options(opts, scope, frozen, cost):
                         chunk_size=7, **opts, **kw, **extra)
         out.loss.backward()
     assert counter.flops == cost * B * T * D * V
+
+
+def test_gradients_are_handed_over_once_and_scaled_by_the_upstream_gradient():
+    """The fused loss computes its gradients in the forward and hands them to autograd in backward (scaled in place
+    by the upstream gradient, skipped when it is exactly 1 on CPU): a scaled loss scales every gradient, and a
+    second backward through the same loss is a clear error instead of wrong gradients."""
+    g = torch.Generator().manual_seed(11)
+    B, T, D, V = 3, 4, 8, 50
+    hidden = torch.randn(B, T, D, generator=g)
+    weight = torch.randn(V, D, generator=g) * 0.3
+    bias = torch.randn(V, generator=g) * 0.1
+    targets = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    adv = torch.randn(B, generator=g)
+
+    def grads(scale):
+        x, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+        out = grpo_loss(x, w, targets, mask, adv, b, backend="torch")
+        (out.loss * scale).backward() if scale != 1 else out.loss.backward()
+        return x.grad, w.grad, b.grad
+
+    for a, b3 in zip(grads(1), grads(-3.0)):
+        torch.testing.assert_close(b3, -3.0 * a, rtol=1e-6, atol=1e-7)
+    x = hidden.clone().requires_grad_()
+    out = grpo_loss(x, weight, targets, mask, adv, bias, backend="torch")
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        out.loss.backward()
