@@ -363,8 +363,12 @@ def cpu_paired_lines(results_dir: Path) -> List[str]:
         lines += [f"### `{path.name}`", "",
                   f"- device: {rep['device']}; torch threads {rep['threads']}; date {rep['date']}; our fp32 GEMMs: "
                   f"{rep.get('cpu_fp32_gemm', 'blas (torch.mm)')}",
-                  "- versions: " + ", ".join(f"{k} {v}" for k, v in rep["versions"].items() if v),
-                  "", "| op | N | D | V | dtype | ours s | ours BLAS s | eager s | compile s | ours/eager | ours/compile "
+                  "- versions: " + ", ".join(f"{k} {v}" for k, v in rep["versions"].items() if v)]
+        if rep.get("grpo_rows"):
+            g = rep["grpo_rows"]
+            lines += [f"- `grpo` / `grpo_frozen` rows re-measured {g['date']} ({g['threads']} thread(s)): eager = "
+                      f"{g['eager']}" + (f"; {g['note']}" if g.get("note") else "")]
+        lines += ["", "| op | N | D | V | dtype | ours s | ours BLAS s | eager s | compile s | ours/eager | ours/compile "
                   "| goal |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rep["rows"]:
             m, q = r["median_s"], r["median_paired_ratio"]
