@@ -328,29 +328,12 @@ def _ours(op, case, backend, frozen=False):
     raise ValueError(op)
 
 
-def eager_grpo_loss(hidden, weight, targets, mask, advantages, bias=None, ref_logp=None, eps=0.2, beta=BETA):
-    """The GRPO loss (sequence advantages, k3 KL when ``ref_logp`` is given, token-mean) through full logits, as a
-    TRL-style trainer writes it: the GEMM in the input dtype, fp32 log-softmax, the log-prob gathered under
-    autograd, the entropy (logged, never differentiated) under ``no_grad``. ``grpo_loss_reference`` computes the
-    same loss but tracks the entropy's graph too, which keeps one more fp32 ``[N, V]`` tensor alive (and gives
-    ``torch.compile`` a backward to prepare for it): as a benchmark peer it would flatter every ratio."""
-    logits = hidden @ weight.t()
-    if bias is not None:
-        logits = logits + bias
-    log_p = torch.log_softmax(logits.float(), dim=-1)
-    logp = log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    with torch.no_grad():
-        entropy = -(log_p.exp() * log_p).sum(-1)  # noqa: F841 - computed as the trainer logs it
-    m = mask.to(logp.dtype)
-    adv = advantages.to(logp.dtype)[:, None]
-    ratio = torch.exp(logp - logp.detach())
-    surr = torch.min(ratio * adv, torch.clamp(ratio, 1 - eps, 1 + eps) * adv)
-    den = m.sum().clamp(min=1)
-    loss = -(surr * m).sum() / den
-    if ref_logp is not None:
-        delta = ref_logp.to(logp.dtype) - logp
-        loss = loss + beta * ((torch.exp(delta) - delta - 1) * m).sum() / den
-    return loss
+def eager_grpo_loss(hidden, weight, targets, mask, advantages, bias=None, ref_logp=None, beta=BETA):
+    """The eager GRPO peer: ``grpo_loss_reference`` with the entropy (a logged metric) under ``no_grad``, as
+    trainers write it. Tracking the entropy's graph keeps one more fp32 ``[N, V]`` tensor alive in the forward
+    (and gives ``torch.compile`` a backward to prepare for it): as a peer that would flatter every ratio."""
+    return grpo_loss_reference(hidden, weight, targets, mask, advantages, bias, ref_logp=ref_logp,
+                               beta=beta if ref_logp is not None else 0.0, entropy_grad=False)[0]
 
 
 def _eager(op, case, frozen=False):

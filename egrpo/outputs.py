@@ -1,4 +1,5 @@
-"""Keeping earlier outputs: timestamped names that never overwrite, and moving a folder's contents aside.
+"""Keeping earlier outputs: atomic rewrites, timestamped names that never overwrite, and moving a folder's
+contents aside.
 
 Used by ``egrpo train --overwrite`` (a run moved into ``previous-<time>/``), by a resume that abandons newer
 checkpoints, and by the tools' ``--overwrite`` (generate / analyze / score)."""
@@ -29,3 +30,14 @@ def move_contents_aside(folder: str, keep: Iterable[str] = ()) -> str:
         if not name.startswith("previous-") and name not in keep and name != os.path.basename(dest):
             os.replace(os.path.join(folder, name), os.path.join(dest, name))
     return dest
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a reader (or a crash) sees the old content or the new, never a
+    partial file: written to ``<path>.tmp``, flushed to disk, then renamed over ``path``."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

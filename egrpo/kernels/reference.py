@@ -22,6 +22,7 @@ def linear_logprob_entropy_reference(
     compute_dtype: Optional[torch.dtype] = None,
     softmax_dtype: Optional[torch.dtype] = torch.float32,
     round_logits_to: Optional[torch.dtype] = None,
+    entropy_grad: bool = True,
 ):
     """Eager ``(logp, entropy)`` through full logits.
 
@@ -30,7 +31,8 @@ def linear_logprob_entropy_reference(
     careful eager code does; ``None`` keeps the GEMM's dtype). ``round_logits_to`` (with a float64
     ``compute_dtype``): the GEMM's output takes the values of one GEMM in that dtype, gradients passed
     straight through, i.e. the exact result of a path whose only approximation is rounding its logits once
-    (the fused head's CPU bf16 path). Differentiable.
+    (the fused head's CPU bf16 path). Differentiable; ``entropy_grad=False`` computes the entropy under
+    ``no_grad`` (a logged metric, as trainers write it: no graph kept for it).
     """
     dt = compute_dtype or hidden.dtype
     logits = hidden.to(dt) @ weight.to(dt).t()
@@ -44,7 +46,8 @@ def linear_logprob_entropy_reference(
         logits = logits.to(softmax_dtype)
     log_p = torch.log_softmax(logits, dim=-1)
     logp = log_p.gather(-1, targets.unsqueeze(-1).long()).squeeze(-1)
-    entropy = -(log_p.exp() * log_p).sum(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = -(log_p.exp() * log_p).sum(-1)
     return logp, entropy
 
 
@@ -107,14 +110,17 @@ def grpo_loss_reference(
     temperature: float = 1.0,
     compute_dtype: Optional[torch.dtype] = None,
     round_logits_to: Optional[torch.dtype] = None,
+    entropy_grad: bool = True,
 ):
     """Eager GRPO loss (docs/algorithms.md, GRPO and The token loss) through full logits, written the way trainers write it.
 
     Returns ``(loss, logp, entropy, kl)``; ``loss`` is differentiable through the full logits
     (``torch.min`` / ``torch.clamp`` autograd decides which side of the clip carries gradient).
+    ``entropy_grad=False``: the (returned) entropy is computed under ``no_grad``, as a trainer logs it.
     """
     logp, entropy = linear_logprob_entropy_reference(
-        hidden, weight, targets, bias, temperature, compute_dtype=compute_dtype, round_logits_to=round_logits_to
+        hidden, weight, targets, bias, temperature, compute_dtype=compute_dtype, round_logits_to=round_logits_to,
+        entropy_grad=entropy_grad,
     )
     dt = logp.dtype
     B, T = logp.shape

@@ -23,13 +23,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def eager_logits_logp_entropy(hidden, weight, targets, bias=None, temperature: float = 1.0):
-    """Full logits -> ``(logp, entropy)`` ``[B, T]``; differentiable (logp) through plain autograd."""
+def eager_logits_logp_entropy(hidden, weight, targets, bias=None, temperature: float = 1.0, entropy_grad: bool = True):
+    """Full logits -> ``(logp, entropy)`` ``[B, T]``; differentiable through plain autograd (the entropy only
+    with ``entropy_grad``: otherwise it keeps no graph, one fp32 [N, V] tensor less in the forward)."""
     dt = _compute_dtype(hidden.dtype)
     logits = F.linear(hidden.to(dt), weight.to(dt), None if bias is None else bias.to(dt)) / temperature
     logprobs = torch.log_softmax(logits, dim=-1)
     logp = logprobs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
-    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = -(logprobs.exp() * logprobs).sum(-1)
     return logp, entropy
 
 
@@ -50,7 +52,9 @@ def eager_grpo_loss(
     """:func:`egrpo.kernels.grpo_loss` through full logits (same arguments, same outputs)."""
     del backend, chunk_size
     B, T = targets.shape
-    logp, entropy = eager_logits_logp_entropy(hidden, weight, targets, bias, temperature)
+    # the entropy carries gradient only through the entropy bonus; otherwise it is a metric (returned detached)
+    logp, entropy = eager_logits_logp_entropy(hidden, weight, targets, bias, temperature,
+                                              entropy_grad=bool(entropy_coef))
     dt = logp.dtype
     valid = mask.bool()
     m = valid.to(dt)

@@ -145,7 +145,7 @@ def run_analyze(args) -> int:
         raise UserError("--text-entropy released needs CoTs (the released CoT rollout): give --cots >= 1, or use "
                         "--text-entropy masked")
     resolve_device(args.device)
-    rollout_config(args)                                        # bad sampling flags: before any file is touched
+    rollout_config(args, cot=args.cots > 0)                     # bad sampling flags: before any file is touched
     prompts, metadata = load_prompts(args.prompts)
     reward_set = build_reward_set(args)
     moved = prepare_output_file(args.out, args.overwrite)       # checked before the model loads

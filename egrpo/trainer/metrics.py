@@ -10,6 +10,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from egrpo.outputs import write_atomic
+
 # Metrics that measure the machine rather than the optimisation: they differ between identical runs.
 VOLATILE_PREFIXES = ("time/", "memory/")
 
@@ -28,38 +30,34 @@ class MetricLogger:
         self.writer = None
         self._tensorboard = os.path.join(out_dir, "tensorboard") if tensorboard else None
         self._resume_step = resume_step   # records after it are dropped at the first record or at close
+        self._started = False
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
         if resume_step is None:
             open(self.path, "w").close()
 
-    def _start(self) -> None:
-        """At the resumed run's first record: drop the interrupted run's records after the checkpoint (the file
-        is replaced atomically: a crash here keeps the old one) and open tensorboard purged from there on."""
-        resume_step, self._resume_step = self._resume_step, None
+    def _start(self, tensorboard: bool = True) -> None:
+        """At the run's first record: drop a resumed run's records after its checkpoint (the file is replaced
+        atomically: a crash here keeps the old one) and open tensorboard, purged from there on."""
+        self._started = True
+        resume_step = self._resume_step
         if resume_step is not None and os.path.exists(self.path):
             kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-            tmp = f"{self.path}.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                for record in kept:
-                    f.write(json.dumps(record) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        if self._tensorboard is not None:
-            tb_dir, self._tensorboard = self._tensorboard, None
+            write_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept))
+        if tensorboard and self._tensorboard is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(tb_dir, purge_step=None if resume_step is None else resume_step + 1)
+                self.writer = SummaryWriter(self._tensorboard,
+                                            purge_step=None if resume_step is None else resume_step + 1)
             except ImportError:  # tensorboard is optional at run time
                 self.writer = None
 
     def log(self, step: int, metrics: Dict[str, float]) -> None:
         if not self.enabled:
             return
-        if self._resume_step is not None or self._tensorboard is not None:
+        if not self._started:
             self._start()
         record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
         with open(self.path, "a", encoding="utf-8") as f:
@@ -73,9 +71,8 @@ class MetricLogger:
     def close(self) -> None:
         """End of a run that completed its steps (not called when it failed): a resumed run that logged nothing
         (``train.log_every`` larger than the steps it ran) still drops the interrupted run's later records."""
-        if self.enabled and self._resume_step is not None:
-            self._tensorboard = None   # nothing to mirror
-            self._start()
+        if self.enabled and not self._started and self._resume_step is not None:
+            self._start(tensorboard=False)   # nothing to mirror
         if self.writer is not None:
             self.writer.close()
             self.writer = None

@@ -51,7 +51,7 @@ import yaml
 from egrpo.errors import CheckpointError, ConfigError, DivergenceError, ResumeError, RunDirError
 from egrpo.eval.io import EvalError
 from egrpo.checkpoints import export_model
-from egrpo.outputs import move_contents_aside, stamped_path
+from egrpo.outputs import move_contents_aside, stamped_path, write_atomic
 from egrpo.objectives import build_objective
 from egrpo.rewards.base import mask_failed_rewards
 from egrpo.rewards.registry import build_rewards
@@ -312,15 +312,6 @@ def sha256_file(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_manifest(tag_dir: str, step: int) -> None:
@@ -938,7 +929,7 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
                           resume_step=step if resume_from is not None else None)
 
     # ---- evaluation during training (docs/evaluation.md, "During training"): every process calls it
-    evaluator = build_evaluator(cfg, out_dir, device, state if resume_from is not None else None, step, is_main)
+    evaluator = build_evaluator(cfg, out_dir, device, state if resume_from is not None else None, is_main)
 
     def generate_eval_images(prompts: Sequence[str], n: int, seed: int) -> torch.Tensor:
         """The policy's own sampling (the training rollout, its settings) with n images per prompt, seeded by
@@ -1145,14 +1136,12 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
 
 
 def build_evaluator(cfg: Config, out_dir: str, device: torch.device, resumed_state: Optional[Dict[str, Any]],
-                    step: int, is_main: bool):
+                    is_main: bool):
     """The `TrainingEvaluator` of ``cfg.eval`` (None when off), with the best value of the checkpoint resumed
     from, its prompts read and its scoring models loaded (a bad setting stops the run before its first step).
     On resume, eval folders of steps after the checkpoint are set aside once the resumed run has completed a
     step (`set_aside_newer_evals`): they are evaluated again, from the resumed weights. Call it on every
     process."""
-    import torch.distributed as dist
-
     if not cfg.eval.every_steps:
         return None
     from egrpo.eval.training import TrainingEvaluator
