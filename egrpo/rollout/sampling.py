@@ -10,8 +10,9 @@ For each row ``r`` of ``cond`` (and ``uncond`` when classifier-free guidance is 
     logp   = log p_token                        (optional: the sampled token's log-prob under p, for
                                                  truncated importance sampling)
 
-The top-p rule is the one of ``transformers`` and today's loop: a token is dropped when the
-probability of the tokens strictly above it already reaches ``top_p`` (the best token always stays).
+The top-p rule is the one of ``transformers``: a token is dropped when the probability of the tokens strictly
+above it already reaches ``top_p`` (the best token always stays). "Strictly above" is by value: tokens with
+equal logits stay or go together (:func:`nucleus_keep`), in both backends and in today's loop.
 
 Random numbers: the caller passes one uniform per row (``uniforms [N]`` float32 in [0, 1)). The engine draws
 every uniform of a phase up front, one ``torch.Generator`` per row seeded from (phase seed, row)
@@ -112,13 +113,28 @@ def keep_mask(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]
         keep = logits >= kth
     if top_p is not None and top_p < 1.0:
         masked = logits if keep is None else logits.masked_fill(~keep, float("-inf"))
-        sorted_logits, order = torch.sort(masked, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        above = probs.cumsum(-1) - probs  # mass of the tokens strictly before each sorted token
-        keep_sorted = above < top_p
-        keep_p = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        keep_p = nucleus_keep(masked, top_p)
         keep = keep_p if keep is None else keep & keep_p
     return keep
+
+
+def nucleus_keep(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Bool [N, V]: the tokens whose strictly larger logits hold less than ``top_p`` of ``softmax(logits)``.
+
+    Tokens with equal logits are kept or dropped together, as the Triton kernel's threshold does. A rule that
+    walks the sorted order (transformers' ``TopPLogitsWarper``) would cut a tie group wherever ``torch.sort``
+    happened to place its members; the two differ only when the cut falls inside a group of equal logits
+    (frequent with bf16 logits)."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    before = probs.cumsum(-1) - probs  # mass of the tokens sorted before each token
+    # A tie group's mass strictly above is ``before`` at its first member; ``before`` never decreases along the
+    # sorted row, so a running maximum over the group starts carries it to the whole group.
+    starts = torch.ones_like(sorted_logits, dtype=torch.bool)
+    starts[..., 1:] = sorted_logits[..., 1:] != sorted_logits[..., :-1]
+    above = before.masked_fill(~starts, 0.0).cummax(-1).values
+    keep_sorted = above < top_p
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
 def sample_torch(cond: torch.Tensor, uncond: Optional[torch.Tensor], params: SamplingParams,

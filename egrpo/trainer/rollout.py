@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from egrpo.objectives import HeadBatch
-from egrpo.rollout import EngineConfig, RolloutEngine, SamplingParams, seeds_from_generator
+from egrpo.rollout import EngineConfig, RolloutEngine, SamplingParams, nucleus_keep, seeds_from_generator
 from egrpo.rollout import Prefill as EnginePrefill
 
 from .model import num_image_tokens
@@ -156,12 +156,8 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the tokens strictly before it already reach top_p (the best token always stays).
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        # Drop a token when the tokens strictly above it already reach top_p (ties stay together).
+        logits = logits.masked_fill(~nucleus_keep(logits, top_p), float("-inf"))
     return logits
 
 

@@ -32,20 +32,20 @@ def _logits(rows, vocab, params, dtype=torch.float32):
 
 
 def _expected_probs(cond, uncond, params):
-    """float64, written independently of the sampler: sort, cut top-k, cut top-p, renormalise."""
+    """float64, written independently of the sampler, from the definitions (no sort): top-k keeps a token when
+    fewer than k tokens have a strictly larger guided logit; top-p keeps it when the tokens with a strictly
+    larger logit hold less than top_p of the top-k distribution; then renormalise."""
     c = cond.double()
     g = c if params.cfg_scale is None else uncond.double() + params.cfg_scale * (c - uncond.double())
     g = g / params.temperature
-    order = g.argsort(-1, descending=True)
-    sorted_g = g.gather(-1, order)
-    keep = torch.ones_like(sorted_g, dtype=torch.bool)
+    larger = g[:, None, :] > g[:, :, None]  # [N, i, j]: token j's logit is strictly larger than token i's
+    keep = torch.ones_like(g, dtype=torch.bool)
     if params.top_k is not None:
-        keep[:, params.top_k:] = False
+        keep = larger.sum(-1) < params.top_k
     if params.top_p is not None:
-        p = torch.where(keep, sorted_g, -math.inf).softmax(-1)
-        keep &= (p.cumsum(-1) - p) < params.top_p
-    p = torch.where(keep, sorted_g, -math.inf).softmax(-1)
-    return torch.zeros_like(p).scatter(-1, order, p)
+        p = torch.where(keep, g, -math.inf).softmax(-1)
+        keep &= (larger * p[:, None, :]).sum(-1) < params.top_p
+    return torch.where(keep, g, -math.inf).softmax(-1)
 
 
 def _expected_kl(cond, uncond, params):
@@ -90,6 +90,46 @@ def test_sampled_token_logp_equals_float64_log_of_its_probability(params, vocab,
     _, none_kl, logp_nokl = sample_triton(cond, uncond, params, rng, want_kl=False, want_logp=True)
     assert none_kl is None
     torch.testing.assert_close(logp_nokl, expected, rtol=1e-4, atol=1e-5)
+
+
+def _tied_logits(rows, vocab, levels):
+    """Logits taking only ``levels`` distinct values (bf16-like ties), each row its own permutation."""
+    values = torch.linspace(2.0, -2.0, levels)
+    return torch.stack([values[torch.randint(levels, (vocab,))][torch.randperm(vocab)] for _ in range(rows)])
+
+
+@pytest.mark.parametrize("params", [SamplingParams(top_p=0.3), SamplingParams(top_p=0.55, temperature=0.8),
+                                    SamplingParams(top_k=9, top_p=0.6), SamplingParams(cfg_scale=2.0, top_p=0.4)])
+def test_top_p_keeps_tied_tokens_together_in_both_backends(params):
+    """With few distinct logits the top-p cut falls inside a group of equal logits: both backends keep the
+    whole group (the definition in _expected_probs), draw the same tokens, and the keep set does not depend on
+    the tokens' order in the vocabulary."""
+    from egrpo.rollout.sampling import guided_logits, keep_mask
+
+    torch.manual_seed(3)
+    cond = _tied_logits(6, 64, 5)
+    uncond = _tied_logits(6, 64, 3) if params.cfg_scale is not None else None
+    expected = _expected_probs(cond, uncond, params)
+    logits = guided_logits(cond, uncond, params)
+    keep = keep_mask(logits, params.top_k, params.top_p)
+    assert torch.equal(keep, expected > 0)
+    # The cut really splits a tie group in sort order for some row (else the test would not test ties).
+    order = logits.argsort(-1, descending=True)
+    sorted_p = expected.gather(-1, order)
+    sorted_logits = logits.gather(-1, order)
+    before = torch.where(sorted_logits > -math.inf, sorted_logits, 0).softmax(-1)
+    assert ((sorted_p > 0) & ((before.cumsum(-1) - before) >= params.top_p)).any()
+    perm = torch.randperm(64)
+    assert torch.equal(keep_mask(logits[:, perm], params.top_k, params.top_p), keep[:, perm])
+    for u in torch.rand(4, 6):
+        token_t, kl_t, logp_t = sample_torch(cond, uncond, params, u, want_logp=True)
+        token_k, kl_k, logp_k = sample_triton(cond, uncond, params, u, want_logp=True)
+        assert torch.equal(token_t, token_k)
+        assert (expected.gather(-1, token_t[:, None]) > 0).all()
+        log_expected = expected.gather(-1, token_t[:, None]).squeeze(-1).log().float()
+        torch.testing.assert_close(logp_t, log_expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(logp_k, log_expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(kl_k, kl_t, rtol=1e-4, atol=1e-5)
 
 
 def _chi_square(tokens, probs):

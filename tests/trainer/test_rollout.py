@@ -661,7 +661,10 @@ def test_filter_logits_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.1, 0.3, 0.1], [0.25, 0.25, 0.25, 0.25]]))
     kept = filter_logits(logits, top_p=0.75).isfinite()
     assert kept[0].tolist() == [True, False, True, False]  # 0.5 + 0.3 is the smallest set reaching 0.75
-    assert int(kept[1].sum()) == 3  # uniform row: any 3 of the 4 ties
+    assert kept[1].all()  # uniform row: no token has a strictly larger logit, so the tie group stays whole
+    ties = torch.log(torch.tensor([[0.4, 0.2, 0.2, 0.2]]))
+    assert filter_logits(ties, top_p=0.5).isfinite().all()  # 0.4 < 0.5: the 0.2 group stays, all of it
+    assert filter_logits(ties, top_p=0.4).isfinite().tolist() == [[True, False, False, False]]
     assert filter_logits(logits[:1], top_k=1).isfinite().tolist() == [[True, False, False, False]]
     assert filter_logits(logits, top_p=1.0).isfinite().all()
 
