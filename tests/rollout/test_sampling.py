@@ -92,14 +92,16 @@ def test_sampled_token_logp_equals_float64_log_of_its_probability(params, vocab,
     torch.testing.assert_close(logp_nokl, expected, rtol=1e-4, atol=1e-5)
 
 
-def _tied_logits(rows, vocab, levels):
-    """Logits taking only ``levels`` distinct values (bf16-like ties), each row its own permutation."""
-    values = torch.linspace(2.0, -2.0, levels)
+def _tied_logits(rows, vocab, levels, spread=0.5):
+    """Logits taking only ``levels`` distinct values in [-spread, spread] (bf16-like ties); close levels, so
+    each group holds a similar share of the mass and top-p cuts fall inside lower groups too."""
+    values = torch.linspace(spread, -spread, levels)
     return torch.stack([values[torch.randint(levels, (vocab,))][torch.randperm(vocab)] for _ in range(rows)])
 
 
-@pytest.mark.parametrize("params", [SamplingParams(top_p=0.3), SamplingParams(top_p=0.55, temperature=0.8),
-                                    SamplingParams(top_k=9, top_p=0.6), SamplingParams(cfg_scale=2.0, top_p=0.4)])
+@pytest.mark.parametrize("params", [SamplingParams(top_p=0.2), SamplingParams(top_p=0.45), SamplingParams(top_p=0.7),
+                                    SamplingParams(top_p=0.55, temperature=0.8),
+                                    SamplingParams(top_k=40, top_p=0.6), SamplingParams(cfg_scale=2.0, top_p=0.4)])
 def test_top_p_keeps_tied_tokens_together_in_both_backends(params):
     """With few distinct logits the top-p cut falls inside a group of equal logits: both backends keep the
     whole group (the definition in _expected_probs), draw the same tokens, and the keep set does not depend on
@@ -107,21 +109,23 @@ def test_top_p_keeps_tied_tokens_together_in_both_backends(params):
     from egrpo.rollout.sampling import guided_logits, keep_mask
 
     torch.manual_seed(3)
-    cond = _tied_logits(6, 64, 5)
-    uncond = _tied_logits(6, 64, 3) if params.cfg_scale is not None else None
+    cond = _tied_logits(8, 64, 5)
+    uncond = _tied_logits(8, 64, 3) if params.cfg_scale is not None else None
     expected = _expected_probs(cond, uncond, params)
     logits = guided_logits(cond, uncond, params)
     keep = keep_mask(logits, params.top_k, params.top_p)
     assert torch.equal(keep, expected > 0)
-    # The cut really splits a tie group in sort order for some row (else the test would not test ties).
+    # The cut really splits a tie group in sort order for some row (else the test would not test ties); from
+    # top_p 0.4 on, a group below the largest logit's (which holds ~0.3 of the mass).
     order = logits.argsort(-1, descending=True)
     sorted_p = expected.gather(-1, order)
     sorted_logits = logits.gather(-1, order)
-    before = torch.where(sorted_logits > -math.inf, sorted_logits, 0).softmax(-1)
-    assert ((sorted_p > 0) & ((before.cumsum(-1) - before) >= params.top_p)).any()
+    probs = sorted_logits.softmax(-1)
+    split = (sorted_p > 0) & ((probs.cumsum(-1) - probs) >= params.top_p)
+    assert (split & (sorted_logits < sorted_logits[:, :1])).any() if params.top_p >= 0.4 else split.any()
     perm = torch.randperm(64)
     assert torch.equal(keep_mask(logits[:, perm], params.top_k, params.top_p), keep[:, perm])
-    for u in torch.rand(4, 6):
+    for u in torch.rand(4, 8):
         token_t, kl_t, logp_t = sample_torch(cond, uncond, params, u, want_logp=True)
         token_k, kl_k, logp_k = sample_triton(cond, uncond, params, u, want_logp=True)
         assert torch.equal(token_t, token_k)
@@ -130,6 +134,23 @@ def test_top_p_keeps_tied_tokens_together_in_both_backends(params):
         torch.testing.assert_close(logp_t, log_expected, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(logp_k, log_expected, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(kl_k, kl_t, rtol=1e-4, atol=1e-5)
+
+
+def test_top_p_drops_a_group_whose_larger_tokens_hold_exactly_top_p():
+    """Probabilities exact in float32 (0.25, 0.25, then four of 0.125): at top_p = 0.5 the tokens above the 0.125
+    group hold exactly 0.5, which reaches top_p, so the group goes (transformers' rule); just above 0.5 it stays."""
+    from egrpo.rollout.sampling import keep_mask
+
+    logits = torch.tensor([[0.0, -math.log(2), 0.0, -math.log(2), -math.log(2), -math.log(2)]])
+    assert logits.softmax(-1).tolist() == [[0.25, 0.125, 0.25, 0.125, 0.125, 0.125]]
+    assert keep_mask(logits, None, 0.5).tolist() == [[True, False, True, False, False, False]]
+    assert keep_mask(logits, None, 0.5000001).all()
+    for u in (0.0, 0.49, 0.51, 0.999):
+        uniforms = torch.tensor([u])
+        for top_p, support in ((0.5, {0, 2}), (0.5000001, set(range(6)))):
+            params = SamplingParams(top_p=top_p)
+            token = sample_torch(logits, None, params, uniforms)[0]
+            assert int(token) in support and torch.equal(sample_triton(logits, None, params, uniforms)[0], token)
 
 
 def _chi_square(tokens, probs):
