@@ -291,7 +291,18 @@ def write_state_dict(state: Dict[str, torch.Tensor], out: str, max_shard_size="5
     """Safetensors, sharded with an index above ``max_shard_size`` (huggingface_hub's writer)."""
     from huggingface_hub import save_torch_state_dict
 
-    save_torch_state_dict({k: v.contiguous() for k, v in state.items()}, out, max_shard_size=max_shard_size)
+    save_torch_state_dict({k: _own_storage(v) for k, v in state.items()}, out, max_shard_size=max_shard_size)
+
+
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` contiguous and, when it is a slice of a larger storage, copied into its own. DeepSpeed ZeRO-1/2/3
+    keep parameters as views into flat buffers; on CPU ``.cpu()`` returns them as they are, and safetensors refuses
+    a tensor that does not cover its whole storage ("None is covering the entire storage"). Tensors that cover
+    theirs (tied weights included) are passed through."""
+    tensor = tensor.contiguous()
+    if tensor.storage_offset() or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        tensor = tensor.clone()
+    return tensor
 
 
 def _copy_side_files(src: str, dst: str) -> None:

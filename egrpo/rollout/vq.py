@@ -10,6 +10,18 @@ format (``channels_last=True``), which made the CPU decode 1.35-1.48x faster at 
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
+
+
+def codebook_entry(vq, image_tokens: torch.Tensor) -> torch.Tensor:
+    """``vq.quantize.get_codebook_entry(image_tokens)`` ([B, T] -> [B, C, h, w], L2-normalised codebook vectors)
+    through the embedding's module call only. transformers' version reads ``embedding.weight.shape`` outside the
+    call; under DeepSpeed ZeRO-3 the embedding's post-forward hook releases (re-partitions) the weight after each
+    call, even inside ``GatheredParameters``, so a second chunk saw a 0-wide weight ("shape [b, h, w, 0] is
+    invalid"). The module call gathers it every time."""
+    quantize = vq.quantize
+    vectors = F.normalize(quantize.embedding(image_tokens), p=2, dim=-1)   # [B, T, C]
+    return vectors.view(image_tokens.shape[0], *quantize.quant_state_dims, vectors.shape[-1]).permute(0, 3, 1, 2).contiguous()
 
 
 @torch.no_grad()
@@ -27,7 +39,7 @@ def decode_images(model, image_tokens: torch.Tensor, batch_size: Optional[int] =
     step = rows if batch_size == 0 else batch_size
     chunks = []
     for start in range(0, rows, max(step, 1)):
-        codes = vq.quantize.get_codebook_entry(image_tokens[start:start + step])
+        codes = codebook_entry(vq, image_tokens[start:start + step])
         if channels_last:
             codes = codes.contiguous(memory_format=torch.channels_last)
         pixels = vq.decoder(vq.post_quant_conv(codes))

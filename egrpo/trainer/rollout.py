@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from egrpo.objectives import HeadBatch
 from egrpo.rollout import EngineConfig, RolloutEngine, SamplingParams, nucleus_keep, seeds_from_generator
 from egrpo.rollout import Prefill as EnginePrefill
+from egrpo.rollout.vq import decode_images as decode_vq
 
 from .model import num_image_tokens
 from .protocol import (COT_SYSTEM_PROMPT, IMAGE_POSITIONS, Prefill, cot_prompt_text, image_positions, image_prefill,
@@ -253,12 +254,10 @@ def sample_image_tokens(model, cond: Prefill, uncond: Prefill, cfg: RolloutConfi
 
 
 def decode_images(model, image_tokens: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """VQ-decode ``[B, T]`` image tokens to ``[B, 3, H, W]`` float32 in [0, 1] (in chunks: the decoder is wide)."""
-    chunks = []
-    for start in range(0, image_tokens.shape[0], batch_size):
-        pixels = model.decode_image_tokens(image_tokens[start:start + batch_size])  # [b, H, W, 3] in ~[-1, 1]
-        chunks.append(((pixels.float() + 1) / 2).clamp(0, 1).permute(0, 3, 1, 2))
-    return torch.cat(chunks, 0).contiguous()
+    """VQ-decode ``[B, T]`` image tokens to ``[B, 3, H, W]`` float32 in [0, 1] as the old loop did: 8 rows per
+    decoder call, NCHW activations (``model.decode_image_tokens``'s computation; its transformers codebook lookup
+    fails under ZeRO-3 from the second chunk on, see ``egrpo.rollout.vq.codebook_entry``)."""
+    return decode_vq(model, image_tokens, batch_size=batch_size, channels_last=False)
 
 
 def _validate(model, prompts, cfg: RolloutConfig, generator):

@@ -937,7 +937,8 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
         generator = torch.Generator(device=device).manual_seed(seed)
         with zero3_gather(module.parameters(), zero3):
             ro = rollout(module, tokenizer, list(prompts), replace(cfg.rollout, group_size=n, images_per_cot=1),
-                         generator)
+                         generator, engine=sampler)   # the training rollout's engine: its compiled steps, and no
+                                                      # CUDA graphs under ZeRO-3
         return ro.images.float().cpu()
 
     def extra_state() -> Optional[Dict[str, Any]]:
@@ -1019,6 +1020,12 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
                     t0 = time.perf_counter()
                     with zero3_gather(head_weights(module), zero3):
                         loss, metrics = micro_loss(module, objective, mb, G, reward_weights, t.head_impl)
+                        if not loss.requires_grad:   # DeepSpeed's backward would fail with "loss must be a scalar"
+                            raise ConfigError(
+                                f"model.trainable={list(cfg.model.trainable)}: no trainable parameter reaches the "
+                                "loss (image tokens train model.language_model and the generation head, embeddings "
+                                "and aligner; lm_head only with rollout.cot; the VQ model and the understanding "
+                                "encoder never train)")
                         if not torch.isfinite(loss):
                             raise diverged(f"non-finite loss {loss.item()}")
                         t1 = time.perf_counter()

@@ -223,3 +223,35 @@ def test_config_from_a_deepseek_style_original_config():
             hf.vq_config.image_token_embed_dim) == (16384, 8, 4096, 4096)
     with pytest.raises(CheckpointFormatError, match="gen_head_config"):
         original_config_to_hf({k: v for k, v in config.items() if k != "gen_head_config"}, {"image_token_id": 1})
+
+
+def test_original_export_of_parameters_that_are_views_into_one_flat_buffer(dirs, tmp_path):
+    """DeepSpeed ZeRO-1/2/3 keep the parameters as views into flat buffers, and on CPU the trainer's ``.cpu()``
+    hands those views to the export: the original-layout writer used to fail on them with safetensors' "None is
+    covering the entire storage" (after the whole run had trained)."""
+    model, tokenizer, _, _, _ = dirs
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    flat = torch.cat([v.reshape(-1) for v in state.values()])          # one buffer, as ZeRO flattens them
+    views, offset = {}, 0
+    for key, value in state.items():
+        views[key] = flat[offset:offset + value.numel()].view_as(value)
+        offset += value.numel()
+    out = export_model(model, tokenizer, str(tmp_path / "original"), "original", state=views)
+    reference = export_model(model, tokenizer, str(tmp_path / "reference"), "original", state=state)
+    a, b = read_state_dict(reference), read_state_dict(out)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_training_under_zero_exports_original_layout(tmp_path, stage):
+    from egrpo.trainer.train import train
+    from tests.trainer._helpers import small_config
+
+    cfg = small_config(tmp_path / "run", "train.steps=1", "train.export_hf=true", "train.export_format=original",
+                       f"deepspeed.zero_stage={stage}", "data.prompts_per_step=1")
+    summary = train(cfg)
+    assert is_original_dir(summary["export"])
+    assert "gen_head.vision_head.weight" in read_state_dict(summary["export"])

@@ -188,3 +188,32 @@ def test_a_resume_sets_later_evaluations_aside_only_once_it_has_completed_a_step
     (aside,) = (out / "eval").glob("abandoned-*")
     assert (aside / "step_000004" / "marker").read_text() == "evaluation of the first branch"
     assert (out / "eval" / "step_000002").is_dir()                            # steps up to the checkpoint stay
+
+
+def test_evaluation_samples_with_the_training_rollouts_engine(tmp_path, monkeypatch):
+    """One engine per run: evaluation reuses the trainer's (its compiled steps, and its CUDA graphs turned off
+    under ZeRO-3) instead of building a fresh one per evaluation with the default settings."""
+    from egrpo.trainer import rollout as trainer_rollout
+    from egrpo.trainer import train as train_module
+
+    built, used = [], []
+    make_engine = trainer_rollout.make_engine
+    rollout = trainer_rollout.rollout
+
+    def counting_make_engine(model, cfg):
+        built.append(make_engine(model, cfg))
+        return built[-1]
+
+    def recording_rollout(*args, **kwargs):
+        used.append(kwargs.get("engine", args[5] if len(args) > 5 else None))   # (model, tokenizer, prompts, cfg,
+        return rollout(*args, **kwargs)                                          #  generator, engine)
+
+    monkeypatch.setattr(trainer_rollout, "make_engine", counting_make_engine)
+    monkeypatch.setattr(train_module, "make_engine", counting_make_engine)
+    monkeypatch.setattr(train_module, "rollout", recording_rollout)
+    cfg = small_config(tmp_path / "run", "train.steps=2", "eval.every_steps=1", "eval.evaluator=reward",
+                       f"eval.prompts={eval_prompts(tmp_path)}", "eval.images_per_prompt=1",
+                       "eval.rewards=[{name: colour, tolerance: 0.9}]")
+    train(cfg)
+    assert len(built) == 1 and built[0] is not None
+    assert len(used) >= 4 and all(engine is built[0] for engine in used)     # training, sample grids, eval

@@ -287,3 +287,15 @@ def test_resume_continues_the_global_rng(tmp_path):
     assert [r["step"] for r in b] == [1, 2]
     assert a[1]["reward/mean"] == b[1]["reward/mean"] and a[1]["reward/std"] == b[1]["reward/std"]
     assert a[0]["reward/mean"] != a[1]["reward/mean"]
+
+
+@pytest.mark.parametrize("trainable", [["model.vqmodel"], ["model.vision_model"], ["lm_head"]])
+def test_trainable_parameters_that_never_reach_the_loss_are_one_config_error(tmp_path, trainable):
+    """A `model.trainable` whose parameters the loss does not depend on (the VQ model, the understanding encoder)
+    used to reach DeepSpeed's backward and fail there with "AssertionError: loss must be a scalar tensor". lm_head
+    alone reaches it only through CoT tokens (small_config has no CoT)."""
+    from egrpo.errors import ConfigError
+
+    cfg = small_config(tmp_path / "run", "objective.name=grpo", "train.steps=1", f"model.trainable={trainable}")
+    with pytest.raises(ConfigError, match=r"model\.trainable=.*no trainable parameter reaches the loss"):
+        train(cfg)

@@ -114,3 +114,19 @@ print("REFERENCE_OK", len(big))
 @pytest.mark.slow
 def test_zero3_reference_is_partitioned_and_computes_the_full_models_logprobs(tmp_path):
     run_processes(REFERENCE_WORKER.format(root=ROOT, out=str(tmp_path)), 2, expect="REFERENCE_OK")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine,prompts", [("true", 2), ("false", 4)], ids=["engine", "plain-loop"])
+def test_zero3_one_process_decodes_micro_batches_larger_than_one_vq_chunk(tmp_path, engine, prompts):
+    """One process under ZeRO-3 with more images per micro-batch than one VQ-decoder call takes (4 rows per call
+    on CPU for the engine, 8 for the plain loop): every chunk after the first used to fail with "shape [4, h, w, 0]
+    is invalid", the codebook weight having been released by the first chunk's embedding call."""
+    out = tmp_path / "run"
+    overrides = ["train.steps=1", f"data.prompts_per_step={prompts}", "rollout.group_size=4", f"rollout.engine={engine}",
+                 "objective.name=grpo", "deepspeed.zero_stage=3"]   # 8 (engine) / 16 (plain loop) images
+    code = (f"import sys; sys.path.insert(0, {ROOT!r})\n"
+            "from tests.trainer._helpers import small_config\nfrom egrpo.trainer.train import train\n"
+            f"s = train(small_config({str(out)!r}, *{overrides!r}))\nprint('steps', s['step'])\n")
+    run_processes(code, 1, expect="steps 1")
+    assert [r["step"] for r in read_metrics(str(out / "metrics.jsonl"))] == [1]
