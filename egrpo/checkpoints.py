@@ -313,12 +313,27 @@ def _copy_side_files(src: str, dst: str) -> None:
             shutil.copy2(file, os.path.join(dst, name))
 
 
+def load_tokenizer(path: str):
+    """``AutoTokenizer`` of a checkpoint directory in either layout. transformers' AutoTokenizer also reads
+    ``config.json``; an original-layout one (``model_type: multi_modality``, unknown to transformers) made it
+    warn that a checkpoint of another type "can yield errors", although only the tokenizer files are used."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not is_original_dir(path):
+        return AutoTokenizer.from_pretrained(path)
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
 def _token_ids(path: str) -> Dict[str, int]:
     """``image_token_id`` and the text model's pad/bos/eos ids, from the tokenizer files in ``path``."""
-    from transformers import AutoTokenizer
-
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
     except Exception as e:  # noqa: BLE001 - tokenizers raise many types; the message says what to fix
         raise CheckpointFormatError(f"{path}: cannot load its tokenizer ({e}); the tokenizer files must sit next to "
                               "the weights") from None
@@ -386,7 +401,7 @@ def convert_checkpoint(src: str, dst: str, to: str = "auto", max_shard_size="5GB
             json.dump(hf_config_to_original(JanusConfig(**config)), f, indent=2)
         write_state_dict(hf_to_original_state(state, extras), dst, max_shard_size)
     _copy_side_files(src, dst)
-    log.info("converted %s -> %s (%s layout)", src, dst, to)
+    log.debug("converted %s -> %s (%s layout)", src, dst, to)   # `egrpo convert` prints its own line
     return to
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -47,7 +48,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record (not the stream of when it was made)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def show_egrpo_log() -> None:
+    """The package's log lines (``logging.getLogger("egrpo...")``: e.g. "model.path ... is in the original Janus
+    layout: converting it ...", "flash_attn is not installed") on stderr as ``egrpo: <message>``, like the
+    trainer's own lines. Without a handler, Python shows only warnings (unprefixed) and drops the info lines."""
+    logger = logging.getLogger("egrpo")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("egrpo: %(message)s"))
+        logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+
+
 def main(argv=None) -> int:
+    show_egrpo_log()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:   # overrides after a flag (`--config c.yaml a=1 --overwrite b=2`) are overrides too
@@ -99,6 +126,10 @@ def run_config(args):
         raise ConfigError("--config is required (or --resume RUN_DIR to continue a run with its own config)")
     if run_dir is not None:
         return load_config(os.path.join(run_dir, "config.yaml"), [f"train.out_dir={run_dir}", *args.overrides])
+    if os.path.isfile(os.path.join(args.resume, "config.yaml")):   # a run stopped before its first checkpoint
+        raise ConfigError(f"--resume {args.resume}: the run has no checkpoint to resume from (it stopped before "
+                          f"its first save; train.save_every); start it afresh with --config "
+                          f"{os.path.join(args.resume, 'config.yaml')} --overwrite")
     raise ConfigError(f"--resume {args.resume}: no run directory with config.yaml found; give --config as well")
 
 

@@ -42,3 +42,17 @@ def test_a_checkpoint_outside_any_run_keeps_the_configs_out_dir(tmp_path):
     lone = tmp_path / "downloaded-checkpoint"
     lone.mkdir()
     assert run_config(args(DEMO, str(lone))).train.out_dir == "runs/demo"
+
+
+def test_resume_of_a_run_without_checkpoint_says_so(tmp_path):
+    """A run stopped before its first save (e.g. SIGTERM twice with train.save_every=0) has config.yaml and
+    metrics but no checkpoints/: `--resume RUN` alone must say there is nothing to resume and how to start
+    afresh, not ask for a --config (which only leads to "no checkpoint found")."""
+    from egrpo.errors import ConfigError
+
+    run = tmp_path / "stopped-run"
+    run.mkdir()
+    (run / "config.yaml").write_text(open(DEMO, encoding="utf-8").read())
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ConfigError, match="no checkpoint to resume from.*--overwrite"):
+        run_config(args(None, str(run)))

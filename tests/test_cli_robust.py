@@ -238,6 +238,8 @@ def test_divergence_stops_with_step_lr_and_last_good_checkpoint(capsys, tmp_path
                      f"train.out_dir={run}")
     assert_one_line_error(rc, err, "diverged at step", "optim.lr", "Last good checkpoint")
     line = [x for x in err.splitlines() if x.startswith("egrpo ")][0]
+    if "continue from it" in line:   # the named checkpoint may already carry the blow-up (lr 1e30 at step 1)
+        assert "earlier checkpoint" in line
     saved = sorted(p for p in os.listdir(run / "checkpoints") if p.startswith("step_")) if (run / "checkpoints").exists() else []
     if saved:   # the newest checkpoint is the one named, and it holds finite weights only
         assert saved[-1] in line
@@ -282,7 +284,7 @@ def test_custom_rewards_from_the_working_directory_retry_and_skip(capsys, tmp_pa
     assert rc == 0, err
     records = read_metrics("run/metrics.jsonl")
     # 4 prompts, 2 per step, shuffled: "a red apple" is in exactly one of the two steps' groups.
-    assert sum(r.get("reward/skipped_groups", 0) for r in records) == 1
+    assert sorted(r["reward/skipped_groups"] for r in records) == [0.0, 1.0]   # every step, 0 included
     assert err.count("cannot score apples") == 1 and "skipped (1 so far)" in err
     # Without the options the same failure stops the run with one line naming the reward and the options.
     sys.modules["myrewards"].Flaky.calls = 0

@@ -170,8 +170,10 @@ class RewardSet:
         self.failures: List[str] = []      # one line per skipped group since the last `pop_failures`
         self.last_skipped: Optional[torch.Tensor] = None
 
-    def _score(self, k: int, images, prompts, metadata) -> torch.Tensor:
-        """Function ``k`` on one batch, retried; raises the last error after ``1 + retries[k]`` attempts."""
+    def _score(self, k: int, images, prompts, metadata, group_size: Optional[int] = None) -> torch.Tensor:
+        """Function ``k`` on one batch, retried; raises the last error after ``1 + retries[k]`` attempts. With
+        ``group_size``, an ``on_failure: mask`` function that masked every sample of a group counts as failing:
+        a whole group cannot be filled with its own mean, so the failure options decide (retry, skip, stop)."""
         fn = self.functions[k]
         error: Optional[Exception] = None
         for _ in range(1 + self.retries[k]):
@@ -183,6 +185,13 @@ class RewardSet:
                 if not torch.isfinite(r).all() and getattr(fn, "on_failure", "error") != "mask":
                     raise ValueError(f"returned non-finite values {r.tolist()} (an adapter's on_failure: mask "
                                      "masks such samples instead)")
+                if group_size and r.shape[0] % group_size == 0:
+                    whole = (~torch.isfinite(r)).reshape(-1, group_size).all(1)
+                    if whole.any():
+                        which = ("the group" if r.shape[0] == group_size   # scored group by group (skip_group)
+                                 else f"group(s) {whole.nonzero().flatten().tolist()}")
+                        raise ValueError(f"could not score any sample of {which} (on_failure: mask fills a failed "
+                                         "sample with its group's mean, which needs one scored sample)")
                 return r
             except Exception as e:   # any failure of user code counts; the policy decides what happens
                 error = e
@@ -196,7 +205,7 @@ class RewardSet:
         columns = []
         for k, name in enumerate(self.names):
             try:
-                columns.append(self._score(k, images, prompts, metadata))
+                columns.append(self._score(k, images, prompts, metadata, group_size))
                 continue
             except Exception as e:
                 if self.on_error[k] != "skip_group" or not group_size:
@@ -207,7 +216,7 @@ class RewardSet:
             for start in range(0, B, group_size):   # group by group: skip only the groups that still fail
                 rows = slice(start, start + group_size)
                 try:
-                    column[rows] = self._score(k, images[rows], prompts[rows], metadata[rows])
+                    column[rows] = self._score(k, images[rows], prompts[rows], metadata[rows], group_size)
                 except Exception as e:
                     skipped[rows] = True
                     self.failures.append(f"reward {name!r} failed on group {start // group_size}: "
@@ -249,7 +258,7 @@ def build_rewards(configs) -> RewardSet:
         check_reward_arguments(cls, kwargs, f"rewards[{i}] ({name!r})")
         try:
             functions.append(cls(**kwargs))
-        except TypeError as e:   # e.g. a value of the wrong type that no annotation declared
+        except (TypeError, ValueError) as e:   # a value of the wrong type no annotation declared, or out of range
             raise ValueError(f"rewards[{i}] ({name!r}): {e}") from e
         label = name.rsplit(":", 1)[-1]
         if label in names:

@@ -204,15 +204,13 @@ def build_model(cfg: ModelConfig, device) -> Tuple[torch.nn.Module, object]:
             model = JanusForConditionalGeneration(config)
         model = model.to(dtype)
     else:
-        from transformers import AutoTokenizer
-
-        from ..checkpoints import is_original_dir, load_original_checkpoint
+        from ..checkpoints import is_original_dir, load_original_checkpoint, load_tokenizer
 
         if is_original_dir(cfg.path):  # DeepSeek / T2I-R1 / EG-GRPO / STAGE layout: converted in memory
             model = load_original_checkpoint(cfg.path, dtype=dtype, attn_implementation=attn)
         else:
             model = JanusForConditionalGeneration.from_pretrained(cfg.path, dtype=dtype, attn_implementation=attn)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.path)
+        tokenizer = load_tokenizer(cfg.path)
         tokenizer.padding_side = "left"
     janus_tokens(tokenizer)  # fail early on a tokenizer without the Janus special tokens
 

@@ -559,7 +559,7 @@ def check_resume_changes(old: Dict[str, Any], new: Dict[str, Any], step: int, al
     per applied change, raises ResumeError naming every refused key (and, given ``checkpoint_config``, the
     file that resumes with the checkpoint's own settings)."""
     a, b = flatten_config(old), flatten_config(new)
-    lines, refused, never = [], [], []
+    lines, refused, never, added_later = [], [], [], []
     for key in sorted(set(a) | set(b)):
         before, after = a.get(key, SETTINGS_ADDED_LATER.get(key, _ABSENT)), b.get(key, _ABSENT)
         if before == after:
@@ -577,6 +577,8 @@ def check_resume_changes(old: Dict[str, Any], new: Dict[str, Any], step: int, al
             lines.append(f"{change} (applied: --allow-changes)")
         else:
             refused.append(change)
+            if key not in a and key in SETTINGS_ADDED_LATER:   # the checkpoint's config.yaml cannot say it
+                added_later.append(f"{key}={json.dumps(before)}")   # false / null / numbers: YAML reads them
     if never:
         raise ResumeError(f"cannot resume with {'; '.join(never)}: the checkpoint's weights and optimizer state "
                           "depend on it; start a new run (another train.out_dir) instead")
@@ -585,6 +587,8 @@ def check_resume_changes(old: Dict[str, Any], new: Dict[str, Any], step: int, al
         # stopped before its first checkpoint), not from this command: name the file that resumes as before
         before = (f"resume with the checkpoint's own settings: --config {checkpoint_config}" if checkpoint_config
                   else "drop them to resume as before")
+        if added_later:   # absent from that file too: a --config of it alone would be refused the same way
+            before += f" (plus {' '.join(added_later)}, settings that checkpoint predates)"
         raise ResumeError(f"resuming would change {'; '.join(refused)}: these change what the run optimises; pass "
                           f"--allow-changes to apply them (each is logged), or {before}")
     if b.get("train.steps", 0) <= step:
@@ -962,7 +966,10 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
         return DivergenceError(
             f"training diverged at step {step + 1}: {what}; try a lower optim.lr (now {cfg.optim.lr:g}). Last good "
             f"checkpoint: {last_good or 'none yet (train.save_every)'}"
-            + (f"; continue from it with --resume {out_dir} --allow-changes optim.lr=..." if last_good else ""))
+            + (f"; continue from it with --resume {out_dir} --allow-changes optim.lr=... (its weights are finite but "
+               f"were already updated at this learning rate: if the resumed run diverges again at once, resume from "
+               f"an earlier checkpoint, --resume {out_dir}/checkpoints/step_NNNNNN, or start afresh with --overwrite)"
+               if last_good else ""))
 
     steps_this_run, saved_at, stop_signal, stopper = 0, None, 0, StopOnSignal()
     with stopper:
@@ -1064,8 +1071,9 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
             record = mean_dicts([g[0] for g in gathered])
             rewards_all = torch.cat([g[1] for g in gathered])
             kept_all = torch.cat([g[2] for g in gathered])
-            if not kept_all.all():
+            if "skip_group" in reward_set.on_error:   # every step of a run that can skip, 0 included (plots)
                 record["reward/skipped_groups"] = float((~kept_all).sum()) / G
+            if not kept_all.all():
                 rewards_all = rewards_all[kept_all]
             combined = reward_set.combine(rewards_all)
             record["reward/mean"], record["reward/std"] = float(combined.mean()), float(combined.std())

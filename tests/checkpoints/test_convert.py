@@ -255,3 +255,21 @@ def test_training_under_zero_exports_original_layout(tmp_path, stage):
     summary = train(cfg)
     assert is_original_dir(summary["export"])
     assert "gen_head.vision_head.weight" in read_state_dict(summary["export"])
+
+
+def test_cli_load_of_original_dir_says_so_without_a_model_type_warning(dirs, tmp_path, capfd):
+    """docs/data-and-checkpoints.md: loading an original-layout directory logs `model.path ... is in the original
+    Janus layout: converting it to the transformers layout on load`. Through the CLI that line must reach the
+    user, and transformers' "model of type `multi_modality` ... can yield errors" warning (raised by its
+    AutoTokenizer reading the original config.json) must not."""
+    from egrpo.cli import main
+
+    _, _, _, original, _ = dirs
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red apple\n")
+    capfd.readouterr()
+    assert main(["generate", "--model", original, "--prompts", str(prompts), "--out", str(tmp_path / "gen"),
+                 "--dtype", "fp32", "--device", "cpu", "--no-progress"]) == 0
+    err = capfd.readouterr().err
+    assert f"egrpo: model.path {original} is in the original Janus layout" in err
+    assert "multi_modality` to instantiate" not in err

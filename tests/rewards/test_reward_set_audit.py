@@ -120,3 +120,40 @@ def test_clip_preprocess_resizes_the_shorter_side_and_centre_crops():
     got = clip_preprocess(ramp, 28)[0] * std + mean
     expected = ((2 * (torch.arange(28) + 7) + 0.5) / 83).expand(3, 28, 28)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+def test_a_wholly_masked_group_is_a_reward_failure_not_a_crash():
+    """docs/training.md: `on_failure: mask` fills a failed sample with its group's mean. When an adapter masks
+    every sample of a group there is no mean: the failure options apply (stop with one line naming the reward,
+    or skip the group with `on_error: skip_group`), instead of the trainer's RuntimeError traceback."""
+    from egrpo.errors import RewardError
+    from egrpo.rewards.base import Reward, mask_failed_rewards
+
+    class MaskCar(Reward):
+        name = "maskcar"
+
+        def score(self, images, prompts, metadata):
+            return [float("nan") if "car" in p else 1.0 for p in prompts]
+
+    images = torch.rand(4, 3, 8, 8)
+    prompts, meta = ["a car", "a car", "an apple", "an apple"], [{}] * 4
+    stop = RewardSet([MaskCar(on_failure="mask")], ["maskcar"], [1.0])
+    with pytest.raises(RewardError, match=r"maskcar.*group\(s\) \[0\].*on_error: skip_group"):
+        stop(images, prompts, meta, group_size=2)
+    skip = RewardSet([MaskCar(on_failure="mask")], ["maskcar"], [1.0], on_error=["skip_group"])
+    out = skip(images, prompts, meta, group_size=2)
+    assert skip.last_skipped.tolist() == [True, True, False, False] and skip.skipped == 1
+    filled, valid = mask_failed_rewards(out, 2)   # what the trainer does next: no group left to raise on
+    assert filled[:, 0].tolist() == [0.0, 0.0, 1.0, 1.0] and valid.all()
+    # A partly masked group is still filled from its scored samples (no failure).
+    part = RewardSet([MaskCar(on_failure="mask")], ["maskcar"], [1.0])(images, ["a car", "x", "y", "z"], meta,
+                                                                       group_size=2)
+    assert part[0, 0].isnan() and part[1:, 0].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_constructor_refusing_a_value_names_the_reward_entry():
+    """A reward's own argument check (docs/training.md's `MyReward(scale <= 0)`) names which `rewards[i]` entry
+    it came from, as the signature check does: with two entries of one class, "scale must be > 0" alone does
+    not say which to fix."""
+    with pytest.raises(ValueError, match=r"rewards\[1\] \('colour'\): tolerance must be > 0"):
+        build_rewards([{"name": "colour"}, {"name": "colour", "tolerance": -1.0}])

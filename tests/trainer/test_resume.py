@@ -59,3 +59,19 @@ def test_runs_saved_before_a_setting_existed_resume_with_its_old_value():
     # A setting that is not in the table still counts as a change when it appears.
     with pytest.raises(ResumeError, match=r"rollout.top_k: \(absent\) -> 5"):
         check_resume_changes(old, {**same, "rollout": {**same["rollout"], "top_k": 5}}, 5, allow_changes=False)
+
+
+def test_refusing_an_absent_setting_names_the_overrides_that_resume_as_before():
+    """The refusal suggests `--config <checkpoint>/config.yaml` to resume with the checkpoint's own settings; a
+    checkpoint saved before `rollout.engine` existed has no such key in that file, so the suggestion alone is
+    refused again. The message must also give the overrides that reproduce the old run (docs/training.md,
+    "Settings added after runs were saved")."""
+    from egrpo.trainer.train import ResumeError, check_resume_changes
+
+    old = {"rollout": {"group_size": 8}, "train": {"steps": 10}}
+    new = {"rollout": {"group_size": 8, "engine": True, "cot_max_prompt_tokens": 512}, "train": {"steps": 10}}
+    with pytest.raises(ResumeError) as refused:
+        check_resume_changes(old, new, 5, allow_changes=False, checkpoint_config="ck/config.yaml")
+    message = str(refused.value)
+    assert "--config ck/config.yaml" in message
+    assert "rollout.cot_max_prompt_tokens=null rollout.engine=false" in message
