@@ -373,17 +373,18 @@ def find_checkpoint(path: str) -> Tuple[str, str, List[str]]:
     if root is None:
         raise CheckpointError(f"--resume {path}: no checkpoint found (expected a run directory, its checkpoints/ "
                               "directory or a checkpoint directory)")
-    candidates = []
+    candidates, problems = [], []
     latest = os.path.join(root, "latest")
     if os.path.isfile(latest):
         with open(latest, "rb") as f:
             named = f.read(256).decode("utf-8", "replace").strip()
         if named and "/" not in named and named not in (".", ".."):
             candidates.append(named)
+        else:   # e.g. truncated by a full disk: say so, then fall back like any damaged checkpoint
+            problems.append(f"{latest} names no checkpoint ({named[:40]!r})")
     steps = sorted((n for n in os.listdir(root) if STEP_TAG.match(n) and os.path.isdir(os.path.join(root, n))),
                    key=lambda n: int(STEP_TAG.match(n).group(1)), reverse=True)
     candidates += [n for n in steps if n not in candidates]
-    problems = []
     for tag in candidates:
         problem = verify_checkpoint(os.path.join(root, tag))
         if problem is None:

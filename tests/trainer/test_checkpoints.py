@@ -1,5 +1,5 @@
 """Checkpoints on a tiny DeepSpeed engine: manifest written last and verified on load, fallback to the newest
-intact checkpoint (truncated, zero-byte, random-byte files, a missing manifest, `latest` naming a missing or
+intact checkpoint (truncated, zero-byte, random-byte files, a missing manifest, `latest` empty or naming a missing or
 empty tag), one-line errors naming the file, `keep_last` pruning and the `best` slot."""
 
 import json
@@ -72,7 +72,7 @@ def test_layout_manifest_and_roundtrip(run):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "zero_bytes", "random_bytes", "missing_file", "no_manifest",
-                                    "latest_missing_tag", "latest_empty_tag"])
+                                    "latest_missing_tag", "latest_empty_tag", "latest_file_empty"])
 def test_damaged_latest_falls_back_to_newest_intact(run, damage):
     run_dir, _, weights = run
     root = run_dir / "checkpoints"
@@ -96,13 +96,16 @@ def test_damaged_latest_falls_back_to_newest_intact(run, damage):
     elif damage == "latest_empty_tag":
         (root / "step_000009").mkdir()
         (root / "latest").write_text("step_000009")
+    elif damage == "latest_file_empty":   # e.g. truncated by a full disk: said, not skipped silently
+        (root / "latest").write_text("")
     load_dir, tag, problems = find_checkpoint(str(run_dir))
     expected = "step_000003" if damage.startswith("latest") else "step_000002"
     assert tag == expected
     assert len(problems) == 1
     named = {"truncated": victim, "zero_bytes": victim, "random_bytes": victim, "missing_file": victim,
              "no_manifest": MANIFEST,
-             "latest_missing_tag": "step_000009", "latest_empty_tag": "step_000009"}[damage]
+             "latest_missing_tag": "step_000009", "latest_empty_tag": "step_000009",
+             "latest_file_empty": "latest names no checkpoint"}[damage]
     assert named in problems[0] and "\n" not in problems[0]
     fresh = tiny_engine(seed=1)
     step, _ = load_checkpoint(fresh, load_dir, tag, rank=0)
