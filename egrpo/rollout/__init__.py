@@ -13,10 +13,10 @@ from .engine import (
     seeds_from_generator,
     text_prefill,
 )
-from .sampling import SamplingParams, nucleus_keep, sample, validate_sampling
+from .sampling import SamplingParams, sample, validate_sampling
 from .vq import decode_images
 
 __all__ = [
     "EngineConfig", "ImageOutput", "Prefill", "RolloutEngine", "SamplingParams", "TextOutput", "cfg_prefill",
-    "decode_images", "nucleus_keep", "sample", "seeds_from_generator", "text_prefill", "validate_sampling",
+    "decode_images", "sample", "seeds_from_generator", "text_prefill", "validate_sampling",
 ]

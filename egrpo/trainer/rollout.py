@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from egrpo.objectives import HeadBatch
-from egrpo.rollout import EngineConfig, RolloutEngine, SamplingParams, nucleus_keep, seeds_from_generator
+from egrpo.rollout import EngineConfig, RolloutEngine, SamplingParams, seeds_from_generator
 from egrpo.rollout import Prefill as EnginePrefill
+from egrpo.rollout.sampling import keep_mask
 from egrpo.rollout.vq import decode_images as decode_vq
 
 from .model import num_image_tokens
@@ -152,14 +153,10 @@ def _new_cache(model):
 
 
 def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
-    """Set logits outside the top-k / nucleus (top-p) set to -inf; [N, V] float."""
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        # Drop a token when the tokens strictly above it already reach top_p (ties stay together).
-        logits = logits.masked_fill(~nucleus_keep(logits, top_p), float("-inf"))
-    return logits
+    """Set logits outside the top-k / nucleus (top-p) set to -inf; [N, V] float. The sampler's own rule
+    (``egrpo.rollout.sampling.keep_mask``: ties at either threshold stay together)."""
+    keep = keep_mask(logits, top_k, top_p)
+    return logits if keep is None else logits.masked_fill(~keep, float("-inf"))
 
 
 def cfg_logits(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float, temperature: float,
