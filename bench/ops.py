@@ -298,7 +298,7 @@ def _ours(op, case, backend, frozen=False):
 
             def advantage_fn(_logp, entropy, seqs):  # per-row percentiles: whole sequences suffice
                 return eg_grpo_token_advantages(inp["advantages"][seqs], entropy, inp["mask"][seqs], V,
-                                                backend=backend)[0]
+                                                backend=backend, check_finite=False)[0]  # as the trainer
 
             out = grpo_loss(inp["hidden"], weight, inp["targets"], inp["mask"], None, bias,
                             ref_logp=inp["ref_logp"], beta=BETA, advantage_fn=advantage_fn,

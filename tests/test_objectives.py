@@ -262,6 +262,11 @@ def test_registry_and_errors():
         obj(torch.tensor([1.0, float("nan"), 0.0, 1.0]), 2, image)
     with pytest.raises(ValueError, match="same B"):
         obj(torch.randn(4), 2, image, head(2, 6, 8, 1000))
+    broken = fresh(image)
+    with torch.no_grad():
+        broken.hidden[1, 3, 0] = float("nan")  # a NaN entropy at a valid token: rejected, not shaped into the loss
+    with pytest.raises(ValueError, match="NaN"):
+        obj(torch.randn(4), 2, broken)
     with pytest.raises(ValueError, match="vocab_size"):
         obj(torch.randn(4), 2, head(4, 6, 8, 1, ref=False))  # V = 1: noisy ref log-probs would be > 0
 

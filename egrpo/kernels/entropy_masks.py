@@ -155,6 +155,7 @@ def entropy_masks(
     include_invalid: bool = False,
     released_text_percentiles: bool = False,
     backend: str = "auto",
+    check_finite: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Low- and high-entropy token masks from per-unit percentiles.
 
@@ -172,6 +173,10 @@ def entropy_masks(
             ``n`` = number of positions whose entropy is ``> 0``; see the module docstring).
             Excludes ``include_invalid``.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        check_finite: reject NaN/inf entropies at participating positions. The check waits for the
+            device (a host sync); a caller that checks what it derives from the masks anyway (the GRPO
+            loss checks ``advantage_fn``'s result once per pass) turns it off, so a CUDA pass over many
+            chunks never stalls.
 
     Returns:
         ``(low, high)``: bool ``[B, T]``; ``low = valid & (H < thr_low)``, ``high = valid & (H > thr_high)``.
@@ -203,10 +208,13 @@ def entropy_masks(
         raise ValueError("pass either include_invalid=True or released_text_percentiles=True, not both "
                          "(the released rule already decides which positions take part)")
     backend = resolve_backend(backend, entropy.device)
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
     participating = None if (include_invalid or released_text_percentiles) else valid
-    checked = entropy if participating is None else entropy[participating]
-    if checked.numel() and not bool(torch.isfinite(checked).all()):
-        raise ValueError("entropy has NaN/inf values at participating (valid) positions")
+    if check_finite and entropy.numel():
+        finite = torch.isfinite(entropy)
+        if not bool((finite if participating is None else finite | ~participating).all()):
+            raise ValueError("entropy has NaN/inf values at participating (valid) positions")
 
     n_units = {"sequence": B, "group": B // group_size if scope == "group" else 0, "batch": 1}[scope]
     if B * T == 0:

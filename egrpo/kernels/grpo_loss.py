@@ -161,6 +161,10 @@ def _run(plan, hidden2, weight, bias, targets1, need):
         loss_t[rows] = loss_rows
         return g_rows, g_entropy_rows
 
+    # NaN/inf in advantage_fn's results, gathered on the device and checked once after the pass: a check per
+    # chunk would wait for the device at every chunk (and leave the GPU idle while the host catches up)
+    nonfinite = []
+
     def run_advantage_fn(rows, logp_rows, entropy_rows):
         """``advantage_fn`` on whole sequences ``rows`` (a multiple of T rows) -> flat advantages."""
         b0, b1 = rows.start // plan.T, rows.stop // plan.T
@@ -169,9 +173,15 @@ def _run(plan, hidden2, weight, bias, targets1, need):
         if plan.scope_rows is not None:
             args = args + (slice(b0, b1),)
         adv = plan.advantage_fn(*args)
-        adv = _check_token_tensor("advantage_fn's result", adv, shape[0], plan.T,
-                                  plan.valid[rows].view(shape), allow_per_sequence=True)
+        valid_rows = plan.valid[rows].view(shape)
+        adv = _check_token_tensor("advantage_fn's result", adv, shape[0], plan.T, valid_rows,
+                                  allow_per_sequence=True, check_values=False)
+        nonfinite.append(_nonfinite_at(adv, valid_rows))
         return adv.reshape(-1).to(ldt)
+
+    def check_advantages():
+        if nonfinite and bool(torch.stack(nonfinite).any()):
+            raise ValueError("advantage_fn's result has NaN/inf values at valid tokens")
 
     if plan.advantage_fn is None or plan.scope_rows is not None:
         # One pass; g is formed per chunk (chunks hold whole sequences/groups when advantage_fn is
@@ -184,6 +194,7 @@ def _run(plan, hidden2, weight, bias, targets1, need):
         grads = HeadGrads(hidden2, weight, bias, *need)
         logp, entropy, _ = head_pass(hidden2, weight, targets1, bias, plan.inv_tau, plan.chunk, plan.backend,
                                      grad_fn=grad_fn, grads=grads)
+        check_advantages()
         return loss_t.sum(), (logp, entropy, kl, clipped_low, clipped_high, adv_used), grads
 
     # advantage_fn over the whole batch: g is known only after every row has been seen.
@@ -192,6 +203,7 @@ def _run(plan, hidden2, weight, bias, targets1, need):
         # g_row times one g-free vector: stream once for the statistics, then recompute for every gradient.
         logp, entropy, lse = head_pass(hidden2, weight, targets1, bias, plan.inv_tau, plan.chunk, plan.backend)
         adv = run_advantage_fn(slice(0, n_rows), logp, entropy)
+        check_advantages()
         g, g_entropy = store(slice(0, n_rows), logp, entropy, adv)
         grads = HeadGrads(hidden2, weight, bias, *need)
         if grads.any:
@@ -214,6 +226,7 @@ def _run(plan, hidden2, weight, bias, targets1, need):
     logp, entropy, lse = head_pass(hidden2, weight, targets1, bias, plan.inv_tau, plan.chunk, plan.backend,
                                    grad_fn=unit_grad_fn if need[0] else None, grads=unit)
     adv = run_advantage_fn(slice(0, n_rows), logp, entropy)
+    check_advantages()
     g, _ = store(slice(0, n_rows), logp, entropy, adv)
     grads = HeadGrads(hidden2, weight, bias, False, need[1], need[2])
     if grads.any:
@@ -256,7 +269,12 @@ class GRPOLossFunction(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
-def _check_token_tensor(name, t, B, T, valid, allow_per_sequence=False, device=None):
+def _nonfinite_at(t, valid):
+    """0-d bool tensor: does ``t`` hold NaN/inf at a valid token (no host sync)."""
+    return ~torch.isfinite(torch.where(valid, t, torch.zeros((), dtype=t.dtype, device=t.device))).all()
+
+
+def _check_token_tensor(name, t, B, T, valid, allow_per_sequence=False, device=None, check_values=True):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
@@ -268,7 +286,7 @@ def _check_token_tensor(name, t, B, T, valid, allow_per_sequence=False, device=N
         raise ValueError(f"{name} must have shape [B, T] = [{B}, {T}]{extra}, got {tuple(t.shape)}")
     if t.device != valid.device:
         raise ValueError(f"{name} is on {t.device} but hidden is on {valid.device}")
-    if not bool(torch.isfinite(torch.where(valid, t, torch.zeros((), dtype=t.dtype, device=t.device))).all()):
+    if check_values and bool(_nonfinite_at(t, valid)):
         raise ValueError(f"{name} has NaN/inf values at valid tokens")
     return t
 

@@ -36,6 +36,7 @@ def eg_grpo_token_advantages(
     method: str = "index",
     released_text_percentiles: bool = False,
     backend: str = "auto",
+    check_finite: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """EG-GRPO token advantages of one part.
 
@@ -43,12 +44,15 @@ def eg_grpo_token_advantages(
     per row over the valid tokens (with ``released_text_percentiles``, the released text-CoT rule:
     the whole padded row, indexed from its tail; see ``egrpo.kernels.entropy_masks``). Returns ``(A_tok [B, T], low, high)``; ``A_tok / A_i`` lies in ``[1 - c1, 1 + c1]``
     on high tokens (the bonus is capped at ``c1 |A_i|`` and never flips the sign) and is 0 on low ones.
+    ``check_finite=False`` skips the entropy check (a host sync; see ``entropy_masks``): a NaN entropy (what
+    a head with NaN logits gives) then surfaces as a NaN advantage, which the GRPO loss rejects.
     """
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
         raise ValueError(f"vocab_size must be an int >= 2 (entropy is normalised by ln V), got {vocab_size!r}")
     hn = entropy.detach() / math.log(vocab_size)
     low, high = entropy_masks(hn, mask, low_q, high_q, scope="sequence", method=method,
-                              released_text_percentiles=released_text_percentiles, backend=backend)
+                              released_text_percentiles=released_text_percentiles, backend=backend,
+                              check_finite=check_finite)
     a = seq_advantages.detach().to(hn.dtype)[:, None]
     bonus = torch.minimum(c1 * a.abs(), c2 * hn) * high
     return (a + bonus) * (~low), low, high
@@ -95,7 +99,10 @@ def shaped_advantages(settings: EntropyShapingSettings, part: str, batch: HeadBa
         adv[seqs].to(entropy.device), entropy, batch.mask[seqs], batch.weight.shape[0], low_q=settings.low_q,
         high_q=settings.high_q, c1=settings.c1, c2=settings.c2, method=settings.percentile_method,
         released_text_percentiles=(part == "text" and settings.include_padding_in_text_percentiles),
-        backend=settings.backend)
+        backend=settings.backend,
+        # the advantages go through the GRPO loss, which rejects NaN ones (a NaN entropy makes one) once
+        # per pass: no host sync per chunk here
+        check_finite=False)
 
 
 def shaping_fn(settings: EntropyShapingSettings, part: str, batch: HeadBatch, adv: torch.Tensor,

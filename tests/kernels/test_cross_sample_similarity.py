@@ -216,47 +216,8 @@ def test_gpu_triton_matches_reference(use_ids):
     assert max_abs_err(out, torch_path) <= 1e-5
 
 
-@pytest.mark.gpu
-def test_gpu_similarity_and_weights_cost_under_one_percent_of_image_head():
-    # Issue 4's goal: similarity + reweighting for 8 groups of 8 images x 576 tokens costs < 1% of
-    # the fused image head's forward+backward (Janus-Pro-7B sizes: D = 4096, V = 16384, bf16).
-    from egrpo.kernels import linear_logprob_entropy
-    from egrpo.objectives import stage_kl_weights, stage_policy_weights
-
-    B, T, C, D, V = 64, 576, 8, 4096, 16384
-    codebook = torch.nn.functional.normalize(torch.randn(V, C, device="cuda"), dim=-1)
-    ids = torch.randint(0, V, (B, T), device="cuda")
-    codes = codebook[ids]
-    adv = torch.randn(B, device="cuda")
-    hidden = (torch.randn(B, T, D, device="cuda") * 0.5).to(torch.bfloat16).requires_grad_()
-    weight = (torch.randn(V, D, device="cuda") * 0.02).to(torch.bfloat16).requires_grad_()
-    bias = torch.zeros(V, device="cuda", dtype=torch.bfloat16).requires_grad_()
-
-    def reweight():
-        sim = cross_sample_similarity(codes, adv, 8, backend="triton")
-        return stage_policy_weights(sim), stage_kl_weights(sim)
-
-    def head():
-        logp, ent = linear_logprob_entropy(hidden, weight, ids, bias, backend="triton")
-        (logp.sum() + 0.1 * ent.sum()).backward()
-
-    def timed(fn, reps):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / reps
-
-    t_reweight = timed(reweight, 50)
-    t_head = timed(head, 5)
-    print(f"similarity + weights: {t_reweight * 1e3:.1f} us; fused head fwd+bwd: {t_head:.2f} ms "
-          f"({100 * t_reweight / t_head:.3f}%)")
-    assert t_reweight < 0.01 * t_head
+# The cost goal (similarity + STAGE weights < 1% of the fused image head) is a benchmark, not a test:
+# bench/shaping_cost.py, row "stage_weights".
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")

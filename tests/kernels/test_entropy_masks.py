@@ -112,6 +112,9 @@ def test_errors():
     bad[1, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         entropy_masks(bad, m)
+    entropy_masks(bad, m, check_finite=False)  # the caller checks what it derives (no host sync here)
+    with pytest.raises(TypeError, match="check_finite"):
+        entropy_masks(H, m, check_finite=1)
     m2 = m.clone()
     m2[1, 2] = 0
     entropy_masks(bad, m2)  # NaN at an invalid position is fine by default ...

@@ -233,6 +233,15 @@ def test_errors():
         call(advantages=bad)
     with pytest.raises(ValueError, match="advantage_fn's result has NaN"):
         call(advantages=None, advantage_fn=lambda lp, ent: ent * float("nan"))
+    # per-chunk calls (whole sequences, one chunk each): a NaN in the last chunk alone is still caught (the check
+    # runs once after the pass instead of waiting for the device at every chunk)
+    def nan_in_last_sequence(lp, ent, seqs):
+        out = torch.ones_like(ent)
+        return out * float("nan") if seqs.stop == B else out
+    with pytest.raises(ValueError, match="advantage_fn's result has NaN"):
+        call(advantages=None, advantage_fn=nan_in_last_sequence, advantage_fn_scope="sequence", chunk_size=T)
+    call(advantages=None, advantage_fn=lambda lp, ent, seqs: torch.ones_like(ent), advantage_fn_scope="sequence",
+         chunk_size=T)
     with pytest.raises(ValueError, match="advantage_fn's result must have shape"):
         call(advantages=None, advantage_fn=lambda lp, ent: ent[:, :2])
     with pytest.raises(ValueError, match="old_logp must have shape"):
