@@ -14,7 +14,13 @@ GPU_TESTS ?= tests/kernels tests/test_objectives.py tests/test_stage.py tests/tr
 # EGRPO_NO_DEPS=1 installs the package without resolving dependencies and without any index (offline GPU
 # boxes that already carry torch/triton/transformers). EGRPO_WHEELS=DIR first installs every wheel in DIR
 # without an index (what `make gpu-wheels` downloads: DeepSpeed, Liger-Kernel and what they need).
-PIP_DEPS_FLAG := $(if $(EGRPO_NO_DEPS),--no-deps --no-index --no-build-isolation,)
+PIP_DEPS_FLAG := $(if $(EGRPO_NO_DEPS),--no-deps --no-index --no-build-isolation --use-pep517,)
+# Offline, an editable install can still need the network (an old setuptools without `wheel`, or a new one whose
+# legacy `develop` re-runs pip with build isolation: seen on an H200 image, 2026-12-04). Then the source tree is
+# put on the venv's path with a .pth file instead: everything imports; only the `egrpo` console script is missing
+# (use `python -m egrpo.cli`).
+OFFLINE_SOURCE_PTH = { echo "editable install failed offline: putting $(CURDIR) on the venv's path instead"; \
+	$(PY) -c "import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()['purelib'], 'egrpo_source.pth').write_text('$(CURDIR)\n')"; }
 EGRPO_WHEELS ?=
 # For `make gpu-wheels`: the GPU machine's Python, and where the wheels go.
 GPU_PYTHON_VERSION ?= 3.12
@@ -41,7 +47,7 @@ $(PY):
 $(STAMP): setup.py | $(PY)
 	$(if $(EGRPO_WHEELS),$(PY) -m pip install --no-index --no-deps $(EGRPO_WHEELS)/*.whl)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install $(PIP_DEPS_FLAG) -e ".[test]"
+	$(PY) -m pip install $(PIP_DEPS_FLAG) -e ".[test]" $(if $(EGRPO_NO_DEPS),|| $(OFFLINE_SOURCE_PTH))
 	touch $@
 
 setup: $(STAMP)

@@ -396,6 +396,19 @@ def kept_tail(readme: Path) -> str:
     return text[match.start():] if match else ""
 
 
+def replace_section(readme: Path, name: str, section_lines: List[str]) -> None:
+    """Write ``section_lines`` between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in ``readme`` (appended
+    at the end the first time). The rendered suite tables above the first such section are left alone."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    section = "\n".join([begin, *section_lines, end])
+    text = readme.read_text() if readme.exists() else ""
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    readme.write_text(text)
+
+
 def render(results_dir: Path, readme: Path, plots_dir: Optional[Path] = None) -> Path:
     tail = kept_tail(readme)
     reports = load_reports(results_dir)
