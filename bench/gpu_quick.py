@@ -47,6 +47,7 @@ from bench.fusion_model import row_pass_fusion_model
 from bench.measure import copy_bandwidth, cuda_peak_memory, matmul_rate, time_runner
 from bench.ops import Case, build_impl, make_inputs
 from bench.render import replace_section
+from egrpo.kernels import _common as _kernel_common
 
 ROOT = Path(__file__).resolve().parent.parent
 # the files holding gpu-marked tests (the Makefile's GPU_TESTS)
@@ -61,8 +62,13 @@ ROWS = [
     # while this chunk's row passes run; issue 13 item 3), paired with the row without it. Frozen rows (the
     # trainer's image head: no dW) have frozen peers, so every speed-up compares the same GEMM work.
     # "+tf32": Liger's GRPO loss with TF32 matmuls on (its dx/dW GEMMs run in fp32, IEEE by torch's default).
+    # "+chunkN": ours with N rows per chunk instead of the default (4096 image, 2048 text): the first H200 run
+    # put the frozen head at 0.82 (image) of the floor; smaller chunks keep a chunk's fp32 logits in L2 for the
+    # second row pass (a frozen head has no dW GEMM whose short K would suffer), larger ones lengthen dW's K.
     ("grpo", ("eager", "eager_frozen", "ours_triton", "ours_triton_frozen", "liger_grpo", "liger_grpo_frozen",
-              "ours_triton+overlap", "ours_triton_frozen+overlap", "liger_grpo+tf32", "liger_grpo_frozen+tf32")),
+              "ours_triton+overlap", "ours_triton_frozen+overlap", "liger_grpo+tf32", "liger_grpo_frozen+tf32",
+              "ours_triton_frozen+chunk512", "ours_triton_frozen+chunk1024", "ours_triton_frozen+chunk8192",
+              "ours_triton+chunk1024", "ours_triton+chunk8192")),
     ("eg_grpo", ("eager", "eager_frozen", "ours_triton", "ours_triton_frozen")),
 ]
 # Useful GEMM FLOPs per op in units of NDV (the floor): trainable head 6 (logits, dx, dW), frozen head 4 (no dW).
@@ -178,11 +184,16 @@ def _set_variant(variant):
     """Apply a row variant; returns a function that undoes it."""
     old_env = os.environ.get("EGRPO_OVERLAP_ROW_PASSES")
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
+    old_chunk_rows = _kernel_common.default_chunk_rows
     os.environ["EGRPO_OVERLAP_ROW_PASSES"] = "1" if variant == "overlap" else "0"
     if variant == "tf32":
         torch.backends.cuda.matmul.allow_tf32 = True
+    if variant.startswith("chunk"):  # the default every op without an explicit chunk_size asks for
+        rows = int(variant[len("chunk"):])
+        _kernel_common.default_chunk_rows = lambda n_rows, vocab, device: max(1, min(rows, n_rows))
 
     def undo():
+        _kernel_common.default_chunk_rows = old_chunk_rows
         if old_env is None:
             os.environ.pop("EGRPO_OVERLAP_ROW_PASSES", None)
         else:
