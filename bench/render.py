@@ -413,7 +413,9 @@ def render(results_dir: Path, readme: Path, plots_dir: Optional[Path] = None) ->
     tail = kept_tail(readme)
     reports = load_reports(results_dir)
     plots_dir = plots_dir or readme.parent / "plots"
-    lines = [HEADER, "## Issue 7 targets (H100, image case)", ""] + goals(reports.get("cuda")) + [""]
+    cuda = reports.get("cuda")
+    where = cuda["device"] if cuda else "GPU"
+    lines = [HEADER, f"## Issue 7 targets ({where}, image case; written for an H100)", ""] + goals(cuda) + [""]
     for dev in ("cuda", "cpu"):
         lines += device_section(dev, reports.get(dev), readme.parent, plots_dir)
     lines += cpu_paired_lines(results_dir)
