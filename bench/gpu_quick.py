@@ -57,7 +57,10 @@ RESULTS = ROOT / "bench" / "results"
 # (op, impls): eager first (every other row's max abs diff is taken against it; eager_frozen is the speed and memory
 # peer of the frozen rows), then ours, then peers.
 ROWS = [
-    ("head", ("eager", "ours_triton", "liger_flce", "cce")),
+    # "+halflogits": EGRPO_HALF_LOGITS=1 (bf16 logits read as they are, dz formed in place: 10 instead of 16 bytes
+    # of traffic per logit, no fp32 chunk; logits rounded once as eager's are), to decide whether it becomes the
+    # CUDA default
+    ("head", ("eager", "ours_triton", "liger_flce", "cce", "ours_triton+halflogits")),
     # "+overlap": the same runner with EGRPO_OVERLAP_ROW_PASSES=1 (next chunk's logits GEMM on a side stream
     # while this chunk's row passes run; issue 13 item 3), paired with the row without it. Frozen rows (the
     # trainer's image head: no dW) have frozen peers, so every speed-up compares the same GEMM work.
@@ -68,7 +71,8 @@ ROWS = [
     ("grpo", ("eager", "eager_frozen", "ours_triton", "ours_triton_frozen", "liger_grpo", "liger_grpo_frozen",
               "ours_triton+overlap", "ours_triton_frozen+overlap", "liger_grpo+tf32", "liger_grpo_frozen+tf32",
               "ours_triton_frozen+chunk512", "ours_triton_frozen+chunk1024", "ours_triton_frozen+chunk8192",
-              "ours_triton+chunk1024", "ours_triton+chunk8192")),
+              "ours_triton+chunk1024", "ours_triton+chunk8192", "ours_triton_frozen+halflogits",
+              "ours_triton+halflogits")),
     ("eg_grpo", ("eager", "eager_frozen", "ours_triton", "ours_triton_frozen")),
 ]
 # Useful GEMM FLOPs per op in units of NDV (the floor): trainable head 6 (logits, dx, dW), frozen head 4 (no dW).
@@ -183,9 +187,11 @@ def run_step(report, name, cmd, timeout, env=None):
 def _set_variant(variant):
     """Apply a row variant; returns a function that undoes it."""
     old_env = os.environ.get("EGRPO_OVERLAP_ROW_PASSES")
+    old_half = os.environ.get("EGRPO_HALF_LOGITS")
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
     old_chunk_rows = _kernel_common.default_chunk_rows
     os.environ["EGRPO_OVERLAP_ROW_PASSES"] = "1" if variant == "overlap" else "0"
+    os.environ["EGRPO_HALF_LOGITS"] = "1" if variant == "halflogits" else "0"
     if variant == "tf32":
         torch.backends.cuda.matmul.allow_tf32 = True
     if variant.startswith("chunk"):  # the default every op without an explicit chunk_size asks for
@@ -194,6 +200,10 @@ def _set_variant(variant):
 
     def undo():
         _kernel_common.default_chunk_rows = old_chunk_rows
+        if old_half is None:
+            os.environ.pop("EGRPO_HALF_LOGITS", None)
+        else:
+            os.environ["EGRPO_HALF_LOGITS"] = old_half
         if old_env is None:
             os.environ.pop("EGRPO_OVERLAP_ROW_PASSES", None)
         else:

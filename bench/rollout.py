@@ -332,6 +332,8 @@ def _run_cuda(args, on_run, skipped):
             skipped.extend(f"{shape_name}, {images} images: time budget spent" for images in args.rows)
             continue
         overrides = {k: v for k, v in shape.items() if k != "full_layers"}
+        if args.layers and not args.dry_run:  # deeper than the default 2: the floor ratio nearer full depth
+            overrides["num_layers"] = min(args.layers, shape["full_layers"])
         try:
             config = tiny_janus_config(tokenizer, image_size=image_size, patch_size=16, image_vocab_size=16384,
                                        vq_channel_multiplier=(1, 1, 2, 2, 4),
@@ -360,7 +362,7 @@ def _run_cuda(args, on_run, skipped):
                 skipped.append(f"{shape_name}, {images} images: failed: {_error_note(error)}")
                 continue
             run["floor_ms_per_step"] = floor_ms
-            run["per_layer"] = {impl: r["ms_per_step"] / shape["num_layers"] for impl, r in run["results"].items()}
+            run["per_layer"] = {impl: r["ms_per_step"] / overrides["num_layers"] for impl, r in run["results"].items()}
             run["shape"] = dict(overrides, full_layers=shape["full_layers"], images=prefills[0].input_ids.shape[0])
             run["bandwidth_gbs"] = bandwidth
             run["sdpa_backends"] = _sdpa_backends()
@@ -507,6 +509,10 @@ def main(argv=None):
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--rows", nargs="+", type=int, default=[16, 128], help="GPU: images per rollout")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3; 2 with --quick)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="GPU: language-model layers of each shape (default 2; at most the real depth). With 2 "
+                             "the per-step work that does not scale with depth (head, CFG, sampling) weighs more "
+                             "than at full depth")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="skip engine-compiled (CPU compilation takes about a minute per config)")
     parser.add_argument("--vq-only", action="store_true",

@@ -200,6 +200,15 @@ def cpu_has_fast_bf16() -> bool:
 _CPU_BF16: Optional[bool] = None
 
 
+def half_logits() -> bool:
+    """``EGRPO_HALF_LOGITS=1``: with half-precision operands and the Triton row passes, each chunk's logits GEMM
+    writes half-precision logits (rounded once, as eager half code and our CPU path round them) that the row
+    passes read directly and turn into dz in place, instead of fp32 logits plus a half copy of dz: 10 instead
+    of 16 bytes of memory traffic per logit, and no fp32 [chunk, V] buffer. The softmax statistics stay fp32.
+    Off by default until a GPU run shows it pays (``make gpu-quick`` has the paired ``+halflogits`` rows)."""
+    return os.environ.get("EGRPO_HALF_LOGITS", "0") == "1"
+
+
 def gemm_dtype(dtype: torch.dtype, device: torch.device, backend: str = "torch") -> torch.dtype:
     """Operand dtype of the chunk GEMMs.
 
@@ -207,11 +216,12 @@ def gemm_dtype(dtype: torch.dtype, device: torch.device, backend: str = "torch")
     bf16 GEMMs (about 4x the fp32 rate on AVX512-BF16 parts; the logits are then rounded to bf16 once,
     as eager bf16 code does, and widened to fp32 before any softmax statistic); fp16, and bf16 on CPUs
     without bf16 units, are upcast to fp32 (slow half GEMMs there). The Triton backend on CPU (the
-    interpreter, a test vehicle for the CUDA path) keeps fp32 GEMMs, i.e. the CUDA path's fp32 logits.
+    interpreter, a test vehicle for the CUDA path) keeps fp32 GEMMs, i.e. the CUDA path's fp32 logits, unless
+    :func:`half_logits` is on.
     """
     if dtype in HALF_DTYPES and device.type != "cuda":
-        if dtype == torch.bfloat16 and backend == "torch" and cpu_has_fast_bf16():
-            return dtype
+        if dtype == torch.bfloat16 and cpu_has_fast_bf16() and (backend == "torch" or half_logits()):
+            return dtype  # (the Triton backend too under EGRPO_HALF_LOGITS: the CUDA variant's test vehicle)
         return torch.float32
     return dtype
 

@@ -28,7 +28,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from ._common import (
-    HAS_TRITON, INTERPRETING, addmm_wide, gemm_dtype, logits_dtype, mm_wide, onednn_mm, uses_onednn,
+    HAS_TRITON, INTERPRETING, addmm_wide, gemm_dtype, half_logits, logits_dtype, mm_wide, onednn_mm, uses_onednn,
 )
 
 if HAS_TRITON:
@@ -382,10 +382,18 @@ class _ChunkBuffers:
     """[chunk, V] buffers allocated once per pass and reused by every chunk (and, on CPU, kept between
     calls: see the workspace above)."""
 
-    def __init__(self, chunk, V, ldt, gdt, device, need_half, ws=None, per_chunk_logits=False, onednn=False):
+    def __init__(self, chunk, V, ldt, gdt, device, need_half, ws=None, per_chunk_logits=False, onednn=False,
+                 half_logits=False):
         cpu_half = gdt != ldt and device.type != "cuda"
         shape = (chunk, V)
         self.ws, self.ldt, self.device = ws, ldt, device
+        # EGRPO_HALF_LOGITS (Triton row passes only): the GEMM writes half logits, read as they are and turned into
+        # dz in place: no fp32 buffer, no half copy
+        self.half_logits = half_logits and gdt != ldt
+        if self.half_logits:
+            self.onednn, self.cpu_half, self.z = False, False, None
+            self.half = None if device.type == "cuda" else _buffer(ws, "half", shape, gdt, device)
+            return
         # fp32 on CPU through oneDNN: its GEMM writes the logits into a tensor of its own (see _Operands)
         self.onednn = onednn
         # CUDA half operands: the fp32-output GEMM allocates z itself (the caching allocator reuses it); so does
@@ -403,6 +411,9 @@ class _ChunkBuffers:
     def logits(self, x, w):
         """The chunk's fp32 (fp64) logits, and the half buffer sized to its rows (or None)."""
         r = x.shape[0]
+        if self.half_logits:  # dz is formed in place in the half logits (see __init__)
+            z = torch.mm(x, w.t()) if self.half is None else torch.mm(x, w.t(), out=self.half[:r])
+            return z, z
         half = None if self.half is None else self.half[:r]
         if self.onednn:
             z = onednn_mm(x, w.t())
@@ -450,7 +461,7 @@ def _chunk_setup(hidden, weight, chunk_size, backend, need_dz_half, ws, lookahea
     chunk = max(1, min(chunk_size, n_rows))
     passes = ROW_PASSES[backend]
     bufs = _ChunkBuffers(chunk, V, ops.ldt, ops.gdt, hidden.device, need_dz_half, ws, per_chunk_logits=lookahead,
-                         onednn=ops.onednn)
+                         onednn=ops.onednn, half_logits=backend == "triton" and half_logits())
     return passes, ops, bufs
 
 

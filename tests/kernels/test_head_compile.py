@@ -42,16 +42,18 @@ def _specs():
     from egrpo.kernels._head import block_v, num_warps
 
     specs = []
-    for V, has_bias in ((16384, True), (102400, False)):  # image head (bias), text head
+    # image head (bias), text head; fp32 logits (the default) and bf16 logits (EGRPO_HALF_LOGITS, dz in place)
+    for V, has_bias, logits_t in ((16384, True, "*fp32"), (102400, False, "*fp32"), (16384, True, "*bf16"),
+                                  (102400, False, "*bf16")):
         block = block_v(V)
         warps = num_warps(block, interpreting=False)
-        bias_t = "*bf16" if has_bias else "*fp32"  # without bias the logits pointer is passed in its place
-        stats_sig = {"logits_ptr": "*fp32", "stride_logits": "i64", "bias_ptr": bias_t, "targets_ptr": "*i64",
+        bias_t = "*bf16" if has_bias else logits_t  # without bias the logits pointer is passed in its place
+        stats_sig = {"logits_ptr": logits_t, "stride_logits": "i64", "bias_ptr": bias_t, "targets_ptr": "*i64",
                      "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32", "V": "i32", "inv_tau": "fp32"}
         specs.append(dict(kernel="_head_stats_kernel", signature=stats_sig, num_warps=warps,
                           constexprs={"HAS_BIAS": has_bias, "BLOCK_V": block},
                           divisible=[k for k in stats_sig if k != "inv_tau"]))
-        dz_sig = {"logits_ptr": "*fp32", "stride_logits": "i64", "dz_ptr": "*bf16", "stride_dz": "i64",
+        dz_sig = {"logits_ptr": logits_t, "stride_logits": "i64", "dz_ptr": "*bf16", "stride_dz": "i64",
                   "bias_ptr": bias_t, "targets_ptr": "*i64", "lse_ptr": "*fp32", "entropy_ptr": "*fp32",
                   "g_logp_ptr": "*fp32", "g_entropy_ptr": "*fp32", "V": "i32", "inv_tau": "fp32"}
         # the GRPO loss (g_logp only) and the standalone head (both upstream gradients)
