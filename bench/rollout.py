@@ -519,7 +519,13 @@ def main(argv=None):
                         help="CPU: only the VQ decode variants (rollout_vq_cpu.json, own README section)")
     parser.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results")
     parser.add_argument("--readme", type=Path, default=BENCH_DIR / "README.md")
+    parser.add_argument("--render", type=Path, default=None, metavar="JSON",
+                        help="only rewrite the README section of this results JSON (e.g. one copied back from a GPU)")
     args = parser.parse_args(argv)
+    if args.render is not None:
+        payload = json.loads(args.render.read_text())
+        _replace_section(args.readme, *_markers(payload), _markdown(payload))
+        return 0
     if args.dry_run and args.device != "cuda":
         parser.error("--dry-run: only with --device cuda (it runs the GPU code on CPU)")
     if args.device == "cuda" and not args.dry_run and not torch.cuda.is_available():
