@@ -265,8 +265,9 @@ def test_registry_and_errors():
     broken = fresh(image)
     with torch.no_grad():
         broken.hidden[1, 3, 0] = float("nan")  # a NaN entropy at a valid token: rejected, not shaped into the loss
-    with pytest.raises(ValueError, match="NaN"):
-        obj(torch.randn(4), 2, broken)
+    for head_path in ("fused", "eager"):
+        with pytest.raises(ValueError, match="NaN"):
+            obj(torch.randn(4), 2, fresh(broken), head=head_path)
     with pytest.raises(ValueError, match="vocab_size"):
         obj(torch.randn(4), 2, head(4, 6, 8, 1, ref=False))  # V = 1: noisy ref log-probs would be > 0
 

@@ -62,6 +62,11 @@ def eager_grpo_loss(
         args = (logp.detach().float(), entropy.detach().float())
         # full logits see every row at once: a scoped advantage_fn gets all sequences in one call
         advantages = advantage_fn(*args) if advantage_fn_scope == "batch" else advantage_fn(*args, slice(0, B))
+        # as the fused loss does: NaN/inf advantages (a NaN entropy shaped into them) are refused, not trained on
+        a = advantages.detach().to(logp.device)
+        finite = torch.isfinite(a[:, None] if a.dim() == 1 else a).expand(B, T) | ~mask.bool()
+        if not bool(finite.all()):
+            raise ValueError("advantage_fn's result has NaN/inf values at valid tokens")
     if advantages is None:
         raise ValueError("advantages must be given (or advantage_fn)")
     adv = advantages.detach().to(device=logp.device, dtype=dt)
