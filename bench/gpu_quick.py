@@ -478,7 +478,7 @@ def main(argv=None) -> int:
         # the rollout's own budget stops it starting configurations; the timeout (20 s later) is the backstop
         remaining = max(60.0, report.t0 + args.budget_s - time.perf_counter())
         cmd = [sys.executable, "-m", "bench.rollout", "--device", "cuda", "--quick", "--budget-s", f"{remaining - 40:.0f}",
-               "--out-dir", str(out.parent)]
+               "--out-dir", str(out.parent), "--profile"]
         if args.dry_run:
             cmd += ["--dry-run", "--rows", "4", "--repeats", "1"]
         else:  # the goal's configuration (128 images) first: a budget that runs out drops the 16-image rows

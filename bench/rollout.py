@@ -186,6 +186,41 @@ def _run_rows(impls, results, notes, device, repeats):
                 results[impl]["decode_s"].append(decode_s)
 
 
+def profile_engine(model, tokenizer, prefills, image_tokens, device, top=25):
+    """Where one eager-engine image rollout spends its time: ``torch.profiler`` over one call after a warm-up, the
+    ``top`` ops by self device time (CPU time on CPU). The graph rows replay the same kernels; eager keeps each
+    launch visible."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from egrpo.trainer import rollout as today
+    from egrpo.trainer.protocol import Prefill
+
+    cuda = device == "cuda"
+    engine = RolloutEngine(model, EngineConfig(cuda_graph=False))
+    cond, uncond = prefills
+
+    def run():
+        prefill = today.engine_prefill(model, Prefill.cat([cond, uncond]))
+        return engine.generate_image_tokens(prefill, image_tokens, SamplingParams(cfg_scale=5.0), seed=0).tokens
+
+    with torch.no_grad():
+        run()
+        _sync(device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            run()
+            _sync(device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+    total_us = sum(getattr(e, key) for e in events)
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    return {"what": f"one eager-engine rollout of {cond.input_ids.shape[0]} images x {image_tokens} tokens, "
+                    f"self {'device' if cuda else 'CPU'} time per op",
+            "total_ms": total_us / 1e3,
+            "top": [{"op": e.key[:120], "ms": getattr(e, key) / 1e3, "calls": e.count,
+                     "share": getattr(e, key) / total_us if total_us else None} for e in events[:top]]}
+
+
 def bench_config(name, model, tokenizer, prefills, image_tokens, device, threads, repeats, compile_step,
                  hf_generate=True):
     if device == "cpu" and threads:  # 0: leave the thread count alone (the GPU run's dry run)
@@ -361,6 +396,11 @@ def _run_cuda(args, on_run, skipped):
             except Exception as error:  # noqa: BLE001 - the rows' own failures are in their notes; this is the rest
                 skipped.append(f"{shape_name}, {images} images: failed: {_error_note(error)}")
                 continue
+            if args.profile and not any("profile" in r for r in runs):  # the first (headline) configuration only
+                try:
+                    run["profile"] = profile_engine(model, tokenizer, prefills, image_tokens, device)
+                except Exception as error:  # noqa: BLE001 - a diagnostic: its failure must not lose the rows
+                    run["profile"] = {"error": _error_note(error)}
             run["floor_ms_per_step"] = floor_ms
             run["per_layer"] = {impl: r["ms_per_step"] / overrides["num_layers"] for impl, r in run["results"].items()}
             run["shape"] = dict(overrides, full_layers=shape["full_layers"], images=prefills[0].input_ids.shape[0])
@@ -477,6 +517,15 @@ def _markdown(payload):
                              f"| {impl} | | | | | | | {note} |")
     for reason in payload.get("skipped", []):
         lines.append(f"- not run: {reason}")
+    for run in payload["runs"]:
+        prof = run.get("profile")
+        if prof and "top" in prof:
+            lines += ["", f"Profile ({run['config']}, {prof['what']}; {prof['total_ms']:.1f} ms in all):", "",
+                      "| op | ms | calls | share |", "|---|---|---|---|"]
+            lines += [f"| `{e['op']}` | {e['ms']:.2f} | {e['calls']} | {100 * (e['share'] or 0):.1f}% |"
+                      for e in prof["top"][:15]]
+        elif prof:
+            lines.append(f"- profile ({run['config']}): {prof.get('error')}")
     lines.append(end)
     return "\n".join(lines)
 
@@ -519,6 +568,9 @@ def main(argv=None):
                         help="CPU: only the VQ decode variants (rollout_vq_cpu.json, own README section)")
     parser.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results")
     parser.add_argument("--readme", type=Path, default=BENCH_DIR / "README.md")
+    parser.add_argument("--profile", action="store_true",
+                        help="GPU: also profile one eager-engine rollout of the first configuration (top ops by "
+                             "device time, in the JSON and the README section)")
     parser.add_argument("--render", type=Path, default=None, metavar="JSON",
                         help="only rewrite the README section of this results JSON (e.g. one copied back from a GPU)")
     args = parser.parse_args(argv)

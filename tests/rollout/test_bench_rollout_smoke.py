@@ -117,3 +117,20 @@ def test_gpu_rows_run_without_cudnn_attention(tmp_path):
     (run,) = _dry_run(tmp_path, repeats=1)["runs"]
     assert run["sdpa_backends"] == dict(flash=True, mem_efficient=True, cudnn=False, math=True)
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_gpu_rows_profile_on_cpu(tmp_path):
+    """`--profile` (what gpu-quick passes): the first configuration carries the top ops of one eager-engine rollout,
+    and the section renders them."""
+    from bench.rollout import _markdown
+
+    main(["--device", "cuda", "--dry-run", "--quick", "--rows", "4", "--repeats", "1", "--profile",
+          "--out-dir", str(tmp_path)])
+    payload = json.loads((tmp_path / "rollout_cuda_dry_run.json").read_text())
+    (run,) = payload["runs"]
+    prof = run["profile"]
+    assert "error" not in prof, prof
+    assert prof["top"] and prof["total_ms"] > 0
+    assert all(a["ms"] >= b["ms"] for a, b in zip(prof["top"], prof["top"][1:]))  # sorted by time
+    assert sum(e["share"] for e in prof["top"]) <= 1.0 + 1e-9
+    assert "Profile (toy" in _markdown(payload)
