@@ -469,13 +469,16 @@ def _result_name(payload):
     if payload.get("dry_run"):
         return "rollout_cuda_dry_run", False
     cpu_bf16 = payload["device"] == "cpu" and payload["dtype"] == "bfloat16"
-    return f"rollout_{payload['device']}" + ("_bf16" if cpu_bf16 else ""), cpu_bf16
+    layers = f"_{payload['layers']}layers" if payload.get("layers") else ""  # --layers N: results of their own
+    return f"rollout_{payload['device']}" + ("_bf16" if cpu_bf16 else "") + layers, cpu_bf16
 
 
 def _markers(payload):
     name, cpu_bf16 = _result_name(payload)
     if cpu_bf16:
         return BF16_BEGIN, BF16_END
+    if payload["device"] == "cuda" and payload.get("layers"):
+        return f"<!-- rollout-cuda-{payload['layers']}layers:begin -->", f"<!-- rollout-cuda-{payload['layers']}layers:end -->"
     return (CUDA_BEGIN, CUDA_END) if payload["device"] == "cuda" else (BEGIN, END)
 
 
@@ -503,9 +506,12 @@ def _markdown(payload):
               "step speed-up vs today | images/s vs today | ms/step / memory floor | notes |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in payload["runs"]:
+        config = run["config"]
+        if payload["device"] == "cuda" and run.get("shape", {}).get("num_layers"):
+            config += f" ({run['shape']['num_layers']} layers)"
         for impl, r in run["results"].items():
             lines.append(
-                f"| {run['config']} | {run['threads'] or '-'} | {run['images']} x {run['image_tokens']} | {impl} | "
+                f"| {config} | {run['threads'] or '-'} | {run['images']} x {run['image_tokens']} | {impl} | "
                 f"{r['ms_per_step']:.2f} | {r['decode_ms']:.1f} | {r['images_per_s']:.2f} | "
                 f"{r.get('speedup_step_vs_today', float('nan')):.2f}x | "
                 f"{r.get('speedup_images_vs_today', float('nan')):.2f}x | "
@@ -513,7 +519,7 @@ def _markdown(payload):
                 f"{run['notes'].get(impl, '')} |")
         for impl, note in run["notes"].items():
             if impl not in run["results"]:
-                lines.append(f"| {run['config']} | {run['threads'] or '-'} | {run['images']} x {run['image_tokens']} "
+                lines.append(f"| {config} | {run['threads'] or '-'} | {run['images']} x {run['image_tokens']} "
                              f"| {impl} | | | | | | | {note} |")
     for reason in payload.get("skipped", []):
         lines.append(f"- not run: {reason}")
@@ -599,6 +605,7 @@ def main(argv=None):
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible"),
         dtype="bfloat16" if (args.device == "cuda" or args.dtype == "bf16") else "float32", torch=torch.__version__,
         transformers=transformers.__version__, repeats=args.repeats, runs=[], skipped=[],
+        layers=args.layers if (args.device == "cuda" and not args.dry_run) else None,
     )
     readme = None if args.dry_run else args.readme
 

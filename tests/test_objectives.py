@@ -361,3 +361,44 @@ def test_token_metrics_over_a_single_valid_token():
                        ("adv/token_mean_image", "advantages")):
         assert float(m[key]) == pytest.approx(float(getattr(out, field)[1, 3]))
     assert float(m["kl/text"]) == 0.0 and float(m["entropy/text_mean"]) == 0.0
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(budget_neutral=True), dict(include_padding_in_text_percentiles=True)])
+@pytest.mark.parametrize("head_path", ["fused", "eager"])
+def test_non_finite_entropies_are_refused_on_every_shaping_path(settings, head_path):
+    """The masks no longer check their entropies themselves (a host sync per chunk): a NaN in the text head (at a
+    valid token; at padding too where the released rule lets padding into the percentiles) must still stop the
+    step with an error, through the fused and the eager loss, also where budget_neutral shapes the text part in a
+    pass of its own."""
+    obj = build_objective("eg_grpo", backend="torch", **settings)
+    image, text = head(4, 6, 8, 50), head(4, 7, 8, 40, padded=True)
+    position = (1, 1) if not settings.get("include_padding_in_text_percentiles") else (1, 6)
+    if settings.get("include_padding_in_text_percentiles"):
+        assert not text.mask[position]  # padding: only the released rule reads it
+    broken = fresh(text)
+    with torch.no_grad():
+        broken.hidden[position[0], position[1], 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        obj(torch.randn(4), 2, fresh(image), broken, head=head_path)
+    obj(torch.randn(4), 2, fresh(image), fresh(text), head=head_path)  # the intact batch goes through
+
+
+def test_unchecked_shaping_turns_a_broken_row_into_nan_advantages():
+    entropy = torch.tensor([[0.5, 0.9, 0.1, 0.7, 0.3, 0.2, 0.05, 0.04], [0.4, 0.8, 0.2, 0.6, 0.1, 0.3, 0.5, 0.7]])
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[:, 6:] = False
+    adv = torch.tensor([1.0, -1.0])
+    clean, _, _ = eg_grpo_token_advantages(adv, entropy, mask, 1000, check_finite=False)
+    assert torch.isfinite(clean).all()
+    for value, where, released in ((float("inf"), (0, 1), False), (float("nan"), (0, 7), True)):
+        bad = entropy.clone()
+        bad[where] = value
+        out, _, _ = eg_grpo_token_advantages(adv, bad, mask, 1000, check_finite=False,
+                                             released_text_percentiles=released)
+        assert torch.isnan(out[0]).all() and torch.equal(out[1], clean[1] if not released else out[1])
+        assert torch.isfinite(out[1]).all()
+    # a NaN at padding outside the released rule takes no part: nothing to refuse
+    bad = entropy.clone()
+    bad[0, 7] = float("nan")
+    out, _, _ = eg_grpo_token_advantages(adv, bad, mask, 1000, check_finite=False)
+    assert torch.isfinite(out[0, :6]).all()

@@ -392,7 +392,9 @@ class _ChunkBuffers:
         self.half_logits = half_logits and gdt != ldt
         if self.half_logits:
             self.onednn, self.cpu_half, self.z = False, False, None
-            self.half = None if device.type == "cuda" else _buffer(ws, "half", shape, gdt, device)
+            # per-chunk logits (CUDA, or the next chunk's GEMM running ahead): each chunk's own tensor; otherwise
+            # one reused CPU buffer
+            self.half = None if (device.type == "cuda" or per_chunk_logits) else _buffer(ws, "half", shape, gdt, device)
             return
         # fp32 on CPU through oneDNN: its GEMM writes the logits into a tensor of its own (see _Operands)
         self.onednn = onednn

@@ -55,7 +55,16 @@ def eg_grpo_token_advantages(
                               check_finite=check_finite)
     a = seq_advantages.detach().to(hn.dtype)[:, None]
     bonus = torch.minimum(c1 * a.abs(), c2 * hn) * high
-    return (a + bonus) * (~low), low, high
+    a_tok = (a + bonus) * (~low)
+    if not check_finite:
+        # Unchecked here, so make any non-finite entropy that took part in a row's percentiles (padding too under
+        # the released text rule; +inf, which the capped bonus would hide) a NaN advantage of that row, for the
+        # loss's own check to refuse: no host sync.
+        valid = mask != 0
+        taking_part = torch.ones_like(valid) if released_text_percentiles else valid
+        broken = (~torch.isfinite(hn) & taking_part).any(1, keepdim=True)
+        a_tok = torch.where(broken, torch.full_like(a_tok, float("nan")), a_tok)
+    return a_tok, low, high
 
 
 @dataclass

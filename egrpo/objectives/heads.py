@@ -62,13 +62,15 @@ def eager_grpo_loss(
         args = (logp.detach().float(), entropy.detach().float())
         # full logits see every row at once: a scoped advantage_fn gets all sequences in one call
         advantages = advantage_fn(*args) if advantage_fn_scope == "batch" else advantage_fn(*args, slice(0, B))
-        # as the fused loss does: NaN/inf advantages (a NaN entropy shaped into them) are refused, not trained on
-        a = advantages.detach().to(logp.device)
-        finite = torch.isfinite(a[:, None] if a.dim() == 1 else a).expand(B, T) | ~mask.bool()
-        if not bool(finite.all()):
-            raise ValueError("advantage_fn's result has NaN/inf values at valid tokens")
-    if advantages is None:
+        name = "advantage_fn's result"
+    elif advantages is None:
         raise ValueError("advantages must be given (or advantage_fn)")
+    else:
+        name = "advantages"
+    # as the fused loss does: NaN/inf advantages (e.g. a NaN entropy shaped into them) are refused, not trained on
+    a = advantages.detach().to(logp.device)
+    if not bool((torch.isfinite(a[:, None] if a.dim() == 1 else a).expand(B, T) | ~mask.bool()).all()):
+        raise ValueError(f"{name} has NaN/inf values at valid tokens")
     adv = advantages.detach().to(device=logp.device, dtype=dt)
     adv = (adv[:, None].expand(B, T) if adv.dim() == 1 else adv) * m
     # Without old_logp the ratio is 1 in value with d ratio / d logp = 1 (on-policy).
