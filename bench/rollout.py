@@ -134,7 +134,7 @@ def _implementations(model, tokenizer, prefills, image_tokens, device, compile_s
         impls["hf-generate"] = (hf, lambda t: today.decode_images(model, t))
     engines = {"engine": RolloutEngine(model, EngineConfig(cuda_graph=False))}
     if device == "cuda":  # the eager step (full buffer) captured as a CUDA graph, no compilation
-        engines["engine-graph"] = RolloutEngine(model, EngineConfig(cuda_graph=True))
+        engines["engine-graph"] = RolloutEngine(model, EngineConfig(cuda_graph=True, key_buckets=1))
         # ... attending over 4 key spans (4 graphs): half the K/V read on average, which dominates at 128 rows
         engines["engine-graph-spans"] = RolloutEngine(model, EngineConfig(cuda_graph=True, key_buckets=4))
     if compile_step:

@@ -66,9 +66,11 @@ class EngineConfig:
     compile_backend: str = "inductor"   # torch.compile backend ("eager" exercises the compiled-shape path fast)
     cuda_graph: bool = True          # CUDA only: capture the decode step as a CUDA graph
     # Compiled / graph step: attend over the keys up to the end of one of this many equal spans of the buffer
-    # instead of the whole buffer (one compilation / graph per span; 1 = whole buffer, one compilation). 1 by
-    # default: no gain measured on CPU, and each span is one more compilation against torch's recompile limit.
-    key_buckets: int = 1
+    # instead of the whole buffer (one compilation / graph per span; 1 = whole buffer, one compilation). None =
+    # 4 for CUDA graphs without compilation (faster than the whole buffer in all four H200 configurations,
+    # 1.04-1.24x: docs/rollout.md), else 1 (no gain measured on CPU, and each span is one more compilation
+    # against torch's recompile limit).
+    key_buckets: Optional[int] = None
     # Compiled step: prompts are left-padded with masked slots to a multiple of this length, so prompts of
     # different lengths reuse one compilation (the masked slots change nothing); 0 = off.
     prompt_bucket: int = 64
@@ -90,10 +92,11 @@ class EngineConfig:
     def __post_init__(self):
         if self.sampler not in ("auto", "triton", "torch"):
             raise ValueError(f"engine.sampler must be auto, triton or torch, got {self.sampler!r}")
-        for name, minimum, note in (("eos_check_every", 1, ""), ("key_buckets", 1, ""), ("prompt_bucket", 0, " (0 = off)"),
+        for name, minimum, note in (("eos_check_every", 1, ""), ("key_buckets", 1, " or null (auto)"),
+                                    ("prompt_bucket", 0, " (0 = off)"),
                                     ("vq_batch_size", 0, " (0 = all rows) or null (auto)")):
             value = getattr(self, name)
-            if value is None and name == "vq_batch_size":  # null = the decoder's default
+            if value is None and name in ("vq_batch_size", "key_buckets"):  # null = the default of the device
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"engine.{name} must be an integer >= {minimum}{note}, got {value!r}")
@@ -532,7 +535,10 @@ class RolloutEngine:
                 kwargs = {"mode": cfg.compile_mode} if cfg.compile_mode else {}
                 self._compiled[kind] = torch.compile(fn, dynamic=False, backend=cfg.compile_backend, **kwargs)
             step_fn = self._compiled[kind]
-        span = lambda step: self._key_span(state, cfg.key_buckets, step)  # noqa: E731
+        buckets = cfg.key_buckets
+        if buckets is None:  # CUDA graphs without compilation: 4 spans (measured on an H200); else the whole buffer
+            buckets = 4 if (cfg.cuda_graph and on_cuda and not cfg.compile) else 1
+        span = lambda step: self._key_span(state, buckets, step)  # noqa: E731
         if not (cfg.cuda_graph and on_cuda):
             return lambda step: step_fn(*static_args, step=None, keys=span(step))
         graphs = {}
