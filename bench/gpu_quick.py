@@ -322,23 +322,35 @@ def kernel_goals(rows, dry_run):
     for case in ("image", "text"):
         r = _row(rows, case, "grpo", t("ours_triton_frozen"))
         ov = _row(rows, case, "grpo", t("ours_triton_frozen") + "+overlap")
+        half = _row(rows, case, "grpo", t("ours_triton_frozen") + "+halflogits")
         frac = r["fraction_of_floor"] if r else None
         goals.append({"goal": "fused head, frozen (GRPO loss, 4NDV) >= 85% of the bf16 matmul floor", "case": case,
                       "row": t("ours_triton_frozen"), "figure": frac, "threshold": 0.85,
                       "figure_is": "4NDV / measured bf16 GEMM rate / median fwd+bwd time (overlap off, the default)",
                       "figure_with_overlap": ov["fraction_of_floor"] if ov else None,
+                      # the opt-in that may become the default: the same goal judged on its row
+                      "with_half_logits": half and {"figure": half["fraction_of_floor"],
+                                                    "verdict": verdict(half["fraction_of_floor"] >= 0.85)},
                       "figure_vs_datasheet": r["fraction_of_datasheet_floor"] if r else None,
                       "verdict": verdict(None if frac is None else frac >= 0.85)})
         for impl, eager_impl, op in ((t("ours_triton"), "eager", "head"),
                                      (t("ours_triton_frozen"), "eager_frozen", "grpo")):
-            r, e = _row(rows, case, op, impl), _row(rows, case, op, eager_impl)
-            speed = e["fwd_bwd_ms"] / r["fwd_bwd_ms"] if r and e else None
-            mem = r["peak_mib"] / e["peak_mib"] if r and e and r["peak_mib"] is not None and e["peak_mib"] else None
+            e = _row(rows, case, op, eager_impl)
+
+            def against_eager(r):
+                speed = e["fwd_bwd_ms"] / r["fwd_bwd_ms"] if r and e else None
+                mem = r["peak_mib"] / e["peak_mib"] if r and e and r["peak_mib"] is not None and e["peak_mib"] else None
+                return speed, mem, verdict(None if speed is None or mem is None else speed >= 2 and mem <= 1 / 8)
+
+            speed, mem, judged = against_eager(_row(rows, case, op, impl))
+            half = _row(rows, case, op, impl + "+halflogits")
             goals.append({"goal": f"{op} {impl} >= 2x faster than {eager_impl} at <= 1/8 of its peak memory",
                           "case": case, "row": impl, "peer": eager_impl, "figure": speed, "threshold": 2.0,
                           "figure_is": "eager median fwd+bwd time / ours (speed-up); memory_ratio: ours peak / eager's",
                           "memory_ratio": mem, "memory_threshold": 1 / 8,
-                          "verdict": verdict(None if speed is None or mem is None else speed >= 2 and mem <= 1 / 8)})
+                          "with_half_logits": half and dict(zip(("figure", "memory_ratio", "verdict"),
+                                                                against_eager(half))),
+                          "verdict": judged})
         for impl, liger in ((t("ours_triton"), "liger_grpo"), (t("ours_triton_frozen"), "liger_grpo_frozen")):
             r = _row(rows, case, "grpo", impl)
             peers = [p for p in (_row(rows, case, "grpo", liger), _row(rows, case, "grpo", liger + "+tf32")) if p]
@@ -349,11 +361,17 @@ def kernel_goals(rows, dry_run):
                                   "peak / that Liger row's"}
             if r and peers:
                 best = min(peers, key=lambda p: p["fwd_bwd_ms"])   # against Liger's faster configuration
-                entry.update(peer=best["impl"], figure=best["fwd_bwd_ms"] / r["fwd_bwd_ms"], threshold=1.0,
-                             memory_ratio=(r["peak_mib"] / best["peak_mib"] if r["peak_mib"] is not None
-                                           and best["peak_mib"] else None))
-                ok = entry["memory_ratio"] is not None and entry["figure"] > 1 and entry["memory_ratio"] <= 1
-                entry["verdict"] = verdict(None if entry["memory_ratio"] is None else ok)
+
+                def against_liger(r):
+                    figure = best["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+                    memory = r["peak_mib"] / best["peak_mib"] if r["peak_mib"] is not None and best["peak_mib"] else None
+                    return figure, memory, verdict(None if memory is None else figure > 1 and memory <= 1)
+
+                figure, memory, judged = against_liger(r)
+                entry.update(peer=best["impl"], figure=figure, threshold=1.0, memory_ratio=memory, verdict=judged)
+                half = _row(rows, case, "grpo", impl + "+halflogits")
+                if half:
+                    entry["with_half_logits"] = dict(zip(("figure", "memory_ratio", "verdict"), against_liger(half)))
             goals.append(entry)
     return goals
 
@@ -432,6 +450,9 @@ def markdown(data) -> list:
               "", "| goal | case | row | figure | verdict |", "|---|---|---|---|---|"]
     for g in data["goals"]:
         extra = f" (memory ratio {g['memory_ratio']:.3f})" if g.get("memory_ratio") is not None else ""
+        half = g.get("with_half_logits")
+        if half:
+            extra += f"; with half logits {_fmt(half.get('figure'), '.3f')}: {half.get('verdict')}"
         lines.append(f"| {g['goal']} | {g.get('case', 'rollout')} | {g.get('row', '-')} | "
                      f"{_fmt(g.get('figure'), '.3f')}{extra} | {g['verdict']} |")
     return lines

@@ -48,6 +48,9 @@ def test_gpu_quick_dry_run_writes_every_row(tmp_path):
     assert any(g["goal"].startswith("rollout") for g in goals)
     floor_goal = next(g for g in goals if g["case"] == "image" and "85%" in g["goal"])
     assert floor_goal["figure"] == rows[("image", "grpo", "ours_torch_frozen")]["fraction_of_floor"]
+    # the opt-in half-logits row is judged by the same goal beside the default's figure
+    assert floor_goal["with_half_logits"]["figure"] == \
+        rows[("image", "grpo", "ours_torch_frozen+halflogits")]["fraction_of_floor"]
     liger_goal = next(g for g in goals if g.get("case") == "image" and g["goal"].startswith("GRPO loss ours_torch "))
     assert set(liger_goal["peers"]) == {"liger_grpo", "liger_grpo+tf32"} and liger_goal["figure"] > 0
     assert report["method"]["timing"] and report["torch_flags"]
