@@ -148,7 +148,7 @@ def cuda_peak_memory(runner: Runner, inp) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def _timed_batches(fn, device, batches: int, inner: int, warmup_s: float, warmup_calls: int):
+def timed_batches(fn, device, batches: int, inner: int, warmup_s: float, warmup_calls: int):
     """Median seconds per call of ``fn``: ``batches`` batches of ``inner`` back-to-back calls. On CUDA each batch
     is timed with events after ``warmup_s`` seconds of calls (clocks and power settle under sustained load, as in
     the benchmarked rows, instead of the idle-boost first milliseconds); elsewhere with a synced host clock."""
@@ -189,7 +189,7 @@ def matmul_rate(dtype, device, n: Optional[int] = None, reps: int = 10) -> Dict[
     b = torch.randn(n, n, device=device).to(dtype)
     c = torch.empty(n, n, device=device, dtype=dtype)
     cuda = device == "cuda"
-    sec, times = _timed_batches(lambda: torch.mm(a, b, out=c), device, reps, 10 if cuda else 1,
+    sec, times = timed_batches(lambda: torch.mm(a, b, out=c), device, reps, 10 if cuda else 1,
                                 warmup_s=0.3 if cuda else 0.0, warmup_calls=3 if cuda else 1)
     return {"flops_per_s": 2 * n**3 / sec, "n": n, "dtype": str(dtype).replace("torch.", ""),
             "spread": [2 * n**3 / max(times) , 2 * n**3 / min(times)],
@@ -203,7 +203,7 @@ def copy_bandwidth(device, mib: Optional[int] = None, reps: int = 10) -> Dict[st
     src = torch.randn(mib * 2**20 // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     cuda = device == "cuda"
-    sec, times = _timed_batches(lambda: dst.copy_(src), device, reps, 10 if cuda else 1,
+    sec, times = timed_batches(lambda: dst.copy_(src), device, reps, 10 if cuda else 1,
                                 warmup_s=0.1 if cuda else 0.0, warmup_calls=2)
     nbytes = 2 * src.numel() * 4
     return {"bytes_per_s": nbytes / sec, "mib": mib, "spread": [nbytes / max(times), nbytes / min(times)],

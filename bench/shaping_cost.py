@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+from bench.measure import timed_batches
 from bench.render import replace_section
 from egrpo.kernels import cross_sample_similarity, entropy_masks, grpo_loss, linear_logprob_entropy
 from egrpo.objectives import eg_grpo_token_advantages, stage_kl_weights, stage_policy_weights
@@ -37,23 +36,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def median_ms(fn, device, reps=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+    """Median ms per call: measure's event-timed (CUDA) / host-timed batches of one call each."""
+    return timed_batches(fn, device.type, batches=reps, inner=1, warmup_s=0.0, warmup_calls=warmup)[0] * 1e3
 
 
 def mask_rows(device, dry_run, backends):

@@ -200,13 +200,21 @@ def cpu_has_fast_bf16() -> bool:
 _CPU_BF16: Optional[bool] = None
 
 
+def env_switch(name: str) -> bool:
+    """An on/off environment switch of the kernels: unset or "0" is off, "1" on; anything else is refused."""
+    value = os.environ.get(name, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def half_logits() -> bool:
     """``EGRPO_HALF_LOGITS=1``: with half-precision operands and the Triton row passes, each chunk's logits GEMM
     writes half-precision logits (rounded once, as eager half code and our CPU path round them) that the row
     passes read directly and turn into dz in place, instead of fp32 logits plus a half copy of dz: 10 instead
     of 16 bytes of memory traffic per logit, and no fp32 [chunk, V] buffer. The softmax statistics stay fp32.
     Off by default until a GPU run shows it pays (``make gpu-quick`` has the paired ``+halflogits`` rows)."""
-    return os.environ.get("EGRPO_HALF_LOGITS", "0") == "1"
+    return env_switch("EGRPO_HALF_LOGITS")
 
 
 def gemm_dtype(dtype: torch.dtype, device: torch.device, backend: str = "torch") -> torch.dtype:

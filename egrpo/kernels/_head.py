@@ -21,14 +21,14 @@ in the PyTorch row passes. No ``[N, V]`` tensor is ever allocated.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from typing import Callable, NamedTuple, Optional
 
 import torch
 
 from ._common import (
-    HAS_TRITON, INTERPRETING, addmm_wide, gemm_dtype, half_logits, logits_dtype, mm_wide, onednn_mm, uses_onednn,
+    HAS_TRITON, INTERPRETING, addmm_wide, env_switch, gemm_dtype, half_logits, logits_dtype, mm_wide, onednn_mm,
+    uses_onednn,
 )
 
 if HAS_TRITON:
@@ -454,7 +454,7 @@ def overlap_row_passes() -> bool:
     stream, so the memory-bound row passes overlap a compute-bound GEMM). Off unless
     ``EGRPO_OVERLAP_ROW_PASSES=1``: never yet measured on a GPU (``bench/gpu_quick.py`` has the paired row).
     Costs one more chunk of fp32 logits. On CPU it only changes the order (a test vehicle)."""
-    return os.environ.get("EGRPO_OVERLAP_ROW_PASSES", "0") == "1"
+    return env_switch("EGRPO_OVERLAP_ROW_PASSES")
 
 
 def _chunk_setup(hidden, weight, chunk_size, backend, need_dz_half, ws, lookahead=False):

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..kernels.grpo_loss import WEIGHTED_EPS, GRPOLossOutput, grpo_loss
+from ..kernels.grpo_loss import WEIGHTED_EPS, GRPOLossOutput, _check_token_tensor, grpo_loss
 from ..kernels.linear_logprob_entropy import linear_logprob_entropy
 
 
@@ -67,10 +67,9 @@ def eager_grpo_loss(
         raise ValueError("advantages must be given (or advantage_fn)")
     else:
         name = "advantages"
-    # as the fused loss does: NaN/inf advantages (e.g. a NaN entropy shaped into them) are refused, not trained on
-    a = advantages.detach().to(logp.device)
-    if not bool((torch.isfinite(a[:, None] if a.dim() == 1 else a).expand(B, T) | ~mask.bool()).all()):
-        raise ValueError(f"{name} has NaN/inf values at valid tokens")
+    # the fused loss's own check: NaN/inf advantages (e.g. a NaN entropy shaped into them) are refused
+    _check_token_tensor(name, advantages.detach().to(logp.device), B, T, mask.bool().to(logp.device),
+                        allow_per_sequence=True)
     adv = advantages.detach().to(device=logp.device, dtype=dt)
     adv = (adv[:, None].expand(B, T) if adv.dim() == 1 else adv) * m
     # Without old_logp the ratio is 1 in value with d ratio / d logp = 1 (on-policy).

@@ -113,3 +113,11 @@ def test_with_the_next_chunk_running_ahead_results_are_bit_identical(frozen, mon
     assert len(serial) == len(ahead)
     for a, b in zip(serial, ahead):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["EGRPO_HALF_LOGITS", "EGRPO_OVERLAP_ROW_PASSES"])
+def test_switch_values_other_than_0_or_1_are_refused(name, monkeypatch):
+    hidden, weight, bias, targets, mask, seq_adv, kw = paths.make_case(torch.bfloat16)
+    monkeypatch.setenv(name, "yes")
+    with pytest.raises(ValueError, match=f"{name} must be 0 or 1"):
+        grpo_loss(hidden, weight, targets, mask, seq_adv, bias, backend="triton", **kw)
