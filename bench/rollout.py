@@ -15,7 +15,8 @@ rounds, median), so the ratios are side by side. Measured per implementation:
 * the memory floor per step (CPU and CUDA): the language model's weights + the K/V cache of every row at the
   mean length (the model's dtype) + the generation head, read once, over the copy bandwidth measured in the
   same run (``ms/step / memory floor`` in the table); on CUDA also ``engine-graph`` (the eager step captured
-  as a CUDA graph), ``engine-graph-spans`` (the same over 4 key spans) and the time per layer;
+  as a CUDA graph), ``engine-graph-spans`` (the same over 4 key spans), ``engine-graph-spans-sdpa`` (the same
+  with torch's SDPA instead of the Triton decode-attention kernel in the step) and the time per layer;
 * ``decode ms``: the VQ decode alone (today: chunks of 8 rows NCHW; engine: its default chunks, channels-last).
 
 On CUDA the rows that capture CUDA graphs run after the others (warm-up and timed rounds), since a device-side
@@ -135,6 +136,9 @@ def _implementations(model, tokenizer, prefills, image_tokens, device, compile_s
         engines["engine-graph"] = RolloutEngine(model, EngineConfig(cuda_graph=True, key_buckets=1))
         # ... attending over 4 key spans (4 graphs): half the K/V read on average, which dominates at 128 rows
         engines["engine-graph-spans"] = RolloutEngine(model, EngineConfig(cuda_graph=True, key_buckets=4))
+        # ... with torch's SDPA in the decode step instead of the Triton decode-attention kernel (the default)
+        engines["engine-graph-spans-sdpa"] = RolloutEngine(model, EngineConfig(cuda_graph=True, key_buckets=4,
+                                                                               attention="torch"))
     if compile_step:
         engines["engine-compiled"] = RolloutEngine(model, EngineConfig(compile=True))
     for name, engine in engines.items():

@@ -26,9 +26,10 @@ Decode step variants (`EngineConfig`):
   without host work.
 
 The language model is driven through its own submodules (``input_layernorm``, ``self_attn.q_proj`` ...,
-``mlp``), so kernel patches of those modules (Liger) still apply; attention is
-``torch.nn.functional.scaled_dot_product_attention``. This matches HF's Llama (``sdpa`` or ``eager``)
-to float rounding.
+``mlp``), so kernel patches of those modules (Liger) still apply. The prefill attends with
+``torch.nn.functional.scaled_dot_product_attention``; a decode step with :mod:`egrpo.rollout.attention`'s Triton
+kernel on CUDA (``EngineConfig.attention``), two matmuls and a masked softmax on CPU. This matches HF's Llama
+(``sdpa`` or ``eager``) to float rounding.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
+from egrpo.kernels._common import HAS_TRITON, resolve_backend
+
+from .attention import decode_attention
 from .linear import can_pack, make_linear
 from .sampling import SamplingParams, phase_uniforms, sample
 from .vq import decode_images
@@ -75,6 +79,10 @@ class EngineConfig:
     # different lengths reuse one compilation (the masked slots change nothing); 0 = off.
     prompt_bucket: int = 64
     sampler: str = "auto"            # "auto" (Triton on CUDA, torch on CPU) | "triton" | "torch"
+    # Decode-step attention (one query per row): "triton" = egrpo.rollout.attention's kernel (reads each valid
+    # K/V slot once); "torch" = SDPA on CUDA, two matmuls and a masked softmax on CPU. "auto" = Triton on CUDA
+    # unless the step is compiled (inductor then sees plain torch ops), torch on CPU.
+    attention: str = "auto"
     eos_check_every: int = 16        # text phase: host check for "all rows finished" every k steps
     # VQ decode chunk (rows; 0 = all at once). None = the decoder's default (egrpo.rollout.vq.decode_images): 4 on
     # CPU (the fastest chunk measured there: one call's activations stay in cache), 8 elsewhere (the old loop's).
@@ -90,8 +98,12 @@ class EngineConfig:
     pack_weights: Optional[bool] = None
 
     def __post_init__(self):
-        if self.sampler not in ("auto", "triton", "torch"):
-            raise ValueError(f"engine.sampler must be auto, triton or torch, got {self.sampler!r}")
+        for name in ("sampler", "attention"):
+            if getattr(self, name) not in ("auto", "triton", "torch"):
+                raise ValueError(f"engine.{name} must be auto, triton or torch, got {getattr(self, name)!r}")
+        if self.compile and self.attention == "triton":
+            raise ValueError("engine.attention='triton' cannot run inside a compiled step (engine.compile=true): "
+                             "set engine.attention to auto or torch")
         for name, minimum, note in (("eos_check_every", 1, ""), ("key_buckets", 1, " or null (auto)"),
                                     ("prompt_bucket", 0, " (0 = off)"),
                                     ("vq_batch_size", 0, " (0 = all rows) or null (auto)")):
@@ -358,7 +370,8 @@ class RolloutEngine:
 
     # ---- the language model over one new position per row -------------------------------------------
 
-    def _attention_layer(self, layer, index, h, state: _PhaseState, cos, sin, write_at, key_len, key_mask):
+    def _attention_layer(self, layer, index, h, state: _PhaseState, cos, sin, write_at, key_len, key_mask,
+                         key_limit=None):
         attn = layer.self_attn
         rows, length = h.shape[:2]
         heads, kv_heads, dim = state.heads, state.kv_heads, state.head_dim
@@ -385,7 +398,9 @@ class RolloutEngine:
             keys.index_copy_(2, write_at, k)
             values.index_copy_(2, write_at, v)
         keys, values = keys[:, :, :key_len], values[:, :, :key_len]
-        if q.shape[2] == 1 and q.device.type == "cpu":
+        if q.shape[2] == 1 and self._triton_attention(q.device):
+            out = decode_attention(q, keys, values, key_mask, attn.scaling, key_limit)
+        elif q.shape[2] == 1 and q.device.type == "cpu":
             out = _decode_attention(q, keys, values, key_mask, attn.scaling)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=key_mask, scale=attn.scaling,
@@ -403,10 +418,17 @@ class RolloutEngine:
             gate, up = fused.gate(x), fused.up(x)
         return fused.down(F.silu(gate).mul_(up))
 
-    def _layers(self, h, state, cos, sin, write_at, key_len, key_mask):
+    def _triton_attention(self, device: torch.device) -> bool:
+        """Whether decode steps on ``device`` attend with the Triton kernel (EngineConfig.attention)."""
+        choice = self.config.attention
+        if choice == "auto":
+            return device.type == "cuda" and HAS_TRITON and not self.config.compile
+        return resolve_backend(choice, device) == "triton"
+
+    def _layers(self, h, state, cos, sin, write_at, key_len, key_mask, key_limit=None):
         for index, layer in enumerate(self.lm.layers):
             h = h + self._attention_layer(layer, index, _rms_norm(layer.input_layernorm, h), state, cos, sin,
-                                          write_at, key_len, key_mask)
+                                          write_at, key_len, key_mask, key_limit)
             h = h + self._mlp(layer, index, _rms_norm(layer.post_attention_layernorm, h), state)
         return _rms_norm(self.lm.norm, h)
 
@@ -477,7 +499,8 @@ class RolloutEngine:
         cos = state.cos.index_select(2, slot.view(1))
         sin = state.sin.index_select(2, slot.view(1))
         key_mask = (state.key_valid[:, :keys] & (state.slot[:keys] <= slot))[:, None, None, :]
-        return self._layers(h, state, cos, sin, slot.view(1), keys, key_mask)[:, 0]
+        # (the Triton attention reads no slot at or past this bound: the filled prefix, not the whole span)
+        return self._layers(h, state, cos, sin, slot.view(1), keys, key_mask, (slot + 1).view(1))[:, 0]
 
     # ---- decode steps ----------------------------------------------------------------------------------
 

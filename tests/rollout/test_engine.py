@@ -46,7 +46,10 @@ ENGINES = [
     # boundary one first token flips (seen once); the padding has its own test below.
     EngineConfig(compile=True, compile_backend="eager", key_buckets=1, prompt_bucket=0),
     EngineConfig(compile=True, compile_backend="eager", key_buckets=3, prompt_bucket=0),
+    # The eager step with the CUDA decode-attention kernel (Triton interpreter on CPU)
+    EngineConfig(attention="triton"),
 ]
+ENGINE_IDS = ["eager", "eager-unfused", "eager-unpacked", "full-buffer", "key-spans", "triton-attention"]
 
 
 @pytest.mark.parametrize("layout", ["left", "right"])
@@ -55,8 +58,7 @@ ENGINES = [
     SamplingParams(cfg_scale=3.0, temperature=0.8, top_k=20),
     SamplingParams(cfg_scale=1.5, top_p=0.7),
 ])
-@pytest.mark.parametrize("engine_config", ENGINES,
-                         ids=["eager", "eager-unfused", "eager-unpacked", "full-buffer", "key-spans"])
+@pytest.mark.parametrize("engine_config", ENGINES, ids=ENGINE_IDS)
 def test_image_tokens_match_reference(tiny, layout, params, engine_config):
     model, tokens = tiny
     ids, mask = _batch(tokens, layout)
@@ -119,8 +121,9 @@ def _eos_prone(model, tokens):
 @pytest.mark.parametrize("params", [SamplingParams(top_k=50), SamplingParams(temperature=0.7, top_p=0.9),
                                     SamplingParams(top_k=3)])
 @pytest.mark.parametrize("engine_config", [EngineConfig(eos_check_every=4),
-                                           EngineConfig(eos_check_every=1, compile=True, compile_backend="eager")],
-                         ids=["eager-k4", "full-buffer-k1"])
+                                           EngineConfig(eos_check_every=1, compile=True, compile_backend="eager"),
+                                           EngineConfig(eos_check_every=4, attention="triton")],
+                         ids=["eager-k4", "full-buffer-k1", "triton-attention-k4"])
 def test_text_matches_reference(tiny, layout, params, engine_config):
     model, tokens = tiny
     model = _eos_prone(model, tokens)
@@ -168,7 +171,7 @@ def tiny_gqa():
     return model, janus_tokens(tokenizer)
 
 
-@pytest.mark.parametrize("engine_config", ENGINES[:2], ids=["eager", "eager-unfused"])
+@pytest.mark.parametrize("engine_config", ENGINES[:2] + ENGINES[-1:], ids=["eager", "eager-unfused", "triton-attention"])
 def test_grouped_query_attention_matches_reference(tiny_gqa, engine_config):
     """With num_key_value_heads < num_heads the engine's decode attention (CPU: its own grouped matmuls) pairs each
     query head with the K/V head HF pairs it with: same image tokens and CoT tokens as the HF reference loop."""
@@ -248,7 +251,7 @@ def test_key_spans_cover_every_filled_slot():
 
 @pytest.mark.parametrize("field,value", [("sampler", "cuda"), ("eos_check_every", 0), ("vq_batch_size", -1),
                                          ("key_buckets", 0), ("fuse_projections", "yes"), ("pack_weights", "auto"),
-                                         ("prompt_bucket", -1)])
+                                         ("prompt_bucket", -1), ("attention", "flash")])
 def test_bad_engine_config(field, value):
     with pytest.raises(ValueError, match=field):
         EngineConfig(**{field: value})
@@ -302,3 +305,30 @@ def test_compiled_step_reuses_its_compilation_across_prompt_lengths(tiny):
             counts.append(len(graphs))
         assert counts[0] >= 1
         assert (counts[1] == counts[0]) if bucket else (counts[1] > counts[0]), (bucket, counts)
+
+
+def test_triton_attention_in_the_full_buffer_step_matches_reference(tiny, monkeypatch):
+    """The step CUDA graphs capture (full buffer or key spans, step index on the device) with the Triton attention:
+    its device limit (the filled prefix) must hide the unfilled slots of the span. Run here without compiling
+    (torch.compile replaced by the identity, as a captured graph runs the step as written) under the interpreter."""
+    model, tokens = tiny
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    engine = RolloutEngine(model, EngineConfig(compile=True, key_buckets=3, prompt_bucket=0))
+    engine.config.attention = "triton"  # (validation refuses it with a real compile)
+    assert engine._triton_attention(torch.device("cpu"))
+    ids, mask = _batch(tokens, "right")
+    prefill = cfg_prefill(model, ids, mask, tokens.pad, "right", keep_ids=(tokens.bos, tokens.image_start))
+    params = SamplingParams(cfg_scale=5.0)
+    out = engine.generate_image_tokens(prefill, IMAGE_TOKENS, params, seed=11)
+    ref_tokens, ref_kl = reference_image_tokens(model, prefill, IMAGE_TOKENS, params, seed=11)
+    assert torch.equal(out.tokens, ref_tokens)
+    torch.testing.assert_close(out.kl, ref_kl, rtol=1e-4, atol=1e-5)
+
+
+def test_triton_attention_refused_in_a_compiled_step(tiny):
+    with pytest.raises(ValueError, match="engine.attention"):
+        EngineConfig(compile=True, attention="triton")
+    # auto: the kernel on CUDA unless the step is compiled; never on CPU
+    assert not RolloutEngine(tiny[0], EngineConfig(compile=True))._triton_attention(torch.device("cuda"))
+    assert not RolloutEngine(tiny[0])._triton_attention(torch.device("cpu"))
+    assert RolloutEngine(tiny[0])._triton_attention(torch.device("cuda"))

@@ -24,11 +24,14 @@ def _tiny_model_and_prompts():
 
 @pytest.mark.parametrize("params", [SamplingParams(cfg_scale=5.0), SamplingParams(cfg_scale=2.0, top_k=20, top_p=0.9)])
 def test_graph_and_triton_match_eager_torch(params):
+    """The defaults on CUDA (graph step, Triton attention and sampler) draw the tokens of the all-torch eager step."""
     model, tokens, ids, mask = _tiny_model_and_prompts()
     mask[:2, :3] = 0
     prefill = cfg_prefill(model, ids, mask, tokens.pad, "left", keep_ids=(tokens.bos, tokens.image_start))
-    eager = RolloutEngine(model, EngineConfig(cuda_graph=False, sampler="torch"))
+    # all torch (SDPA attention, torch sampler) against the defaults: graph, Triton attention, Triton sampler
+    eager = RolloutEngine(model, EngineConfig(cuda_graph=False, sampler="torch", attention="torch"))
     graph = RolloutEngine(model, EngineConfig(cuda_graph=True, sampler="triton"))
+    assert graph._triton_attention(ids.device)
     a = eager.generate_image_tokens(prefill, 16, params, seed=4)
     b = graph.generate_image_tokens(prefill, 16, params, seed=4)
     # rows 0-1 are left-padded: a fully masked pad slot must not turn into NaN keys/values on CUDA's attention
@@ -62,3 +65,29 @@ def test_graph_captured_on_the_last_step_matches_eager(new_tokens, key_buckets):
     a = eager.generate_text(text, new_tokens, tokens.eos, tokens.pad, SamplingParams(top_k=20), seed=9)
     b = graph.generate_text(text, new_tokens, tokens.eos, tokens.pad, SamplingParams(top_k=20), seed=9)
     assert torch.equal(a.ids, b.ids)
+
+
+@pytest.mark.parametrize("rows,limit", [(256, 300), (8, 650)])  # 7B image-phase shape (one split); few rows: splits
+def test_decode_attention_kernel_at_7b_shape(rows, limit):
+    """The compiled decode-attention kernel at Janus-Pro-7B's head shape (32 heads of 128) in bf16, over a view of a
+    700-slot cache with padded slots and a device limit: within torch's own bf16 error of float64 attention."""
+    import math
+
+    from egrpo.rollout.attention import decode_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(rows, 32, 1, 128, device="cuda", generator=g).bfloat16()
+    cache = torch.randn(2, rows, 32, 700, 128, device="cuda", generator=g).bfloat16()
+    valid = torch.rand(rows, 700, device="cuda", generator=g) > 0.2
+    valid[:, 0] = True
+    keys, values = cache[0][:, :, :680], cache[1][:, :, :680]
+    out = decode_attention(q, keys, values, valid[:, :680], 1 / math.sqrt(128), torch.tensor([limit], device="cuda"))
+    allowed = valid[:, None, None, :limit]
+
+    def attend(dtype):
+        scores = (q.to(dtype) @ keys[:, :, :limit].to(dtype).transpose(-1, -2)) / math.sqrt(128)
+        return torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ values[:, :, :limit].to(dtype)
+    exact = attend(torch.float64)
+    ours = (out.double() - exact).abs().max().item()
+    theirs = (attend(torch.bfloat16).double() - exact).abs().max().item()
+    assert ours <= theirs + 2 ** -8, (ours, theirs)
