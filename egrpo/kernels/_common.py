@@ -32,10 +32,14 @@ BACKENDS = ("auto", "triton", "torch")
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-# Bytes of fp32 logits one chunk may hold. 256 MiB keeps the GEMMs large enough to run near
-# peak on an H100 (4096 rows at V=16384) while staying far below the [N, V] eager buffers. On CPU,
-# larger chunks were faster up to the sizes we tried; 64 MiB (1024 rows at V = 16384) keeps the two
-# live fp32 [chunk, V] buffers of the torch row passes at 128 MiB (our choice; bench/cpu_paired.py).
+# Bytes of logits one chunk may hold, counted at the bytes each logit really takes (:func:`chunk_logit_bytes`: 2 for
+# the half logits of the CUDA Triton path, 4 for fp32 logits). On CUDA, 256 MiB keeps the GEMMs large enough to run
+# near peak (8192 rows of bf16 logits, or 4096 of fp32, at V = 16384) while staying far below the [N, V] eager
+# buffers. Measured on an H200 (2026-12-04, bf16, image case N 36864 D 4096 V 16384, fwd+bwd of the GRPO loss):
+# frozen head 43.12 / 21.76 / 18.01 / 17.37 ms at 512 / 1024 / 4096 / 8192 rows (fp32 logits), trainable 37.81 /
+# 27.44 / 25.91 ms at 1024 / 4096 / 8192: larger chunks were faster at every size tried. On CPU, larger chunks were
+# faster up to the sizes we tried; 64 MiB (1024 rows at V = 16384) keeps the two live fp32 [chunk, V] buffers of
+# the torch row passes at 128 MiB (our choice; bench/cpu_paired.py).
 DEFAULT_CHUNK_BYTES_CUDA = 256 * 2**20
 DEFAULT_CHUNK_BYTES_CPU = 64 * 2**20
 
@@ -98,28 +102,37 @@ def check_interpreter_works() -> None:
         raise RuntimeError(_INTERPRETER_ERROR)
 
 
-# On CUDA a chunk holds at least this many rows whatever V is: the dW GEMM's inner dimension is the
-# chunk's row count, and below ~2048 it stops being compute-bound on an H100 (our choice, from the
-# GEMM-efficiency argument in docs/kernels.md). At V = 102400 that is 800 MiB of fp32 logits plus
-# 400 MiB of bf16 dz per chunk.
-MIN_CHUNK_ROWS_CUDA = 2048
+# On CUDA a chunk holds at least this many rows whatever V is: the dW GEMM's inner dimension is the chunk's row
+# count, and short ones stop being compute-bound. Raised from 2048 to 4096 on 2026-12-04 after an H200 run (bf16,
+# text case N 16384 D 4096 V 102400, fwd+bwd of the GRPO loss with fp32 logits): trainable head 84.96 / 75.21 /
+# 67.80 ms at 1024 / 2048 / 8192 rows (10% faster at 8192 than at 2048), frozen 47.78 / 46.31 / 45.64 ms. At
+# V = 102400, 4096 rows hold 800 MiB of bf16 logits (dz formed over them in place; the default on CUDA), or
+# 1600 MiB of fp32 logits plus 800 MiB of bf16 dz with EGRPO_HALF_LOGITS=0.
+MIN_CHUNK_ROWS_CUDA = 4096
 # The same argument on CPU (our choice, bench/cpu_paired.py): at V = 102400 the 64 MiB budget alone gives
 # 128-row chunks, whose short-K dW GEMMs ran ~1.2-1.35x eager's time; 512 rows cost 200 MiB per buffer.
 MIN_CHUNK_ROWS_CPU = 512
 
 
-def default_chunk_rows(n_rows: int, vocab: int, device: torch.device) -> int:
+def default_chunk_rows(n_rows: int, vocab: int, device: torch.device, logit_bytes: int = 4) -> int:
+    """Rows per chunk when the caller gives none: the device's byte budget over ``vocab`` logits of ``logit_bytes``
+    bytes each (2 where the chunk GEMM writes half logits, 4 for fp32 logits), at least the device's minimum,
+    whole 128-row tiles, never more rows than there are."""
+    if isinstance(logit_bytes, bool) or not isinstance(logit_bytes, int) or logit_bytes < 1:
+        raise ValueError(f"logit_bytes must be a positive int, got {logit_bytes!r}")
     budget = DEFAULT_CHUNK_BYTES_CUDA if device.type == "cuda" else DEFAULT_CHUNK_BYTES_CPU
-    rows = max(1, budget // (4 * vocab))
+    rows = max(1, budget // (logit_bytes * vocab))
     rows = max(rows, MIN_CHUNK_ROWS_CUDA if device.type == "cuda" else MIN_CHUNK_ROWS_CPU)
     if rows >= 128:
         rows -= rows % 128  # whole tensor-core tiles
     return max(1, min(rows, max(n_rows, 1)))
 
 
-def check_chunk_size(chunk_size: Optional[int], n_rows: int, vocab: int, device: torch.device) -> int:
+def check_chunk_size(chunk_size: Optional[int], n_rows: int, vocab: int, device: torch.device,
+                     logit_bytes: int = 4) -> int:
+    """``chunk_size`` checked, or the default for these rows (``logit_bytes``: see :func:`chunk_logit_bytes`)."""
     if chunk_size is None:
-        return default_chunk_rows(n_rows, vocab, device)
+        return default_chunk_rows(n_rows, vocab, device, logit_bytes)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     return chunk_size
@@ -208,13 +221,44 @@ def env_switch(name: str) -> bool:
     return value == "1"
 
 
-def half_logits() -> bool:
-    """``EGRPO_HALF_LOGITS=1``: with half-precision operands and the Triton row passes, each chunk's logits GEMM
-    writes half-precision logits (rounded once, as eager half code and our CPU path round them) that the row
-    passes read directly and turn into dz in place, instead of fp32 logits plus a half copy of dz: 10 instead
-    of 16 bytes of memory traffic per logit, and no fp32 [chunk, V] buffer. The softmax statistics stay fp32.
-    Off by default until a GPU run shows it pays (``make gpu-quick`` has the paired ``+halflogits`` rows)."""
-    return env_switch("EGRPO_HALF_LOGITS")
+def parse_choice(name: str, value: Optional[str]) -> Optional[bool]:
+    """A tri-state switch's value: unset (None) is automatic (None), "0" off, "1" on; anything else is refused."""
+    if value is None:
+        return None
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1 (or unset: automatic), got {value!r}")
+    return value == "1"
+
+
+def env_choice(name: str) -> Optional[bool]:
+    """A tri-state environment switch of the kernels, read at every call: None when unset (the caller decides),
+    True for "1", False for "0"; any other value is refused (see :func:`parse_choice`)."""
+    return parse_choice(name, os.environ.get(name))
+
+
+def half_logits_choice(dtype: torch.dtype, device: torch.device, backend: str, setting: Optional[bool]) -> bool:
+    """Whether the chunk GEMM writes half logits, as a pure function of the inputs' dtype and device, the resolved
+    backend and the ``EGRPO_HALF_LOGITS`` setting (None: unset). Only the Triton row passes read half logits and
+    only half-precision operands produce them, so anything else is False whatever the setting. Unset means on
+    for CUDA tensors (the default since 2026-12-04) and off elsewhere: the Triton interpreter on CPU keeps fp32
+    logits unless the setting is "1" (its test vehicle)."""
+    if backend != "triton" or dtype not in HALF_DTYPES:
+        return False
+    if setting is None:
+        return device.type == "cuda"
+    return setting
+
+
+def half_logits(dtype: torch.dtype, device: torch.device, backend: str) -> bool:
+    """Half logits (``EGRPO_HALF_LOGITS``; on by default on CUDA): with half-precision operands and the Triton row
+    passes, each chunk's logits GEMM writes half-precision logits (rounded once, as eager half code and our CPU
+    path round them) that the row passes read directly and turn into dz in place, instead of fp32 logits plus a
+    half copy of dz: 10 instead of 16 bytes of memory traffic per logit, and no fp32 [chunk, V] buffer. The softmax
+    statistics stay fp32. Measured on an H200 (2026-12-04, bf16, GRPO loss fwd+bwd): frozen image head 18.01 ->
+    17.53 ms and 674 -> 418 MiB, frozen text head 46.31 -> 44.78 ms and 1329 -> 529 MiB. ``EGRPO_HALF_LOGITS=0``
+    keeps fp32 logits; "1" turns them on for the interpreter too. The setting is read (and checked) at every
+    call, whatever the inputs."""
+    return half_logits_choice(dtype, device, backend, env_choice("EGRPO_HALF_LOGITS"))
 
 
 def gemm_dtype(dtype: torch.dtype, device: torch.device, backend: str = "torch") -> torch.dtype:
@@ -225,13 +269,23 @@ def gemm_dtype(dtype: torch.dtype, device: torch.device, backend: str = "torch")
     as eager bf16 code does, and widened to fp32 before any softmax statistic); fp16, and bf16 on CPUs
     without bf16 units, are upcast to fp32 (slow half GEMMs there). The Triton backend on CPU (the
     interpreter, a test vehicle for the CUDA path) keeps fp32 GEMMs, i.e. the CUDA path's fp32 logits, unless
-    :func:`half_logits` is on.
+    :func:`half_logits` is on ("1"; it is off there by default).
     """
     if dtype in HALF_DTYPES and device.type != "cuda":
-        if dtype == torch.bfloat16 and cpu_has_fast_bf16() and (backend == "torch" or half_logits()):
-            return dtype  # (the Triton backend too under EGRPO_HALF_LOGITS: the CUDA variant's test vehicle)
+        if dtype == torch.bfloat16 and cpu_has_fast_bf16() and (
+                backend == "torch" or half_logits(dtype, device, backend)):
+            return dtype  # (the Triton backend too under EGRPO_HALF_LOGITS=1: the CUDA variant's test vehicle)
         return torch.float32
     return dtype
+
+
+def chunk_logit_bytes(dtype: torch.dtype, device: torch.device, backend: str) -> int:
+    """Bytes per logit of a chunk's logits, which size the default chunk (:func:`default_chunk_rows`): 2 where the
+    chunk GEMM writes half logits (:func:`half_logits`, with half GEMM operands), else 4 (fp32 logits; fp64
+    logits and the CPU torch path's bf16-rounded logits, widened to fp32, keep this count too)."""
+    if half_logits(dtype, device, backend) and gemm_dtype(dtype, device, backend) in HALF_DTYPES:
+        return 2
+    return 4
 
 
 def logits_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -3,9 +3,10 @@
 Every head op (:mod:`.linear_logprob_entropy`, :mod:`.grpo_loss`) is this loop with a different
 upstream gradient. Per chunk of rows of ``hidden [N, D]``:
 
-1. one GEMM writes the chunk's logits ``[rows, V]`` into a buffer reused by every chunk: fp32 output
-   from bf16 operands on CUDA; on a CPU with bf16 units a bf16 GEMM, as eager bf16 code runs it, whose
-   logits are widened to fp32 (see :class:`_Operands`);
+1. one GEMM writes the chunk's logits ``[rows, V]`` into a buffer reused by every chunk: on CUDA with
+   bf16/fp16 operands and the Triton row passes, half logits read as they are (``EGRPO_HALF_LOGITS``, the
+   default there; ``=0`` gives fp32 output instead); on a CPU with bf16 units a bf16 GEMM, as eager bf16 code
+   runs it, whose logits are widened to fp32 (see :class:`_Operands`);
 2. a row pass (Triton kernel, or in-place PyTorch ops) reduces them to ``logp``, ``entropy``, ``lse``;
 3. if the caller already knows the upstream gradient of these rows (``grad_fn``), a second row pass
    turns the same logits into ``dz`` in place and the dx / dW / db GEMMs consume it: no recompute.
@@ -13,9 +14,10 @@ upstream gradient. Per chunk of rows of ``hidden [N, D]``:
 The losses only parameterise ``grad_fn`` (and which gradients they need); :func:`head_backward` is
 the recompute pass for callers whose gradient is known only after every row has been seen.
 
-Buffers per chunk: the fp32 logits (formed into dz in place) and a half-precision copy for the GEMMs
-when the operands are bf16/fp16: 1.5 fp32 ``[chunk, V]`` buffers, plus [chunk, 1024] block temporaries
-in the PyTorch row passes. No ``[N, V]`` tensor is ever allocated.
+Buffers per chunk: with half logits, those logits alone (dz formed over them in place): 2 bytes per logit.
+Otherwise the fp32 logits (formed into dz in place) and a half-precision copy for the GEMMs when the operands
+are bf16/fp16: 1.5 fp32 ``[chunk, V]`` buffers, plus [chunk, 1024] block temporaries in the PyTorch row passes.
+No ``[N, V]`` tensor is ever allocated.
 """
 
 from __future__ import annotations
@@ -387,8 +389,8 @@ class _ChunkBuffers:
         cpu_half = gdt != ldt and device.type != "cuda"
         shape = (chunk, V)
         self.ws, self.ldt, self.device = ws, ldt, device
-        # EGRPO_HALF_LOGITS (Triton row passes only): the GEMM writes half logits, read as they are and turned into
-        # dz in place: no fp32 buffer, no half copy
+        # half logits (EGRPO_HALF_LOGITS, the CUDA default; Triton row passes only): the GEMM writes half logits,
+        # read as they are and turned into dz in place: no fp32 buffer, no half copy
         self.half_logits = half_logits and gdt != ldt
         if self.half_logits:
             self.onednn, self.cpu_half, self.z = False, False, None
@@ -435,8 +437,8 @@ class _ChunkBuffers:
 
 class _Operands:
     """The input rows and weight in the dtype every chunk GEMM uses (:func:`gemm_dtype`): bf16 tensor cores
-    on CUDA (fp32 output for the logits), bf16 on a CPU with bf16 GEMMs (no fp32 copy of the weight), fp32
-    where half GEMMs would be slow."""
+    on CUDA (half logits by default, fp32 output with EGRPO_HALF_LOGITS=0: :func:`half_logits`), bf16 on a CPU
+    with bf16 GEMMs (no fp32 copy of the weight), fp32 where half GEMMs would be slow."""
 
     def __init__(self, hidden, weight, backend):
         self.ldt = logits_dtype(hidden.dtype)
@@ -453,7 +455,7 @@ def overlap_row_passes() -> bool:
     """Whether the logits GEMM of chunk k+1 is issued before the row passes of chunk k (on CUDA: on a second
     stream, so the memory-bound row passes overlap a compute-bound GEMM). Off unless
     ``EGRPO_OVERLAP_ROW_PASSES=1``: never yet measured on a GPU (``bench/gpu_quick.py`` has the paired row).
-    Costs one more chunk of fp32 logits. On CPU it only changes the order (a test vehicle)."""
+    Costs one more chunk of logits. On CPU it only changes the order (a test vehicle)."""
     return env_switch("EGRPO_OVERLAP_ROW_PASSES")
 
 
@@ -463,7 +465,7 @@ def _chunk_setup(hidden, weight, chunk_size, backend, need_dz_half, ws, lookahea
     chunk = max(1, min(chunk_size, n_rows))
     passes = ROW_PASSES[backend]
     bufs = _ChunkBuffers(chunk, V, ops.ldt, ops.gdt, hidden.device, need_dz_half, ws, per_chunk_logits=lookahead,
-                         onednn=ops.onednn, half_logits=backend == "triton" and half_logits())
+                         onednn=ops.onednn, half_logits=half_logits(hidden.dtype, hidden.device, backend))
     return passes, ops, bufs
 
 

@@ -64,7 +64,9 @@ from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
-from ._common import check_chunk_size, check_head_inputs, check_temperature, logits_dtype, resolve_backend
+from ._common import (
+    check_chunk_size, check_head_inputs, check_temperature, chunk_logit_bytes, logits_dtype, resolve_backend,
+)
 from .entropy_masks import check_mask
 from ._head import HeadGrads, head_backward, head_pass
 
@@ -497,7 +499,8 @@ def grpo_loss(
         is_level=importance_sampling_level, clip_ratio_c=clip_ratio_c, entropy_scale=entropy_scale,
         inv_tau=inv_tau, backend=backend, advantage_fn=advantage_fn,
         scope_rows=scope_rows if advantage_fn is not None else None,
-        chunk=_aligned_chunk(check_chunk_size(chunk_size, B * T, weight.shape[0], dev), align),
+        chunk=_aligned_chunk(check_chunk_size(chunk_size, B * T, weight.shape[0], dev,
+                                              chunk_logit_bytes(hidden.dtype, dev, backend)), align),
     )
     hidden2 = hidden.reshape(B * T, D)
     if hidden2.stride(-1) != 1:

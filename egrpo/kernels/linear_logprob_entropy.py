@@ -8,11 +8,14 @@ Math (per row, ``z = (x W^T + b) / tau``, ``p = softmax(z)``)::
 
 Design (chosen to reach most of the H100's matmul peak without writing a GEMM):
 
-* Rows are processed in chunks of ``chunk_size`` (default: 256 MiB of fp32 logits on CUDA, i.e.
-  4096 rows at V = 16384, 640 rows at V = 102400). Per chunk, a cuBLAS GEMM writes the chunk's
-  logits in fp32 (fp32-output GEMM from bf16 operands where torch has it), so softmax statistics
-  never see bf16-rounded logits (on a CPU with bf16 GEMMs the torch backend rounds them once, as eager
-  bf16 code does). Peak extra memory is O(chunk x V), never O(N x V).
+* Rows are processed in chunks of ``chunk_size`` (default on CUDA: 256 MiB of logits at the bytes each
+  logit takes, at least 4096 rows: 8192 rows of bf16 logits at V = 16384, 4096 rows at V = 102400). Per
+  chunk, a cuBLAS GEMM writes the chunk's logits: by default on CUDA with bf16/fp16 operands in the
+  operands' dtype, rounded once as eager bf16 code rounds them, and the row passes form dz over them in
+  place (``EGRPO_HALF_LOGITS``, see :func:`egrpo.kernels._common.half_logits`); with ``EGRPO_HALF_LOGITS=0``
+  in fp32 (fp32-output GEMM from bf16 operands where torch has it), so softmax statistics never see
+  rounded logits (on a CPU with bf16 GEMMs the torch backend rounds them once, as eager bf16 code does).
+  Softmax statistics are fp32 either way. Peak extra memory is O(chunk x V), never O(N x V).
 * One Triton program per row streams the chunk's logits once in blocks of ``BLOCK_V`` columns with
   an online max / sum-exp / sum-exp*(z - m) recurrence (running max starts at -inf, ragged tail
   columns masked out) and writes logp, H and lse. Temperature and bias are applied in the kernel.
@@ -43,7 +46,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._common import check_chunk_size, check_head_inputs, check_temperature, resolve_backend
+from ._common import check_chunk_size, check_head_inputs, check_temperature, chunk_logit_bytes, resolve_backend
 from ._head import HAS_TRITON, HeadGrads, head_backward, head_pass
 
 if HAS_TRITON:  # the row kernels live with the chunk engine; re-exported for compile checks
@@ -99,8 +102,8 @@ def linear_logprob_entropy(
         bias: optional ``[V]``, same dtype as ``hidden``.
         temperature: positive float; logits are divided by it.
         backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"triton"`` or ``"torch"``.
-        chunk_size: rows per chunk (default: 256 MiB of fp32 logits and at least 2048 rows on CUDA, 64 MiB and
-            at least 512 rows on CPU).
+        chunk_size: rows per chunk (default: 256 MiB of logits, 2 bytes each with half logits, 4 with fp32 ones,
+            and at least 4096 rows on CUDA; 64 MiB and at least 512 rows on CPU).
 
     Returns:
         ``(logp, entropy)``, each of shape ``hidden.shape[:-1]``, float32 (float64 for float64 input).
@@ -118,7 +121,8 @@ def linear_logprob_entropy(
     if hidden2.stride(-1) != 1:
         hidden2 = hidden2.contiguous()
     targets1 = targets.reshape(-1).to(torch.int64).contiguous()
-    chunk = check_chunk_size(chunk_size, hidden2.shape[0], weight.shape[0], hidden.device)
+    chunk = check_chunk_size(chunk_size, hidden2.shape[0], weight.shape[0], hidden.device,
+                             chunk_logit_bytes(hidden.dtype, hidden.device, backend))
     logp, entropy = LinearLogprobEntropyFunction.apply(
         hidden2, weight, targets1, bias, inv_tau, chunk, backend
     )

@@ -1,8 +1,10 @@
 """`make gpu-quick`'s script runs end to end on CPU (--dry-run) and writes a JSON row per measurement."""
 
 import json
+import os
 
 import pytest
+import torch
 
 from bench.gpu_quick import main
 
@@ -48,9 +50,11 @@ def test_gpu_quick_dry_run_writes_every_row(tmp_path):
     assert any(g["goal"].startswith("rollout") for g in goals)
     floor_goal = next(g for g in goals if g["case"] == "image" and "85%" in g["goal"])
     assert floor_goal["figure"] == rows[("image", "grpo", "ours_torch_frozen")]["fraction_of_floor"]
-    # the opt-in half-logits row is judged by the same goal beside the default's figure
-    assert floor_goal["with_half_logits"]["figure"] == \
-        rows[("image", "grpo", "ours_torch_frozen+halflogits")]["fraction_of_floor"]
+    # the fp32-logits row (the default before half logits) is judged by the same goal beside the default's figure
+    assert floor_goal["with_fp32_logits"]["figure"] == \
+        rows[("image", "grpo", "ours_torch_frozen+fp32logits")]["fraction_of_floor"]
+    assert rows[("image", "head", "ours_torch+fp32logits")]["status"] == "ok"
+    assert all("halflogits" not in impl for _, _, impl in rows)
     liger_goal = next(g for g in goals if g.get("case") == "image" and g["goal"].startswith("GRPO loss ours_torch "))
     assert set(liger_goal["peers"]) == {"liger_grpo", "liger_grpo+tf32"} and liger_goal["figure"] > 0
     assert report["method"]["timing"] and report["torch_flags"]
@@ -59,3 +63,45 @@ def test_gpu_quick_dry_run_writes_every_row(tmp_path):
     assert step["rc"] == 0, step["tail"]
     rollout = json.loads((tmp_path / "rollout_cuda_dry_run.json").read_text())
     assert rollout["runs"] and "engine" in rollout["runs"][0]["results"]
+
+
+def test_fp32_logits_variant_reproduces_the_old_cuda_default(monkeypatch):
+    """"+fp32logits" is the CUDA default before 2026-12-04: fp32 logits, 4096 rows image, 2048 text; every other
+    row gets the automatic choice (half logits on CUDA: 8192 / 4096 rows), whatever the caller's environment."""
+    from bench.gpu_quick import _set_variant
+    from egrpo.kernels import _common
+
+    cuda = torch.device("cuda")
+    monkeypatch.setenv("EGRPO_HALF_LOGITS", "1")
+
+    def defaults():
+        return [_common.check_chunk_size(None, n, v, cuda, _common.chunk_logit_bytes(torch.bfloat16, cuda, "triton"))
+                for n, v in ((36864, 16384), (16384, 102400))]
+
+    undo = _set_variant("fp32logits")
+    try:
+        assert os.environ["EGRPO_HALF_LOGITS"] == "0" and defaults() == [4096, 2048]
+    finally:
+        undo()
+    assert os.environ["EGRPO_HALF_LOGITS"] == "1" and _common.MIN_CHUNK_ROWS_CUDA == 4096
+    for variant in ("", "overlap", "chunk1024"):
+        undo = _set_variant(variant)
+        try:
+            assert "EGRPO_HALF_LOGITS" not in os.environ
+            assert defaults() == ([1024, 1024] if variant == "chunk1024" else [8192, 4096])
+        finally:
+            undo()
+    assert defaults() == [8192, 4096]
+
+
+def test_goal_side_rows_render_for_new_and_old_reports():
+    from bench.gpu_quick import markdown
+
+    data = {"versions": {}, "device": "d", "date": "x", "steps": [], "rows": [], "goals": [
+        {"goal": "g", "case": "image", "row": "r", "figure": 0.9, "verdict": "met",
+         "with_fp32_logits": {"figure": 0.82, "verdict": "missed"}},
+        {"goal": "g", "case": "text", "row": "r", "figure": 0.9, "verdict": "met",
+         "with_half_logits": {"figure": 0.91, "verdict": "met"}}]}
+    lines = markdown(data)
+    assert any("with fp32 logits 0.820: missed" in ln for ln in lines)
+    assert any("with half logits 0.910: met" in ln for ln in lines)

@@ -67,13 +67,19 @@ class PoisonEmpty(TorchDispatchMode):
 
 
 def rounds_logits_to_bf16(dtype, backend, device="cpu") -> bool:
-    """Whether the fused head's logits GEMM writes bf16 (then widened) for these inputs: the torch backend on a
-    CPU with bf16 GEMMs, as eager bf16 code does. Elsewhere the logits are fp32 (CUDA, the interpreter, fp32
-    inputs, CPUs without bf16 units)."""
-    from egrpo.kernels._common import gemm_dtype
+    """Whether the fused head's logits GEMM writes bf16 for these inputs: the torch backend on a CPU with bf16
+    GEMMs, as eager bf16 code does (then widened to fp32), and the Triton backend with half logits
+    (EGRPO_HALF_LOGITS: the default on CUDA; on the interpreter only under "1", with bf16 GEMMs). Elsewhere the
+    logits are fp32 (EGRPO_HALF_LOGITS=0 on CUDA, the interpreter by default, fp32 inputs, CPUs without bf16
+    units)."""
+    from egrpo.kernels._common import gemm_dtype, half_logits
 
     dev = torch.device(device)
-    return dev.type != "cuda" and dtype == torch.bfloat16 and gemm_dtype(dtype, dev, backend) == torch.bfloat16
+    if dtype != torch.bfloat16:
+        return False
+    if dev.type == "cuda":
+        return backend in ("triton", "auto") and half_logits(dtype, dev, "triton")
+    return gemm_dtype(dtype, dev, backend) == torch.bfloat16
 
 
 def bf16_logit_half_ulp(hidden, weight, bias=None, temperature=1.0) -> float:

@@ -69,14 +69,128 @@ def test_unknown_cpu_fp32_gemm_is_named(monkeypatch):
         _common.cpu_fp32_gemm()
 
 
-@pytest.mark.parametrize("device,vocab,rows", [
-    ("cpu", 16384, 1024),     # 64 MiB of fp32 logits
-    ("cpu", 102400, 512),     # the budget gives 163 rows: the dW GEMM's floor of 512 rows wins
-    ("cuda", 16384, 4096),    # 256 MiB
-    ("cuda", 102400, 2048),   # the budget gives 655 rows: the floor of 2048 wins
+@pytest.mark.parametrize("device,vocab,logit_bytes,rows", [
+    ("cpu", 16384, 4, 1024),      # 64 MiB of fp32 logits
+    ("cpu", 102400, 4, 512),      # the budget gives 163 rows: the dW GEMM's floor of 512 rows wins
+    ("cuda", 16384, 4, 4096),     # 256 MiB of fp32 logits (EGRPO_HALF_LOGITS=0, or fp32 inputs)
+    ("cuda", 16384, 2, 8192),     # 256 MiB of bf16 logits (the CUDA default for half inputs)
+    ("cuda", 102400, 4, 4096),    # the budget gives 655 rows: the floor of 4096 wins
+    ("cuda", 102400, 2, 4096),    # 1310 rows: the floor again (800 MiB of bf16 logits)
+    ("cuda", 4096, 2, 32768),     # 256 MiB / (2 x 4096): the budget alone
+    ("cuda", 50000, 2, 4096),     # 1342 rows: the floor
+    ("cuda", 20000, 2, 6656),     # 6710 rows rounded down to whole 128-row tiles
 ])
-def test_default_chunk_rows_follow_the_documented_budgets(device, vocab, rows):
-    """docs/kernels.md: 64 MiB (CPU) / 256 MiB (CUDA) of fp32 logits per chunk, at least 512 / 2048 rows, whole
-    128-row tiles, never more rows than there are."""
-    assert _common.default_chunk_rows(10**6, vocab, torch.device(device)) == rows
-    assert _common.default_chunk_rows(300, vocab, torch.device(device)) == 300
+def test_default_chunk_rows_follow_the_documented_budgets(device, vocab, logit_bytes, rows):
+    """docs/kernels.md: 64 MiB (CPU) / 256 MiB (CUDA) of logits per chunk at their real size (2 bytes for half logits,
+    4 for fp32 ones), at least 512 / 4096 rows, whole 128-row tiles, never more rows than there are."""
+    assert _common.default_chunk_rows(10**6, vocab, torch.device(device), logit_bytes) == rows
+    assert _common.default_chunk_rows(300, vocab, torch.device(device), logit_bytes) == 300
+    if logit_bytes == 4:  # the default count
+        assert _common.default_chunk_rows(10**6, vocab, torch.device(device)) == rows
+
+
+def test_default_chunk_rows_constants():
+    assert _common.MIN_CHUNK_ROWS_CUDA == 4096 and _common.MIN_CHUNK_ROWS_CPU == 512
+    assert _common.DEFAULT_CHUNK_BYTES_CUDA == 256 * 2**20 and _common.DEFAULT_CHUNK_BYTES_CPU == 64 * 2**20
+
+
+@pytest.mark.parametrize("logit_bytes", [0, -2, 2.0, True])
+def test_default_chunk_rows_refuses_a_bad_logit_size(logit_bytes):
+    with pytest.raises(ValueError, match="logit_bytes must be a positive int"):
+        _common.default_chunk_rows(100, 1000, torch.device("cuda"), logit_bytes)
+
+
+def test_check_chunk_size_passes_the_logit_size_on():
+    cuda = torch.device("cuda")
+    assert _common.check_chunk_size(None, 10**6, 16384, cuda) == 4096
+    assert _common.check_chunk_size(None, 10**6, 16384, cuda, 2) == 8192
+    assert _common.check_chunk_size(1000, 10**6, 16384, cuda, 2) == 1000   # an explicit size is kept
+
+
+# ------------------------------------------------------------------ EGRPO_HALF_LOGITS: unset (auto), "0", "1"
+
+CUDA, CPU = torch.device("cuda"), torch.device("cpu")  # device objects only: nothing is allocated on them
+
+
+@pytest.mark.parametrize("value,expected", [(None, None), ("0", False), ("1", True)])
+def test_parse_choice_is_tri_state(value, expected):
+    assert _common.parse_choice("EGRPO_X", value) is expected
+
+
+@pytest.mark.parametrize("value", ["", "yes", "true", "2", " 1", "on", "auto"])
+def test_parse_choice_refuses_other_values_in_one_line(value):
+    with pytest.raises(ValueError) as e:
+        _common.parse_choice("EGRPO_X", value)
+    assert str(e.value) == f"EGRPO_X must be 0 or 1 (or unset: automatic), got {value!r}"
+
+
+@pytest.mark.parametrize("setting,on_cuda,on_cpu", [(None, True, False), (False, False, False), (True, True, True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_logits_choice_with_half_inputs_on_triton(setting, on_cuda, on_cpu, dtype):
+    """Unset: on for CUDA tensors, off on CPU (the interpreter keeps fp32 logits); "0" off; "1" on everywhere."""
+    assert _common.half_logits_choice(dtype, CUDA, "triton", setting) is on_cuda
+    assert _common.half_logits_choice(dtype, CPU, "triton", setting) is on_cpu
+
+
+@pytest.mark.parametrize("setting", [None, False, True])
+@pytest.mark.parametrize("device", [CUDA, CPU])
+def test_half_logits_choice_is_off_without_half_inputs_or_triton(setting, device):
+    for dtype in (torch.float32, torch.float64):
+        assert _common.half_logits_choice(dtype, device, "triton", setting) is False
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert _common.half_logits_choice(dtype, device, "torch", setting) is False
+
+
+@pytest.mark.parametrize("env,expected", [(None, True), ("0", False), ("1", True)])
+def test_half_logits_reads_the_environment(env, expected, monkeypatch):
+    if env is None:
+        monkeypatch.delenv("EGRPO_HALF_LOGITS", raising=False)
+    else:
+        monkeypatch.setenv("EGRPO_HALF_LOGITS", env)
+    assert _common.half_logits(torch.bfloat16, CUDA, "triton") is expected
+    assert _common.half_logits(torch.bfloat16, CPU, "triton") is (env == "1")
+    assert _common.half_logits(torch.float32, CUDA, "triton") is False
+
+
+def test_half_logits_refuses_a_bad_value_whatever_the_inputs(monkeypatch):
+    monkeypatch.setenv("EGRPO_HALF_LOGITS", "yes")
+    for dtype, device, backend in ((torch.bfloat16, CUDA, "triton"), (torch.float32, CPU, "torch")):
+        with pytest.raises(ValueError, match="EGRPO_HALF_LOGITS must be 0 or 1"):
+            _common.half_logits(dtype, device, backend)
+
+
+@pytest.mark.parametrize("env,bf16_cuda_bytes,bf16_rows", [(None, 2, 8192), ("0", 4, 4096), ("1", 2, 8192)])
+def test_cuda_default_chunk_follows_the_logits_held(env, bf16_cuda_bytes, bf16_rows, monkeypatch):
+    """On CUDA the default chunk is sized by the logits' real bytes: 8192 rows of bf16 logits at V = 16384 by
+    default, 4096 of fp32 ones with EGRPO_HALF_LOGITS=0, with fp32 inputs, or on the torch backend."""
+    if env is None:
+        monkeypatch.delenv("EGRPO_HALF_LOGITS", raising=False)
+    else:
+        monkeypatch.setenv("EGRPO_HALF_LOGITS", env)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert _common.chunk_logit_bytes(dtype, CUDA, "triton") == bf16_cuda_bytes
+        assert _common.default_chunk_rows(36864, 16384, CUDA, _common.chunk_logit_bytes(dtype, CUDA, "triton")) \
+            == bf16_rows
+        assert _common.default_chunk_rows(16384, 102400, CUDA, _common.chunk_logit_bytes(dtype, CUDA, "triton")) \
+            == 4096
+        assert _common.chunk_logit_bytes(dtype, CUDA, "torch") == 4
+    assert _common.chunk_logit_bytes(torch.float32, CUDA, "triton") == 4
+
+
+def test_cpu_chunk_logit_bytes_unchanged_when_unset(monkeypatch):
+    """Unset, nothing on CPU holds half logits: every CPU default chunk keeps the fp32 count."""
+    monkeypatch.delenv("EGRPO_HALF_LOGITS", raising=False)
+    for backend in ("triton", "torch"):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+            assert _common.chunk_logit_bytes(dtype, CPU, backend) == 4
+    # the Triton backend's GEMM dtype on CPU is unchanged too: fp32 GEMMs (fp32 logits) unless "1"
+    assert _common.gemm_dtype(torch.bfloat16, CPU, "triton") == torch.float32
+    assert _common.gemm_dtype(torch.float16, CPU, "triton") == torch.float32
+
+
+def test_cpu_interpreter_under_1_holds_half_logits_where_the_cpu_has_bf16_gemms(monkeypatch):
+    monkeypatch.setenv("EGRPO_HALF_LOGITS", "1")
+    fast = _common.cpu_has_fast_bf16()
+    assert _common.gemm_dtype(torch.bfloat16, CPU, "triton") == (torch.bfloat16 if fast else torch.float32)
+    assert _common.chunk_logit_bytes(torch.bfloat16, CPU, "triton") == (2 if fast else 4)
+    assert _common.chunk_logit_bytes(torch.float16, CPU, "triton") == 4   # fp16 is upcast on CPU: fp32 logits

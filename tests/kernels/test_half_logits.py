@@ -1,5 +1,6 @@
-"""EGRPO_HALF_LOGITS=1 (an opt-in for CUDA): the chunk GEMM writes half-precision logits that the Triton row passes
-read as they are and turn into dz in place. Run here through the Triton interpreter with CPU bf16 GEMMs, which
+"""Half logits (EGRPO_HALF_LOGITS; the default on CUDA since 2026-12-04, "0" opts out, "1" turns them on for the
+interpreter too): the chunk GEMM writes half-precision logits that the Triton row passes read as they are and turn
+into dz in place. Run here through the Triton interpreter (EGRPO_HALF_LOGITS=1) with CPU bf16 GEMMs, which
 round the logits exactly as the CUDA variant's GEMM does: the same parity bounds as the CPU path that rounds its
 logits once (float64 on the rounded logits), the kernels really see half logits, and no fp32 [chunk, V] buffer
 is allocated."""
@@ -9,7 +10,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import egrpo.kernels._head as head
-from egrpo.kernels import grpo_loss
+from egrpo.kernels import grpo_loss, linear_logprob_entropy
+from egrpo.kernels import _common
 from egrpo.kernels._common import INTERPRETING, cpu_has_fast_bf16, half_logits
 
 from . import test_head_paths as paths
@@ -24,7 +26,7 @@ pytestmark = [
 @pytest.fixture(autouse=True)
 def half_logits_on(monkeypatch):
     monkeypatch.setenv("EGRPO_HALF_LOGITS", "1")
-    assert half_logits()
+    assert half_logits(torch.bfloat16, torch.device("cpu"), "triton")
 
 
 @pytest.mark.parametrize("V", [1000, 16387])
@@ -83,8 +85,13 @@ def test_kernels_read_half_logits_and_no_fp32_chunk_exists(frozen, monkeypatch):
     assert allocations.largest[torch.bfloat16] >= chunk * paths.V  # the half logits (= dz) themselves
 
 
-def test_off_by_default_keeps_fp32_logits(monkeypatch):
-    monkeypatch.delenv("EGRPO_HALF_LOGITS")
+@pytest.mark.parametrize("env", [None, "0"], ids=["unset", "0"])
+def test_interpreter_keeps_fp32_logits_unless_1(env, monkeypatch):
+    """On CPU the interpreter keeps fp32 logits when the switch is unset (the automatic choice is CUDA-only) or 0."""
+    if env is None:
+        monkeypatch.delenv("EGRPO_HALF_LOGITS")
+    else:
+        monkeypatch.setenv("EGRPO_HALF_LOGITS", env)
     hidden, weight, bias, targets, mask, seq_adv, kw = paths.make_case(torch.bfloat16)
     seen_dtypes = []
     stats = head.ROW_PASSES["triton"].stats
@@ -113,6 +120,24 @@ def test_with_the_next_chunk_running_ahead_results_are_bit_identical(frozen, mon
     assert len(serial) == len(ahead)
     for a, b in zip(serial, ahead):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("env,logit_bytes", [("1", 2), ("0", 4), (None, 4)])
+def test_default_chunk_is_sized_by_the_logits_held(env, logit_bytes, monkeypatch):
+    """With half logits the default chunk counts 2 bytes per logit (on CUDA: twice the rows of fp32 logits), else 4;
+    both head ops ask for it so."""
+    if env is None:
+        monkeypatch.delenv("EGRPO_HALF_LOGITS")
+    else:
+        monkeypatch.setenv("EGRPO_HALF_LOGITS", env)
+    asked = []
+    real = _common.default_chunk_rows
+    monkeypatch.setattr(_common, "default_chunk_rows",
+                        lambda n, v, device, b=4: (asked.append(b), real(n, v, device, b))[1])
+    hidden, weight, bias, targets, mask, seq_adv, kw = paths.make_case(torch.bfloat16)
+    grpo_loss(hidden, weight, targets, mask, seq_adv, bias, backend="triton", **kw)
+    linear_logprob_entropy(hidden, weight, targets, bias, backend="triton")
+    assert asked == [logit_bytes, logit_bytes]
 
 
 @pytest.mark.parametrize("name", ["EGRPO_HALF_LOGITS", "EGRPO_OVERLAP_ROW_PASSES"])
