@@ -18,9 +18,9 @@ every row measured so far):
    5-25 event-timed calls), peak memory, fraction of the bf16 floor (useful GEMM FLOPs / measured rate / time),
    speed-up and memory against the matching eager row, and max abs difference from eager; the GRPO rows once
    more with the row-pass overlap on (``EGRPO_OVERLAP_ROW_PASSES=1``), to decide whether it becomes the
-   default, and with fp32 logits (``EGRPO_HALF_LOGITS=0`` at the fp32 chunk: the default before 2026-12-04),
-   and Liger's once more with TF32 on (its dx/dW GEMMs are fp32); ``goals`` holds each issue goal's figure and
-   verdict (and the fp32-logits row's beside it);
+   default, and with half logits (``EGRPO_HALF_LOGITS=1``, the opt-in), and Liger's once more with TF32 on (its
+   dx/dW GEMMs are fp32); ``goals`` holds each issue goal's figure and verdict (and the half-logits row's beside
+   it);
 4. the rollout decode rows: ``python -m bench.rollout --device cuda --quick --rows 128 16`` in the last
    ``--rollout-s`` seconds of the budget (the 7B shape and the goal's 128 images first;
    ``bench/results/rollout_cuda.json`` is rewritten after every configuration, so a timeout keeps what was
@@ -58,25 +58,24 @@ RESULTS = ROOT / "bench" / "results"
 # (op, impls): eager first (every other row's max abs diff is taken against it; eager_frozen is the speed and memory
 # peer of the frozen rows), then ours, then peers.
 ROWS = [
-    # Every row of ours runs the CUDA defaults: half logits (bf16 logits read as they are, dz formed in place: 10
-    # instead of 16 bytes of traffic per logit, no fp32 chunk; rounded once as eager's are) and 256 MiB of them per
-    # chunk, at least 4096 rows (8192 rows image, 4096 text). "+fp32logits": EGRPO_HALF_LOGITS=0 with the chunk
-    # rule that went with it (256 MiB of fp32 logits, at least 2048 rows: 4096 rows image, 2048 text), i.e. the
-    # default before 2026-12-04, row for row (that day's H200 run measured it as the plain rows).
-    ("head", ("eager", "ours_triton", "liger_flce", "cce", "ours_triton+fp32logits")),
+    # Every row of ours runs the CUDA defaults: fp32 logits, 256 MiB of them per chunk, at least 4096 rows (4096
+    # rows image and text). "+halflogits": EGRPO_HALF_LOGITS=1 (bf16 logits read as they are, dz formed in place:
+    # 10 instead of 16 bytes of traffic per logit, no fp32 chunk; rounded once as eager's are; 256 MiB of them per
+    # chunk: 8192 rows image). (For 30 minutes on 2026-12-04 half logits were the default: that day's second H200
+    # run has the plain rows with half logits and "+fp32logits" rows with the chunk rule before it, 2048 rows min.)
+    ("head", ("eager", "ours_triton", "liger_flce", "cce", "ours_triton+halflogits")),
     # "+overlap": the same runner with EGRPO_OVERLAP_ROW_PASSES=1 (next chunk's logits GEMM on a side stream
     # while this chunk's row passes run; issue 13 item 3), paired with the row without it. Frozen rows (the
     # trainer's image head: no dW) have frozen peers, so every speed-up compares the same GEMM work.
     # "+tf32": Liger's GRPO loss with TF32 matmuls on (its dx/dW GEMMs run in fp32, IEEE by torch's default).
-    # "+chunkN": ours with N rows per chunk instead of the default (8192 image, 4096 text), with half logits like
-    # every default row (until 2026-12-04 they ran with fp32 logits against a 4096 / 2048-row default; the image
-    # "+chunk8192" rows now repeat the default's chunk): smaller chunks keep a chunk's logits in L2 for the second
+    # "+chunkN": ours with N rows per chunk instead of the default (4096 image and text), fp32 logits like every
+    # default row: smaller chunks keep a chunk's logits in L2 for the second
     # row pass (a frozen head has no dW GEMM whose short K would suffer), larger ones lengthen dW's K.
     ("grpo", ("eager", "eager_frozen", "ours_triton", "ours_triton_frozen", "liger_grpo", "liger_grpo_frozen",
               "ours_triton+overlap", "ours_triton_frozen+overlap", "liger_grpo+tf32", "liger_grpo_frozen+tf32",
               "ours_triton_frozen+chunk512", "ours_triton_frozen+chunk1024", "ours_triton_frozen+chunk8192",
-              "ours_triton+chunk1024", "ours_triton+chunk8192", "ours_triton_frozen+fp32logits",
-              "ours_triton+fp32logits")),
+              "ours_triton+chunk1024", "ours_triton+chunk8192", "ours_triton_frozen+halflogits",
+              "ours_triton+halflogits")),
     ("eg_grpo", ("eager", "eager_frozen", "ours_triton", "ours_triton_frozen")),
 ]
 # Useful GEMM FLOPs per op in units of NDV (the floor): trainable head 6 (logits, dx, dW), frozen head 4 (no dW).
@@ -188,24 +187,15 @@ def run_step(report, name, cmd, timeout, env=None):
     return rc
 
 
-# "+fp32logits": the minimum CUDA chunk that went with fp32 logits until 2026-12-04 (with the unchanged 256 MiB
-# budget counted at 4 bytes per logit: 4096 rows image, 2048 text)
-FP32_LOGITS_MIN_CHUNK_ROWS_CUDA = 2048
-
-
 def _set_variant(variant):
     """Apply a row variant; returns a function that undoes it."""
     old_env = os.environ.get("EGRPO_OVERLAP_ROW_PASSES")
     old_half = os.environ.get("EGRPO_HALF_LOGITS")
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
     old_chunk_rows = _kernel_common.default_chunk_rows
-    old_min_rows = _kernel_common.MIN_CHUNK_ROWS_CUDA
     os.environ["EGRPO_OVERLAP_ROW_PASSES"] = "1" if variant == "overlap" else "0"
-    if variant == "fp32logits":  # the default before 2026-12-04: fp32 logits and their chunk rule
-        os.environ["EGRPO_HALF_LOGITS"] = "0"
-        _kernel_common.MIN_CHUNK_ROWS_CUDA = FP32_LOGITS_MIN_CHUNK_ROWS_CUDA
-    else:  # the automatic choice (half logits on CUDA), whatever the caller's environment says
-        os.environ.pop("EGRPO_HALF_LOGITS", None)
+    # the opt-in, or the default (fp32 logits) whatever the caller's environment says
+    os.environ["EGRPO_HALF_LOGITS"] = "1" if variant == "halflogits" else "0"
     if variant == "tf32":
         torch.backends.cuda.matmul.allow_tf32 = True
     if variant.startswith("chunk"):  # the default every op without an explicit chunk_size asks for
@@ -214,7 +204,6 @@ def _set_variant(variant):
 
     def undo():
         _kernel_common.default_chunk_rows = old_chunk_rows
-        _kernel_common.MIN_CHUNK_ROWS_CUDA = old_min_rows
         if old_half is None:
             os.environ.pop("EGRPO_HALF_LOGITS", None)
         else:
@@ -337,16 +326,16 @@ def kernel_goals(rows, dry_run):
     for case in ("image", "text"):
         r = _row(rows, case, "grpo", t("ours_triton_frozen"))
         ov = _row(rows, case, "grpo", t("ours_triton_frozen") + "+overlap")
-        fp32 = _row(rows, case, "grpo", t("ours_triton_frozen") + "+fp32logits")
+        half = _row(rows, case, "grpo", t("ours_triton_frozen") + "+halflogits")
         frac = r["fraction_of_floor"] if r else None
         goals.append({"goal": "fused head, frozen (GRPO loss, 4NDV) >= 85% of the bf16 matmul floor", "case": case,
                       "row": t("ours_triton_frozen"), "figure": frac, "threshold": 0.85,
                       "figure_is": "4NDV / measured bf16 GEMM rate / median fwd+bwd time (the defaults: overlap "
-                                   "off, half logits)",
+                                   "off, fp32 logits)",
                       "figure_with_overlap": ov["fraction_of_floor"] if ov else None,
-                      # the default before 2026-12-04 (EGRPO_HALF_LOGITS=0): the same goal judged on its row
-                      "with_fp32_logits": fp32 and {"figure": fp32["fraction_of_floor"],
-                                                    "verdict": verdict(fp32["fraction_of_floor"] >= 0.85)},
+                      # the opt-in (EGRPO_HALF_LOGITS=1): the same goal judged on its row
+                      "with_half_logits": half and {"figure": half["fraction_of_floor"],
+                                                    "verdict": verdict(half["fraction_of_floor"] >= 0.85)},
                       "figure_vs_datasheet": r["fraction_of_datasheet_floor"] if r else None,
                       "verdict": verdict(None if frac is None else frac >= 0.85)})
         for impl, eager_impl, op in ((t("ours_triton"), "eager", "head"),
@@ -359,13 +348,13 @@ def kernel_goals(rows, dry_run):
                 return speed, mem, verdict(None if speed is None or mem is None else speed >= 2 and mem <= 1 / 8)
 
             speed, mem, judged = against_eager(_row(rows, case, op, impl))
-            fp32 = _row(rows, case, op, impl + "+fp32logits")
+            half = _row(rows, case, op, impl + "+halflogits")
             goals.append({"goal": f"{op} {impl} >= 2x faster than {eager_impl} at <= 1/8 of its peak memory",
                           "case": case, "row": impl, "peer": eager_impl, "figure": speed, "threshold": 2.0,
                           "figure_is": "eager median fwd+bwd time / ours (speed-up); memory_ratio: ours peak / eager's",
                           "memory_ratio": mem, "memory_threshold": 1 / 8,
-                          "with_fp32_logits": fp32 and dict(zip(("figure", "memory_ratio", "verdict"),
-                                                                against_eager(fp32))),
+                          "with_half_logits": half and dict(zip(("figure", "memory_ratio", "verdict"),
+                                                                against_eager(half))),
                           "verdict": judged})
         for impl, liger in ((t("ours_triton"), "liger_grpo"), (t("ours_triton_frozen"), "liger_grpo_frozen")):
             r = _row(rows, case, "grpo", impl)
@@ -385,9 +374,9 @@ def kernel_goals(rows, dry_run):
 
                 figure, memory, judged = against_liger(r)
                 entry.update(peer=best["impl"], figure=figure, threshold=1.0, memory_ratio=memory, verdict=judged)
-                fp32 = _row(rows, case, "grpo", impl + "+fp32logits")
-                if fp32:
-                    entry["with_fp32_logits"] = dict(zip(("figure", "memory_ratio", "verdict"), against_liger(fp32)))
+                half = _row(rows, case, "grpo", impl + "+halflogits")
+                if half:
+                    entry["with_half_logits"] = dict(zip(("figure", "memory_ratio", "verdict"), against_liger(half)))
             goals.append(entry)
     return goals
 

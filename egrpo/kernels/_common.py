@@ -33,7 +33,7 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 # Bytes of logits one chunk may hold, counted at the bytes each logit really takes (:func:`chunk_logit_bytes`: 2 for
-# the half logits of the CUDA Triton path, 4 for fp32 logits). On CUDA, 256 MiB keeps the GEMMs large enough to run
+# the opt-in half logits of the CUDA Triton path, 4 for fp32 logits). On CUDA, 256 MiB keeps the GEMMs large enough to run
 # near peak (8192 rows of bf16 logits, or 4096 of fp32, at V = 16384) while staying far below the [N, V] eager
 # buffers. Measured on an H200 (2026-12-04, bf16, image case N 36864 D 4096 V 16384, fwd+bwd of the GRPO loss):
 # frozen head 43.12 / 21.76 / 18.01 / 17.37 ms at 512 / 1024 / 4096 / 8192 rows (fp32 logits), trainable 37.81 /
@@ -106,8 +106,8 @@ def check_interpreter_works() -> None:
 # count, and short ones stop being compute-bound. Raised from 2048 to 4096 on 2026-12-04 after an H200 run (bf16,
 # text case N 16384 D 4096 V 102400, fwd+bwd of the GRPO loss with fp32 logits): trainable head 84.96 / 75.21 /
 # 67.80 ms at 1024 / 2048 / 8192 rows (10% faster at 8192 than at 2048), frozen 47.78 / 46.31 / 45.64 ms. At
-# V = 102400, 4096 rows hold 800 MiB of bf16 logits (dz formed over them in place; the default on CUDA), or
-# 1600 MiB of fp32 logits plus 800 MiB of bf16 dz with EGRPO_HALF_LOGITS=0.
+# V = 102400, 4096 rows hold 1600 MiB of fp32 logits plus 800 MiB of bf16 dz (the default), or 800 MiB of bf16
+# logits with dz formed over them in place (EGRPO_HALF_LOGITS=1).
 MIN_CHUNK_ROWS_CUDA = 4096
 # The same argument on CPU (our choice, bench/cpu_paired.py): at V = 102400 the 64 MiB budget alone gives
 # 128-row chunks, whose short-K dW GEMMs ran ~1.2-1.35x eager's time; 512 rows cost 200 MiB per buffer.
@@ -222,11 +222,12 @@ def env_switch(name: str) -> bool:
 
 
 def parse_choice(name: str, value: Optional[str]) -> Optional[bool]:
-    """A tri-state switch's value: unset (None) is automatic (None), "0" off, "1" on; anything else is refused."""
+    """A tri-state switch's value: unset (None) leaves the choice to the caller (None), "0" off, "1" on; anything
+    else is refused."""
     if value is None:
         return None
     if value not in ("0", "1"):
-        raise ValueError(f"{name} must be 0 or 1 (or unset: automatic), got {value!r}")
+        raise ValueError(f"{name} must be 0 or 1 (or unset: the default), got {value!r}")
     return value == "1"
 
 
@@ -239,25 +240,25 @@ def env_choice(name: str) -> Optional[bool]:
 def half_logits_choice(dtype: torch.dtype, device: torch.device, backend: str, setting: Optional[bool]) -> bool:
     """Whether the chunk GEMM writes half logits, as a pure function of the inputs' dtype and device, the resolved
     backend and the ``EGRPO_HALF_LOGITS`` setting (None: unset). Only the Triton row passes read half logits and
-    only half-precision operands produce them, so anything else is False whatever the setting. Unset means on
-    for CUDA tensors (the default since 2026-12-04) and off elsewhere: the Triton interpreter on CPU keeps fp32
-    logits unless the setting is "1" (its test vehicle)."""
+    only half-precision operands produce them, so anything else is False whatever the setting. Unset means off
+    (fp32 logits) on every device; "1" turns them on, on CUDA and in the Triton interpreter (its test vehicle)."""
     if backend != "triton" or dtype not in HALF_DTYPES:
         return False
-    if setting is None:
-        return device.type == "cuda"
+    if setting is None:  # off: see half_logits() for why it is not the CUDA default
+        return False
     return setting
 
 
 def half_logits(dtype: torch.dtype, device: torch.device, backend: str) -> bool:
-    """Half logits (``EGRPO_HALF_LOGITS``; on by default on CUDA): with half-precision operands and the Triton row
-    passes, each chunk's logits GEMM writes half-precision logits (rounded once, as eager half code and our CPU
-    path round them) that the row passes read directly and turn into dz in place, instead of fp32 logits plus a
-    half copy of dz: 10 instead of 16 bytes of memory traffic per logit, and no fp32 [chunk, V] buffer. The softmax
-    statistics stay fp32. Measured on an H200 (2026-12-04, bf16, GRPO loss fwd+bwd): frozen image head 18.01 ->
-    17.53 ms and 674 -> 418 MiB, frozen text head 46.31 -> 44.78 ms and 1329 -> 529 MiB. ``EGRPO_HALF_LOGITS=0``
-    keeps fp32 logits; "1" turns them on for the interpreter too. The setting is read (and checked) at every
-    call, whatever the inputs."""
+    """Half logits (``EGRPO_HALF_LOGITS=1``, opt-in): with half-precision operands and the Triton row passes, each
+    chunk's logits GEMM writes half-precision logits (rounded once, as eager half code and our CPU path round them)
+    that the row passes read directly and turn into dz in place, instead of fp32 logits plus a half copy of dz: 10
+    instead of 16 bytes of memory traffic per logit, and no fp32 [chunk, V] buffer. The softmax statistics stay fp32.
+    Measured on an H200 (2026-12-04, bf16, GRPO loss fwd+bwd, paired rows): frozen image head 17.58 -> 16.55 ms and
+    674 -> 546 MiB, frozen text head 45.90 -> 44.14 ms. Not the default: with it two GPU parity tests failed that
+    pass with fp32 logits (a bf16 gradient 1.7x eager's error, beyond the tests' margin; log-probs off by up to
+    half a bf16 step of the logits, 0.06 at |logit| ~ 27: docs/kernels.md). The setting is read (and checked) at
+    every call, whatever the inputs."""
     return half_logits_choice(dtype, device, backend, env_choice("EGRPO_HALF_LOGITS"))
 
 

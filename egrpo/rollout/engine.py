@@ -71,9 +71,10 @@ class EngineConfig:
     cuda_graph: bool = True          # CUDA only: capture the decode step as a CUDA graph
     # Compiled / graph step: attend over the keys up to the end of one of this many equal spans of the buffer
     # instead of the whole buffer (one compilation / graph per span; 1 = whole buffer, one compilation). None =
-    # 4 for CUDA graphs without compilation (faster than the whole buffer in all four H200 configurations,
-    # 1.04-1.24x: docs/rollout.md), else 1 (no gain measured on CPU, and each span is one more compilation
-    # against torch's recompile limit).
+    # 4 for CUDA graphs with torch's attention (faster than the whole buffer in all four H200 configurations,
+    # 1.04-1.24x: docs/rollout.md), else 1: the Triton attention never reads past the filled prefix (one graph was
+    # 1.02-1.05x faster than 4 spans on an H200), no gain was measured on CPU, and under compile each span is one
+    # more compilation against torch's recompile limit.
     key_buckets: Optional[int] = None
     # Compiled step: prompts are left-padded with masked slots to a multiple of this length, so prompts of
     # different lengths reuse one compilation (the masked slots change nothing); 0 = off.
@@ -544,6 +545,14 @@ class RolloutEngine:
         span = -(-span // 16) * 16
         return min(state.total, -(-(state.prompt_len + step + 1) // span) * span)
 
+    def _default_key_buckets(self, device: torch.device) -> int:
+        """``key_buckets=None``: 4 spans for CUDA graphs with torch's attention (measured on an H200). The Triton
+        attention reads only the filled prefix whatever the span (its device limit): one graph over the whole buffer
+        was as fast or faster (H200, 2026-12-04). Compiled steps and CPU: the whole buffer."""
+        cfg = self.config
+        graphs = cfg.cuda_graph and _captures_graphs(device) and not cfg.compile
+        return 4 if graphs and not self._triton_attention(device) else 1
+
     def _runner(self, kind: str, fn: Callable, state: _PhaseState, static_args: tuple):
         """Return ``run(step)`` performing one decode step in the configured mode."""
         cfg = self.config
@@ -559,8 +568,8 @@ class RolloutEngine:
                 self._compiled[kind] = torch.compile(fn, dynamic=False, backend=cfg.compile_backend, **kwargs)
             step_fn = self._compiled[kind]
         buckets = cfg.key_buckets
-        if buckets is None:  # CUDA graphs without compilation: 4 spans (measured on an H200); else the whole buffer
-            buckets = 4 if (cfg.cuda_graph and on_cuda and not cfg.compile) else 1
+        if buckets is None:
+            buckets = self._default_key_buckets(state.slot.device)
         span = lambda step: self._key_span(state, buckets, step)  # noqa: E731
         if not (cfg.cuda_graph and on_cuda):
             return lambda step: step_fn(*static_args, step=None, keys=span(step))

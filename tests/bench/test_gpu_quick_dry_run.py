@@ -50,11 +50,11 @@ def test_gpu_quick_dry_run_writes_every_row(tmp_path):
     assert any(g["goal"].startswith("rollout") for g in goals)
     floor_goal = next(g for g in goals if g["case"] == "image" and "85%" in g["goal"])
     assert floor_goal["figure"] == rows[("image", "grpo", "ours_torch_frozen")]["fraction_of_floor"]
-    # the fp32-logits row (the default before half logits) is judged by the same goal beside the default's figure
-    assert floor_goal["with_fp32_logits"]["figure"] == \
-        rows[("image", "grpo", "ours_torch_frozen+fp32logits")]["fraction_of_floor"]
-    assert rows[("image", "head", "ours_torch+fp32logits")]["status"] == "ok"
-    assert all("halflogits" not in impl for _, _, impl in rows)
+    # the half-logits row (the opt-in) is judged by the same goal beside the default's figure
+    assert floor_goal["with_half_logits"]["figure"] == \
+        rows[("image", "grpo", "ours_torch_frozen+halflogits")]["fraction_of_floor"]
+    assert rows[("image", "head", "ours_torch+halflogits")]["status"] == "ok"
+    assert all("fp32logits" not in impl for _, _, impl in rows)
     liger_goal = next(g for g in goals if g.get("case") == "image" and g["goal"].startswith("GRPO loss ours_torch "))
     assert set(liger_goal["peers"]) == {"liger_grpo", "liger_grpo+tf32"} and liger_goal["figure"] > 0
     assert report["method"]["timing"] and report["torch_flags"]
@@ -65,9 +65,9 @@ def test_gpu_quick_dry_run_writes_every_row(tmp_path):
     assert rollout["runs"] and "engine" in rollout["runs"][0]["results"]
 
 
-def test_fp32_logits_variant_reproduces_the_old_cuda_default(monkeypatch):
-    """"+fp32logits" is the CUDA default before 2026-12-04: fp32 logits, 4096 rows image, 2048 text; every other
-    row gets the automatic choice (half logits on CUDA: 8192 / 4096 rows), whatever the caller's environment."""
+def test_half_logits_variant_and_the_default_rows(monkeypatch):
+    """"+halflogits" turns the opt-in on (8192 rows image, 4096 text on CUDA); every other row runs the default, fp32
+    logits (4096 / 4096 rows), whatever the caller's environment says, which each row restores after it."""
     from bench.gpu_quick import _set_variant
     from egrpo.kernels import _common
 
@@ -78,20 +78,21 @@ def test_fp32_logits_variant_reproduces_the_old_cuda_default(monkeypatch):
         return [_common.check_chunk_size(None, n, v, cuda, _common.chunk_logit_bytes(torch.bfloat16, cuda, "triton"))
                 for n, v in ((36864, 16384), (16384, 102400))]
 
-    undo = _set_variant("fp32logits")
-    try:
-        assert os.environ["EGRPO_HALF_LOGITS"] == "0" and defaults() == [4096, 2048]
-    finally:
-        undo()
-    assert os.environ["EGRPO_HALF_LOGITS"] == "1" and _common.MIN_CHUNK_ROWS_CUDA == 4096
     for variant in ("", "overlap", "chunk1024"):
         undo = _set_variant(variant)
         try:
-            assert "EGRPO_HALF_LOGITS" not in os.environ
-            assert defaults() == ([1024, 1024] if variant == "chunk1024" else [8192, 4096])
+            assert os.environ["EGRPO_HALF_LOGITS"] == "0"
+            assert defaults() == ([1024, 1024] if variant == "chunk1024" else [4096, 4096])
         finally:
             undo()
-    assert defaults() == [8192, 4096]
+        assert os.environ["EGRPO_HALF_LOGITS"] == "1"
+    monkeypatch.delenv("EGRPO_HALF_LOGITS")
+    undo = _set_variant("halflogits")
+    try:
+        assert os.environ["EGRPO_HALF_LOGITS"] == "1" and defaults() == [8192, 4096]
+    finally:
+        undo()
+    assert "EGRPO_HALF_LOGITS" not in os.environ and defaults() == [4096, 4096]
 
 
 def test_goal_side_rows_render_for_new_and_old_reports():

@@ -72,8 +72,8 @@ def test_unknown_cpu_fp32_gemm_is_named(monkeypatch):
 @pytest.mark.parametrize("device,vocab,logit_bytes,rows", [
     ("cpu", 16384, 4, 1024),      # 64 MiB of fp32 logits
     ("cpu", 102400, 4, 512),      # the budget gives 163 rows: the dW GEMM's floor of 512 rows wins
-    ("cuda", 16384, 4, 4096),     # 256 MiB of fp32 logits (EGRPO_HALF_LOGITS=0, or fp32 inputs)
-    ("cuda", 16384, 2, 8192),     # 256 MiB of bf16 logits (the CUDA default for half inputs)
+    ("cuda", 16384, 4, 4096),     # 256 MiB of fp32 logits (the default)
+    ("cuda", 16384, 2, 8192),     # 256 MiB of bf16 logits (EGRPO_HALF_LOGITS=1)
     ("cuda", 102400, 4, 4096),    # the budget gives 655 rows: the floor of 4096 wins
     ("cuda", 102400, 2, 4096),    # 1310 rows: the floor again (800 MiB of bf16 logits)
     ("cuda", 4096, 2, 32768),     # 256 MiB / (2 x 4096): the budget alone
@@ -121,13 +121,13 @@ def test_parse_choice_is_tri_state(value, expected):
 def test_parse_choice_refuses_other_values_in_one_line(value):
     with pytest.raises(ValueError) as e:
         _common.parse_choice("EGRPO_X", value)
-    assert str(e.value) == f"EGRPO_X must be 0 or 1 (or unset: automatic), got {value!r}"
+    assert str(e.value) == f"EGRPO_X must be 0 or 1 (or unset: the default), got {value!r}"
 
 
-@pytest.mark.parametrize("setting,on_cuda,on_cpu", [(None, True, False), (False, False, False), (True, True, True)])
+@pytest.mark.parametrize("setting,on_cuda,on_cpu", [(None, False, False), (False, False, False), (True, True, True)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_logits_choice_with_half_inputs_on_triton(setting, on_cuda, on_cpu, dtype):
-    """Unset: on for CUDA tensors, off on CPU (the interpreter keeps fp32 logits); "0" off; "1" on everywhere."""
+    """Unset: off (fp32 logits) on CUDA and CPU; "0" off; "1" on everywhere (the interpreter too)."""
     assert _common.half_logits_choice(dtype, CUDA, "triton", setting) is on_cuda
     assert _common.half_logits_choice(dtype, CPU, "triton", setting) is on_cpu
 
@@ -141,7 +141,7 @@ def test_half_logits_choice_is_off_without_half_inputs_or_triton(setting, device
         assert _common.half_logits_choice(dtype, device, "torch", setting) is False
 
 
-@pytest.mark.parametrize("env,expected", [(None, True), ("0", False), ("1", True)])
+@pytest.mark.parametrize("env,expected", [(None, False), ("0", False), ("1", True)])
 def test_half_logits_reads_the_environment(env, expected, monkeypatch):
     if env is None:
         monkeypatch.delenv("EGRPO_HALF_LOGITS", raising=False)
@@ -159,10 +159,10 @@ def test_half_logits_refuses_a_bad_value_whatever_the_inputs(monkeypatch):
             _common.half_logits(dtype, device, backend)
 
 
-@pytest.mark.parametrize("env,bf16_cuda_bytes,bf16_rows", [(None, 2, 8192), ("0", 4, 4096), ("1", 2, 8192)])
+@pytest.mark.parametrize("env,bf16_cuda_bytes,bf16_rows", [(None, 4, 4096), ("0", 4, 4096), ("1", 2, 8192)])
 def test_cuda_default_chunk_follows_the_logits_held(env, bf16_cuda_bytes, bf16_rows, monkeypatch):
-    """On CUDA the default chunk is sized by the logits' real bytes: 8192 rows of bf16 logits at V = 16384 by
-    default, 4096 of fp32 ones with EGRPO_HALF_LOGITS=0, with fp32 inputs, or on the torch backend."""
+    """On CUDA the default chunk is sized by the logits' real bytes: 4096 rows of fp32 logits at V = 16384 by
+    default (and with EGRPO_HALF_LOGITS=0, fp32 inputs, or the torch backend), 8192 of bf16 ones with "1"."""
     if env is None:
         monkeypatch.delenv("EGRPO_HALF_LOGITS", raising=False)
     else:

@@ -1,5 +1,4 @@
-"""Half logits (EGRPO_HALF_LOGITS; the default on CUDA since 2026-12-04, "0" opts out, "1" turns them on for the
-interpreter too): the chunk GEMM writes half-precision logits that the Triton row passes read as they are and turn
+"""Half logits (EGRPO_HALF_LOGITS=1, opt-in on CUDA and in the interpreter; unset or "0" keeps fp32 logits): the chunk GEMM writes half-precision logits that the Triton row passes read as they are and turn
 into dz in place. Run here through the Triton interpreter (EGRPO_HALF_LOGITS=1) with CPU bf16 GEMMs, which
 round the logits exactly as the CUDA variant's GEMM does: the same parity bounds as the CPU path that rounds its
 logits once (float64 on the rounded logits), the kernels really see half logits, and no fp32 [chunk, V] buffer
@@ -87,7 +86,7 @@ def test_kernels_read_half_logits_and_no_fp32_chunk_exists(frozen, monkeypatch):
 
 @pytest.mark.parametrize("env", [None, "0"], ids=["unset", "0"])
 def test_interpreter_keeps_fp32_logits_unless_1(env, monkeypatch):
-    """On CPU the interpreter keeps fp32 logits when the switch is unset (the automatic choice is CUDA-only) or 0."""
+    """The interpreter keeps fp32 logits when the switch is unset (the default everywhere) or 0."""
     if env is None:
         monkeypatch.delenv("EGRPO_HALF_LOGITS")
     else:
