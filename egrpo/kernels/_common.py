@@ -255,10 +255,10 @@ def half_logits(dtype: torch.dtype, device: torch.device, backend: str) -> bool:
     that the row passes read directly and turn into dz in place, instead of fp32 logits plus a half copy of dz: 10
     instead of 16 bytes of memory traffic per logit, and no fp32 [chunk, V] buffer. The softmax statistics stay fp32.
     Measured on an H200 (2026-12-04, bf16, GRPO loss fwd+bwd, paired rows): frozen image head 17.58 -> 16.55 ms and
-    674 -> 546 MiB, frozen text head 45.90 -> 44.14 ms. Not the default: with it two GPU parity tests failed that
-    pass with fp32 logits (a bf16 gradient 1.7x eager's error, beyond the tests' margin; log-probs off by up to
-    half a bf16 step of the logits, 0.06 at |logit| ~ 27: docs/kernels.md). The setting is read (and checked) at
-    every call, whatever the inputs."""
+    674 -> 546 MiB, frozen text head 45.90 -> 44.14 ms. Not the default: rounding the logits makes the path
+    exactly as accurate as eager bf16 and no more (two GPU parity tests against eager's error failed on such
+    draws), where fp32 logits were ~100x more accurate on a cancellation-heavy gradient (docs/kernels.md,
+    "Numerics"). The setting is read (and checked) at every call, whatever the inputs."""
     return half_logits_choice(dtype, device, backend, env_choice("EGRPO_HALF_LOGITS"))
 
 
