@@ -21,7 +21,9 @@ every row measured so far):
    default, and with half logits (``EGRPO_HALF_LOGITS=1``, the opt-in), and Liger's once more with TF32 on (its
    dx/dW GEMMs are fp32); ``goals`` holds each issue goal's figure and verdict (and the half-logits row's beside
    it);
-4. the rollout decode rows: ``python -m bench.rollout --device cuda --quick --rows 128 16`` in the last
+4. the decode attention alone: ``python -m bench.decode_attention`` (our kernel's block sizes and warps against
+   SDPA and the memory floor at the 7B / 1B image-phase shapes; ``decode_attention_cuda.json``, ~20 s), then
+   the rollout decode rows: ``python -m bench.rollout --device cuda --quick --rows 128 16`` in the last
    ``--rollout-s`` seconds of the budget (the 7B shape and the goal's 128 images first;
    ``bench/results/rollout_cuda.json`` is rewritten after every configuration, so a timeout keeps what was
    measured), and the rollout goal (ms/step over the memory floor at 128 images) added to ``goals``.
@@ -504,6 +506,11 @@ def main(argv=None) -> int:
     report.data["goals"] = kernel_goals(report.data["rows"], args.dry_run)
     report.save()
     if args.rollout_s > 0:
+        # the rollout's decode attention alone (~20 s on an H200): our kernel's block sizes and warps against SDPA
+        cmd = [sys.executable, "-m", "bench.decode_attention"]
+        cmd += ["--dry-run", "--out", str(out.parent / "decode_attention_dry_run.json")] if args.dry_run else \
+            ["--device", "cuda", "--out", str(out.parent / "decode_attention_cuda.json")]
+        run_step(report, "decode attention rows" + (" (dry run)" if args.dry_run else ""), cmd, 90)
         # the rollout's own budget stops it starting configurations; the timeout (20 s later) is the backstop
         remaining = max(60.0, report.t0 + args.budget_s - time.perf_counter())
         cmd = [sys.executable, "-m", "bench.rollout", "--device", "cuda", "--quick", "--budget-s", f"{remaining - 40:.0f}",

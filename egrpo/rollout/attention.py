@@ -99,7 +99,8 @@ def key_splits(programs: int, keys: int, block: int = BLOCK_KEYS, min_programs: 
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor,
-                     scale: float, limit: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     scale: float, limit: Optional[torch.Tensor] = None, *, block_keys: int = BLOCK_KEYS,
+                     num_warps: int = NUM_WARPS) -> torch.Tensor:
     """Attention of one query position per row over a K/V cache.
 
     Args:
@@ -109,6 +110,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         key_mask: [R, S] or [R, 1, 1, S] bool, True where a slot may be attended (unit last stride).
         scale: the softmax scale (1/sqrt(d) for Llama).
         limit: optional int64 device tensor of one element: slots at or past it are neither attended nor read.
+        block_keys, num_warps: keys per loop iteration (a power of two) and warps per program (the engine uses the
+            defaults; ``bench/decode_attention.py`` times others).
     Returns:
         [R, H, 1, d] in q's dtype.
     """
@@ -128,10 +131,12 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         if t.stride(-1) != 1:
             raise ValueError(f"decode_attention: {name} needs a unit last stride")
     mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    if block_keys < 1 or block_keys & (block_keys - 1):
+        raise ValueError(f"decode_attention: block_keys must be a power of two, got {block_keys}")
     programs = rows * heads
-    splits = key_splits(programs, slots)
+    splits = key_splits(programs, slots, block_keys)
     split_len = -(-slots // splits)
-    split_len = -(-split_len // BLOCK_KEYS) * BLOCK_KEYS
+    split_len = -(-split_len // block_keys) * block_keys
     block_d = triton.next_power_of_2(dim)
     if splits == 1:
         out = torch.empty(rows, heads, dim, device=q.device, dtype=q.dtype)
@@ -147,8 +152,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), mask.stride(0), *out_strides,
         heads, heads // kv_heads, slots, split_len, float(scale),
-        HAS_LIMIT=limit is not None, SPLIT=splits > 1, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=BLOCK_KEYS,
-        num_warps=NUM_WARPS,
+        HAS_LIMIT=limit is not None, SPLIT=splits > 1, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=block_keys,
+        num_warps=num_warps,
     )
     if splits > 1:  # merge the splits: softmax over the union of their keys
         m = m.view(rows, heads, splits)

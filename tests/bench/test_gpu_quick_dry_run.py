@@ -58,7 +58,10 @@ def test_gpu_quick_dry_run_writes_every_row(tmp_path):
     liger_goal = next(g for g in goals if g.get("case") == "image" and g["goal"].startswith("GRPO loss ours_torch "))
     assert set(liger_goal["peers"]) == {"liger_grpo", "liger_grpo+tf32"} and liger_goal["figure"] > 0
     assert report["method"]["timing"] and report["torch_flags"]
-    # step 4: the rollout rows ran as a subprocess (the GPU code on CPU) and wrote their own JSON
+    # step 4: the decode attention rows, then the rollout rows, each a subprocess (the GPU code on CPU) with a JSON
+    (attention,) = [s for s in report["steps"] if s["step"].startswith("decode attention rows")]
+    assert attention["rc"] == 0, attention["tail"]
+    assert json.loads((tmp_path / "decode_attention_dry_run.json").read_text())["rows"]
     (step,) = [s for s in report["steps"] if s["step"].startswith("rollout decode rows")]
     assert step["rc"] == 0, step["tail"]
     rollout = json.loads((tmp_path / "rollout_cuda_dry_run.json").read_text())

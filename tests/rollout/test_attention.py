@@ -108,6 +108,8 @@ def test_bad_shapes_are_refused():
         decode_attention(q[:, :3], keys, values, valid, 1.0)
     with pytest.raises(ValueError, match="key_mask covers"):
         decode_attention(q, keys, values, valid[:, :5], 1.0)
+    with pytest.raises(ValueError, match="block_keys must be a power of two"):
+        decode_attention(q, keys, values, valid, 1.0, block_keys=48)
     with pytest.raises(ValueError, match="unit last stride"):
         decode_attention(q, keys.transpose(-1, -2).contiguous().transpose(-1, -2), values, valid, 1.0)
 
