@@ -19,22 +19,17 @@ calls (CUDA), ``perf_counter`` on CPU.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import math
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from bench import cli
 from bench.measure import copy_bandwidth, timed_batches
-from bench.render import replace_section
 from egrpo.kernels._common import HAS_TRITON, INTERPRETING
 from egrpo.rollout.attention import BLOCK_KEYS, NUM_WARPS, decode_attention
 
-RESULTS = Path(__file__).resolve().parent / "results"
 # (name, images, heads, head_dim, slots, filled): the image phase of Janus-Pro-7B (32 x 128) and -1B (16 x 128),
 # 576 image tokens after a ~44-token prompt; mid-phase and last step.
 CUDA_CASES = [
@@ -111,41 +106,21 @@ def markdown(report) -> list:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--dry-run", action="store_true", help="CPU, toy shapes")
-    p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--readme", type=Path, default=RESULTS.parent / "README.md")
-    p.add_argument("--render", action="store_true", help="only re-render the README section from the JSON")
-    args = p.parse_args(argv)
-    if args.render:
-        path = args.out or RESULTS / f"decode_attention_{args.device}.json"
-        replace_section(args.readme, "decode-attention", markdown(json.loads(path.read_text())))
-        return 0
-    device = torch.device("cpu" if args.dry_run else args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device (use --dry-run on CPU)", file=sys.stderr)
-        return 2
+    args = cli.parse(__doc__, argv, lambda p: p.add_argument("--reps", type=int, default=20))
+    started = cli.start(args, "decode_attention", "decode-attention", markdown)
+    if isinstance(started, int):
+        return started
+    device, out, report = started
     gpu = device.type == "cuda"
-    out = args.out or RESULTS / ("decode_attention_dry_run.json" if args.dry_run else f"decode_attention_{device.type}.json")
-    bandwidth = copy_bandwidth(device.type)["bytes_per_s"]
-    report = {"device": torch.cuda.get_device_name() if gpu else "cpu",
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "versions": {"torch": torch.__version__}, "threads": torch.get_num_threads(),
-              "bandwidth_bytes_per_s": bandwidth, "rows": []}
+    bandwidth = report["bandwidth_bytes_per_s"] = copy_bandwidth(device.type)["bytes_per_s"]
     for case in (CUDA_CASES if gpu else DRY_CASES):
         report["rows"] += case_rows(*case, device, CUDA_CONFIGS if gpu else DRY_CONFIGS, bandwidth,
                                     args.reps if not args.dry_run else 2)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1))  # after every case: a killed run keeps what it measured
+        cli.save(out, report)
         best = min((r for r in report["rows"] if r["case"] == case[0] and r["status"] == "ok"), key=lambda r: r["ms"])
         print(f"[decode-attention] {case[0]}: best {best['impl']} {best['ms']:.3f} ms"
               + (f" ({best['over_floor']:.2f}x the floor)" if best.get("over_floor") else ""), flush=True)
-    if not args.dry_run:
-        replace_section(args.readme, "decode-attention", markdown(report))
-    print(f"wrote {out}")
-    return 0
+    return cli.finish(args, out, "decode-attention", markdown, report)
 
 
 if __name__ == "__main__":

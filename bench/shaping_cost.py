@@ -19,20 +19,14 @@ the timed calls after warm-up):
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import sys
-from pathlib import Path
 
 import torch
 
+from bench import cli
 from bench.measure import timed_batches
-from bench.render import replace_section
 from egrpo.kernels import cross_sample_similarity, entropy_masks, grpo_loss, linear_logprob_entropy
 from egrpo.objectives import eg_grpo_token_advantages, stage_kl_weights, stage_policy_weights
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def median_ms(fn, device, reps=20, warmup=3):
@@ -163,39 +157,21 @@ def markdown(report) -> list:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--dry-run", action="store_true", help="CPU, toy shapes, torch backend")
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--readme", type=Path, default=RESULTS.parent / "README.md")
-    p.add_argument("--render", action="store_true", help="only re-render the README section from the JSON")
-    args = p.parse_args(argv)
-    if args.render:
-        path = args.out or RESULTS / f"shaping_cost_{args.device}.json"
-        replace_section(args.readme, "shaping-cost", markdown(json.loads(path.read_text())))
-        return 0
-    device = torch.device("cpu" if args.dry_run else args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device (use --dry-run on CPU)", file=sys.stderr)
-        return 2
+    args = cli.parse(__doc__, argv)
+    started = cli.start(args, "shaping_cost", "shaping-cost", markdown)
+    if isinstance(started, int):
+        return started
+    device, out, report = started
     gpu = device.type == "cuda"
     backends = ["triton", "torch"] if gpu else ["torch"]
     head_backend = "triton" if gpu else "torch"
-    out = args.out or RESULTS / ("shaping_cost_dry_run.json" if args.dry_run else f"shaping_cost_{device.type}.json")
-    report = {"device": torch.cuda.get_device_name() if gpu else "cpu",
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "versions": {"torch": torch.__version__}, "threads": torch.get_num_threads(), "rows": []}
     for part in (lambda: mask_rows(device, args.dry_run, backends),
                  lambda: loss_rows(device, args.dry_run, backends, head_backend, "image"),
                  lambda: loss_rows(device, args.dry_run, backends, head_backend, "text"),
                  lambda: stage_rows(device, args.dry_run, head_backend, head_backend)):
         report["rows"] += part()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1))  # after every part: a killed run keeps what it measured
-    if not args.dry_run:
-        replace_section(args.readme, "shaping-cost", markdown(report))
-    print(f"wrote {out}")
-    return 0
+        cli.save(out, report)
+    return cli.finish(args, out, "shaping-cost", markdown, report)
 
 
 if __name__ == "__main__":
