@@ -457,8 +457,8 @@ def markdown(data) -> list:
               "", "| goal | case | row | figure | verdict |", "|---|---|---|---|---|"]
     for g in data["goals"]:
         extra = f" (memory ratio {g['memory_ratio']:.3f})" if g.get("memory_ratio") is not None else ""
-        # the side row of each goal: fp32 logits since half logits became the default (2026-12-04); earlier
-        # reports hold the half-logits opt-in's row under "with_half_logits"
+        # the side row of each goal: the half-logits opt-in ("with_half_logits"); the report of 2026-12-04's third
+        # H200 run, when half logits were briefly the default, holds the fp32-logits row under "with_fp32_logits"
         for key, label in (("with_fp32_logits", "fp32 logits"), ("with_half_logits", "half logits")):
             side = g.get(key)
             if side:

@@ -4,8 +4,8 @@ Every head op (:mod:`.linear_logprob_entropy`, :mod:`.grpo_loss`) is this loop w
 upstream gradient. Per chunk of rows of ``hidden [N, D]``:
 
 1. one GEMM writes the chunk's logits ``[rows, V]`` into a buffer reused by every chunk: on CUDA with
-   bf16/fp16 operands and the Triton row passes, half logits read as they are (``EGRPO_HALF_LOGITS``, the
-   default there; ``=0`` gives fp32 output instead); on a CPU with bf16 units a bf16 GEMM, as eager bf16 code
+   bf16/fp16 operands fp32 output by default, or, with the Triton row passes and ``EGRPO_HALF_LOGITS=1``
+   (opt-in), half logits read as they are; on a CPU with bf16 units a bf16 GEMM, as eager bf16 code
    runs it, whose logits are widened to fp32 (see :class:`_Operands`);
 2. a row pass (Triton kernel, or in-place PyTorch ops) reduces them to ``logp``, ``entropy``, ``lse``;
 3. if the caller already knows the upstream gradient of these rows (``grad_fn``), a second row pass
@@ -389,7 +389,7 @@ class _ChunkBuffers:
         cpu_half = gdt != ldt and device.type != "cuda"
         shape = (chunk, V)
         self.ws, self.ldt, self.device = ws, ldt, device
-        # half logits (EGRPO_HALF_LOGITS, the CUDA default; Triton row passes only): the GEMM writes half logits,
+        # half logits (EGRPO_HALF_LOGITS=1, opt-in; Triton row passes only): the GEMM writes half logits,
         # read as they are and turned into dz in place: no fp32 buffer, no half copy
         self.half_logits = half_logits and gdt != ldt
         if self.half_logits:
@@ -437,7 +437,7 @@ class _ChunkBuffers:
 
 class _Operands:
     """The input rows and weight in the dtype every chunk GEMM uses (:func:`gemm_dtype`): bf16 tensor cores
-    on CUDA (half logits by default, fp32 output with EGRPO_HALF_LOGITS=0: :func:`half_logits`), bf16 on a CPU
+    on CUDA (fp32 output by default, half logits with EGRPO_HALF_LOGITS=1: :func:`half_logits`), bf16 on a CPU
     with bf16 GEMMs (no fp32 copy of the weight), fp32 where half GEMMs would be slow."""
 
     def __init__(self, hidden, weight, backend):

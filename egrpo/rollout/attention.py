@@ -124,6 +124,9 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     if keys.shape != values.shape or keys.shape[0] != rows or keys.shape[3] != dim or heads % kv_heads:
         raise ValueError(f"decode_attention: keys/values {tuple(keys.shape)}/{tuple(values.shape)} do not fit "
                          f"q {tuple(q.shape)}")
+    if key_mask.dtype not in (torch.bool, torch.uint8):
+        raise ValueError(f"decode_attention: key_mask must be bool (True = attend), got {key_mask.dtype}; an "
+                         "additive float mask (0 / -inf) is not accepted")
     mask = key_mask.reshape(rows, -1)
     if mask.shape[1] < slots:
         raise ValueError(f"decode_attention: key_mask covers {mask.shape[1]} slots, the keys {slots}")

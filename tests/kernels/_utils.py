@@ -69,9 +69,8 @@ class PoisonEmpty(TorchDispatchMode):
 def rounds_logits_to_bf16(dtype, backend, device="cpu") -> bool:
     """Whether the fused head's logits GEMM writes bf16 for these inputs: the torch backend on a CPU with bf16
     GEMMs, as eager bf16 code does (then widened to fp32), and the Triton backend with half logits
-    (EGRPO_HALF_LOGITS: the default on CUDA; on the interpreter only under "1", with bf16 GEMMs). Elsewhere the
-    logits are fp32 (EGRPO_HALF_LOGITS=0 on CUDA, the interpreter by default, fp32 inputs, CPUs without bf16
-    units)."""
+    (EGRPO_HALF_LOGITS=1, opt-in, on CUDA and on the interpreter with bf16 GEMMs). Elsewhere the logits are fp32
+    (the default on CUDA and the interpreter, fp32 inputs, CPUs without bf16 units)."""
     from egrpo.kernels._common import gemm_dtype, half_logits
 
     dev = torch.device(device)

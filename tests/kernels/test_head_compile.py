@@ -42,7 +42,7 @@ def _specs():
     from egrpo.kernels._head import block_v, num_warps
 
     specs = []
-    # image head (bias), text head; fp32 logits (EGRPO_HALF_LOGITS=0) and bf16 logits (the default, dz in place)
+    # image head (bias), text head; fp32 logits (the default) and bf16 logits (EGRPO_HALF_LOGITS=1, dz in place)
     for V, has_bias, logits_t in ((16384, True, "*fp32"), (102400, False, "*fp32"), (16384, True, "*bf16"),
                                   (102400, False, "*bf16")):
         block = block_v(V)

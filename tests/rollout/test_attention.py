@@ -38,14 +38,16 @@ def _case(rows, heads, kv_heads, slots, dim, dtype, spare=7, seed=0):
 
 
 @pytest.mark.parametrize("rows,heads,kv_heads,slots,dim", [
-    (3, 4, 4, 37, 16),      # splits (12 programs), slots not a multiple of the block
+    (3, 4, 4, 37, 16),      # slots not a multiple of the block
     (2, 4, 2, 200, 24),     # grouped-query heads, head_dim not a power of two
+    (2, 4, 2, 600, 24),     # key splits (8 programs, 3 splits) with grouped-query heads
     (128, 4, 4, 70, 8),     # 512 programs: one split
     (1, 1, 1, 1, 32),       # one slot
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_float64(rows, heads, kv_heads, slots, dim, dtype):
     q, keys, values, valid = _case(rows, heads, kv_heads, slots, dim, dtype)
+    assert (key_splits(rows * heads, slots) > 1) == (slots == 600)
     scale = 1 / math.sqrt(dim)
     out = decode_attention(q, keys, values, valid[:, None, None, :], scale)
     assert out.shape == q.shape and out.dtype == dtype
@@ -108,6 +110,8 @@ def test_bad_shapes_are_refused():
         decode_attention(q[:, :3], keys, values, valid, 1.0)
     with pytest.raises(ValueError, match="key_mask covers"):
         decode_attention(q, keys, values, valid[:, :5], 1.0)
+    with pytest.raises(ValueError, match="key_mask must be bool"):
+        decode_attention(q, keys, values, torch.zeros(valid.shape).masked_fill(~valid, float("-inf")), 1.0)
     with pytest.raises(ValueError, match="block_keys must be a power of two"):
         decode_attention(q, keys, values, valid, 1.0, block_keys=48)
     with pytest.raises(ValueError, match="unit last stride"):

@@ -308,9 +308,11 @@ def test_compiled_step_reuses_its_compilation_across_prompt_lengths(tiny):
 
 
 def test_triton_attention_in_the_full_buffer_step_matches_reference(tiny, monkeypatch):
-    """The step CUDA graphs capture (full buffer or key spans, step index on the device) with the Triton attention:
-    its device limit (the filled prefix) must hide the unfilled slots of the span. Run here without compiling
-    (torch.compile replaced by the identity, as a captured graph runs the step as written) under the interpreter."""
+    """The step CUDA graphs capture (full buffer or key spans, step index on the device) with the Triton attention
+    and its device limit, under the interpreter, without compiling (torch.compile replaced by the identity, as a
+    captured graph runs the step as written): the reference's tokens. A limit one short (the current slot left
+    out) changes them (checked by mutation); whether the limit saves reads is the kernel tests' business (NaN in
+    slots past it), since masked slots are not read either."""
     model, tokens = tiny
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     engine = RolloutEngine(model, EngineConfig(compile=True, key_buckets=3, prompt_bucket=0))
