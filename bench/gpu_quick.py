@@ -22,7 +22,9 @@ every row measured so far):
    dx/dW GEMMs are fp32); ``goals`` holds each issue goal's figure and verdict (and the half-logits row's beside
    it);
 4. the decode attention alone: ``python -m bench.decode_attention`` (our kernel's block sizes and warps against
-   SDPA and the memory floor at the 7B / 1B image-phase shapes; ``decode_attention_cuda.json``, ~20 s), then
+   SDPA and the memory floor at the 7B / 1B image-phase shapes; ``decode_attention_cuda.json``, ~20 s), the VQ
+   decode of 128 images alone (``python -m bench.rollout --vq-only --device cuda``: chunk sizes, channels-last,
+   cuDNN autotuning; ``rollout_vq_cuda.json``, ~15 s), then
    the rollout decode rows: ``python -m bench.rollout --device cuda --quick --rows 128 16`` in the last
    ``--rollout-s`` seconds of the budget (the 7B shape and the goal's 128 images first;
    ``bench/results/rollout_cuda.json`` is rewritten after every configuration, so a timeout keeps what was
@@ -511,6 +513,10 @@ def main(argv=None) -> int:
         cmd += ["--dry-run", "--out", str(out.parent / "decode_attention_dry_run.json")] if args.dry_run else \
             ["--device", "cuda", "--out", str(out.parent / "decode_attention_cuda.json")]
         run_step(report, "decode attention rows" + (" (dry run)" if args.dry_run else ""), cmd, 90)
+        # the VQ decode of 128 images alone (~15 s): chunk sizes, channels-last, cuDNN autotuning
+        cmd = [sys.executable, "-m", "bench.rollout", "--device", "cuda", "--vq-only", "--repeats", "2",
+               "--out-dir", str(out.parent)] + (["--dry-run", "--rows", "3"] if args.dry_run else ["--rows", "128"])
+        run_step(report, "vq decode rows" + (" (dry run)" if args.dry_run else ""), cmd, 90)
         # the rollout's own budget stops it starting configurations; the timeout (20 s later) is the backstop
         remaining = max(60.0, report.t0 + args.budget_s - time.perf_counter())
         cmd = [sys.executable, "-m", "bench.rollout", "--device", "cuda", "--quick", "--budget-s", f"{remaining - 40:.0f}",

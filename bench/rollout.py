@@ -252,21 +252,43 @@ def bench_config(name, model, tokenizer, prefills, image_tokens, device, threads
     return dict(config=name, threads=threads, images=rows, image_tokens=image_tokens, results=table, notes=notes)
 
 
-def bench_vq(model, rows, image_tokens, device, repeats):
-    """VQ decode variants side by side: rows per decoder call (8 = today's chunks, all) x memory format."""
+# VQ decode variants: (rows per decoder call, 0 = all; channels-last; cuDNN autotuning). NCHW only at 8 rows (the
+# old loop's decode). CPU: channels-last at every chunk size (smaller chunks keep the activations of one call in
+# cache: the demo's 64 px x 128 channels are 2 MiB per image per tensor). CUDA: larger chunks and cuDNN's
+# benchmark mode (autotuned convolution algorithms), neither measured yet there.
+CPU_VQ_VARIANTS = [(8, False, False), (8, True, False), (4, True, False), (2, True, False), (1, True, False),
+                   (0, True, False)]
+CUDA_VQ_VARIANTS = [(8, False, False), (8, True, False), (32, True, False), (0, True, False), (8, False, True),
+                    (8, True, True), (32, True, True)]
+
+
+def _vq_variant_name(batch, channels_last, autotune):
+    return (f"batch {'all' if batch == 0 else batch}, {'channels-last' if channels_last else 'NCHW'}"
+            + (", cudnn.benchmark" if autotune else ""))
+
+
+def bench_vq(model, rows, image_tokens, device, repeats, variants=CPU_VQ_VARIANTS):
+    """VQ decode variants side by side (``variants``: see CPU_VQ_VARIANTS), alternating; speed-up against the
+    old loop's 8-row NCHW chunks."""
     from egrpo.rollout.vq import decode_images
 
     codes = torch.randint(0, model.config.vq_config.num_embeddings, (rows, image_tokens), device=device)
-    # NCHW only at 8 rows (the old loop's decode); channels-last at every chunk size (smaller chunks keep the
-    # activations of one call in cache: the demo's 64 px x 128 channels are 2 MiB per image per tensor).
-    variants = {f"batch {'all' if b == 0 else b}, {'channels-last' if cl else 'NCHW'}": (b, cl)
-                for b, cl in ((8, False), (8, True), (4, True), (2, True), (1, True), (0, True))}
+    variants = {_vq_variant_name(*v): v for v in variants}
     times = {name: [] for name in variants}
-    for name, (batch, channels_last) in variants.items():  # warm-up
-        decode_images(model, codes, batch, channels_last)
+    autotune_was = torch.backends.cudnn.benchmark
+
+    def call(batch, channels_last, autotune):
+        torch.backends.cudnn.benchmark = autotune
+        try:
+            return decode_images(model, codes, batch, channels_last)
+        finally:
+            torch.backends.cudnn.benchmark = autotune_was
+
+    for name, variant in variants.items():  # warm-up (cuDNN's autotuning happens here)
+        call(*variant)
     for _ in range(repeats):
-        for name, (batch, channels_last) in variants.items():
-            times[name].append(_timed(lambda: decode_images(model, codes, batch, channels_last), device)[0])
+        for name, variant in variants.items():
+            times[name].append(_timed(lambda: call(*variant), device)[0])
     base = statistics.median(times["batch 8, NCHW"])
     return {name: dict(ms=1e3 * statistics.median(t), speedup_vs_batch8_nchw=base / statistics.median(t))
             for name, t in times.items()}
@@ -418,6 +440,8 @@ def _run_cuda(args, on_run, skipped):
 
 
 def run_vq_only(args):
+    if args.device == "cuda":
+        return run_vq_only_cuda(args)
     import transformers
 
     lines = ["### VQ decode variants (`python -m bench.rollout --vq-only`)", "",
@@ -447,6 +471,48 @@ def run_vq_only(args):
             lines.append(f"| {run['config']} | {run['threads']} | {run['images']} | {variant} | {r['ms']:.1f} | "
                          f"{r['speedup_vs_batch8_nchw']:.2f}x |")
     replace_section(args.readme, VQ_SECTION, lines)
+
+
+def run_vq_only_cuda(args):
+    """``--vq-only --device cuda``: the Janus-Pro VQ decoder (384 px, bf16; the language model is irrelevant here and
+    has one layer) over ``args.rows[0]`` images, CUDA_VQ_VARIANTS side by side. ``--dry-run``: the same code on
+    CPU at the toy shape. JSON ``rollout_vq_cuda[_dry_run].json``; README section ``rollout-vq-cuda``."""
+    import transformers
+    from transformers import JanusForConditionalGeneration
+
+    from egrpo.trainer.model import tiny_janus_config
+
+    device = "cpu" if args.dry_run else "cuda"
+    tokenizer = build_char_tokenizer()
+    shape = dict(DRY_RUN_SHAPES["toy"] if args.dry_run else GPU_SHAPES["janus-pro-1b"], num_layers=1)
+    shape.pop("full_layers")
+    image_size = 64 if args.dry_run else 384
+    config = tiny_janus_config(tokenizer, image_size=image_size, patch_size=16, image_vocab_size=16384,
+                               vq_channel_multiplier=(1, 1, 2, 2, 4), vq_base_channels=32 if args.dry_run else 128,
+                               max_position_embeddings=4096, **shape)
+    model = JanusForConditionalGeneration(config).to(device, torch.bfloat16).eval().requires_grad_(False)
+    rows = args.rows[0]
+    image_tokens = (image_size // 16) ** 2
+    with torch.no_grad():
+        result = bench_vq(model, rows, image_tokens, device, args.repeats, CUDA_VQ_VARIANTS)
+    for variant, r in result.items():
+        print(f"  vq decode {rows} images {variant:40s} {r['ms']:8.1f} ms  x{r['speedup_vs_batch8_nchw']:.2f}")
+    payload = dict(device=device, dry_run=args.dry_run,
+                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   gpu=None if args.dry_run else torch.cuda.get_device_name(), dtype="bfloat16",
+                   torch=torch.__version__, transformers=transformers.__version__, repeats=args.repeats,
+                   images=rows, image_size=image_size, variants=result)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / f"rollout_vq_cuda{'_dry_run' if args.dry_run else ''}.json").write_text(json.dumps(payload, indent=1))
+    if not args.dry_run:
+        lines = ["### VQ decode on CUDA (`python -m bench.rollout --vq-only --device cuda`)", "",
+                 f"- {payload['gpu']}; bf16; {rows} images of {image_size} px; {payload['date']}; torch "
+                 f"{payload['torch']}; median of {args.repeats}; variants alternating; speed-up vs the old loop's "
+                 "8-row NCHW chunks (the engine's CUDA default: 8 rows, channels-last, no autotuning)", "",
+                 "| variant | ms | speed-up |", "|---|---|---|"]
+        lines += [f"| {v} | {r['ms']:.1f} | {r['speedup_vs_batch8_nchw']:.2f}x |" for v, r in result.items()]
+        replace_section(args.readme, "rollout-vq-cuda", lines)
+    return 0
 
 
 def _print_run(run):

@@ -62,6 +62,9 @@ def test_gpu_quick_dry_run_writes_every_row(tmp_path):
     (attention,) = [s for s in report["steps"] if s["step"].startswith("decode attention rows")]
     assert attention["rc"] == 0, attention["tail"]
     assert json.loads((tmp_path / "decode_attention_dry_run.json").read_text())["rows"]
+    (vq,) = [s for s in report["steps"] if s["step"].startswith("vq decode rows")]
+    assert vq["rc"] == 0, vq["tail"]
+    assert json.loads((tmp_path / "rollout_vq_cuda_dry_run.json").read_text())["variants"]
     (step,) = [s for s in report["steps"] if s["step"].startswith("rollout decode rows")]
     assert step["rc"] == 0, step["tail"]
     rollout = json.loads((tmp_path / "rollout_cuda_dry_run.json").read_text())

@@ -134,3 +134,20 @@ def test_gpu_rows_profile_on_cpu(tmp_path):
     assert all(a["ms"] >= b["ms"] for a, b in zip(prof["top"], prof["top"][1:]))  # sorted by time
     assert sum(e["share"] for e in prof["top"]) <= 1.0 + 1e-9
     assert "Profile (toy" in _markdown(payload)
+
+
+def test_vq_only_cuda_dry_run_on_cpu(tmp_path):
+    """`--vq-only --device cuda --dry-run`: the GPU VQ-decode variants (chunk sizes, channels-last, cuDNN autotuning)
+    on CPU at the toy shape, every variant timed on the same tokens; cuDNN's switch restored after."""
+    import torch
+
+    from bench import rollout
+
+    main(["--device", "cuda", "--dry-run", "--vq-only", "--rows", "3", "--repeats", "1", "--out-dir", str(tmp_path),
+          "--readme", str(tmp_path / "README.md")])
+    payload = json.loads((tmp_path / "rollout_vq_cuda_dry_run.json").read_text())
+    assert payload["dry_run"] and payload["images"] == 3
+    assert set(payload["variants"]) == {rollout._vq_variant_name(*v) for v in rollout.CUDA_VQ_VARIANTS}
+    assert payload["variants"]["batch 8, NCHW"]["speedup_vs_batch8_nchw"] == 1.0
+    assert not (tmp_path / "README.md").exists()  # a dry run renders nothing
+    assert torch.backends.cudnn.benchmark is False  # restored after the autotuned variants
