@@ -66,7 +66,7 @@ if HAS_TRITON:
         offs = tl.arange(0, BLOCK_S)
         for start in range(lo, hi, BLOCK_S):
             slots = start + offs
-            valid = (slots < hi) & (tl.load(mask_ptr + row * stride_mr + slots, mask=slots < hi, other=0) != 0)
+            valid = tl.load(mask_ptr + row * stride_mr + slots, mask=slots < hi, other=0) != 0  # (0 past hi)
             tile = valid[:, None] & dim_ok[None, :]
             k = tl.load(k_base + slots[:, None].to(tl.int64) * stride_ks + dims[None, :], mask=tile, other=0.0)
             scores = tl.sum(k.to(tl.float32) * q[None, :], 1)
@@ -85,17 +85,22 @@ if HAS_TRITON:
             tl.store(out, acc, mask=dim_ok)
             tl.store(m_ptr + program * tl.num_programs(1) + split, m)
             tl.store(l_ptr + program * tl.num_programs(1) + split, l)
-        else:  # a row with no valid slot writes 0 (as SDPA's math path would write NaN: never the case here)
-            tl.store(out, (acc / tl.where(l > 0, l, 1.0)).to(out_ptr.dtype.element_ty), mask=dim_ok)
+        else:  # l >= 1 once a slot is valid (the maximum's own term is exp(0)); a row with none has acc = 0 and
+            # writes 0 (SDPA would write NaN; the engine never asks for one)
+            tl.store(out, (acc / tl.maximum(l, 1.0)).to(out_ptr.dtype.element_ty), mask=dim_ok)
 
 
 def key_splits(programs: int, keys: int, block: int = BLOCK_KEYS, min_programs: int = MIN_PROGRAMS) -> int:
     """How many programs share one (row, head)'s keys: enough to reach ``min_programs`` programs, at most one per
     ``block`` keys (and per 4 blocks past the first split, so a split never holds fewer than 4 blocks)."""
-    if programs >= min_programs:
-        return 1
-    wanted = -(-min_programs // programs)
+    wanted = -(-min_programs // programs)  # 1 once the rows x heads fill the GPU
     return max(1, min(wanted, -(-keys // (4 * block))))
+
+
+def split_length(keys: int, splits: int, block: int = BLOCK_KEYS) -> int:
+    """Keys per split: the keys shared evenly by ``splits`` programs, rounded up to whole blocks."""
+    per_split = -(-keys // splits)
+    return -(-per_split // block) * block
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor,
@@ -133,13 +138,12 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     for name, t in (("q", q), ("keys", keys), ("values", values), ("key_mask", mask)):
         if t.stride(-1) != 1:
             raise ValueError(f"decode_attention: {name} needs a unit last stride")
-    mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    mask = mask.view(torch.uint8)  # (bool or uint8: the kernel reads bytes, *u8 in the compiled signature)
     if block_keys < 1 or block_keys & (block_keys - 1):
         raise ValueError(f"decode_attention: block_keys must be a power of two, got {block_keys}")
     programs = rows * heads
     splits = key_splits(programs, slots, block_keys)
-    split_len = -(-slots // splits)
-    split_len = -(-split_len // block_keys) * block_keys
+    split_len = split_length(slots, splits, block_keys)
     block_d = triton.next_power_of_2(dim)
     if splits == 1:
         out = torch.empty(rows, heads, dim, device=q.device, dtype=q.dtype)
@@ -163,6 +167,6 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         top = m.amax(-1, keepdim=True)
         weight = torch.exp(m - torch.where(torch.isinf(top), torch.zeros_like(top), top))  # empty splits: 0
         total = (weight * l.view(rows, heads, splits)).sum(-1, keepdim=True)
-        out = (out * weight[..., None]).sum(2) / torch.where(total > 0, total, torch.ones_like(total))
+        out = torch.where(total > 0, (out * weight[..., None]).sum(2) / total, 0.0)
         out = out.to(q.dtype)
     return out.view(rows, heads, 1, dim)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from egrpo.kernels._common import HAS_TRITON
-from egrpo.rollout.attention import BLOCK_KEYS, MIN_PROGRAMS, NUM_WARPS, decode_attention, key_splits
+from egrpo.rollout.attention import BLOCK_KEYS, MIN_PROGRAMS, NUM_WARPS, decode_attention, key_splits, split_length
 from tests.kernels._utils import compile_for_sm90
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
@@ -95,11 +95,36 @@ def test_split_merge_ignores_empty_splits():
     torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-6)
 
 
+def test_queries_laid_out_as_the_engine_makes_them():
+    """The engine's q is a transposed view ([R, 1, H, d] -> [R, H, 1, d]: head stride d, position stride H d) and its
+    K/V a prefix of the cache: the kernel must follow q's head stride, not assume a contiguous layout."""
+    q, keys, values, valid = _case(3, 4, 4, 50, 16, torch.float32, seed=5)
+    rows, heads, _, dim = q.shape
+    q_view = torch.empty(rows, 1, heads, dim).copy_(q.transpose(1, 2)).transpose(1, 2)  # what .view().transpose() gives
+    assert q_view.stride(1) != q_view.stride(2) and torch.equal(q_view, q)
+    out = decode_attention(q_view, keys, values, valid, 0.25)
+    torch.testing.assert_close(out.double(), _reference(q, keys, values, valid, 0.25), rtol=1e-5, atol=1e-6)
+
+
 def test_key_splits():
     assert key_splits(MIN_PROGRAMS, 10_000) == 1
+    assert key_splits(MIN_PROGRAMS - 1, 10_000) == 2
     assert key_splits(MIN_PROGRAMS // 2, 10_000) == 2
     assert key_splits(1, 10_000) == -(-10_000 // (4 * BLOCK_KEYS))   # at most one split per 4 blocks
     assert key_splits(1, 10) == 1
+    # the splits share the keys evenly in whole blocks: 600 keys in 3 splits of 256, the last one short
+    assert split_length(600, 3) == 256 and split_length(600, 1) == 640 and split_length(64, 1) == 64
+
+
+@pytest.mark.parametrize("rows,heads", [(2, 2), (64, 8)])  # splits, and one split per (row, head)
+def test_a_row_with_no_valid_slot_gives_zeros(rows, heads):
+    """Never asked by the engine (the current slot is always valid), but defined: zeros, not NaN."""
+    q, keys, values, valid = _case(rows, heads, heads, 300, 16, torch.float32, seed=4)
+    valid[0] = False
+    out = decode_attention(q, keys, values, valid, 0.25)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    exact = _reference(q[1:], keys[1:], values[1:], valid[1:], 0.25)
+    torch.testing.assert_close(out[1:].double(), exact, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_shapes_are_refused():
