@@ -58,6 +58,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 # README sections (bench.render.replace_section names). CUDA rows get a section of their own: a GPU run must not
 # replace the CPU rows (nor the other way round).
 SECTION, BF16_SECTION, VQ_SECTION, CUDA_SECTION = "rollout", "rollout-cpu-bf16", "rollout-vq", "rollout-cuda"
+VQ_CUDA_SECTION = "rollout-vq-cuda"
 
 # Shapes. demo = configs/demo.yaml's model (TINY_DEFAULTS + its overrides), 2 prompts x G = 8, 64 tokens.
 # mid = the issue's mid-size random Janus: hidden 256, 4 layers, 144 image tokens, image vocab 4096.
@@ -505,14 +506,19 @@ def run_vq_only_cuda(args):
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"rollout_vq_cuda{'_dry_run' if args.dry_run else ''}.json").write_text(json.dumps(payload, indent=1))
     if not args.dry_run:
-        lines = ["### VQ decode on CUDA (`python -m bench.rollout --vq-only --device cuda`)", "",
-                 f"- {payload['gpu']}; bf16; {rows} images of {image_size} px; {payload['date']}; torch "
-                 f"{payload['torch']}; median of {args.repeats}; variants alternating; speed-up vs the old loop's "
-                 "8-row NCHW chunks (the engine's CUDA default: 8 rows, channels-last, no autotuning)", "",
-                 "| variant | ms | speed-up |", "|---|---|---|"]
-        lines += [f"| {v} | {r['ms']:.1f} | {r['speedup_vs_batch8_nchw']:.2f}x |" for v, r in result.items()]
-        replace_section(args.readme, "rollout-vq-cuda", lines)
+        replace_section(args.readme, VQ_CUDA_SECTION, vq_cuda_lines(payload))
     return 0
+
+
+def vq_cuda_lines(payload):
+    """The README section of a ``--vq-only --device cuda`` report."""
+    lines = ["### VQ decode on CUDA (`python -m bench.rollout --vq-only --device cuda`)", "",
+             f"- {payload['gpu']}; bf16; {payload['images']} images of {payload['image_size']} px; {payload['date']}; "
+             f"torch {payload['torch']}; median of {payload['repeats']}; variants alternating; speed-up vs the old "
+             "loop's 8-row NCHW chunks (the engine's CUDA default: 8 rows, channels-last, no autotuning)", "",
+             "| variant | ms | speed-up |", "|---|---|---|"]
+    return lines + [f"| {v} | {r['ms']:.1f} | {r['speedup_vs_batch8_nchw']:.2f}x |"
+                    for v, r in payload["variants"].items()]
 
 
 def _print_run(run):
@@ -640,7 +646,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.render is not None:
         payload = json.loads(args.render.read_text())
-        replace_section(args.readme, _section(payload), [_markdown(payload)])
+        if "variants" in payload:  # a --vq-only --device cuda report
+            replace_section(args.readme, VQ_CUDA_SECTION, vq_cuda_lines(payload))
+        else:
+            replace_section(args.readme, _section(payload), [_markdown(payload)])
         return 0
     if args.dry_run and args.device != "cuda":
         parser.error("--dry-run: only with --device cuda (it runs the GPU code on CPU)")

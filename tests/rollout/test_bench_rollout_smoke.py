@@ -151,3 +151,8 @@ def test_vq_only_cuda_dry_run_on_cpu(tmp_path):
     assert payload["variants"]["batch 8, NCHW"]["speedup_vs_batch8_nchw"] == 1.0
     assert not (tmp_path / "README.md").exists()  # a dry run renders nothing
     assert torch.backends.cudnn.benchmark is False  # restored after the autotuned variants
+    payload["gpu"] = "a GPU"  # --render of a report copied back from a GPU machine
+    (tmp_path / "vq.json").write_text(json.dumps(payload))
+    main(["--render", str(tmp_path / "vq.json"), "--readme", str(tmp_path / "README.md")])
+    text = (tmp_path / "README.md").read_text()
+    assert "<!-- rollout-vq-cuda:begin -->" in text and "| batch 32, channels-last, cudnn.benchmark |" in text
