@@ -221,36 +221,8 @@ def env_switch(name: str) -> bool:
     return value == "1"
 
 
-def parse_choice(name: str, value: Optional[str]) -> Optional[bool]:
-    """A tri-state switch's value: unset (None) leaves the choice to the caller (None), "0" off, "1" on; anything
-    else is refused."""
-    if value is None:
-        return None
-    if value not in ("0", "1"):
-        raise ValueError(f"{name} must be 0 or 1 (or unset: the default), got {value!r}")
-    return value == "1"
-
-
-def env_choice(name: str) -> Optional[bool]:
-    """A tri-state environment switch of the kernels, read at every call: None when unset (the caller decides),
-    True for "1", False for "0"; any other value is refused (see :func:`parse_choice`)."""
-    return parse_choice(name, os.environ.get(name))
-
-
-def half_logits_choice(dtype: torch.dtype, device: torch.device, backend: str, setting: Optional[bool]) -> bool:
-    """Whether the chunk GEMM writes half logits, as a pure function of the inputs' dtype and device, the resolved
-    backend and the ``EGRPO_HALF_LOGITS`` setting (None: unset). Only the Triton row passes read half logits and
-    only half-precision operands produce them, so anything else is False whatever the setting. Unset means off
-    (fp32 logits) on every device; "1" turns them on, on CUDA and in the Triton interpreter (its test vehicle)."""
-    if backend != "triton" or dtype not in HALF_DTYPES:
-        return False
-    if setting is None:  # off: see half_logits() for why it is not the CUDA default
-        return False
-    return setting
-
-
-def half_logits(dtype: torch.dtype, device: torch.device, backend: str) -> bool:
-    """Half logits (``EGRPO_HALF_LOGITS=1``, opt-in): with half-precision operands and the Triton row passes, each
+def half_logits(dtype: torch.dtype, backend: str) -> bool:
+    """Half logits (``EGRPO_HALF_LOGITS=1``, opt-in, on CUDA and in the Triton interpreter): with half-precision operands and the Triton row passes, each
     chunk's logits GEMM writes half-precision logits (rounded once, as eager half code and our CPU path round them)
     that the row passes read directly and turn into dz in place, instead of fp32 logits plus a half copy of dz: 10
     instead of 16 bytes of memory traffic per logit, and no fp32 [chunk, V] buffer. The softmax statistics stay fp32.
@@ -259,7 +231,8 @@ def half_logits(dtype: torch.dtype, device: torch.device, backend: str) -> bool:
     exactly as accurate as eager bf16 and no more (two GPU parity tests against eager's error failed on such
     draws), where fp32 logits were ~100x more accurate on a cancellation-heavy gradient (docs/kernels.md,
     "Numerics"). The setting is read (and checked) at every call, whatever the inputs."""
-    return half_logits_choice(dtype, device, backend, env_choice("EGRPO_HALF_LOGITS"))
+    on = env_switch("EGRPO_HALF_LOGITS")
+    return on and backend == "triton" and dtype in HALF_DTYPES
 
 
 def gemm_dtype(dtype: torch.dtype, device: torch.device, backend: str = "torch") -> torch.dtype:
@@ -274,7 +247,7 @@ def gemm_dtype(dtype: torch.dtype, device: torch.device, backend: str = "torch")
     """
     if dtype in HALF_DTYPES and device.type != "cuda":
         if dtype == torch.bfloat16 and cpu_has_fast_bf16() and (
-                backend == "torch" or half_logits(dtype, device, backend)):
+                backend == "torch" or half_logits(dtype, backend)):
             return dtype  # (the Triton backend too under EGRPO_HALF_LOGITS=1: the CUDA variant's test vehicle)
         return torch.float32
     return dtype
@@ -284,7 +257,7 @@ def chunk_logit_bytes(dtype: torch.dtype, device: torch.device, backend: str) ->
     """Bytes per logit of a chunk's logits, which size the default chunk (:func:`default_chunk_rows`): 2 where the
     chunk GEMM writes half logits (:func:`half_logits`, with half GEMM operands), else 4 (fp32 logits; fp64
     logits and the CPU torch path's bf16-rounded logits, widened to fp32, keep this count too)."""
-    if half_logits(dtype, device, backend) and gemm_dtype(dtype, device, backend) in HALF_DTYPES:
+    if half_logits(dtype, backend) and gemm_dtype(dtype, device, backend) in HALF_DTYPES:
         return 2
     return 4
 

@@ -465,7 +465,7 @@ def _chunk_setup(hidden, weight, chunk_size, backend, need_dz_half, ws, lookahea
     chunk = max(1, min(chunk_size, n_rows))
     passes = ROW_PASSES[backend]
     bufs = _ChunkBuffers(chunk, V, ops.ldt, ops.gdt, hidden.device, need_dz_half, ws, per_chunk_logits=lookahead,
-                         onednn=ops.onednn, half_logits=half_logits(hidden.dtype, hidden.device, backend))
+                         onednn=ops.onednn, half_logits=half_logits(hidden.dtype, backend))
     return passes, ops, bufs
 
 

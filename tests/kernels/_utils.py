@@ -77,7 +77,7 @@ def rounds_logits_to_bf16(dtype, backend, device="cpu") -> bool:
     if dtype != torch.bfloat16:
         return False
     if dev.type == "cuda":
-        return backend in ("triton", "auto") and half_logits(dtype, dev, "triton")
+        return backend in ("triton", "auto") and half_logits(dtype, "triton")
     return gemm_dtype(dtype, dev, backend) == torch.bfloat16
 
 

@@ -107,56 +107,61 @@ def test_check_chunk_size_passes_the_logit_size_on():
     assert _common.check_chunk_size(1000, 10**6, 16384, cuda, 2) == 1000   # an explicit size is kept
 
 
-# ------------------------------------------------------------------ EGRPO_HALF_LOGITS: unset (auto), "0", "1"
+# ------------------------------------------------------------------ EGRPO_HALF_LOGITS: unset / "0" off, "1" on
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")  # device objects only: nothing is allocated on them
 
 
-@pytest.mark.parametrize("value,expected", [(None, None), ("0", False), ("1", True)])
-def test_parse_choice_is_tri_state(value, expected):
-    assert _common.parse_choice("EGRPO_X", value) is expected
+def _set_env(monkeypatch, name, value):
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize("value,expected", [(None, False), ("0", False), ("1", True)])
+def test_env_switch(value, expected, monkeypatch):
+    _set_env(monkeypatch, "EGRPO_X", value)
+    assert _common.env_switch("EGRPO_X") is expected
 
 
 @pytest.mark.parametrize("value", ["", "yes", "true", "2", " 1", "on", "auto"])
-def test_parse_choice_refuses_other_values_in_one_line(value):
+def test_env_switch_refuses_other_values_in_one_line(value, monkeypatch):
+    monkeypatch.setenv("EGRPO_X", value)
     with pytest.raises(ValueError) as e:
-        _common.parse_choice("EGRPO_X", value)
-    assert str(e.value) == f"EGRPO_X must be 0 or 1 (or unset: the default), got {value!r}"
+        _common.env_switch("EGRPO_X")
+    assert str(e.value) == f"EGRPO_X must be 0 or 1, got {value!r}"
 
 
-@pytest.mark.parametrize("setting,on_cuda,on_cpu", [(None, False, False), (False, False, False), (True, True, True)])
+@pytest.mark.parametrize("setting,on", [(None, False), ("0", False), ("1", True)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_logits_choice_with_half_inputs_on_triton(setting, on_cuda, on_cpu, dtype):
-    """Unset: off (fp32 logits) on CUDA and CPU; "0" off; "1" on everywhere (the interpreter too)."""
-    assert _common.half_logits_choice(dtype, CUDA, "triton", setting) is on_cuda
-    assert _common.half_logits_choice(dtype, CPU, "triton", setting) is on_cpu
+def test_half_logits_with_half_inputs_on_triton(setting, on, dtype, monkeypatch):
+    """Unset: off (fp32 logits); "0" off; "1" on (on CUDA and in the interpreter alike)."""
+    _set_env(monkeypatch, "EGRPO_HALF_LOGITS", setting)
+    assert _common.half_logits(dtype, "triton") is on
 
 
-@pytest.mark.parametrize("setting", [None, False, True])
-@pytest.mark.parametrize("device", [CUDA, CPU])
-def test_half_logits_choice_is_off_without_half_inputs_or_triton(setting, device):
+@pytest.mark.parametrize("setting", [None, "0", "1"])
+def test_half_logits_is_off_without_half_inputs_or_triton(setting, monkeypatch):
+    _set_env(monkeypatch, "EGRPO_HALF_LOGITS", setting)
     for dtype in (torch.float32, torch.float64):
-        assert _common.half_logits_choice(dtype, device, "triton", setting) is False
+        assert _common.half_logits(dtype, "triton") is False
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        assert _common.half_logits_choice(dtype, device, "torch", setting) is False
+        assert _common.half_logits(dtype, "torch") is False
 
 
 @pytest.mark.parametrize("env,expected", [(None, False), ("0", False), ("1", True)])
 def test_half_logits_reads_the_environment(env, expected, monkeypatch):
-    if env is None:
-        monkeypatch.delenv("EGRPO_HALF_LOGITS", raising=False)
-    else:
-        monkeypatch.setenv("EGRPO_HALF_LOGITS", env)
-    assert _common.half_logits(torch.bfloat16, CUDA, "triton") is expected
-    assert _common.half_logits(torch.bfloat16, CPU, "triton") is (env == "1")
-    assert _common.half_logits(torch.float32, CUDA, "triton") is False
+    _set_env(monkeypatch, "EGRPO_HALF_LOGITS", env)
+    assert _common.half_logits(torch.bfloat16, "triton") is expected
+    assert _common.half_logits(torch.float32, "triton") is False
 
 
 def test_half_logits_refuses_a_bad_value_whatever_the_inputs(monkeypatch):
     monkeypatch.setenv("EGRPO_HALF_LOGITS", "yes")
-    for dtype, device, backend in ((torch.bfloat16, CUDA, "triton"), (torch.float32, CPU, "torch")):
+    for dtype, backend in ((torch.bfloat16, "triton"), (torch.float32, "torch")):
         with pytest.raises(ValueError, match="EGRPO_HALF_LOGITS must be 0 or 1"):
-            _common.half_logits(dtype, device, backend)
+            _common.half_logits(dtype, backend)
 
 
 @pytest.mark.parametrize("env,bf16_cuda_bytes,bf16_rows", [(None, 4, 4096), ("0", 4, 4096), ("1", 2, 8192)])
