@@ -10,7 +10,9 @@ first ``filled`` are written, ~3% of the prompt slots padding):
 * ``sdpa-prefix``: SDPA over the filled prefix with a boolean mask (the eager engine step with torch attention);
 * ``sdpa-buffer``: SDPA over the whole buffer, unfilled slots masked (a CUDA-graph step with torch attention);
 * ``triton-B<k>-W<w>``: our kernel over the whole buffer with the device limit (what a CUDA-graph step runs),
-  ``k`` keys per iteration and ``w`` warps; ``B64-W4`` is the engine's default.
+  ``k`` keys per iteration and ``w`` warps; ``B64-W4`` is the engine's default. ``-ungated``: K and V loads
+  issued with the mask's (``gated_loads=False``: one memory round trip per block instead of two to three);
+  ``-S<n>``: ``num_stages=n`` (Triton's software pipelining of the key loop).
 
 ``floor ms``: the bytes of K and V the step must read (valid slots only) plus q and the output, over the copy
 bandwidth measured in the same run (read + write bytes of a device copy per second). Median of event-timed
@@ -39,8 +41,15 @@ CUDA_CASES = [
     ("1B, 128 images, mid-phase", 128, 16, 128, 620, 332),
 ]
 DRY_CASES = [("toy", 2, 2, 16, 40, 25)]
-CUDA_CONFIGS = [(32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8)]
-DRY_CONFIGS = [(BLOCK_KEYS, NUM_WARPS)]
+# (keys per block, warps, gated loads, software-pipelining stages or None for Triton's default)
+CUDA_CONFIGS = [(32, 4, True, None), (64, 4, True, None), (64, 8, True, None), (128, 4, True, None),
+                (128, 8, True, None), (256, 8, True, None),
+                (64, 4, False, None), (128, 8, False, None), (64, 4, True, 1), (64, 4, False, 4)]
+DRY_CONFIGS = [(BLOCK_KEYS, NUM_WARPS, True, None), (BLOCK_KEYS, NUM_WARPS, False, None)]
+
+
+def config_name(block, warps, gated, stages) -> str:
+    return f"triton-B{block}-W{warps}" + ("" if gated else "-ungated") + ("" if stages is None else f"-S{stages}")
 
 
 def case_rows(name, images, heads, dim, slots, filled, device, configs, bandwidth, reps):
@@ -66,10 +75,12 @@ def case_rows(name, images, heads, dim, slots, filled, device, configs, bandwidt
             q, keys, values, attn_mask=filled_mask[:, None, None, :], scale=scale),
     }
     if HAS_TRITON and (device.type == "cuda" or INTERPRETING):
-        for block, warps in configs:
-            impls[f"triton-B{block}-W{warps}"] = (
-                lambda block=block, warps=warps: decode_attention(q, keys, values, filled_mask, scale, limit,
-                                                                  block_keys=block, num_warps=warps))
+        for config in configs:
+            block, warps, gated, stages = config
+            impls[config_name(*config)] = (
+                lambda block=block, warps=warps, gated=gated, stages=stages: decode_attention(
+                    q, keys, values, filled_mask, scale, limit, block_keys=block, num_warps=warps, gated_loads=gated,
+                    num_stages=stages))
     exact = F.scaled_dot_product_attention(q.double(), keys[:, :, :filled].double(), values[:, :, :filled].double(),
                                            attn_mask=filled_mask[:, None, None, :filled], scale=scale)
     out = []

@@ -41,11 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     from egrpo.tools.eval_cli import add_eval_subcommand
 
     add_eval_subcommand(sub)
-    for command in sub.choices.values():
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                             help="show the full traceback of an error")
+    _add_debug_flag(parser)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` on every subcommand, nested ones too (``egrpo eval ocr ... --debug``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                     help="show the full traceback of an error")
+                _add_debug_flag(command)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -95,8 +103,14 @@ def main(argv=None) -> int:
         message = " ".join(str(e).split()) or type(e).__name__
         if isinstance(e, (FileNotFoundError, json.JSONDecodeError)) and not isinstance(e, UserError):
             message = f"{type(e).__name__}: {message}"
-        print(f"egrpo {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+        print(f"egrpo {command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # (train and generate say more: see there)
+        if debug:
+            raise
+        print(f"\negrpo {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _resumed_run_dir(resume: str):
@@ -117,6 +131,9 @@ def run_config(args):
     from egrpo.errors import ConfigError
     from egrpo.trainer.config import load_config
 
+    if getattr(args, "allow_changes", False) and args.resume is None:
+        raise ConfigError("--allow-changes applies to a resume only (it lets --resume change settings); a new run "
+                          "takes its settings from --config as they are")
     run_dir = _resumed_run_dir(args.resume) if args.resume is not None else None
     keep_run_dir = [] if run_dir is None or any(o.strip().startswith("train.out_dir=") for o in args.overrides) \
         else [f"train.out_dir={run_dir}"]
@@ -126,21 +143,31 @@ def run_config(args):
         raise ConfigError("--config is required (or --resume RUN_DIR to continue a run with its own config)")
     if run_dir is not None:
         return load_config(os.path.join(run_dir, "config.yaml"), [f"train.out_dir={run_dir}", *args.overrides])
-    if os.path.isfile(os.path.join(args.resume, "config.yaml")):   # a run stopped before its first checkpoint
+    if not os.path.exists(args.resume):
+        raise ConfigError(f"--resume {args.resume}: no such directory; give the train.out_dir of an earlier run")
+    if os.path.isfile(os.path.join(args.resume, "config.yaml")):   # a run before (or stopped before) its first save
+        from egrpo.trainer.train import run_lock_owner
+
+        owner = run_lock_owner(args.resume)
+        if owner is not None:
+            raise ConfigError(f"--resume {args.resume}: the run is still training ({owner}) and has no checkpoint "
+                              "yet; wait for its first save (train.save_every) or for it to end")
         raise ConfigError(f"--resume {args.resume}: the run has no checkpoint to resume from (it stopped before "
                           f"its first save; train.save_every); start it afresh with --config "
                           f"{os.path.join(args.resume, 'config.yaml')} --overwrite")
     raise ConfigError(f"--resume {args.resume}: no run directory with config.yaml found; give --config as well")
 
 
-def dry_run(cfg) -> int:
+def dry_run(cfg, args) -> int:
     """Validate the config, the prompts, the reward arguments and that the rewards' weight paths exist (without
-    building any model), then print the effective config."""
+    building any model), and what the real run checks of its directory (in use, holding another run, the resumed
+    checkpoint and the changes its policy allows), then print the effective config."""
     import yaml
 
     from egrpo.trainer.config import load_prompts
 
     cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))   # the objective's settings included
+    resumed = check_run_dir(cfg, args)
     prompts, _ = load_prompts(cfg.data)
     from egrpo.errors import ConfigError
     from egrpo.rewards.registry import missing_weights, resolve_reward
@@ -156,9 +183,45 @@ def dry_run(cfg) -> int:
         raise ConfigError(f"weights not found: {'; '.join(missing)} (download them first and give local "
                           "paths; nothing is downloaded at run time)")
     print(yaml.safe_dump(cfg.effective_dict(), sort_keys=False), end="")
-    print(f"# dry run: config, {len(prompts)} prompts and {len(cfg.rewards)} reward(s) check out; nothing was "
-          "trained", file=sys.stderr)
+    print(f"# dry run: config, {len(prompts)} prompts, {len(cfg.rewards)} reward(s) and train.out_dir "
+          f"{cfg.train.out_dir} check out{resumed}; nothing was trained (the model is not built: its own checks, "
+          "e.g. model.trainable, run when training starts)", file=sys.stderr)
     return 0
+
+
+def check_run_dir(cfg, args) -> str:
+    """The checks of ``train.out_dir`` the real run makes before it loads anything: another training there, a run
+    it would mix with, and with ``--resume`` the checkpoint and the changed settings its policy allows. Returns a
+    note on the resume for the dry run's summary."""
+    import torch
+
+    from egrpo.trainer.train import check_out_dir, find_checkpoint, in_use_error, resume_changes, run_lock_owner
+
+    out_dir = cfg.train.out_dir
+    owner = run_lock_owner(out_dir)
+    if owner is not None:
+        raise in_use_error(out_dir, owner)
+    if args.resume is None:
+        check_out_dir(out_dir, args.overwrite)
+        return ""
+    load_dir, tag, problems = find_checkpoint(args.resume)
+    resume_from = os.path.join(load_dir, tag)
+    step = int(torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)["step"])
+    changes = resume_changes(resume_from, step, cfg.effective_dict(), args.allow_changes)
+    check_out_dir(out_dir, args.overwrite, load_dir)
+    skipped = f", skipping {len(problems)} damaged checkpoint(s)" if problems else ""
+    return (f" (resuming from step {step}, {resume_from}{skipped}; "
+            + (f"changes: {'; '.join(changes)})" if changes else "no setting changes)"))
+
+
+def _has_checkpoint(out_dir: str) -> bool:
+    from egrpo.trainer.train import find_checkpoint
+
+    try:
+        find_checkpoint(out_dir)
+        return True
+    except Exception:   # no checkpoint, or none intact
+        return False
 
 
 def _train(args) -> int:
@@ -166,7 +229,7 @@ def _train(args) -> int:
 
     cfg = run_config(args)
     if args.dry_run:
-        return dry_run(cfg)
+        return dry_run(cfg, args)
     import torch.distributed as dist
 
     from egrpo.trainer.metrics import read_metrics
@@ -175,6 +238,12 @@ def _train(args) -> int:
     try:
         summary = train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
         main_process = not dist.is_initialized() or dist.get_rank() == 0
+    except KeyboardInterrupt:   # before the first step, or a second signal: nothing more is saved
+        out = cfg.train.out_dir
+        kept = (f"its checkpoints are kept: continue with --resume {out}" if _has_checkpoint(out) else
+                "no checkpoint was saved yet: rerun the command (with --overwrite if it says the folder holds a run)")
+        print(f"\negrpo train: interrupted; {kept}", file=sys.stderr)
+        return 130
     finally:
         shutdown_distributed()
     if not main_process:

@@ -56,3 +56,45 @@ def test_resume_of_a_run_without_checkpoint_says_so(tmp_path):
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(ConfigError, match="no checkpoint to resume from.*--overwrite"):
         run_config(args(None, str(run)))
+
+
+def test_resume_of_a_run_still_in_its_first_save_interval_names_the_training(tmp_path):
+    """The run is still training and has not saved yet: the message says it is in use (by whom), not that it
+    stopped, and does not suggest --overwrite."""
+    import subprocess
+    import sys
+
+    from egrpo.errors import ConfigError
+
+    run = tmp_path / "running"
+    run.mkdir()
+    (run / "config.yaml").write_text(open(DEMO, encoding="utf-8").read())
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from egrpo.trainer.train import acquire_run_lock; acquire_run_lock(sys.argv[1]); "
+        "print('locked', flush=True); time.sleep(60)"), str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=r"still training \(pid \d+ on .*\) and has no checkpoint") as info:
+            run_config(args(None, str(run)))
+        assert "--overwrite" not in str(info.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(ConfigError, match="no checkpoint to resume from"):   # the lock went with the process
+        run_config(args(None, str(run)))
+
+
+def test_resume_of_a_path_that_does_not_exist_says_so(tmp_path):
+    from egrpo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no such directory"):
+        run_config(args(None, str(tmp_path / "nope")))
+
+
+def test_allow_changes_without_resume_is_refused():
+    from egrpo.errors import ConfigError
+
+    a = args(DEMO, None)
+    a.allow_changes = True
+    with pytest.raises(ConfigError, match="--allow-changes applies to a resume only"):
+        run_config(a)

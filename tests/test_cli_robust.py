@@ -88,6 +88,17 @@ def test_bad_prompts_json_and_debug_shows_traceback(capsys, tmp_path):
         main([*args, "--debug"])
 
 
+@pytest.mark.parametrize("command", [["data", "check"], ["eval", "ocr", "--images"]])
+def test_debug_works_after_nested_subcommands_too(capsys, tmp_path, command):
+    """Every error line says "--debug shows the traceback": the flag must be accepted where users put it, at the
+    end of a nested subcommand too."""
+    missing = str(tmp_path / "nope")
+    rc, _, err = cli(capsys, *command, missing)
+    assert_one_line_error(rc, err, "nope", "--debug shows the traceback")
+    with pytest.raises(Exception, match="nope"):
+        main([*command, missing, "--debug"])
+
+
 def test_dry_run_prints_effective_config_and_trains_nothing(capsys, tmp_path):
     rc, out, err = cli(capsys, "train", *BASE, "--dry-run", f"train.out_dir={tmp_path / 'run'}")
     assert rc == 0, err
@@ -212,6 +223,34 @@ def test_resume_policy_names_each_key_and_extends_the_schedule(capsys, base_run,
     history = [json.loads(line) for line in open(run / "config_history.jsonl")]
     assert [h["event"] for h in history] == ["start", "resume"] and history[1]["step"] == 2
     assert any("optim.lr" in c for c in history[1]["changes"])
+
+
+def test_dry_run_refuses_what_the_real_run_refuses(capsys, base_run, tmp_path):
+    """--dry-run makes the run directory's checks too (no model is built): an existing run without --resume,
+    changes the resume policy refuses, a directory in use; a resume it accepts is summarised."""
+    run = copy_run(base_run, tmp_path)
+    rc, _, err = cli(capsys, "train", *RUN, f"train.out_dir={run}", "--dry-run")
+    assert_one_line_error(rc, err, "already holds a run", "--resume")
+    rc, _, err = cli(capsys, "train", "--resume", run, "train.steps=4", "optim.lr=2e-3", "--dry-run")
+    assert_one_line_error(rc, err, "optim.lr: 0.001 -> 0.002", "--allow-changes")
+    rc, _, err = cli(capsys, "train", "--resume", run, "train.steps=4", "model.seed=4", "--allow-changes", "--dry-run")
+    assert_one_line_error(rc, err, "model.seed")
+    rc, _, err = cli(capsys, "train", "--resume", run, "--dry-run")
+    assert_one_line_error(rc, err, "step 2", "train.steps > 2")
+    rc, _, err = cli(capsys, "train", "--resume", run, "train.steps=4", "optim.lr=2e-3", "--allow-changes", "--dry-run")
+    assert rc == 0, err
+    assert "resuming from step 2" in err and "optim.lr: 0.001 -> 0.002" in err
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from egrpo.trainer.train import acquire_run_lock; acquire_run_lock(sys.argv[1]); "
+        "print('locked', flush=True); time.sleep(60)"), str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        rc, _, err = cli(capsys, "train", "--resume", run, "train.steps=4", "--dry-run")
+        assert_one_line_error(rc, err, "in use by another training")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(read_metrics(str(run / "metrics.jsonl"))) == 2 and not list(run.glob("previous-*"))
 
 
 def test_damaged_checkpoint_falls_back_with_a_warning(capsys, base_run, tmp_path):

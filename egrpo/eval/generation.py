@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -61,15 +61,16 @@ def _show(value) -> str:
 
 
 def check_generation_settings(folder: str, settings: dict, jobs: Sequence[Tuple[str, List[str]]],
-                              flag: str = "--images") -> None:
+                              flag: str = "--images", what_to_do: Optional[str] = None) -> None:
     """Refuse to add images to ``folder`` (by `generate_missing`, which keeps the images already there) when
     they would not all come from the same ``settings``: `EvalError` when the folder's `SETTINGS_FILE` records
     other settings (the message names each), or when some job's image already exists without such a record.
 
-    ``settings``: plain JSON values (model path, seed, sampling options, ``prompts``: `prompts_digest`, ...)."""
+    ``settings``: plain JSON values (model path, seed, sampling options, ``prompts``: `prompts_digest`, ...).
+    ``what_to_do``: the advice ending each message (default: the evaluation commands')."""
     path = os.path.join(folder, SETTINGS_FILE)
-    what_to_do = (f"use a new {flag} folder (or delete {folder}) to generate with these settings, or leave out "
-                  "--model/--tiny to score the images as they are")
+    what_to_do = what_to_do or (f"use a new {flag} folder (or delete {folder}) to generate with these settings, or "
+                                "leave out --model/--tiny to score the images as they are")
     if not os.path.exists(path):
         if any(os.path.exists(p) for _, paths in jobs for p in paths):
             raise EvalError(f"{flag} {folder} already holds images but no {SETTINGS_FILE} saying how they were "

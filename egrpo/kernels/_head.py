@@ -38,25 +38,31 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _head_stats_kernel(
-        logits_ptr, stride_logits, bias_ptr, targets_ptr,
-        logp_ptr, entropy_ptr, lse_ptr,
-        V, inv_tau,
-        HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr,
-    ):
-        row = tl.program_id(0).to(tl.int64)
-        row_ptr = logits_ptr + row * stride_logits
+    def _scaled_block(row_ptr, bias_ptr, offs, V, inv_tau, HAS_BIAS: tl.constexpr):
+        """One block of a row's logits, bias added, times 1/tau (fp32), and which columns are real."""
+        valid = offs < V
+        z = tl.load(row_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        return z * inv_tau, valid
+
+    @triton.jit
+    def _target_logit(row_ptr, bias_ptr, y, inv_tau, HAS_BIAS: tl.constexpr):
+        z_y = tl.load(row_ptr + y).to(tl.float32)
+        if HAS_BIAS:
+            z_y += tl.load(bias_ptr + y).to(tl.float32)
+        return z_y * inv_tau
+
+    @triton.jit
+    def _row_moments(row_ptr, bias_ptr, V, inv_tau, HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr):
+        """Online over column blocks: the row max m, s = sum exp(z - m) and u = sum exp(z - m) (z - m)."""
         cols = tl.arange(0, BLOCK_V)
-        m = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), axis=0)  # running max
-        s = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)  # sum exp(z - m)
-        u = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)  # sum exp(z - m) (z - m)
+        m = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), axis=0)
+        s = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)
+        u = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)
         for start in range(0, V, BLOCK_V):
-            offs = start + cols
-            valid = offs < V
-            z = tl.load(row_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                z += tl.load(bias_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-            z = tl.where(valid, z * inv_tau, float("-inf"))
+            z, valid = _scaled_block(row_ptr, bias_ptr, start + cols, V, inv_tau, HAS_BIAS)
+            z = tl.where(valid, z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=0))
             shift = tl.where(s > 0, m - m_new, 0.0)  # m may still be -inf on the first block
             scale = tl.exp(shift)
@@ -65,13 +71,40 @@ if HAS_TRITON:
             u = scale * (u + s * shift) + tl.sum(e * d, axis=0)
             s = scale * s + tl.sum(e, axis=0)
             m = m_new
+        return m, s, u
+
+    @triton.jit
+    def _store_dz(row_ptr, out_ptr, bias_ptr, V, inv_tau, lse, ent, y, g_lp, g_h,
+                  HAS_BIAS: tl.constexpr, HAS_G_LOGP: tl.constexpr, HAS_G_ENTROPY: tl.constexpr,
+                  BLOCK_V: tl.constexpr):
+        """dz = [g_lp (onehot - p) - g_h p (log p + H)] / tau over the row, block by block."""
+        cols = tl.arange(0, BLOCK_V)
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            z, valid = _scaled_block(row_ptr, bias_ptr, offs, V, inv_tau, HAS_BIAS)
+            logp = z - lse
+            p = tl.exp(logp)
+            dz = tl.zeros([BLOCK_V], tl.float32)
+            if HAS_G_LOGP:
+                dz = tl.where(offs == y, g_lp, 0.0) - g_lp * p
+            if HAS_G_ENTROPY:
+                dz -= g_h * p * (logp + ent)
+            tl.store(out_ptr + offs, (dz * inv_tau).to(out_ptr.dtype.element_ty), mask=valid)
+
+    @triton.jit
+    def _head_stats_kernel(
+        logits_ptr, stride_logits, bias_ptr, targets_ptr,
+        logp_ptr, entropy_ptr, lse_ptr,
+        V, inv_tau,
+        HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + row * stride_logits
+        m, s, u = _row_moments(row_ptr, bias_ptr, V, inv_tau, HAS_BIAS, BLOCK_V)
         log_s = tl.log(s)
         lse = m + log_s
         y = tl.load(targets_ptr + row)
-        z_y = tl.load(row_ptr + y).to(tl.float32)
-        if HAS_BIAS:
-            z_y += tl.load(bias_ptr + y).to(tl.float32)
-        tl.store(logp_ptr + row, z_y * inv_tau - lse)
+        tl.store(logp_ptr + row, _target_logit(row_ptr, bias_ptr, y, inv_tau, HAS_BIAS) - lse)
         tl.store(entropy_ptr + row, log_s - u / s)
         tl.store(lse_ptr + row, lse)
 
@@ -84,32 +117,54 @@ if HAS_TRITON:
         BLOCK_V: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
-        row_ptr = logits_ptr + row * stride_logits
-        out_ptr = dz_ptr + row * stride_dz
-        cols = tl.arange(0, BLOCK_V)
-        lse = tl.load(lse_ptr + row)
-        ent = tl.load(entropy_ptr + row)
-        y = tl.load(targets_ptr + row)
         g_lp = 0.0
         g_h = 0.0
         if HAS_G_LOGP:
             g_lp = tl.load(g_logp_ptr + row).to(tl.float32)
         if HAS_G_ENTROPY:
             g_h = tl.load(g_entropy_ptr + row).to(tl.float32)
-        for start in range(0, V, BLOCK_V):
-            offs = start + cols
-            valid = offs < V
-            z = tl.load(row_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                z += tl.load(bias_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-            logp = z * inv_tau - lse
-            p = tl.exp(logp)
-            dz = tl.zeros([BLOCK_V], tl.float32)
-            if HAS_G_LOGP:
-                dz = tl.where(offs == y, g_lp, 0.0) - g_lp * p
-            if HAS_G_ENTROPY:
-                dz -= g_h * p * (logp + ent)
-            tl.store(out_ptr + offs, (dz * inv_tau).to(out_ptr.dtype.element_ty), mask=valid)
+        _store_dz(logits_ptr + row * stride_logits, dz_ptr + row * stride_dz, bias_ptr, V, inv_tau,
+                  tl.load(lse_ptr + row), tl.load(entropy_ptr + row), tl.load(targets_ptr + row), g_lp, g_h,
+                  HAS_BIAS, HAS_G_LOGP, HAS_G_ENTROPY, BLOCK_V)
+
+    @triton.jit
+    def _head_stats_direction_kernel(
+        logits_ptr, stride_logits, dz_ptr, stride_dz, bias_ptr, targets_ptr,
+        logp_ptr, entropy_ptr, lse_ptr,
+        n_rows, V, inv_tau,
+        HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    ):
+        """The statistics and the g-free gradient direction (onehot - p) / tau of each row, in one program per
+        row: the row's logits come from HBM once. ONE_BLOCK (BLOCK_V >= V): the row is held whole and read once;
+        otherwise the direction loop re-reads it right after the statistics loop, while it is still in L2 (the
+        grid is persistent, a few programs per SM, so the rows in flight stay well below the L2 size)."""
+        for i in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+            row = tl.cast(i, tl.int64)  # (a new name: the loop index keeps its type)
+            row_ptr = logits_ptr + row * stride_logits
+            out_ptr = dz_ptr + row * stride_dz
+            y = tl.load(targets_ptr + row)
+            # read before the direction is stored: dz may overwrite the logits in place (fp32 operands)
+            z_y = _target_logit(row_ptr, bias_ptr, y, inv_tau, HAS_BIAS)
+            if ONE_BLOCK:
+                cols = tl.arange(0, BLOCK_V)
+                z, valid = _scaled_block(row_ptr, bias_ptr, cols, V, inv_tau, HAS_BIAS)
+                z = tl.where(valid, z, float("-inf"))
+                m = tl.max(z, axis=0)
+                d = tl.where(valid, z - m, 0.0)
+                e = tl.where(valid, tl.exp(d), 0.0)
+                s = tl.sum(e, axis=0)
+                u = tl.sum(e * d, axis=0)
+                lse = m + tl.log(s)
+                dz = tl.where(cols == y, 1.0, 0.0) - e / s
+                tl.store(out_ptr + cols, (dz * inv_tau).to(out_ptr.dtype.element_ty), mask=valid)
+            else:
+                m, s, u = _row_moments(row_ptr, bias_ptr, V, inv_tau, HAS_BIAS, BLOCK_V)
+                lse = m + tl.log(s)
+                _store_dz(row_ptr, out_ptr, bias_ptr, V, inv_tau, lse, 0.0, y, 1.0, 0.0,
+                          HAS_BIAS, True, False, BLOCK_V)
+            tl.store(logp_ptr + row, z_y - lse)
+            tl.store(entropy_ptr + row, tl.log(s) - u / s)
+            tl.store(lse_ptr + row, lse)
 
 
 
@@ -121,6 +176,54 @@ def block_v(V: int) -> int:
 def num_warps(block: int, interpreting: bool = INTERPRETING) -> int:
     """Warps per row program (1 under the interpreter, where warps only cost time)."""
     return 1 if interpreting else (8 if block >= 2048 else 4)
+
+
+# The fused statistics + direction pass (EGRPO_FUSED_ROW_PASS=1, :func:`fused_row_pass`). Our choices, not yet
+# measured on a GPU (bench/gpu_quick.py has the paired "+fusedrows" rows): a row of at most this many columns (the
+# image vocabulary: 64 KiB of fp32 logits, 16 warps of 32 values per thread) is held whole and read once; wider rows
+# are read by the statistics loop and again, from L2, by the direction loop. The grid is persistent, a few programs
+# per SM, so that the rows in flight (4 x 132 SMs x 64 KiB = 33 MiB on an H100/H200 at V = 16384) fit the 50 MiB L2.
+DIRECTION_ONE_BLOCK_MAX_V = 16384
+DIRECTION_PROGRAMS_PER_SM = 4
+# The interpreter runs programs one after another: a few programs still walk the strided row loop, as every CUDA
+# launch does (a chunk's rows always outnumber the programs there).
+DIRECTION_PROGRAMS_INTERPRETED = 3
+
+
+def direction_launch(V: int, interpreting: bool = INTERPRETING):
+    """``(BLOCK_V, ONE_BLOCK, num_warps)`` of the fused statistics + direction kernel for ``V`` columns (also what
+    the GPU compile check must use)."""
+    if V <= DIRECTION_ONE_BLOCK_MAX_V:
+        block = triton.next_power_of_2(V)
+        return block, True, max(num_warps(block, interpreting), 1 if interpreting else block // 1024)
+    block = block_v(V)
+    return block, False, num_warps(block, interpreting)
+
+
+_SM_COUNTS = {}
+
+
+def direction_programs(rows: int, device: torch.device) -> int:
+    """Programs of the persistent fused row pass over ``rows`` rows on ``device``."""
+    if device.type != "cuda":
+        return max(1, min(rows, DIRECTION_PROGRAMS_INTERPRETED))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return max(1, min(rows, _SM_COUNTS[index] * DIRECTION_PROGRAMS_PER_SM))
+
+
+def fused_row_pass() -> bool:
+    """Whether the Triton row passes form a chunk's statistics and its g-free gradient direction in one kernel
+    (``EGRPO_FUSED_ROW_PASS=1``; off by default: not yet measured on a GPU).
+
+    Where the entropy carries no gradient (every GRPO / EG-GRPO / STAGE loss without ``entropy_coef``), a row's dz
+    is ``g_row (onehot - p_row) / tau``: the bracket needs only the row's own statistics, not g. One kernel then
+    writes logp, entropy, lse and the bracket, reading the row's logits from HBM once instead of twice (the
+    statistics kernel and, after the caller's g, the dz kernel); g is applied on the [rows, D] side: dx rows are
+    scaled after their GEMM (fp32 output), dW takes g on x's rows. 4 fewer bytes of traffic per fp32 logit (14 -> 10).
+    Not used where db is needed (it would be a [rows, V] pass with g inside)."""
+    return env_switch("EGRPO_FUSED_ROW_PASS")
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,6 +254,16 @@ def _dlogits_triton(z, bufs, bias, targets, lse, entropy, g_logp, g_entropy, inv
         V, inv_tau,
         HAS_BIAS=bias is not None, HAS_G_LOGP=g_logp is not None, HAS_G_ENTROPY=g_entropy is not None,
         BLOCK_V=block, num_warps=num_warps(block),
+    )
+
+
+def _stats_direction_triton(z, bias, targets, inv_tau, logp, entropy, lse, out):
+    rows, V = z.shape
+    block, one_block, warps = direction_launch(V)
+    _head_stats_direction_kernel[(direction_programs(rows, z.device),)](
+        z, z.stride(0), out, out.stride(0), bias if bias is not None else z, targets,
+        logp, entropy, lse, rows, V, inv_tau,
+        HAS_BIAS=bias is not None, BLOCK_V=block, ONE_BLOCK=one_block, num_warps=warps,
     )
 
 
@@ -233,11 +346,13 @@ class RowPasses(NamedTuple):
     stats: Callable
     dlogits: Callable
     prepare: Callable
+    stats_direction: Optional[Callable]  # statistics + g-free dz in one pass (see fused_row_pass); None: not offered
 
 
 ROW_PASSES = {
-    "triton": RowPasses(_stats_triton, _dlogits_triton, _prepare_triton),
-    "torch": RowPasses(_stats_torch, _dlogits_torch, _prepare_torch),
+    "triton": RowPasses(_stats_triton, _dlogits_triton, _prepare_triton, _stats_direction_triton),
+    # (the torch passes already form dz from the log-probabilities they leave in the buffer: no second read to save)
+    "torch": RowPasses(_stats_torch, _dlogits_torch, _prepare_torch, None),
 }
 
 
@@ -264,8 +379,22 @@ class HeadGrads:
         self._dw_part = None  # reusable [V, D] buffer for a CPU half-precision dW GEMM's output
         self._dw_t = None  # the oneDNN fp32 path accumulates dW^T [D, V] (see _accumulate_dw_onednn)
 
-    def accumulate(self, dz, rows, x_chunk, w_gemm, ws=None, onednn=False):
-        """Add the chunk's gradients from its ``dz``; ``onednn``: the pass's fp32 CPU GEMMs run through oneDNN."""
+    def accumulate(self, dz, rows, x_chunk, w_gemm, ws=None, onednn=False, row_scale=None):
+        """Add the chunk's gradients from its ``dz``; ``onednn``: the pass's fp32 CPU GEMMs run through oneDNN.
+
+        ``row_scale [rows]``: the chunk's gradient of the logits is ``row_scale[:, None] * dz`` (``dz`` a g-free
+        direction, :func:`fused_row_pass`): dx rows are scaled after their GEMM (fp32 output, rounded once), dW
+        takes the scale on x's rows; db is not formed this way (a [rows, V] pass with the scale inside)."""
+        if row_scale is not None:
+            if self.db is not None:
+                raise RuntimeError("HeadGrads.accumulate: row_scale cannot form db; use the dz pass with g inside")
+            scale = row_scale.to(self._acc_dtype)[:, None]
+            if self.dx is not None:
+                wide = onednn_mm(dz, w_gemm) if onednn else mm_wide(dz, w_gemm, self._acc_dtype)
+                self.dx[rows] = wide.mul_(scale)
+            if self.need_dw:
+                self._accumulate_dw(dz, rows, (x_chunk.to(self._acc_dtype) * scale).to(x_chunk.dtype), ws, onednn)
+            return
         if self.dx is not None:
             if onednn:
                 self.dx[rows] = onednn_mm(dz, w_gemm)
@@ -274,25 +403,28 @@ class HeadGrads:
             else:
                 self.dx[rows] = mm_wide(dz, w_gemm, logits_dtype(dz.dtype)).to(self.dx.dtype)
         if self.need_dw:
-            if onednn:
-                self._accumulate_dw_onednn(dz, x_chunk)
-            elif self.dw is None:
-                if rows.start == 0 and rows.stop >= self.n_rows:
-                    # one chunk: a single GEMM with fp32 accumulation inside it, rounded once, exactly as the
-                    # final cast of an fp32 accumulator would be
-                    self.dw = torch.mm(dz.t(), x_chunk)
-                else:
-                    self.dw = mm_wide(dz.t(), x_chunk, self._acc_dtype)
-            elif dz.dtype != self.dw.dtype and not dz.is_cuda:
-                # CPU half GEMM: write into one reused [V, D] buffer, add it (widening) to the accumulator
-                if self._dw_part is None:
-                    self._dw_part = _buffer(ws, "dw_part", self.dw.shape, dz.dtype, dz.device)
-                torch.mm(dz.t(), x_chunk, out=self._dw_part)
-                self.dw.add_(self._dw_part)
-            else:
-                self.dw = addmm_wide(self.dw, dz.t(), x_chunk)
+            self._accumulate_dw(dz, rows, x_chunk, ws, onednn)
         if self.db is not None:
             self.db += dz.sum(0, dtype=self.db.dtype)
+
+    def _accumulate_dw(self, dz, rows, x_chunk, ws, onednn):
+        if onednn:
+            self._accumulate_dw_onednn(dz, x_chunk)
+        elif self.dw is None:
+            if rows.start == 0 and rows.stop >= self.n_rows:
+                # one chunk: a single GEMM with fp32 accumulation inside it, rounded once, exactly as the
+                # final cast of an fp32 accumulator would be
+                self.dw = torch.mm(dz.t(), x_chunk)
+            else:
+                self.dw = mm_wide(dz.t(), x_chunk, self._acc_dtype)
+        elif dz.dtype != self.dw.dtype and not dz.is_cuda:
+            # CPU half GEMM: write into one reused [V, D] buffer, add it (widening) to the accumulator
+            if self._dw_part is None:
+                self._dw_part = _buffer(ws, "dw_part", self.dw.shape, dz.dtype, dz.device)
+            torch.mm(dz.t(), x_chunk, out=self._dw_part)
+            self.dw.add_(self._dw_part)
+        else:
+            self.dw = addmm_wide(self.dw, dz.t(), x_chunk)
 
     def _accumulate_dw_onednn(self, dz, x_chunk):
         # dW^T = x^T dz, kept as [D, V] until results(): oneDNN reads dz^T as a strided weight where it is, while
@@ -537,6 +669,7 @@ def head_pass(
     backend: str,
     grad_fn: Optional[Callable] = None,
     grads: Optional[HeadGrads] = None,
+    entropy_detached: bool = False,
 ):
     """One streaming pass over ``hidden [N, D]`` in row chunks of ``chunk_size``.
 
@@ -546,6 +679,10 @@ def head_pass(
     gradients are then formed from the logits already in hand (no recompute) into ``grads``.
     A caller that needs whole sequences (or groups) per call passes a ``chunk_size`` that is a
     multiple of their length: chunk boundaries are ``0, chunk_size, 2 chunk_size, ...``.
+
+    ``entropy_detached``: the caller promises that ``grad_fn`` never returns an entropy gradient; with the
+    Triton row passes and ``EGRPO_FUSED_ROW_PASS=1`` each chunk's statistics and g-free dz then come from one
+    kernel (:func:`fused_row_pass`).
     """
     n_rows = hidden.shape[0]
     with_grads = grad_fn is not None and grads is not None and grads.any
@@ -555,7 +692,20 @@ def head_pass(
         logp = torch.empty(n_rows, dtype=ops.ldt, device=hidden.device)
         entropy = torch.empty_like(logp)
         lse = torch.empty_like(logp)
+        direction = (with_grads and entropy_detached and grads.db is None and passes.stats_direction is not None
+                     and fused_row_pass())
         for rows, x, z, half in _chunks(hidden, ops, bufs, chunk_size, lookahead):
+            if direction:
+                dz = z if half is None else half
+                passes.stats_direction(z, bias, targets[rows], inv_tau, logp[rows], entropy[rows], lse[rows], dz)
+                g_logp, g_entropy = grad_fn(rows, logp[rows], entropy[rows])
+                if g_entropy is not None:
+                    raise RuntimeError("head_pass: grad_fn returned an entropy gradient although the caller "
+                                       "declared entropy_detached")
+                if g_logp is not None:
+                    grads.accumulate(dz, rows, x, ops.w, ws, onednn=ops.onednn, row_scale=g_logp)
+                del x, z, half, dz
+                continue
             passes.stats(z, bufs, bias, targets[rows], inv_tau, logp[rows], entropy[rows], lse[rows])
             if grad_fn is not None:
                 g_logp, g_entropy = grad_fn(rows, logp[rows], entropy[rows])

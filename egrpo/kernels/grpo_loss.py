@@ -195,7 +195,7 @@ def _run(plan, hidden2, weight, bias, targets1, need):
 
         grads = HeadGrads(hidden2, weight, bias, *need)
         logp, entropy, _ = head_pass(hidden2, weight, targets1, bias, plan.inv_tau, plan.chunk, plan.backend,
-                                     grad_fn=grad_fn, grads=grads)
+                                     grad_fn=grad_fn, grads=grads, entropy_detached=plan.entropy_scale is None)
         check_advantages()
         return loss_t.sum(), (logp, entropy, kl, clipped_low, clipped_high, adv_used), grads
 
@@ -226,7 +226,7 @@ def _run(plan, hidden2, weight, bias, targets1, need):
         return ones[: rows.stop - rows.start], None
 
     logp, entropy, lse = head_pass(hidden2, weight, targets1, bias, plan.inv_tau, plan.chunk, plan.backend,
-                                   grad_fn=unit_grad_fn if need[0] else None, grads=unit)
+                                   grad_fn=unit_grad_fn if need[0] else None, grads=unit, entropy_detached=True)
     adv = run_advantage_fn(slice(0, n_rows), logp, entropy)
     check_advantages()
     g, _ = store(slice(0, n_rows), logp, entropy, adv)

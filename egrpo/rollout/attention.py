@@ -42,7 +42,7 @@ if HAS_TRITON:
         stride_or, stride_oh, stride_os,
         heads, group, keys, split_len, scale,
         HAS_LIMIT: tl.constexpr, SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_S: tl.constexpr,
+        BLOCK_S: tl.constexpr, GATED: tl.constexpr,
     ):
         program = tl.program_id(0)
         split = tl.program_id(1)
@@ -66,9 +66,16 @@ if HAS_TRITON:
         offs = tl.arange(0, BLOCK_S)
         for start in range(lo, hi, BLOCK_S):
             slots = start + offs
-            valid = tl.load(mask_ptr + row * stride_mr + slots, mask=slots < hi, other=0) != 0  # (0 past hi)
-            tile = valid[:, None] & dim_ok[None, :]
+            inside = slots < hi
+            valid = tl.load(mask_ptr + row * stride_mr + slots, mask=inside, other=0) != 0  # (0 past hi)
+            if GATED:  # K and V of valid slots only: masked slots are not read (their loads wait for the mask's)
+                tile = valid[:, None] & dim_ok[None, :]
+            else:  # K and V of every slot below hi, issued with the mask's load: one memory round trip per block
+                tile = inside[:, None] & dim_ok[None, :]
             k = tl.load(k_base + slots[:, None].to(tl.int64) * stride_ks + dims[None, :], mask=tile, other=0.0)
+            if not GATED:
+                v = tl.load(v_base + slots[:, None].to(tl.int64) * stride_vs + dims[None, :], mask=tile, other=0.0)
+                v = tl.where(valid[:, None], v, 0.0)  # a masked slot's V (even NaN) must not reach acc
             scores = tl.sum(k.to(tl.float32) * q[None, :], 1)
             scores = tl.where(valid, scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, 0))
@@ -76,7 +83,8 @@ if HAS_TRITON:
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp(m - m_safe)
             p = tl.exp(scores - m_safe)
-            v = tl.load(v_base + slots[:, None].to(tl.int64) * stride_vs + dims[None, :], mask=tile, other=0.0)
+            if GATED:
+                v = tl.load(v_base + slots[:, None].to(tl.int64) * stride_vs + dims[None, :], mask=tile, other=0.0)
             acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
             l = l * alpha + tl.sum(p, 0)
             m = m_new
@@ -105,7 +113,8 @@ def split_length(keys: int, splits: int, block: int = BLOCK_KEYS) -> int:
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor,
                      scale: float, limit: Optional[torch.Tensor] = None, *, block_keys: int = BLOCK_KEYS,
-                     num_warps: int = NUM_WARPS) -> torch.Tensor:
+                     num_warps: int = NUM_WARPS, gated_loads: bool = True,
+                     num_stages: Optional[int] = None) -> torch.Tensor:
     """Attention of one query position per row over a K/V cache.
 
     Args:
@@ -117,6 +126,11 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         limit: optional int64 device tensor of one element: slots at or past it are neither attended nor read.
         block_keys, num_warps: keys per loop iteration (a power of two) and warps per program (the engine uses the
             defaults; ``bench/decode_attention.py`` times others).
+        gated_loads: True (the engine's): a block's K and V loads wait for its mask and skip masked slots; False:
+            they are issued with the mask's load for every slot below the limit (masked ones selected out, so NaN
+            there still changes nothing): fewer memory round trips, a little more traffic where rows are padded.
+            Not yet measured on a GPU (``bench/decode_attention.py`` has both).
+        num_stages: Triton's software-pipelining depth for the key loop (None: Triton's default).
     Returns:
         [R, H, 1, d] in q's dtype.
     """
@@ -160,7 +174,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         values.stride(0), values.stride(1), values.stride(2), mask.stride(0), *out_strides,
         heads, heads // kv_heads, slots, split_len, float(scale),
         HAS_LIMIT=limit is not None, SPLIT=splits > 1, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=block_keys,
-        num_warps=num_warps,
+        GATED=gated_loads, num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     )
     if splits > 1:  # merge the splits: softmax over the union of their keys
         m = m.view(rows, heads, splits)

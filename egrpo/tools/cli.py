@@ -20,7 +20,9 @@ from typing import List
 
 from egrpo.errors import UserError
 
-from .validate import check_at_least, prepare_generation_dir, prepare_output_file, resolve_device
+from .validate import (
+    check_at_least, holds_generations, prepare_generation_dir, prepare_output_file, resolve_device,
+)
 
 
 def parse_reward_specs(specs: List[str], config_file: str = None) -> List[dict]:
@@ -114,8 +116,28 @@ def rollout_config(args, image_tokens: int = 576, **changes):
     except ValueError as e:
         message = str(e)
         for name, flag in _ROLLOUT_FLAGS.items():
-            message = message.replace(f"rollout.{name} ", f"{flag} ").replace(f"rollout.{name}=", f"{flag} ")
-        raise UserError(message) from None
+            for sep in (" ", "=", ":"):
+                message = message.replace(f"rollout.{name}{sep}", f"{flag}{' ' if sep == '=' else sep}")
+        # (a config says null; on the command line the flag is left out)
+        raise UserError(message.replace(" or null (", " (or leave the flag out: ")) from None
+
+
+def _check_model_dir(path: str) -> None:
+    """``--model``: a local Janus-Pro directory (transformers or original layout); a training run or one of its
+    checkpoints is named as such, with the directory to give instead."""
+    if not os.path.exists(path):
+        raise UserError(f"--model {path}: no such directory; give a local Janus-Pro directory (transformers or "
+                        "original layout)")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return
+    here = os.path.abspath(path)
+    for run in (here, os.path.dirname(here), os.path.dirname(os.path.dirname(here))):
+        if os.path.isdir(os.path.join(run, "checkpoints")) and os.path.isfile(os.path.join(run, "config.yaml")):
+            export = os.path.join(run, "hf")
+            hint = (f"give its exported model, --model {export}" if os.path.isfile(os.path.join(export, "config.json"))
+                    else "its model is exported to <run>/hf when training ends (train.export_hf)")
+            raise UserError(f"--model {path} is a training run (or one of its checkpoints), not a model directory; "
+                            f"{hint}")
 
 
 def _load_model(args, **changes):
@@ -123,8 +145,8 @@ def _load_model(args, **changes):
 
     if (args.model is None) == (args.tiny is None):
         raise ValueError("give exactly one of --model PATH or --tiny JSON")
-    if args.model is not None and not os.path.exists(args.model):
-        raise FileNotFoundError(f"--model {args.model!r} does not exist (a local HF-format Janus-Pro directory)")
+    if args.model is not None:
+        _check_model_dir(args.model)
     try:
         tiny = json.loads(args.tiny) if args.tiny is not None else None
     except json.JSONDecodeError as e:
@@ -191,6 +213,8 @@ def run_plot(args) -> int:
 
 
 def run_generate(args) -> int:
+    from egrpo.eval.generation import write_generation_settings
+
     from .analyze import load_prompts
     from .generate import generate
 
@@ -203,14 +227,51 @@ def run_generate(args) -> int:
     phases = dict(cot=args.cot, images_per_cot=args.images_per_cot if args.cot else 1)
     rollout_config(args, **phases)                              # bad sampling flags: before any file is touched
     prompts, metadata = load_prompts(args.prompts)
-    moved = prepare_generation_dir(args.out, args.overwrite)    # checked before the model loads
+    settings = _generation_settings(args, prompts, metadata)
+    resuming = _check_resumable(args.out, settings, args.overwrite)   # before the model loads
+    moved = None if resuming else prepare_generation_dir(args.out, args.overwrite)
     if moved:
         print(f"moved the earlier generations in {args.out} to {moved}", file=sys.stderr)
     model, tokenizer, rollout_cfg = _load_model(args, **phases)
-    records = generate(model, tokenizer, prompts, args.out, rollout_cfg, images_per_prompt=args.images_per_prompt,
-                       seed=args.seed, metadata=metadata, progress=not args.no_progress)
-    print(f"wrote {len(records)} images to {args.out}")
+    write_generation_settings(args.out, settings)
+    try:
+        records = generate(model, tokenizer, prompts, args.out, rollout_cfg, images_per_prompt=args.images_per_prompt,
+                           seed=args.seed, metadata=metadata, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\negrpo generate: interrupted; the finished prompts' images are kept in {args.out} (rerun the same "
+              "command to resume)", file=sys.stderr)
+        return 130
+    print(f"wrote {len(records)} images to {args.out}" + (" (resumed: earlier prompts kept)" if resuming else ""))
     return 0
+
+
+def _generation_settings(args, prompts, metadata) -> dict:
+    """What decides ``egrpo generate``'s images and records (kept in ``--out/generation_settings.json``): a rerun
+    into the same folder with the same settings resumes it."""
+    import hashlib
+
+    path = lambda p: None if p is None else os.path.abspath(p)   # noqa: E731
+    settings = {"model": path(args.model), "tiny": args.tiny, "dtype": args.dtype, "cfg_scale": args.cfg_scale,
+                "temperature": args.temperature, "top_k": args.top_k, "cot": args.cot, "seed": args.seed,
+                "images_per_prompt": args.images_per_prompt, "engine": not args.no_engine, "compile": args.compile,
+                "prompts": hashlib.sha256(json.dumps([list(prompts), list(metadata or [])], sort_keys=True,
+                                                     default=str).encode("utf-8")).hexdigest()[:16]}
+    if args.cot:
+        settings.update(images_per_cot=args.images_per_cot, cot_max_tokens=args.cot_max_tokens,
+                        cot_template=path(args.cot_template), cot_temperature=args.cot_temperature)
+    return settings
+
+
+def _check_resumable(out_dir: str, settings: dict, overwrite: bool) -> bool:
+    """Whether ``--out`` holds an earlier run of the same settings to resume (False: nothing there, or
+    ``--overwrite``); a folder of other settings, or of generations without recorded settings, is refused."""
+    from egrpo.eval.generation import SETTINGS_FILE, check_generation_settings
+
+    if overwrite or not holds_generations(out_dir) or not os.path.isfile(os.path.join(out_dir, SETTINGS_FILE)):
+        return False   # (prepare_generation_dir refuses generations without recorded settings)
+    check_generation_settings(out_dir, settings, [], flag="--out", what_to_do=(
+        f"give a new --out, or pass --overwrite to move them into {os.path.join(out_dir, 'previous-<time>')}/"))
+    return True
 
 
 def run_score(args) -> int:

@@ -1,36 +1,25 @@
-"""Subcommands ``convert`` (checkpoint layouts) and ``data`` (prompt files) of the ``egrpo`` command."""
+"""Subcommands ``convert`` (checkpoint layouts) and ``data`` (prompt files) of the ``egrpo`` command. Their errors
+(bad paths, bad prompt files, bad checkpoints) are the ``egrpo`` command's one-line errors (``--debug``: traceback)."""
 
 from __future__ import annotations
-
-import sys
 
 
 def run_convert(args) -> int:
     from egrpo.checkpoints import convert_checkpoint
-    from egrpo.errors import CheckpointFormatError
 
-    try:
-        layout = convert_checkpoint(args.src, args.dst, to=args.to, max_shard_size=args.max_shard_size)
-    except CheckpointFormatError as e:
-        print(f"egrpo convert: {e}", file=sys.stderr)
-        return 2
+    layout = convert_checkpoint(args.src, args.dst, to=args.to, max_shard_size=args.max_shard_size)
     print(f"wrote {args.dst} ({'transformers' if layout == 'hf' else 'original Janus'} layout)")
     return 0
 
 
 def run_data_geneval(args) -> int:
-    from egrpo.data import PromptFileError, load_prompt_file, write_geneval_prompts
-    from egrpo.errors import UserError
+    from egrpo.data import load_prompt_file, write_geneval_prompts
 
     from .validate import prepare_output_file
 
-    try:
-        exclude = load_prompt_file(args.exclude, schema="geneval") if args.exclude else None
-        moved = prepare_output_file(args.out, args.overwrite)   # a prompt file may have been edited by hand
-        counts = write_geneval_prompts(args.out, args.n, ratio=args.ratio, seed=args.seed, exclude=exclude)
-    except (PromptFileError, UserError, ValueError) as e:
-        print(f"egrpo data geneval: {e}", file=sys.stderr)
-        return 2
+    exclude = load_prompt_file(args.exclude, schema="geneval") if args.exclude else None
+    moved = prepare_output_file(args.out, args.overwrite)   # a prompt file may have been edited by hand
+    counts = write_geneval_prompts(args.out, args.n, ratio=args.ratio, seed=args.seed, exclude=exclude)
     if moved:
         print(f"kept the previous {args.out} as {moved}")
     print(f"wrote {sum(counts.values())} prompts to {args.out}: "
@@ -39,13 +28,9 @@ def run_data_geneval(args) -> int:
 
 
 def run_data_check(args) -> int:
-    from egrpo.data import PromptFileError, load_prompt_file
+    from egrpo.data import load_prompt_file
 
-    try:
-        records = load_prompt_file(args.file, schema=args.schema)
-    except PromptFileError as e:
-        print(f"egrpo data check: {e}", file=sys.stderr)
-        return 2
+    records = load_prompt_file(args.file, schema=args.schema)
     print(f"{args.file}: {len(records)} valid records")
     return 0
 

@@ -267,7 +267,9 @@ def run(args) -> int:
     try:
         return args.eval_func(args)
     except (EvalError, UserError, MissingDependencyError, FileNotFoundError) as e:
-        print(f"egrpo eval {args.benchmark}: error: {e}", file=sys.stderr)
+        if getattr(args, "debug", False) or os.environ.get("EGRPO_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"egrpo eval {args.benchmark}: error: {e} (--debug shows the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\negrpo eval {args.benchmark}: interrupted; finished scores are kept in {_out(args)} "

@@ -5,15 +5,36 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import replace
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
+GENERATIONS = "generations.jsonl"
 
-def tensor_to_png(image: torch.Tensor, path: str) -> None:
-    from egrpo.rewards.base import to_pil
 
-    to_pil(image[None])[0].save(path)
+def finished_prompts(out_dir: str, prompts: Sequence[str], per_prompt: int) -> Dict[int, List[dict]]:
+    """The records of the prompts an earlier (interrupted) run into ``out_dir`` finished: all ``per_prompt`` images
+    on disk and in ``generations.jsonl`` for the same prompt text. Lines after a torn last one are ignored."""
+    by_prompt: Dict[int, Dict[int, dict]] = {}
+    try:
+        with open(os.path.join(out_dir, GENERATIONS), encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:   # the line being written when the run stopped
+                    break
+                by_prompt.setdefault(record.get("prompt_index"), {})[record.get("image_index")] = record
+    except OSError:
+        return {}
+    done = {}
+    for k, images in by_prompt.items():
+        if not (isinstance(k, int) and 0 <= k < len(prompts)) or sorted(images) != list(range(per_prompt)):
+            continue
+        records = [images[j] for j in range(per_prompt)]
+        if all(r.get("prompt") == prompts[k] and os.path.isfile(os.path.join(out_dir, str(r.get("file"))))
+               for r in records):
+            done[k] = records
+    return done
 
 
 @torch.no_grad()
@@ -22,37 +43,53 @@ def generate(model, tokenizer, prompts: Sequence[str], out_dir: str, rollout_cfg
     """Generate images for every prompt into ``out_dir`` with the training rollout (same prompt layouts, CoT and
     sampling settings as ``rollout_cfg``); prompt ``k`` is seeded with ``seed + k`` (so any prompt can be
     regenerated alone). ``images_per_prompt`` is the number of CoTs with ``rollout_cfg.cot`` (each gets
-    ``rollout_cfg.images_per_cot`` images), else the number of images. Writes ``{k:05d}_{j:02d}.png`` and
-    ``generations.jsonl``."""
+    ``rollout_cfg.images_per_cot`` images), else the number of images. Writes ``{k:05d}_{j:02d}.png`` (each
+    atomically) and ``generations.jsonl``; returns the records in prompt order.
+
+    Prompts that an earlier run into ``out_dir`` finished (:func:`finished_prompts`) are kept, not generated again:
+    an interrupted run resumes where it stopped, drawing the same images as one uninterrupted run. The caller
+    makes sure that run had the same settings (``egrpo generate`` records them in ``generation_settings.json``)."""
     from tqdm.auto import tqdm
 
+    from egrpo.eval.generation import save_png
     from egrpo.trainer.rollout import make_engine, rollout
 
     if images_per_prompt < 1:
         raise ValueError(f"images_per_prompt must be >= 1, got {images_per_prompt}")
     os.makedirs(out_dir, exist_ok=True)
     cfg = replace(rollout_cfg, group_size=images_per_prompt)
+    done = finished_prompts(out_dir, prompts, cfg.samples_per_prompt)
+    path = os.path.join(out_dir, GENERATIONS)
+    if done:   # the finished prompts' records only (a stopped prompt's partial ones are written again)
+        with open(path + ".partial", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for k in sorted(done) for r in done[k])
+        os.replace(path + ".partial", path)
     device = model.lm_head.weight.device
     engine = make_engine(model, cfg)   # one for all prompts (holds the compiled steps with rollout.compile)
-    records = []
-    out = None   # opened with the first image: a run that fails before it leaves no generations behind
+    records = {k: done[k] for k in done}
+    out = None   # opened with the first new image: a run that fails before it leaves no generations behind
+    todo = [k for k in range(len(prompts)) if k not in done]
     try:
-        for k, prompt in enumerate(tqdm(list(prompts), desc="generate", unit="prompt", disable=not progress)):
+        for k in tqdm(todo, desc="generate", unit="prompt", disable=not progress, initial=len(done),
+                      total=len(prompts)):
+            prompt = prompts[k]
             generator = torch.Generator(device=device).manual_seed(seed + k)
             ro = rollout(model, tokenizer, [prompt], cfg, generator, engine)
             if out is None:
-                out = open(os.path.join(out_dir, "generations.jsonl"), "w", encoding="utf-8")
+                out = open(path, "a" if done else "w", encoding="utf-8")
+            records[k] = []
             for j in range(ro.images.shape[0]):
                 name = f"{k:05d}_{j:02d}.png"
-                tensor_to_png(ro.images[j], os.path.join(out_dir, name))
+                save_png(ro.images[j], os.path.join(out_dir, name))
                 record = {"file": name, "prompt": prompt, "prompt_index": k, "image_index": j, "seed": seed + k,
                           "cot_index": j // ro.images_per_cot if ro.cot_texts is not None else None,
                           "cot": ro.cot_texts[j] if ro.cot_texts is not None else None,
                           "cfg_scale": cfg.cfg_scale, "temperature": cfg.temperature,
                           "metadata": dict((metadata or [{}] * len(prompts))[k] or {})}
                 out.write(json.dumps(record) + "\n")
-                records.append(record)
+                records[k].append(record)
+            out.flush()
     finally:
         if out is not None:
             out.close()
-    return records
+    return [r for k in sorted(records) for r in records[k]]

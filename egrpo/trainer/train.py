@@ -648,6 +648,60 @@ def holds_run(out_dir: str) -> bool:
     return any(nonempty(m) for m in RUN_MARKERS)
 
 
+def in_use_error(out_dir: str, owner: str) -> RunDirError:
+    return RunDirError(f"train.out_dir {out_dir!r} is in use by another training ({owner}); wait for it to end or "
+                       "stop it, or pick another train.out_dir")
+
+
+def check_out_dir(out_dir: str, overwrite: bool, resumed_load_dir: Optional[str] = None) -> None:
+    """RunDirError when starting a run in ``out_dir`` (or, with ``resumed_load_dir``, continuing the run whose
+    checkpoints are there) would mix two runs in one directory; ``overwrite`` moves the old run aside instead."""
+    if overwrite or not holds_run(out_dir):
+        return
+    if resumed_load_dir is not None:
+        if not same_path(os.path.dirname(resumed_load_dir), out_dir):
+            raise RunDirError(f"train.out_dir {out_dir!r} already holds another run; resume into the run's own "
+                              "directory, pick a new train.out_dir, or pass --overwrite to move the old run aside")
+        return
+    if _checkpoint_root(out_dir) is None:   # e.g. stopped by a crash before its first checkpoint
+        raise RunDirError(f"train.out_dir {out_dir!r} already holds a run without a checkpoint; pass --overwrite "
+                          "to move it aside (into previous-<time>/), or pick a new train.out_dir")
+    raise RunDirError(f"train.out_dir {out_dir!r} already holds a run; continue it with --resume {out_dir}, "
+                      "or pass --overwrite to move it aside (into previous-<time>/), or pick a new train.out_dir")
+
+
+def resume_changes(resume_from: str, step: int, effective: Dict[str, Any], allow_changes: bool) -> List[str]:
+    """The settings a resume from the checkpoint ``resume_from`` (at ``step``) changes, as log lines; ResumeError
+    for changes its policy refuses (:func:`check_resume_changes`)."""
+    saved_config = os.path.join(resume_from, "config.yaml")
+    if not os.path.isfile(saved_config):
+        return []
+    with open(saved_config, encoding="utf-8") as f:
+        return check_resume_changes(yaml.safe_load(f), effective, step, allow_changes, checkpoint_config=saved_config)
+
+
+def run_lock_owner(out_dir: str) -> Optional[str]:
+    """Who holds ``out_dir``'s run lock (the line it wrote: pid, host, start time), or None when no other process
+    trains there."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    if os.path.realpath(out_dir) in _HELD_LOCKS:
+        return None
+    try:
+        handle = open(os.path.join(out_dir, LOCK_NAME), encoding="utf-8")
+    except OSError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return handle.read(300).strip() or "unknown"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
+
+
 def acquire_run_lock(out_dir: str) -> None:
     """Refuse (RunDirError) when another process trains in ``out_dir``; otherwise hold its lock until
     :func:`release_run_lock` or the end of this process. A second call from this process (an earlier
@@ -671,8 +725,7 @@ def acquire_run_lock(out_dir: str) -> None:
         handle.seek(0)
         owner = handle.read(300).strip() or "unknown"
         handle.close()
-        raise RunDirError(f"train.out_dir {out_dir!r} is in use by another training ({owner}); wait for it to "
-                          "end or stop it, or pick another train.out_dir") from None
+        raise in_use_error(out_dir, owner) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
@@ -710,9 +763,9 @@ def apply_optim_settings(scheduler, cfg: Config, total_updates: int) -> None:
 # ---------------------------------------------------------------------------------------------- stopping
 
 
-class StopOnSignal:
-    """Inside: SIGTERM / SIGINT (Ctrl-C) only set ``signum``; the loop saves at the end of the step and
-    returns. A second signal gets the previous handler (Ctrl-C twice interrupts at once)."""
+class _OnSignals:
+    """Inside the block, SIGINT / SIGTERM call ``_handle`` (main thread only); leaving restores the handlers that
+    were there before."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -721,10 +774,7 @@ class StopOnSignal:
         self._previous: Dict[int, Any] = {}
 
     def _handle(self, signum, frame):
-        self.signum = signum
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-        print(f"egrpo: {signal.Signals(signum).name} received: saving a checkpoint at the end of this step "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
+        raise NotImplementedError
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -736,6 +786,32 @@ class StopOnSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         return False
+
+
+class StopOnSignal(_OnSignals):
+    """Inside: SIGTERM / SIGINT (Ctrl-C) only set ``signum``; the loop saves at the end of the step and
+    returns. A second signal gets the previous handler (Ctrl-C twice interrupts at once)."""
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        print(f"egrpo: {signal.Signals(signum).name} received: saving a checkpoint at the end of this step "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+
+class InterruptAtOnce(_OnSignals):
+    """Around a whole ``train()``: SIGINT / SIGTERM interrupt at once (KeyboardInterrupt), as before the first step
+    there is nothing to save, and the signal is also remembered: Python drops an exception raised inside a
+    ``__del__`` (model loading runs many), and :meth:`raise_if_dropped` then stops before the first step instead of
+    training on. Inside the loop :class:`StopOnSignal` takes over; its "second signal" handler is this one."""
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        raise KeyboardInterrupt
+
+    def raise_if_dropped(self) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
 
 
 def local_parameters_finite(params) -> bool:
@@ -787,7 +863,16 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
 
     Returns a summary: paths of the outputs, per-step metric records of this invocation (rank 0),
     ``resumed_from`` (step), ``stopped_by`` (signal name, if any), and with ``return_params`` the final
-    trainable parameters (CPU copies)."""
+    trainable parameters (CPU copies).
+
+    A signal (SIGINT, SIGTERM) before the first step interrupts at once (KeyboardInterrupt: nothing to save yet);
+    during the loop it saves a checkpoint at the end of the step and returns (a second one interrupts at once)."""
+    with InterruptAtOnce() as interrupts:
+        return _train(cfg, resume, interrupts, overwrite, allow_changes, model_builder, stop_after, return_params)
+
+
+def _train(cfg: Config, resume: Optional[str], interrupts: InterruptAtOnce, overwrite: bool, allow_changes: bool,
+           model_builder: Optional[Callable], stop_after: Optional[int], return_params: bool) -> Dict[str, Any]:
     import deepspeed
     import torch.distributed as dist
 
@@ -835,20 +920,10 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
         if problems:
             say(f"resuming from the newest intact checkpoint {resume_from}", is_main)
         state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
-        saved_config = os.path.join(resume_from, "config.yaml")
-        if os.path.isfile(saved_config):
-            with open(saved_config, encoding="utf-8") as f:
-                changes = check_resume_changes(yaml.safe_load(f), effective, int(state["step"]), allow_changes,
-                                               checkpoint_config=saved_config)
-        if holds_run(out_dir) and not same_path(os.path.dirname(load_dir), out_dir) and not overwrite:
-            raise RunDirError(f"train.out_dir {out_dir!r} already holds another run; resume into the run's own "
-                              "directory, pick a new train.out_dir, or pass --overwrite to move the old run aside")
-    elif holds_run(out_dir) and not overwrite:
-        if _checkpoint_root(out_dir) is None:   # e.g. stopped by a crash before its first checkpoint
-            raise RunDirError(f"train.out_dir {out_dir!r} already holds a run without a checkpoint; pass --overwrite "
-                              "to move it aside (into previous-<time>/), or pick a new train.out_dir")
-        raise RunDirError(f"train.out_dir {out_dir!r} already holds a run; continue it with --resume {out_dir}, "
-                          "or pass --overwrite to move it aside (into previous-<time>/), or pick a new train.out_dir")
+        changes = resume_changes(resume_from, int(state["step"]), effective, allow_changes)
+        check_out_dir(out_dir, overwrite, load_dir)
+    else:
+        check_out_dir(out_dir, overwrite)
     dist.barrier()
     if is_main:
         if overwrite and holds_run(out_dir) and not (resume_from and same_path(os.path.dirname(load_dir), out_dir)):
@@ -973,6 +1048,7 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
                if last_good else ""))
 
     steps_this_run, saved_at, stop_signal, stopper = 0, None, 0, StopOnSignal()
+    interrupts.raise_if_dropped()   # a signal during the start whose KeyboardInterrupt Python dropped
     with stopper:
         while step < t.steps:
             if stop_after is not None and steps_this_run >= stop_after:

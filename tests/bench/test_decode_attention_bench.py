@@ -11,7 +11,7 @@ def test_dry_run_rows_and_render(tmp_path):
     assert main(["--dry-run", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = {r["impl"]: r for r in report["rows"]}
-    assert {"sdpa-prefix", "sdpa-buffer", "triton-B64-W4"} <= set(rows)
+    assert {"sdpa-prefix", "sdpa-buffer", "triton-B64-W4", "triton-B64-W4-ungated"} <= set(rows)
     for row in rows.values():
         assert row["status"] == "ok" and row["ms"] > 0 and row["max_abs_err_vs_float64"] < 1e-5
         assert row["floor_ms"] > 0 and row["over_floor"] == row["ms"] / row["floor_ms"]

@@ -126,8 +126,11 @@ def test_cli_data_geneval_and_check(tmp_path, capsys):
     args = parser.parse_args(["data", "check", out])
     assert args.func(args) == 0 and "44 valid records" in capsys.readouterr().out
     bad = write(tmp_path, "bad.jsonl", "{}\n")
-    args = parser.parse_args(["data", "check", bad])
-    assert args.func(args) == 2 and "bad.jsonl:1" in capsys.readouterr().err
+    from egrpo.cli import main
+
+    assert main(["data", "check", bad]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("egrpo data check: error: ") and "bad.jsonl:1" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("name, schema", [("t2i_sample.jsonl", "t2i"), ("geneval_sample.jsonl", "geneval"),

@@ -66,6 +66,30 @@ class PoisonEmpty(TorchDispatchMode):
         return out
 
 
+# Gradient error bound, relative to the largest entry, for a bf16 path against float64 on the same bf16-rounded
+# logits: dz is rounded to bf16 before the gradient GEMMs (one unit of bf16 roundoff u = 2^-9 per term, summed over V
+# terms that cancel) and the gradient is rounded once more. Measured worst over the head paths (frozen / trainable,
+# advantages / per-sequence / per-group / batch advantage_fn): 3.5u with the CPU torch path (40 seeds), 5.2u with the
+# Triton half-logits path (15 seeds). 8u = 2^-6 leaves 1.5x (a bug in the statistics or the temperature moves
+# gradients by far more; the fp32 parity tests bound them at 1e-4).
+BF16_ROUNDED_GRAD_TOL = 2**-6
+
+
+def record_row_pass(monkeypatch, name: str, backend: str = "triton") -> list:
+    """Wrap the chunk engine's row pass ``name`` (a field of ``ROW_PASSES[backend]``): returns the list that each
+    call appends the dtype of the logits it was given to."""
+    from egrpo.kernels import _head
+
+    seen, real = [], getattr(_head.ROW_PASSES[backend], name)
+
+    def recording(z, *args):
+        seen.append(z.dtype)
+        return real(z, *args)
+
+    monkeypatch.setitem(_head.ROW_PASSES, backend, _head.ROW_PASSES[backend]._replace(**{name: recording}))
+    return seen
+
+
 def rounds_logits_to_bf16(dtype, backend, device="cpu") -> bool:
     """Whether the fused head's logits GEMM writes bf16 for these inputs: the torch backend on a CPU with bf16
     GEMMs, as eager bf16 code does (then widened to fp32), and the Triton backend with half logits
@@ -81,15 +105,21 @@ def rounds_logits_to_bf16(dtype, backend, device="cpu") -> bool:
     return gemm_dtype(dtype, dev, backend) == torch.bfloat16
 
 
-def bf16_logit_half_ulp(hidden, weight, bias=None, temperature=1.0) -> float:
-    """Half a bf16 ulp at the largest logit (float64 logits of the inputs): how far one rounding of the logits
-    to bf16 may move any of them, and so (to first order) any log-prob or entropy. The tolerance a path that
-    rounds its logits once, as eager bf16 code does, gets on top of eager's own error."""
+def bf16_logit_rounding_bounds(hidden, weight, bias=None, temperature=1.0):
+    """Per-row first-order bounds ``(logp [N], entropy [N])`` on how far rounding each logit to bf16 once (the
+    GEMM's output ``x W^T``, and ``x W^T + b`` as eager rounds it: at most half an ulp, <= 2^-8 of the value) moves
+    the row's log-prob and entropy. With ``d`` the largest such move of the row's logits over the temperature:
+    ``logp = z_y - lse`` moves by at most ``2 d``; ``H = -sum p log p`` by ``sum_j p_j dz_j (log p_j + H)``, at most
+    ``d sum_j p_j |log p_j + H|``. A path that rounds its logits once is within these of float64, whatever the
+    rounding (the two roundings of ours and eager's are independent draws, so "eager + a fixed margin" is not)."""
     h = hidden.detach().double().reshape(-1, hidden.shape[-1])
-    z = h @ weight.detach().double().t()
-    if bias is not None:
-        z = z + bias.detach().double()
-    return 2.0**-9 * (z / temperature).abs().max().item()
+    xw = h @ weight.detach().double().t()
+    z = xw if bias is None else xw + bias.detach().double()
+    d = 2.0**-8 * torch.maximum(xw.abs(), z.abs()).amax(dim=1) / temperature
+    logp_all = torch.log_softmax(z / temperature, dim=1)
+    p = logp_all.exp()
+    entropy = -(p * logp_all).sum(1)
+    return 2 * d, d * (p * (logp_all + entropy[:, None]).abs()).sum(1)
 
 
 def max_abs_err(a, b):

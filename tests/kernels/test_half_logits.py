@@ -12,6 +12,7 @@ import egrpo.kernels._head as head
 from egrpo.kernels import grpo_loss, linear_logprob_entropy
 from egrpo.kernels import _common
 from egrpo.kernels._common import INTERPRETING, cpu_has_fast_bf16, half_logits
+from tests.kernels._utils import record_row_pass
 
 from . import test_head_paths as paths
 from . import test_linear_logprob_entropy as standalone
@@ -64,14 +65,7 @@ class DtypeAllocations(TorchDispatchMode):
 @pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "trainable"])
 def test_kernels_read_half_logits_and_no_fp32_chunk_exists(frozen, monkeypatch):
     hidden, weight, bias, targets, mask, seq_adv, kw = paths.make_case(torch.bfloat16)
-    seen_dtypes = []
-    stats = head.ROW_PASSES["triton"].stats
-
-    def recording_stats(z, *args):
-        seen_dtypes.append(z.dtype)
-        return stats(z, *args)
-
-    monkeypatch.setitem(head.ROW_PASSES, "triton", head.ROW_PASSES["triton"]._replace(stats=recording_stats))
+    seen_dtypes = record_row_pass(monkeypatch, "stats")
     chunk = 21  # three sequences of T = 7 (chunk x V above the fp32 dW accumulator's V x D)
     head.free_cpu_workspace()
     with DtypeAllocations() as allocations:

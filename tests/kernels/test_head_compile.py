@@ -39,7 +39,7 @@ for spec in json.loads(sys.argv[1]):
 
 
 def _specs():
-    from egrpo.kernels._head import block_v, num_warps
+    from egrpo.kernels._head import block_v, direction_launch, num_warps
 
     specs = []
     # image head (bias), text head; fp32 logits (the default) and bf16 logits (EGRPO_HALF_LOGITS=1, dz in place)
@@ -62,12 +62,25 @@ def _specs():
                               constexprs={"HAS_BIAS": has_bias, "HAS_G_LOGP": True, "HAS_G_ENTROPY": has_g_h,
                                           "BLOCK_V": block},
                               divisible=[k for k in dz_sig if k != "inv_tau"]))
+        # the fused statistics + direction pass (EGRPO_FUSED_ROW_PASS=1): the image row held whole, the text row in
+        # two loops; the direction goes to the half buffer (fp32 logits) or over the half logits in place
+        block, one_block, warps = direction_launch(V, interpreting=False)
+        fused_sig = {"logits_ptr": logits_t, "stride_logits": "i64", "dz_ptr": "*bf16", "stride_dz": "i64",
+                     "bias_ptr": bias_t, "targets_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32",
+                     "lse_ptr": "*fp32", "n_rows": "i32", "V": "i32", "inv_tau": "fp32"}
+        specs.append(dict(kernel="_head_stats_direction_kernel", signature=fused_sig, num_warps=warps,
+                          constexprs={"HAS_BIAS": has_bias, "BLOCK_V": block, "ONE_BLOCK": one_block},
+                          divisible=[k for k in fused_sig if k not in ("inv_tau", "n_rows")]))
     return specs
 
 
 def test_row_kernels_compile_for_sm90_with_the_launch_configuration():
     specs = _specs()
-    assert {s["num_warps"] for s in specs} == {8} and {s["constexprs"]["BLOCK_V"] for s in specs} == {4096}
+    two_kernel = [s for s in specs if s["kernel"] != "_head_stats_direction_kernel"]
+    assert {s["num_warps"] for s in two_kernel} == {8} and {s["constexprs"]["BLOCK_V"] for s in two_kernel} == {4096}
+    fused = {(s["constexprs"]["BLOCK_V"], s["constexprs"]["ONE_BLOCK"], s["num_warps"]) for s in specs
+             if s not in two_kernel}
+    assert fused == {(16384, True, 16), (4096, False, 8)}
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(specs)], env=env, capture_output=True,
                           text=True, timeout=600)

@@ -45,11 +45,12 @@ def _case(rows, heads, kv_heads, slots, dim, dtype, spare=7, seed=0):
     (1, 1, 1, 1, 32),       # one slot
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_float64(rows, heads, kv_heads, slots, dim, dtype):
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+def test_matches_float64(rows, heads, kv_heads, slots, dim, dtype, gated):
     q, keys, values, valid = _case(rows, heads, kv_heads, slots, dim, dtype)
     assert (key_splits(rows * heads, slots) > 1) == (slots == 600)
     scale = 1 / math.sqrt(dim)
-    out = decode_attention(q, keys, values, valid[:, None, None, :], scale)
+    out = decode_attention(q, keys, values, valid[:, None, None, :], scale, gated_loads=gated)
     assert out.shape == q.shape and out.dtype == dtype
     exact = _reference(q, keys, values, valid, scale)
     error = (out.double() - exact).abs().max().item()
@@ -61,26 +62,29 @@ def test_matches_float64(rows, heads, kv_heads, slots, dim, dtype):
 
 
 @pytest.mark.parametrize("rows,heads", [(2, 2), (64, 8)])  # splits, and one split per (row, head)
-def test_limit_hides_and_skips_later_slots(rows, heads):
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+def test_limit_hides_and_skips_later_slots(rows, heads, gated):
     """Slots at or past ``limit`` are not attended even where the mask allows them, and not read: NaN K/V there
     change nothing (a read would turn the output NaN, since 0 * NaN is NaN)."""
     q, keys, values, valid = _case(rows, heads, heads, 300, 16, torch.float32, seed=1)
     limit = 201
     keys, values = keys.clone(), values.clone()
     keys[:, :, limit:], values[:, :, limit:] = float("nan"), float("nan")
-    out = decode_attention(q, keys, values, valid, 0.25, torch.tensor([limit]))
+    out = decode_attention(q, keys, values, valid, 0.25, torch.tensor([limit]), gated_loads=gated)
     exact = _reference(q, keys[:, :, :limit], values[:, :, :limit], valid[:, :limit], 0.25)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-6)
 
 
-def test_masked_slots_are_not_read():
-    """Masked slots (prompt padding) are skipped, not multiplied by zero: NaN K/V in them change nothing."""
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+def test_masked_slots_change_nothing(gated):
+    """Masked slots (prompt padding) are skipped (gated: not read; ungated: read and selected out), never multiplied
+    by zero: NaN K/V in them change nothing."""
     q, keys, values, valid = _case(4, 2, 2, 90, 16, torch.float32, seed=2)
     keys, values = keys.clone(), values.clone()
     keys[~valid[:, None, :].expand(-1, 2, -1)] = float("nan")
     values[~valid[:, None, :].expand(-1, 2, -1)] = float("nan")
-    out = decode_attention(q, keys, values, valid, 0.25)
+    out = decode_attention(q, keys, values, valid, 0.25, gated_loads=gated)
     exact = _reference(q, keys.nan_to_num(), values.nan_to_num(), valid, 0.25)
     torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-6)
 
@@ -117,11 +121,12 @@ def test_key_splits():
 
 
 @pytest.mark.parametrize("rows,heads", [(2, 2), (64, 8)])  # splits, and one split per (row, head)
-def test_a_row_with_no_valid_slot_gives_zeros(rows, heads):
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+def test_a_row_with_no_valid_slot_gives_zeros(rows, heads, gated):
     """Never asked by the engine (the current slot is always valid), but defined: zeros, not NaN."""
     q, keys, values, valid = _case(rows, heads, heads, 300, 16, torch.float32, seed=4)
     valid[0] = False
-    out = decode_attention(q, keys, values, valid, 0.25)
+    out = decode_attention(q, keys, values, valid, 0.25, gated_loads=gated)
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     exact = _reference(q[1:], keys[1:], values[1:], valid[1:], 0.25)
     torch.testing.assert_close(out[1:].double(), exact, rtol=1e-5, atol=1e-6)
@@ -143,9 +148,9 @@ def test_bad_shapes_are_refused():
         decode_attention(q, keys.transpose(-1, -2).contiguous().transpose(-1, -2), values, valid, 1.0)
 
 
-@pytest.mark.parametrize("dtype,limit,split,dim", [("bf16", True, False, 128), ("fp32", False, True, 64),
-                                                   ("fp16", True, True, 96)])
-def test_kernel_compiles_for_h100(dtype, limit, split, dim):
+@pytest.mark.parametrize("dtype,limit,split,dim,gated", [("bf16", True, False, 128, True), ("fp32", False, True, 64, True),
+                                                         ("fp16", True, True, 96, True), ("bf16", True, False, 128, False)])
+def test_kernel_compiles_for_h100(dtype, limit, split, dim, gated):
     signature = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "mask_ptr": "*u8",
                  "limit_ptr": "*i64" if limit else "*u8", "out_ptr": "*fp32" if split else f"*{dtype}",
                  "m_ptr": "*fp32" if split else f"*{dtype}", "l_ptr": "*fp32" if split else f"*{dtype}"}
@@ -156,7 +161,7 @@ def test_kernel_compiles_for_h100(dtype, limit, split, dim):
     signature["scale"] = "fp32"
     compile_for_sm90("egrpo.rollout.attention", "_decode_attention_kernel", signature,
                      dict(HAS_LIMIT=limit, SPLIT=split, HEAD_DIM=dim, BLOCK_D=triton_next_pow2(dim),
-                          BLOCK_S=BLOCK_KEYS), num_warps=NUM_WARPS)
+                          BLOCK_S=BLOCK_KEYS, GATED=gated), num_warps=NUM_WARPS)
 
 
 def triton_next_pow2(n):

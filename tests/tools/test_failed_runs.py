@@ -87,3 +87,63 @@ def test_data_geneval_keeps_an_existing_prompt_file(tmp_path, capsys):
     assert main(["data", "geneval", "--out", str(out), "--n", "4", "--overwrite"]) == 0
     (kept,) = tmp_path.glob("train.previous-*.jsonl")
     assert "edited by hand" in kept.read_text() and out.read_text().count("\n") == 4
+
+
+def _interrupting_rollout(monkeypatch, after):
+    """The real rollout for the first ``after`` calls, then Ctrl-C."""
+    import egrpo.trainer.rollout as rollout_module
+
+    real, calls = rollout_module.rollout, []
+
+    def rollout(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > after:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rollout_module, "rollout", rollout)
+
+
+def test_an_interrupted_generate_resumes_with_the_images_of_one_uninterrupted_run(tmp_path, capsys, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red apple\na red car\na red rose\n")
+    common = ["generate", "--prompts", str(prompts), "--images-per-prompt", "2", "--seed", "5", *TINY]
+    assert main([*common, "--out", str(tmp_path / "whole")]) == 0
+    capsys.readouterr()
+    out = tmp_path / "gen"
+    with monkeypatch.context() as m:
+        _interrupting_rollout(m, after=2)
+        assert main([*common, "--out", str(out)]) == 130
+    err = one_line_error(capsys)
+    assert "interrupted" in err and "rerun the same command to resume" in err
+    assert sorted(p.name for p in out.glob("*.png")) == [f"0000{k}_0{j}.png" for k in (0, 1) for j in (0, 1)]
+    # a torn last line (killed while writing) is ignored
+    with open(out / "generations.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"file": "00002_00.png", "prom')
+    with monkeypatch.context() as m:
+        _interrupting_rollout(m, after=1)   # only the third prompt is left
+        assert main([*common, "--out", str(out)]) == 0
+    assert "resumed" in capsys.readouterr().out
+    whole = (tmp_path / "whole" / "generations.jsonl").read_text()
+    assert (out / "generations.jsonl").read_text() == whole
+    for png in (tmp_path / "whole").glob("*.png"):
+        assert (out / png.name).read_bytes() == png.read_bytes(), png.name
+
+
+def test_generate_into_a_folder_of_other_settings_is_refused_by_name(tmp_path, prompts, capsys):
+    out = tmp_path / "gen"
+    assert main(["generate", "--prompts", prompts, "--out", str(out), "--seed", "1", *TINY]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--prompts", prompts, "--out", str(out), "--seed", "2", *TINY]) == 2
+    err = one_line_error(capsys)
+    assert "other settings: seed (1 -> 2)" in err and "--overwrite" in err
+    assert main(["generate", "--prompts", prompts, "--out", str(out), "--seed", "2", "--overwrite", *TINY]) == 0
+    assert len(list(out.glob("previous-*/00000_00.png"))) == 1
+
+
+def test_generate_that_failed_before_its_first_image_takes_other_settings(tmp_path, prompts, capsys, monkeypatch):
+    out = tmp_path / "gen"
+    with monkeypatch.context() as m:
+        _interrupting_rollout(m, after=0)
+        assert main(["generate", "--prompts", prompts, "--out", str(out), "--seed", "1", *TINY]) == 130
+    assert main(["generate", "--prompts", prompts, "--out", str(out), "--seed", "2", *TINY]) == 0

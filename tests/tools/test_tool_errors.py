@@ -94,3 +94,26 @@ def test_plot_analysis_names_the_file_and_what_it_expects(tmp_path, capsys):
     assert main(["plot-analysis", str(text), "--out", str(tmp_path / "plots")]) == 2
     err = one_line_error(capsys)
     assert str(text) in err and "line 1 is not JSON" in err
+
+
+def test_generate_errors_speak_in_the_commands_flags(tmp_path, prompts, capsys):
+    out = str(tmp_path / "gen")
+    model_free = ["--dtype", "fp32", "--device", "cpu", "--no-progress"]
+    assert main(["generate", "--prompts", prompts, "--out", out, "--top-k", "0", *TINY]) == 2
+    assert "--top-k must be an integer >= 1 (or leave the flag out: no top-k), got 0" in one_line_error(capsys)
+    assert main(["generate", "--prompts", prompts, "--out", out, "--cot", "--cot-template", str(tmp_path / "no.txt"),
+                 *TINY]) == 2
+    assert "--cot-template: cannot read" in one_line_error(capsys)
+    assert main(["generate", "--prompts", prompts, "--out", out, "--model", str(tmp_path / "nomodel"), *model_free]) == 2
+    err = one_line_error(capsys)
+    assert "--model" in err and "no such directory" in err and "FileNotFoundError" not in err
+    # a training run (or one of its checkpoints) instead of its exported model
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_000002").mkdir(parents=True)
+    (run / "config.yaml").write_text("{}\n")
+    (run / "hf").mkdir()
+    (run / "hf" / "config.json").write_text("{}\n")
+    for given in (run, run / "checkpoints" / "step_000002"):
+        assert main(["generate", "--prompts", prompts, "--out", out, "--model", str(given), *model_free]) == 2
+        err = one_line_error(capsys)
+        assert "is a training run" in err and f"--model {run / 'hf'}" in err

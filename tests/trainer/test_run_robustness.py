@@ -121,6 +121,46 @@ def test_stop_on_signal_flags_once_then_interrupts_and_restores_handlers():
             signal.signal(sig, handler)
 
 
+def test_interrupt_at_once_raises_remembers_and_restores_handlers():
+    """Around train(): a signal raises KeyboardInterrupt at once and is remembered; leaving restores the handlers."""
+    before = {sig: signal.getsignal(sig) for sig in T.StopOnSignal.SIGNALS}
+    for sig in T.StopOnSignal.SIGNALS:
+        with T.InterruptAtOnce() as interrupts:
+            interrupts.raise_if_dropped()   # nothing received: no-op
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), sig)
+            assert interrupts.signum == sig
+            with pytest.raises(KeyboardInterrupt):
+                interrupts.raise_if_dropped()
+        assert {s: signal.getsignal(s) for s in T.StopOnSignal.SIGNALS} == before
+
+
+class _SignalsInDel:
+    """Sends SIGINT to this process from its __del__: Python prints and drops the KeyboardInterrupt raised there."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped one
+def test_a_signal_dropped_during_the_start_still_stops_the_run_before_its_first_step(tmp_path):
+    """Ctrl-C while the model loads can land in a __del__, where Python drops the KeyboardInterrupt: the run must
+    not train on. train() stops before its first step: no step, no checkpoint, no metrics."""
+    from egrpo.trainer.model import build_model
+
+    from ._helpers import small_config
+
+    def builder(model_config, device):
+        built = build_model(model_config, device)
+        _SignalsInDel()   # collected at once: the signal arrives inside __del__
+        return built
+
+    with pytest.raises(KeyboardInterrupt):
+        T.train(small_config(str(tmp_path / "run"), "train.steps=2"), model_builder=builder)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
+
+
 # ----------------------------------------------------------------------------------------- failed saves
 
 
