@@ -18,9 +18,9 @@ every row measured so far):
    5-25 event-timed calls), peak memory, fraction of the bf16 floor (useful GEMM FLOPs / measured rate / time),
    speed-up and memory against the matching eager row, and max abs difference from eager; the GRPO rows once
    more with the row-pass overlap on (``EGRPO_OVERLAP_ROW_PASSES=1``), to decide whether it becomes the
-   default, and with half logits (``EGRPO_HALF_LOGITS=1``, the opt-in), and Liger's once more with TF32 on (its
-   dx/dW GEMMs are fp32); ``goals`` holds each issue goal's figure and verdict (and the half-logits row's beside
-   it);
+   default, with half logits (``EGRPO_HALF_LOGITS=1``, an opt-in) and with the fused row pass
+   (``EGRPO_FUSED_ROW_PASS=1``, an opt-in; ``+fusedrows-loop``: its kernel never holding a row whole); ``goals``
+   holds each issue goal's figure and verdict (and the opt-ins' rows beside it);
 4. the decode attention alone: ``python -m bench.decode_attention`` (our kernel's block sizes and warps against
    SDPA and the memory floor at the 7B / 1B image-phase shapes; ``decode_attention_cuda.json``, ~20 s), the VQ
    decode of 128 images alone (``python -m bench.rollout --vq-only --device cuda``: chunk sizes, channels-last,

@@ -34,7 +34,7 @@ def test_gpu_quick_dry_run_writes_every_row(tmp_path):
             assert rows[(case, op, "eager_frozen")]["useful_ndv"] == 4
             assert rows[(case, op, "ours_torch")]["eager_peer"] == "eager"
             assert rows[(case, op, "eager_frozen")]["max_abs_diff_vs_eager"] < 1e-3
-        for impl in ("liger_grpo", "liger_grpo_frozen", "liger_grpo+tf32"):
+        for impl in ("liger_grpo", "liger_grpo_frozen"):
             liger = rows[(case, "grpo", impl)]
             assert liger["status"] == "ok" and liger["max_abs_diff_vs_eager"] < 1e-3, liger
         assert rows[(case, "grpo", "liger_grpo_frozen")]["useful_ndv"] == 4
@@ -56,7 +56,12 @@ def test_gpu_quick_dry_run_writes_every_row(tmp_path):
     assert rows[("image", "head", "ours_torch+halflogits")]["status"] == "ok"
     assert all("fp32logits" not in impl for _, _, impl in rows)
     liger_goal = next(g for g in goals if g.get("case") == "image" and g["goal"].startswith("GRPO loss ours_torch "))
-    assert set(liger_goal["peers"]) == {"liger_grpo", "liger_grpo+tf32"} and liger_goal["figure"] > 0
+    assert set(liger_goal["peers"]) == {"liger_grpo"} and liger_goal["figure"] > 0
+    # the fused row pass (the opt-in) beside the default: the same loss (on CPU the torch passes, which have none)
+    assert floor_goal["with_fused_rows"]["figure"] == \
+        rows[("image", "grpo", "ours_torch_frozen+fusedrows")]["fraction_of_floor"]
+    for impl in ("ours_torch_frozen+fusedrows", "ours_torch_frozen+fusedrows-loop", "ours_torch+fusedrows"):
+        assert rows[("image", "grpo", impl)]["status"] == "ok"
     assert report["method"]["timing"] and report["torch_flags"]
     # step 4: the decode attention rows, then the rollout rows, each a subprocess (the GPU code on CPU) with a JSON
     (attention,) = [s for s in report["steps"] if s["step"].startswith("decode attention rows")]
@@ -84,14 +89,23 @@ def test_half_logits_variant_and_the_default_rows(monkeypatch):
         return [_common.check_chunk_size(None, n, v, cuda, _common.chunk_logit_bytes(torch.bfloat16, cuda, "triton"))
                 for n, v in ((36864, 16384), (16384, 102400))]
 
-    for variant in ("", "overlap", "chunk1024"):
+    for variant in ("", "overlap", "chunk1024", "fusedrows"):
         undo = _set_variant(variant)
         try:
             assert os.environ["EGRPO_HALF_LOGITS"] == "0"
+            assert os.environ["EGRPO_FUSED_ROW_PASS"] == ("1" if variant == "fusedrows" else "0")
             assert defaults() == ([1024, 1024] if variant == "chunk1024" else [4096, 4096])
         finally:
             undo()
-        assert os.environ["EGRPO_HALF_LOGITS"] == "1"
+        assert os.environ["EGRPO_HALF_LOGITS"] == "1" and "EGRPO_FUSED_ROW_PASS" not in os.environ
+    from egrpo.kernels import _head
+
+    undo = _set_variant("fusedrows-loop")   # the same kernel, the row never held whole
+    try:
+        assert os.environ["EGRPO_FUSED_ROW_PASS"] == "1" and _head.DIRECTION_ONE_BLOCK_MAX_V == 0
+    finally:
+        undo()
+    assert _head.DIRECTION_ONE_BLOCK_MAX_V == 16384
     monkeypatch.delenv("EGRPO_HALF_LOGITS")
     undo = _set_variant("halflogits")
     try:
