@@ -265,7 +265,8 @@ def _train(args) -> int:
         if summary.get(key):
             print(f"{label} {summary[key]}")
     if summary["samples"]:
-        print(f"samples:     {summary['samples'][-1]} ({len(summary['samples'])} grids)")
+        n = len(summary["samples"])
+        print(f"samples:     {summary['samples'][-1]} ({n} grid{'s' if n != 1 else ''})")
     best = summary.get("best")
     if best and best.get("checkpoint"):
         print(f"best:        eval/{best['metric']} = {best['value']:.6g} at step {best['step']}: {best['checkpoint']}")

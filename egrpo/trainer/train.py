@@ -935,7 +935,8 @@ def _train(cfg: Config, resume: Optional[str], interrupts: InterruptAtOnce, over
     try:
         reward_set = build_rewards(cfg.rewards)
     except (ValueError, ImportError, OSError) as e:   # bad arguments, missing package or weights
-        raise ConfigError(f"rewards: {e}") from e
+        message = str(e)   # (the registry's messages already name the entry: rewards[i] ...)
+        raise ConfigError(message if message.startswith("rewards") else f"rewards: {message}") from e
     builder = model_builder or build_model
     model, tokenizer = load_model(builder, cfg.model, device)
     # guided log-probs (objective.logprob_source: guided) need the unconditional branch with the sampler's layout
