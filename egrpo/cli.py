@@ -109,7 +109,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:   # (train and generate say more: see there)
         if debug:
             raise
-        print(f"\negrpo {args.command}: interrupted", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+        print(f"\negrpo {command}: interrupted", file=sys.stderr)
         return 130
 
 
@@ -214,16 +215,6 @@ def check_run_dir(cfg, args) -> str:
             + (f"changes: {'; '.join(changes)})" if changes else "no setting changes)"))
 
 
-def _has_checkpoint(out_dir: str) -> bool:
-    from egrpo.trainer.train import find_checkpoint
-
-    try:
-        find_checkpoint(out_dir)
-        return True
-    except Exception:   # no checkpoint, or none intact
-        return False
-
-
 def _train(args) -> int:
     import signal
 
@@ -238,11 +229,15 @@ def _train(args) -> int:
     try:
         summary = train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
         main_process = not dist.is_initialized() or dist.get_rank() == 0
-    except KeyboardInterrupt:   # before the first step, or a second signal: nothing more is saved
-        out = cfg.train.out_dir
-        kept = (f"its checkpoints are kept: continue with --resume {out}" if _has_checkpoint(out) else
-                "no checkpoint was saved yet: rerun the command (with --overwrite if it says the folder holds a run)")
-        print(f"\negrpo train: interrupted; {kept}", file=sys.stderr)
+    except KeyboardInterrupt:   # SIGINT before the first step, or a second one: nothing more is saved
+        from egrpo.trainer.train import has_checkpoints
+
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            out = cfg.train.out_dir   # (no checkpoint is hashed here: that can take minutes at 7B)
+            kept = (f"its checkpoints are kept: continue with --resume {out}" if has_checkpoints(out) else
+                    "no checkpoint was saved yet: rerun the command (with --overwrite if it says the folder holds "
+                    "a run)")
+            print(f"\negrpo train: interrupted; {kept}", file=sys.stderr)
         return 130
     finally:
         shutdown_distributed()

@@ -181,8 +181,10 @@ def num_warps(block: int, interpreting: bool = INTERPRETING) -> int:
 # The fused statistics + direction pass (EGRPO_FUSED_ROW_PASS=1, :func:`fused_row_pass`). Our choices, not yet
 # measured on a GPU (bench/gpu_quick.py has the paired "+fusedrows" rows): a row of at most this many columns (the
 # image vocabulary: 64 KiB of fp32 logits, 16 warps of 32 values per thread) is held whole and read once; wider rows
-# are read by the statistics loop and again, from L2, by the direction loop. The grid is persistent, a few programs
-# per SM, so that the rows in flight (4 x 132 SMs x 64 KiB = 33 MiB on an H100/H200 at V = 16384) fit the 50 MiB L2.
+# are read by the statistics loop and again by the direction loop. The grid is persistent, a few programs per SM:
+# streamed twice, a 64 KiB row (the "+fusedrows-loop" row: 4 x 132 SMs x 64 KiB = 33 MiB in flight on an H100/H200)
+# is still in the 50 MiB L2 for its second read; a text row (400 KiB, ~211 MiB in flight) is not, so the text head
+# is expected to gain nothing from it (the same 14 bytes per logit as the two-kernel path).
 DIRECTION_ONE_BLOCK_MAX_V = 16384
 DIRECTION_PROGRAMS_PER_SM = 4
 # The interpreter runs programs one after another: a few programs still walk the strided row loop, as every CUDA
@@ -692,8 +694,8 @@ def head_pass(
         logp = torch.empty(n_rows, dtype=ops.ldt, device=hidden.device)
         entropy = torch.empty_like(logp)
         lse = torch.empty_like(logp)
-        direction = (with_grads and entropy_detached and grads.db is None and passes.stats_direction is not None
-                     and fused_row_pass())
+        direction = (fused_row_pass() and with_grads and entropy_detached and grads.db is None
+                     and passes.stats_direction is not None)   # (the switch read first: a bad value is always refused)
         for rows, x, z, half in _chunks(hidden, ops, bufs, chunk_size, lookahead):
             if direction:
                 dz = z if half is None else half

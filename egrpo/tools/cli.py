@@ -213,10 +213,12 @@ def run_plot(args) -> int:
 
 
 def run_generate(args) -> int:
+    from dataclasses import replace
+
     from egrpo.eval.generation import write_generation_settings
 
     from .analyze import load_prompts
-    from .generate import generate
+    from .generate import finished_prompts, generate
 
     check_at_least(args.images_per_prompt, "--images-per-prompt")
     check_at_least(args.images_per_cot, "--images-per-cot")
@@ -234,14 +236,17 @@ def run_generate(args) -> int:
         print(f"moved the earlier generations in {args.out} to {moved}", file=sys.stderr)
     model, tokenizer, rollout_cfg = _load_model(args, **phases)
     write_generation_settings(args.out, settings)
+    kept = sum(len(r) for r in finished_prompts(args.out, prompts, replace(
+        rollout_cfg, group_size=args.images_per_prompt).samples_per_prompt).values()) if resuming else 0
     try:
         records = generate(model, tokenizer, prompts, args.out, rollout_cfg, images_per_prompt=args.images_per_prompt,
-                           seed=args.seed, metadata=metadata, progress=not args.no_progress)
+                           seed=args.seed, metadata=metadata, progress=not args.no_progress, resume=resuming)
     except KeyboardInterrupt:
-        print(f"\negrpo generate: interrupted; the finished prompts' images are kept in {args.out} (rerun the same "
-              "command to resume)", file=sys.stderr)
+        rerun = "rerun the same command" if not args.overwrite else "rerun it without --overwrite"
+        print(f"\negrpo generate: interrupted; the finished prompts' images are kept in {args.out} ({rerun} to "
+              "resume)", file=sys.stderr)
         return 130
-    print(f"wrote {len(records)} images to {args.out}" + (" (resumed: earlier prompts kept)" if resuming else ""))
+    print(f"wrote {len(records) - kept} images to {args.out}" + (f" (resumed: {kept} kept)" if kept else ""))
     return 0
 
 
@@ -251,7 +256,8 @@ def _generation_settings(args, prompts, metadata) -> dict:
     import hashlib
 
     path = lambda p: None if p is None else os.path.abspath(p)   # noqa: E731
-    settings = {"model": path(args.model), "tiny": args.tiny, "dtype": args.dtype, "cfg_scale": args.cfg_scale,
+    settings = {"model": path(args.model), "tiny": args.tiny, "dtype": args.dtype,
+                "device": resolve_device(args.device).partition(":")[0], "cfg_scale": args.cfg_scale,
                 "temperature": args.temperature, "top_k": args.top_k, "cot": args.cot, "seed": args.seed,
                 "images_per_prompt": args.images_per_prompt, "engine": not args.no_engine, "compile": args.compile,
                 "prompts": hashlib.sha256(json.dumps([list(prompts), list(metadata or [])], sort_keys=True,

@@ -23,6 +23,8 @@ def finished_prompts(out_dir: str, prompts: Sequence[str], per_prompt: int) -> D
                     record = json.loads(line)
                 except json.JSONDecodeError:   # the line being written when the run stopped
                     break
+                if not isinstance(record, dict):   # not ours: nothing after it is trusted either
+                    break
                 by_prompt.setdefault(record.get("prompt_index"), {})[record.get("image_index")] = record
     except OSError:
         return {}
@@ -39,16 +41,18 @@ def finished_prompts(out_dir: str, prompts: Sequence[str], per_prompt: int) -> D
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], out_dir: str, rollout_cfg, images_per_prompt: int = 1,
-             seed: int = 0, metadata: Optional[Sequence[dict]] = None, progress: bool = True) -> List[dict]:
+             seed: int = 0, metadata: Optional[Sequence[dict]] = None, progress: bool = True,
+             resume: bool = False) -> List[dict]:
     """Generate images for every prompt into ``out_dir`` with the training rollout (same prompt layouts, CoT and
     sampling settings as ``rollout_cfg``); prompt ``k`` is seeded with ``seed + k`` (so any prompt can be
     regenerated alone). ``images_per_prompt`` is the number of CoTs with ``rollout_cfg.cot`` (each gets
     ``rollout_cfg.images_per_cot`` images), else the number of images. Writes ``{k:05d}_{j:02d}.png`` (each
     atomically) and ``generations.jsonl``; returns the records in prompt order.
 
-    Prompts that an earlier run into ``out_dir`` finished (:func:`finished_prompts`) are kept, not generated again:
-    an interrupted run resumes where it stopped, drawing the same images as one uninterrupted run. The caller
-    makes sure that run had the same settings (``egrpo generate`` records them in ``generation_settings.json``)."""
+    ``resume``: prompts that an earlier run into ``out_dir`` finished (:func:`finished_prompts`) are kept, not
+    generated again: an interrupted run resumes where it stopped, drawing the same images as one uninterrupted run.
+    The caller makes sure that run had the same settings (``egrpo generate`` records them in
+    ``generation_settings.json``). Without it every prompt is generated (and ``generations.jsonl`` rewritten)."""
     from tqdm.auto import tqdm
 
     from egrpo.eval.generation import save_png
@@ -58,7 +62,7 @@ def generate(model, tokenizer, prompts: Sequence[str], out_dir: str, rollout_cfg
         raise ValueError(f"images_per_prompt must be >= 1, got {images_per_prompt}")
     os.makedirs(out_dir, exist_ok=True)
     cfg = replace(rollout_cfg, group_size=images_per_prompt)
-    done = finished_prompts(out_dir, prompts, cfg.samples_per_prompt)
+    done = finished_prompts(out_dir, prompts, cfg.samples_per_prompt) if resume else {}
     path = os.path.join(out_dir, GENERATIONS)
     if done:   # the finished prompts' records only (a stopped prompt's partial ones are written again)
         with open(path + ".partial", "w", encoding="utf-8") as f:

@@ -358,6 +358,11 @@ def _checkpoint_root(path: str) -> Optional[str]:
     return None
 
 
+def has_checkpoints(path: str) -> bool:
+    """Whether ``path`` (a run directory or its ``checkpoints/``) holds any step checkpoint (none verified)."""
+    return _checkpoint_root(path) is not None
+
+
 def find_checkpoint(path: str) -> Tuple[str, str, List[str]]:
     """``(load_dir, tag, problems)`` for ``--resume path``: a run directory, its ``checkpoints`` directory,
     or one checkpoint's directory. Without a named checkpoint, the tag in ``latest`` is tried first, then the
@@ -719,9 +724,14 @@ def acquire_run_lock(out_dir: str) -> None:
     except OSError as e:
         raise RunDirError(f"train.out_dir {out_dir!r} cannot be created or written: {e.strerror or e}; "
                           "pick another train.out_dir") from e
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    for attempt in range(3):   # (run_lock_owner's brief shared lock, taken by another command, is no owner)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            if attempt < 2:
+                time.sleep(0.05)
+    else:
         handle.seek(0)
         owner = handle.read(300).strip() or "unknown"
         handle.close()
@@ -800,10 +810,14 @@ class StopOnSignal(_OnSignals):
 
 
 class InterruptAtOnce(_OnSignals):
-    """Around a whole ``train()``: SIGINT / SIGTERM interrupt at once (KeyboardInterrupt), as before the first step
-    there is nothing to save, and the signal is also remembered: Python drops an exception raised inside a
-    ``__del__`` (model loading runs many), and :meth:`raise_if_dropped` then stops before the first step instead of
-    training on. Inside the loop :class:`StopOnSignal` takes over; its "second signal" handler is this one."""
+    """Around a whole ``train()``: SIGINT (Ctrl-C) interrupts at once (KeyboardInterrupt), as Python's own handler
+    does and as before the first step there is nothing to save, and it is also remembered: Python drops an
+    exception raised inside a ``__del__`` (model loading runs many), and :meth:`raise_if_dropped` then stops before
+    the first step instead of training on. SIGTERM keeps its own handler (by default it ends the process at once,
+    also a rank blocked in a collective). Inside the loop :class:`StopOnSignal` takes over; its "second signal"
+    handler for SIGINT is this one."""
+
+    SIGNALS = (signal.SIGINT,)
 
     def _handle(self, signum, frame):
         self.signum = signum

@@ -68,9 +68,11 @@ def _specs():
         fused_sig = {"logits_ptr": logits_t, "stride_logits": "i64", "dz_ptr": "*bf16", "stride_dz": "i64",
                      "bias_ptr": bias_t, "targets_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32",
                      "lse_ptr": "*fp32", "n_rows": "i32", "V": "i32", "inv_tau": "fp32"}
-        specs.append(dict(kernel="_head_stats_direction_kernel", signature=fused_sig, num_warps=warps,
-                          constexprs={"HAS_BIAS": has_bias, "BLOCK_V": block, "ONE_BLOCK": one_block},
-                          divisible=[k for k in fused_sig if k not in ("inv_tau", "n_rows")]))
+        for dz_t in ("*bf16",) + (("*fp32",) if logits_t == "*fp32" else ()):   # fp32 inputs: dz over the logits
+            sig = {**fused_sig, "dz_ptr": dz_t}
+            specs.append(dict(kernel="_head_stats_direction_kernel", signature=sig, num_warps=warps,
+                              constexprs={"HAS_BIAS": has_bias, "BLOCK_V": block, "ONE_BLOCK": one_block},
+                              divisible=[k for k in sig if k not in ("inv_tau", "n_rows")]))
     return specs
 
 

@@ -123,7 +123,8 @@ def test_an_interrupted_generate_resumes_with_the_images_of_one_uninterrupted_ru
     with monkeypatch.context() as m:
         _interrupting_rollout(m, after=1)   # only the third prompt is left
         assert main([*common, "--out", str(out)]) == 0
-    assert "resumed" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "wrote 2 images" in said and "(resumed: 4 kept)" in said
     whole = (tmp_path / "whole" / "generations.jsonl").read_text()
     assert (out / "generations.jsonl").read_text() == whole
     for png in (tmp_path / "whole").glob("*.png"):
@@ -147,3 +148,42 @@ def test_generate_that_failed_before_its_first_image_takes_other_settings(tmp_pa
         _interrupting_rollout(m, after=0)
         assert main(["generate", "--prompts", prompts, "--out", str(out), "--seed", "1", *TINY]) == 130
     assert main(["generate", "--prompts", prompts, "--out", str(out), "--seed", "2", *TINY]) == 0
+
+
+def test_an_interrupted_generate_with_overwrite_says_how_to_resume(tmp_path, prompts, capsys, monkeypatch):
+    out = tmp_path / "gen"
+    assert main(["generate", "--prompts", prompts, "--out", str(out), *TINY]) == 0
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        _interrupting_rollout(m, after=0)
+        assert main(["generate", "--prompts", prompts, "--out", str(out), "--overwrite", *TINY]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("moved the earlier generations") and "Traceback" not in "".join(err)
+    assert err[-1].startswith("egrpo generate: interrupted") and "rerun it without --overwrite to resume" in err[-1]
+
+
+def test_the_library_generate_resumes_only_when_asked(tmp_path, monkeypatch):
+    """egrpo.tools.generate.generate() keeps an earlier run's prompts only with resume=True (the CLI checks the
+    settings first); a second call into the same folder otherwise generates everything again."""
+    import json
+
+    import egrpo.trainer.rollout as rollout_module
+    from egrpo.tools.cli import rollout_config
+    from egrpo.tools.generate import generate
+    from egrpo.trainer.model import ModelConfig, build_model
+
+    model, tokenizer = build_model(ModelConfig(tiny={"image_size": 32, "num_layers": 1}, dtype="fp32"), "cpu")
+    import argparse
+    cfg = rollout_config(argparse.Namespace(cfg_scale=5.0, temperature=1.0, top_k=None, cot_max_tokens=8,
+                                            cot_temperature=1.0, cot_template=None), 16)
+    out = str(tmp_path / "gen")
+    first = generate(model, tokenizer, ["a", "b"], out, cfg, seed=1, progress=False)
+    calls = []
+    real = rollout_module.rollout
+    monkeypatch.setattr(rollout_module, "rollout", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert generate(model, tokenizer, ["a", "b"], out, cfg, seed=1, progress=False, resume=True) == first
+    assert not calls
+    again = generate(model, tokenizer, ["a", "b"], out, cfg, seed=2, progress=False)
+    assert len(calls) == 2 and [r["seed"] for r in again] == [2, 3]
+    with open(f"{out}/generations.jsonl", encoding="utf-8") as f:
+        assert [json.loads(line)["seed"] for line in f] == [2, 3]

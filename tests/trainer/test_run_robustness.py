@@ -122,10 +122,13 @@ def test_stop_on_signal_flags_once_then_interrupts_and_restores_handlers():
 
 
 def test_interrupt_at_once_raises_remembers_and_restores_handlers():
-    """Around train(): a signal raises KeyboardInterrupt at once and is remembered; leaving restores the handlers."""
+    """Around train(): SIGINT raises KeyboardInterrupt at once and is remembered; SIGTERM keeps its own handler (by
+    default it ends the process, also one blocked in a collective); leaving restores the handlers."""
     before = {sig: signal.getsignal(sig) for sig in T.StopOnSignal.SIGNALS}
-    for sig in T.StopOnSignal.SIGNALS:
+    assert T.InterruptAtOnce.SIGNALS == (signal.SIGINT,)
+    for sig in T.InterruptAtOnce.SIGNALS:
         with T.InterruptAtOnce() as interrupts:
+            assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
             interrupts.raise_if_dropped()   # nothing received: no-op
             with pytest.raises(KeyboardInterrupt):
                 os.kill(os.getpid(), sig)
