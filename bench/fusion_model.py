@@ -35,6 +35,8 @@ from typing import Dict
 
 # Extra [N, V] traffic of the unfused path, bytes per element (see the module docstring).
 ROW_PASS_BYTES = {"frozen": 16, "trainable": 18}
+# The same with the fused statistics + direction pass (EGRPO_FUSED_ROW_PASS=1): the fp32 logits are read once.
+ONE_READ_ROW_PASS_BYTES = {kind: n - 4 for kind, n in ROW_PASS_BYTES.items()}
 # GEMM units (2NDV each): unfused = logits + dx (+ dW); fused adds the recompute sweep.
 UNFUSED_GEMMS = {"frozen": 2, "trainable": 3}
 FUSED_GEMMS = {"frozen": 3, "trainable": 4}
@@ -44,6 +46,7 @@ def row_pass_fusion_model(N: int, D: int, V: int, flops_per_s: float, bytes_per_
     """Predicted milliseconds of one forward + backward of the head, per head kind.
 
     ``unfused_serial_ms``: GEMMs then row passes, nothing overlapped (the default today);
+    ``one_read_serial_ms``: the same with the fused statistics + direction pass (logits read once);
     ``unfused_overlapped_ms``: the row passes fully hidden behind the next chunk's GEMM (the best overlap);
     ``fused_ms``: a fused kernel at the cuBLAS rate with no extra traffic (its best case);
     ``crossover_D``: the hidden size below which fusion's best case beats the serial unfused path.
@@ -61,6 +64,7 @@ def row_pass_fusion_model(N: int, D: int, V: int, flops_per_s: float, bytes_per_
             "gemm_unit_ms": unit_ms,
             "row_passes_ms": passes_ms,
             "unfused_serial_ms": serial,
+            "one_read_serial_ms": UNFUSED_GEMMS[kind] * unit_ms + ONE_READ_ROW_PASS_BYTES[kind] * N * V / bytes_per_s * 1e3,
             "unfused_overlapped_ms": overlapped,
             "fused_ms": fused,
             "fused_over_serial": fused / serial,

@@ -13,6 +13,8 @@ def test_model_matches_hand_computed_costs():
     assert f["gemm_unit_ms"] == pytest.approx(1.0)
     assert f["row_passes_ms"] == pytest.approx(0.16) and t["row_passes_ms"] == pytest.approx(0.18)
     assert f["unfused_serial_ms"] == pytest.approx(2.16) and t["unfused_serial_ms"] == pytest.approx(3.18)
+    # the fused statistics + direction pass reads the fp32 logits once: 4 bytes fewer, 12 / 14
+    assert f["one_read_serial_ms"] == pytest.approx(2.12) and t["one_read_serial_ms"] == pytest.approx(3.14)
     assert f["unfused_overlapped_ms"] == pytest.approx(2.0) and t["unfused_overlapped_ms"] == pytest.approx(3.0)
     assert f["fused_ms"] == pytest.approx(3.0) and t["fused_ms"] == pytest.approx(4.0)
     # D* = bytes * rate / (2 * bandwidth): 16 * 1e12 / 2e11 = 80 (frozen), 90 (trainable)
