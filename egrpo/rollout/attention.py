@@ -184,3 +184,17 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         out = torch.where(total > 0, (out * weight[..., None]).sum(2) / total, 0.0)
         out = out.to(q.dtype)
     return out.view(rows, heads, 1, dim)
+
+
+# The kernel as a torch operator, for compiled decode steps: torch.compile sees one opaque call (its output shape from
+# the fake implementation below) instead of tracing the launch, and fuses the step's other ops around it.
+@torch.library.custom_op("egrpo::decode_attention", mutates_args=())
+def decode_attention_op(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor,
+                        scale: float, limit: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`decode_attention` (default block and warps) as the operator ``torch.ops.egrpo.decode_attention``."""
+    return decode_attention(q, keys, values, key_mask, scale, limit)
+
+
+@decode_attention_op.register_fake
+def _(q, keys, values, key_mask, scale, limit=None):
+    return q.new_empty(q.shape)   # (the kernel's output: contiguous [R, H, 1, d] in q's dtype)

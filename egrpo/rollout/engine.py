@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from egrpo.kernels._common import HAS_TRITON, resolve_backend
 
-from .attention import decode_attention
+from .attention import decode_attention, decode_attention_op
 from .linear import can_pack, make_linear
 from .sampling import SamplingParams, phase_uniforms, sample
 from .vq import decode_images
@@ -81,8 +81,8 @@ class EngineConfig:
     prompt_bucket: int = 64
     sampler: str = "auto"            # "auto" (Triton on CUDA, torch on CPU) | "triton" | "torch"
     # Decode-step attention (one query per row): "triton" = egrpo.rollout.attention's kernel (reads each valid
-    # K/V slot once); "torch" = SDPA on CUDA, two matmuls and a masked softmax on CPU. "auto" = Triton on CUDA
-    # unless the step is compiled (inductor then sees plain torch ops), torch on CPU.
+    # K/V slot once; in a compiled step an opaque operator, torch.ops.egrpo.decode_attention); "torch" = SDPA on
+    # CUDA, two matmuls and a masked softmax on CPU. "auto" = Triton on CUDA, torch on CPU.
     attention: str = "auto"
     eos_check_every: int = 16        # text phase: host check for "all rows finished" every k steps
     # VQ decode chunk (rows; 0 = all at once). None = the decoder's default (egrpo.rollout.vq.decode_images): 4 on
@@ -102,9 +102,6 @@ class EngineConfig:
         for name in ("sampler", "attention"):
             if getattr(self, name) not in ("auto", "triton", "torch"):
                 raise ValueError(f"engine.{name} must be auto, triton or torch, got {getattr(self, name)!r}")
-        if self.compile and self.attention == "triton":
-            raise ValueError("engine.attention='triton' cannot run inside a compiled step (engine.compile=true): "
-                             "set engine.attention to auto or torch")
         for name, minimum, note in (("eos_check_every", 1, ""), ("key_buckets", 1, " or null (auto)"),
                                     ("prompt_bucket", 0, " (0 = off)"),
                                     ("vq_batch_size", 0, " (0 = all rows) or null (auto)")):
@@ -400,7 +397,9 @@ class RolloutEngine:
             values.index_copy_(2, write_at, v)
         keys, values = keys[:, :, :key_len], values[:, :, :key_len]
         if q.shape[2] == 1 and self._triton_attention(q.device):
-            out = decode_attention(q, keys, values, key_mask, attn.scaling, key_limit)
+            # (compiled: the kernel as an opaque operator; torch.compile fuses the ops around it)
+            attend = decode_attention_op if self.config.compile else decode_attention
+            out = attend(q, keys, values, key_mask, attn.scaling, key_limit)
         elif q.shape[2] == 1 and q.device.type == "cpu":
             out = _decode_attention(q, keys, values, key_mask, attn.scaling)
         else:
@@ -423,7 +422,7 @@ class RolloutEngine:
         """Whether decode steps on ``device`` attend with the Triton kernel (EngineConfig.attention)."""
         choice = self.config.attention
         if choice == "auto":
-            return device.type == "cuda" and HAS_TRITON and not self.config.compile
+            return device.type == "cuda" and HAS_TRITON
         return resolve_backend(choice, device) == "triton"
 
     def _layers(self, h, state, cos, sin, write_at, key_len, key_mask, key_limit=None):

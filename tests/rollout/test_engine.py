@@ -316,7 +316,7 @@ def test_triton_attention_in_the_full_buffer_step_matches_reference(tiny, monkey
     model, tokens = tiny
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     engine = RolloutEngine(model, EngineConfig(compile=True, key_buckets=3, prompt_bucket=0))
-    engine.config.attention = "triton"  # (validation refuses it with a real compile)
+    engine.config.attention = "triton"
     assert engine._triton_attention(torch.device("cpu"))
     ids, mask = _batch(tokens, "right")
     prefill = cfg_prefill(model, ids, mask, tokens.pad, "right", keep_ids=(tokens.bos, tokens.image_start))
@@ -327,10 +327,31 @@ def test_triton_attention_in_the_full_buffer_step_matches_reference(tiny, monkey
     torch.testing.assert_close(out.kl, ref_kl, rtol=1e-4, atol=1e-5)
 
 
-def test_triton_attention_refused_in_a_compiled_step(tiny):
-    with pytest.raises(ValueError, match="engine.attention"):
-        EngineConfig(compile=True, attention="triton")
-    # auto: the kernel on CUDA unless the step is compiled; never on CPU
-    assert not RolloutEngine(tiny[0], EngineConfig(compile=True))._triton_attention(torch.device("cuda"))
+def test_triton_attention_in_a_compiled_step_is_an_opaque_operator(tiny):
+    """engine.compile with the Triton attention (the CUDA default): dynamo traces the step with the kernel as the
+    operator torch.ops.egrpo.decode_attention (no graph break, one graph per key span), and the tokens are the
+    eager engine's. Run under the interpreter with the eager compile backend."""
+    model, tokens = tiny
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    engine = RolloutEngine(model, EngineConfig(compile=True, compile_backend=counting_backend, attention="triton",
+                                               prompt_bucket=0))
+    assert engine._triton_attention(torch.device("cpu"))
+    ids, mask = _batch(tokens, "right")
+    prefill = cfg_prefill(model, ids, mask, tokens.pad, "right", keep_ids=(tokens.bos, tokens.image_start))
+    params = SamplingParams(cfg_scale=5.0)
+    out = engine.generate_image_tokens(prefill, IMAGE_TOKENS, params, seed=11)
+    ref_tokens, _ = reference_image_tokens(model, prefill, IMAGE_TOKENS, params, seed=11)
+    assert torch.equal(out.tokens, ref_tokens)
+    assert len(graphs) == 1   # one key span, no graph break around the kernel
+    called = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert called.count(torch.ops.egrpo.decode_attention.default) == len(model.model.language_model.layers)
+    # auto: the kernel on CUDA, compiled or not; never on CPU
+    assert RolloutEngine(tiny[0], EngineConfig(compile=True))._triton_attention(torch.device("cuda"))
     assert not RolloutEngine(tiny[0])._triton_attention(torch.device("cpu"))
     assert RolloutEngine(tiny[0])._triton_attention(torch.device("cuda"))

@@ -48,6 +48,23 @@ def test_graph_and_triton_match_eager_torch(params):
     assert torch.isfinite(a.logp).all() and torch.isfinite(b.logp).all()
 
 
+def test_compiled_graph_step_with_triton_attention_matches_eager_torch():
+    """engine.compile on CUDA (inductor, default mode) with the engine's CUDA graph and the Triton attention as an
+    opaque operator (the defaults once compiled): the all-torch eager step's tokens."""
+    torch._dynamo.reset()
+    model, tokens, ids, mask = _tiny_model_and_prompts()
+    mask[:2, :3] = 0
+    prefill = cfg_prefill(model, ids, mask, tokens.pad, "left", keep_ids=(tokens.bos, tokens.image_start))
+    params = SamplingParams(cfg_scale=5.0)
+    eager = RolloutEngine(model, EngineConfig(cuda_graph=False, sampler="torch", attention="torch"))
+    compiled = RolloutEngine(model, EngineConfig(compile=True, cuda_graph=True, sampler="triton"))
+    assert compiled._triton_attention(ids.device)
+    a = eager.generate_image_tokens(prefill, 16, params, seed=4)
+    b = compiled.generate_image_tokens(prefill, 16, params, seed=4)
+    assert torch.equal(a.tokens, b.tokens)
+    torch.testing.assert_close(a.kl, b.kl, rtol=1e-3, atol=1e-4)
+
+
 @pytest.mark.parametrize("new_tokens,key_buckets", [(2, 1), (9, 2)])
 def test_graph_captured_on_the_last_step_matches_eager(new_tokens, key_buckets):
     """A graph captured on a phase's last decode step (a 2-token phase; with a 9-slot prompt and 2 spans of 16
