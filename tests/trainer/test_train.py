@@ -198,10 +198,12 @@ def test_fused_and_eager_loss_paths_match_float64_by_hand(tmp_path, name, term):
         results[impl] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     for impl, (loss, grads) in results.items():
         # fp32 through a one-layer model: ~1e-6 of the term's magnitude against float64 (measured, eager and
-        # fused alike); 1e-5 leaves room for summation order and is far below what any piece of the objective
-        # contributes (a mask, a weight, a std convention: >= 1e-2 of the magnitude).
+        # fused alike), up to 1.8e-5 for a KL term of ~40 (EGRPO_TEST_SEED=11: the k3 KL's exp(ref - logp) carries
+        # the fp32 log-probs' relative error, ~1e-6 of |logp| ~ 10-20, into the sum); 5e-5 leaves room for that
+        # and stays far below what any piece of the objective contributes (a mask, a weight, a std convention:
+        # >= 1e-2 of the magnitude).
         err = abs(float(loss) - float(expected))
-        assert err <= 1e-5 * magnitude, (impl, float(loss), float(expected), magnitude)
+        assert err <= 5e-5 * magnitude, (impl, float(loss), float(expected), magnitude)
         assert grads.keys() == grads64.keys() and grads
         for n in grads:
             assert _rel(grads[n], grads64[n]) < 1e-3, (impl, n, _rel(grads[n], grads64[n]))
