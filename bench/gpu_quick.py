@@ -451,9 +451,8 @@ def markdown(data) -> list:
              f"device copy {_fmt(bw.get('bytes_per_s') and bw['bytes_per_s'] / 1e12, '.2f')} TB/s. "
              "\"Floor\" is the useful GEMM FLOPs (4NDV frozen head, 6NDV trainable) at the measured rate.", ""]
     for step in data["steps"]:
-        tail = [ln for ln in step.get("tail", "").splitlines() if ln.strip()]
         lines.append(f"- step `{step['step']}`: rc {step['rc']}, {step['wall_s']} s"
-                     + (f"; last line: `{tail[-1].strip()}`" if tail else ""))
+                     + (f"; last line: `{last}`" if (last := _last_said(step.get("tail", ""))) else ""))
     lines += ["", "| case | loss | implementation | status | fwd+bwd ms | fraction of floor | speed-up vs eager | "
               "memory vs eager | peak MiB | max abs diff vs eager |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
@@ -479,6 +478,15 @@ def markdown(data) -> list:
         lines.append(f"| {g['goal']} | {g.get('case', 'rollout')} | {g.get('row', '-')} | "
                      f"{_fmt(g.get('figure'), '.3f')}{extra} | {g['verdict']} |")
     return lines
+
+
+def _last_said(tail: str) -> str:
+    """A step's last line of its own: warnings Python appends (a ``...Warning: ...`` line and the source line it
+    quotes, e.g. ``_warn_once(``) are skipped."""
+    lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+    while lines and (lines[-1].endswith("(") or "Warning:" in lines[-1]):
+        lines.pop()
+    return lines[-1] if lines else ""
 
 
 def main(argv=None) -> int:

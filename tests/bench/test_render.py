@@ -30,3 +30,14 @@ def test_rendering_the_repository_results_keeps_the_readme_tail(tmp_path):
     render(BENCH_DIR / "results", readme, tmp_path / "plots")
     assert readme.read_text().endswith(tail)
     assert readme.read_text().count("<!-- rollout:begin -->") == 1
+
+
+def test_gpu_quick_step_summary_skips_trailing_warnings():
+    """A step's "last line" in the README is its own, not a warning Python printed after it (session 12's rollout
+    step showed `_warn_once(`)."""
+    from bench.gpu_quick import _last_said
+
+    tail = "[rollout] janus-pro-7b done\n/x/profiler.py:12: UserWarning: CUPTI busy\n  _warn_once(\n"
+    assert _last_said(tail) == "[rollout] janus-pro-7b done"
+    assert _last_said("2 failed, 40 passed in 31.95s\n") == "2 failed, 40 passed in 31.95s"
+    assert _last_said("") == ""
