@@ -225,6 +225,25 @@ def test_resume_policy_names_each_key_and_extends_the_schedule(capsys, base_run,
     assert any("optim.lr" in c for c in history[1]["changes"])
 
 
+def test_ctrl_c_before_the_first_step_is_one_line_and_exit_130(capsys, base_run, tmp_path, monkeypatch):
+    """Ctrl-C while the model loads: one line saying what is kept, exit code 130; a resumed run's line names
+    --resume (its checkpoints are complete), a fresh one says nothing was saved."""
+    import egrpo.trainer.train as train_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "load_model", interrupted)
+    rc, _, err = cli(capsys, "train", *RUN, f"train.out_dir={tmp_path / 'fresh'}")
+    lines = [line for line in err.strip().splitlines() if line.startswith("egrpo ")]
+    assert rc == 130 and lines == [lines[0]] and "Traceback" not in err
+    assert "interrupted; no checkpoint was saved yet" in lines[0]
+    run = copy_run(base_run, tmp_path)
+    rc, _, err = cli(capsys, "train", "--resume", run, "train.steps=4")
+    assert rc == 130 and f"interrupted; its checkpoints are kept: continue with --resume {run}" in err
+    assert len(read_metrics(str(run / "metrics.jsonl"))) == 2
+
+
 def test_dry_run_refuses_what_the_real_run_refuses(capsys, base_run, tmp_path):
     """--dry-run makes the run directory's checks too (no model is built): an existing run without --resume,
     changes the resume policy refuses, a directory in use; a resume it accepts is summarised."""

@@ -23,14 +23,15 @@ def finished_prompts(out_dir: str, prompts: Sequence[str], per_prompt: int) -> D
                     record = json.loads(line)
                 except json.JSONDecodeError:   # the line being written when the run stopped
                     break
-                if not isinstance(record, dict):   # not ours: nothing after it is trusted either
-                    break
-                by_prompt.setdefault(record.get("prompt_index"), {})[record.get("image_index")] = record
+                if not (isinstance(record, dict) and all(type(record.get(key)) is int
+                                                         for key in ("prompt_index", "image_index"))):
+                    break   # not ours: nothing after it is trusted either
+                by_prompt.setdefault(record["prompt_index"], {})[record["image_index"]] = record
     except OSError:
         return {}
     done = {}
     for k, images in by_prompt.items():
-        if not (isinstance(k, int) and 0 <= k < len(prompts)) or sorted(images) != list(range(per_prompt)):
+        if not 0 <= k < len(prompts) or sorted(images) != list(range(per_prompt)):
             continue
         records = [images[j] for j in range(per_prompt)]
         if all(r.get("prompt") == prompts[k] and os.path.isfile(os.path.join(out_dir, str(r.get("file"))))

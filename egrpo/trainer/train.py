@@ -359,8 +359,9 @@ def _checkpoint_root(path: str) -> Optional[str]:
 
 
 def has_checkpoints(path: str) -> bool:
-    """Whether ``path`` (a run directory or its ``checkpoints/``) holds any step checkpoint (none verified)."""
-    return _checkpoint_root(path) is not None
+    """Whether ``path`` (a run directory or its ``checkpoints/``) has completed a checkpoint save: ``latest`` is
+    written only once a checkpoint and its manifest are complete (nothing is hashed here)."""
+    return any(os.path.isfile(os.path.join(root, "latest")) for root in (os.path.join(path, "checkpoints"), path))
 
 
 def find_checkpoint(path: str) -> Tuple[str, str, List[str]]:
@@ -879,8 +880,9 @@ def train(cfg: Config, resume: Optional[str] = None, *, overwrite: bool = False,
     ``resumed_from`` (step), ``stopped_by`` (signal name, if any), and with ``return_params`` the final
     trainable parameters (CPU copies).
 
-    A signal (SIGINT, SIGTERM) before the first step interrupts at once (KeyboardInterrupt: nothing to save yet);
-    during the loop it saves a checkpoint at the end of the step and returns (a second one interrupts at once)."""
+    Before the first step SIGINT (Ctrl-C) interrupts at once (KeyboardInterrupt: nothing to save yet) and SIGTERM
+    keeps its own handler (by default the process ends); during the loop either saves a checkpoint at the end of
+    the step and returns (a second one interrupts at once)."""
     with InterruptAtOnce() as interrupts:
         return _train(cfg, resume, interrupts, overwrite, allow_changes, model_builder, stop_after, return_params)
 

@@ -166,3 +166,20 @@ def test_kernel_compiles_for_h100(dtype, limit, split, dim, gated):
 
 def triton_next_pow2(n):
     return 1 << (n - 1).bit_length()
+
+
+@pytest.mark.parametrize("rows,heads,slots", [(3, 4, 37), (2, 4, 600)])   # one split; key splits
+def test_operator_fake_matches_the_real_output(rows, heads, slots):
+    """torch.ops.egrpo.decode_attention (what compiled steps call): its fake implementation gives the real output's
+    shape, dtype and strides (inductor asserts them), from the engine's transposed q view; opcheck passes."""
+    from egrpo.rollout.attention import decode_attention_op
+
+    q, keys, values, valid = _case(rows, heads, 2, slots, 16, torch.float32)
+    q = torch.empty(rows, 1, heads, 16).copy_(q.transpose(1, 2)).transpose(1, 2)   # the engine's layout
+    real = decode_attention_op(q, keys, values, valid, 0.25, torch.tensor([slots]))
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = decode_attention_op(*(mode.from_tensor(t) for t in (q, keys, values, valid)), 0.25,
+                                   mode.from_tensor(torch.tensor([slots])))
+    assert (fake.shape, fake.dtype, fake.stride()) == (real.shape, real.dtype, real.stride())
+    torch.library.opcheck(decode_attention_op, (q, keys, values, valid, 0.25, torch.tensor([slots])))
+

@@ -355,3 +355,20 @@ def test_triton_attention_in_a_compiled_step_is_an_opaque_operator(tiny):
     assert RolloutEngine(tiny[0], EngineConfig(compile=True))._triton_attention(torch.device("cuda"))
     assert not RolloutEngine(tiny[0])._triton_attention(torch.device("cpu"))
     assert RolloutEngine(tiny[0])._triton_attention(torch.device("cuda"))
+
+
+def test_inductor_compiled_step_with_the_triton_attention_matches_reference(tiny):
+    """The same with inductor (what a CUDA run compiles; here for CPU, the kernel under the interpreter): inductor
+    checks the operator's output strides against its fake, writes the K/V cache in place and calls the operator
+    after the write. The reference's tokens, over three key spans (three compilations)."""
+    model, tokens = tiny
+    ids, mask = _batch(tokens, "right")
+    prefill = cfg_prefill(model, ids, mask, tokens.pad, "right", keep_ids=(tokens.bos, tokens.image_start))
+    params = SamplingParams(cfg_scale=5.0)
+    ref_tokens, ref_kl = reference_image_tokens(model, prefill, IMAGE_TOKENS, params, seed=11)
+    torch._dynamo.reset()
+    engine = RolloutEngine(model, EngineConfig(compile=True, attention="triton", prompt_bucket=0, key_buckets=3))
+    out = engine.generate_image_tokens(prefill, IMAGE_TOKENS, params, seed=11)
+    assert torch.equal(out.tokens, ref_tokens)
+    torch.testing.assert_close(out.kl, ref_kl, rtol=1e-4, atol=1e-4)
+

@@ -48,21 +48,35 @@ def test_graph_and_triton_match_eager_torch(params):
     assert torch.isfinite(a.logp).all() and torch.isfinite(b.logp).all()
 
 
-def test_compiled_graph_step_with_triton_attention_matches_eager_torch():
+@pytest.mark.parametrize("prompt_len", [9, 300])   # 300: > 256 keys for 12 rows x the tiny model's heads: key splits
+def test_compiled_graph_step_with_triton_attention_matches_eager_torch(prompt_len):
     """engine.compile on CUDA (inductor, default mode) with the engine's CUDA graph and the Triton attention as an
-    opaque operator (the defaults once compiled): the all-torch eager step's tokens."""
+    opaque operator (the defaults once compiled): the all-torch eager step's tokens, image and text phases; with a
+    long prompt the kernel splits the keys (temporaries and torch ops inside the captured graph)."""
+    from egrpo.rollout.attention import key_splits
+
     torch._dynamo.reset()
     model, tokens, ids, mask = _tiny_model_and_prompts()
+    if prompt_len > ids.shape[1]:
+        body = torch.randint(10, 100, (ids.shape[0], prompt_len - ids.shape[1]), device="cuda")
+        ids, mask = torch.cat([ids[:, :1], body, ids[:, 1:]], 1), torch.ones(ids.shape[0], prompt_len, device="cuda",
+                                                                             dtype=mask.dtype)
+        heads = model.config.text_config.num_attention_heads
+        assert key_splits(2 * ids.shape[0] * heads, prompt_len + 16) > 1
     mask[:2, :3] = 0
     prefill = cfg_prefill(model, ids, mask, tokens.pad, "left", keep_ids=(tokens.bos, tokens.image_start))
     params = SamplingParams(cfg_scale=5.0)
     eager = RolloutEngine(model, EngineConfig(cuda_graph=False, sampler="torch", attention="torch"))
-    compiled = RolloutEngine(model, EngineConfig(compile=True, cuda_graph=True, sampler="triton"))
+    compiled = RolloutEngine(model, EngineConfig(compile=True, cuda_graph=True, sampler="triton", prompt_bucket=0))
     assert compiled._triton_attention(ids.device)
     a = eager.generate_image_tokens(prefill, 16, params, seed=4)
     b = compiled.generate_image_tokens(prefill, 16, params, seed=4)
     assert torch.equal(a.tokens, b.tokens)
     torch.testing.assert_close(a.kl, b.kl, rtol=1e-3, atol=1e-4)
+    text = text_prefill(model, ids, mask)
+    a = eager.generate_text(text, 12, tokens.eos, tokens.pad, SamplingParams(top_k=20), seed=9)
+    b = compiled.generate_text(text, 12, tokens.eos, tokens.pad, SamplingParams(top_k=20), seed=9)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.mask, b.mask)
 
 
 @pytest.mark.parametrize("new_tokens,key_buckets", [(2, 1), (9, 2)])

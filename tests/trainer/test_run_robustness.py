@@ -164,6 +164,28 @@ def test_a_signal_dropped_during_the_start_still_stops_the_run_before_its_first_
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
 
 
+def test_the_run_lock_waits_out_another_commands_brief_check(tmp_path, monkeypatch):
+    """run_lock_owner (`--resume` / `--dry-run` of another command) holds a shared lock for an instant: a training
+    starting then must not read it as "in use by another training"."""
+    import fcntl
+
+    real, calls = fcntl.flock, []
+
+    def busy_once(handle, op):
+        calls.append(op)
+        if len(calls) == 1 and op & fcntl.LOCK_EX:
+            raise BlockingIOError("held by a shared check")
+        return real(handle, op)
+
+    monkeypatch.setattr(fcntl, "flock", busy_once)
+    out = str(tmp_path / "run")
+    try:
+        T.acquire_run_lock(out)
+        assert len(calls) == 2 and T.run_lock_owner(out) is None   # (our own lock is no other owner)
+    finally:
+        T.release_run_lock(out)
+
+
 # ----------------------------------------------------------------------------------------- failed saves
 
 
