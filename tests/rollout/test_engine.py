@@ -307,22 +307,28 @@ def test_compiled_step_reuses_its_compilation_across_prompt_lengths(tiny):
         assert (counts[1] == counts[0]) if bucket else (counts[1] > counts[0]), (bucket, counts)
 
 
+def _image_phase_and_reference(tiny, engine):
+    """The engine's image tokens for the right-padded test batch (CFG 5, seed 11) and the reference loop's."""
+    model, tokens = tiny
+    ids, mask = _batch(tokens, "right")
+    prefill = cfg_prefill(model, ids, mask, tokens.pad, "right", keep_ids=(tokens.bos, tokens.image_start))
+    params = SamplingParams(cfg_scale=5.0)
+    out = engine.generate_image_tokens(prefill, IMAGE_TOKENS, params, seed=11)
+    return out, reference_image_tokens(model, prefill, IMAGE_TOKENS, params, seed=11)
+
+
 def test_triton_attention_in_the_full_buffer_step_matches_reference(tiny, monkeypatch):
     """The step CUDA graphs capture (full buffer or key spans, step index on the device) with the Triton attention
     and its device limit, under the interpreter, without compiling (torch.compile replaced by the identity, as a
     captured graph runs the step as written): the reference's tokens. A limit one short (the current slot left
     out) changes them (checked by mutation); whether the limit saves reads is the kernel tests' business (NaN in
     slots past it), since masked slots are not read either."""
-    model, tokens = tiny
+    model = tiny[0]
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     engine = RolloutEngine(model, EngineConfig(compile=True, key_buckets=3, prompt_bucket=0))
     engine.config.attention = "triton"
     assert engine._triton_attention(torch.device("cpu"))
-    ids, mask = _batch(tokens, "right")
-    prefill = cfg_prefill(model, ids, mask, tokens.pad, "right", keep_ids=(tokens.bos, tokens.image_start))
-    params = SamplingParams(cfg_scale=5.0)
-    out = engine.generate_image_tokens(prefill, IMAGE_TOKENS, params, seed=11)
-    ref_tokens, ref_kl = reference_image_tokens(model, prefill, IMAGE_TOKENS, params, seed=11)
+    out, (ref_tokens, ref_kl) = _image_phase_and_reference(tiny, engine)
     assert torch.equal(out.tokens, ref_tokens)
     torch.testing.assert_close(out.kl, ref_kl, rtol=1e-4, atol=1e-5)
 
@@ -331,7 +337,7 @@ def test_triton_attention_in_a_compiled_step_is_an_opaque_operator(tiny):
     """engine.compile with the Triton attention (the CUDA default): dynamo traces the step with the kernel as the
     operator torch.ops.egrpo.decode_attention (no graph break, one graph per key span), and the tokens are the
     eager engine's. Run under the interpreter with the eager compile backend."""
-    model, tokens = tiny
+    model = tiny[0]
     torch._dynamo.reset()
     graphs = []
 
@@ -342,11 +348,7 @@ def test_triton_attention_in_a_compiled_step_is_an_opaque_operator(tiny):
     engine = RolloutEngine(model, EngineConfig(compile=True, compile_backend=counting_backend, attention="triton",
                                                prompt_bucket=0))
     assert engine._triton_attention(torch.device("cpu"))
-    ids, mask = _batch(tokens, "right")
-    prefill = cfg_prefill(model, ids, mask, tokens.pad, "right", keep_ids=(tokens.bos, tokens.image_start))
-    params = SamplingParams(cfg_scale=5.0)
-    out = engine.generate_image_tokens(prefill, IMAGE_TOKENS, params, seed=11)
-    ref_tokens, _ = reference_image_tokens(model, prefill, IMAGE_TOKENS, params, seed=11)
+    out, (ref_tokens, _) = _image_phase_and_reference(tiny, engine)
     assert torch.equal(out.tokens, ref_tokens)
     assert len(graphs) == 1   # one key span, no graph break around the kernel
     called = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
@@ -361,14 +363,9 @@ def test_inductor_compiled_step_with_the_triton_attention_matches_reference(tiny
     """The same with inductor (what a CUDA run compiles; here for CPU, the kernel under the interpreter): inductor
     checks the operator's output strides against its fake, writes the K/V cache in place and calls the operator
     after the write. The reference's tokens, over three key spans (three compilations)."""
-    model, tokens = tiny
-    ids, mask = _batch(tokens, "right")
-    prefill = cfg_prefill(model, ids, mask, tokens.pad, "right", keep_ids=(tokens.bos, tokens.image_start))
-    params = SamplingParams(cfg_scale=5.0)
-    ref_tokens, ref_kl = reference_image_tokens(model, prefill, IMAGE_TOKENS, params, seed=11)
     torch._dynamo.reset()
-    engine = RolloutEngine(model, EngineConfig(compile=True, attention="triton", prompt_bucket=0, key_buckets=3))
-    out = engine.generate_image_tokens(prefill, IMAGE_TOKENS, params, seed=11)
+    engine = RolloutEngine(tiny[0], EngineConfig(compile=True, attention="triton", prompt_bucket=0, key_buckets=3))
+    out, (ref_tokens, ref_kl) = _image_phase_and_reference(tiny, engine)
     assert torch.equal(out.tokens, ref_tokens)
     torch.testing.assert_close(out.kl, ref_kl, rtol=1e-4, atol=1e-4)
 
