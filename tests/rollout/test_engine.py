@@ -219,9 +219,10 @@ def test_decode_matches_hf(tiny):
     model, tokens = tiny
     image_tokens = torch.randint(0, model.config.vq_config.num_embeddings, (3, IMAGE_TOKENS))
     expected = ((model.decode_image_tokens(image_tokens).float() + 1) / 2).clamp(0, 1).permute(0, 3, 1, 2)
+    # fp32 convolutions in another memory format / chunk sum in another order: up to 1.4e-5 apart (measured,
+    # EGRPO_TEST_SEED=12); 1e-4 is 1/40 of one 8-bit pixel level
     for config in (EngineConfig(), EngineConfig(vq_batch_size=0), EngineConfig(vq_batch_size=2, vq_channels_last=False)):
-        torch.testing.assert_close(RolloutEngine(model, config).decode(image_tokens), expected, rtol=1e-5,
-                                   atol=1e-5)
+        torch.testing.assert_close(RolloutEngine(model, config).decode(image_tokens), expected, rtol=0, atol=1e-4)
 
 
 def test_vq_decode_chunks_default_to_four_rows_on_cpu(tiny, monkeypatch):
