@@ -103,15 +103,18 @@ def main(argv=None) -> int:
         message = " ".join(str(e).split()) or type(e).__name__
         if isinstance(e, (FileNotFoundError, json.JSONDecodeError)) and not isinstance(e, UserError):
             message = f"{type(e).__name__}: {message}"
-        command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
-        print(f"egrpo {command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        print(f"egrpo {_command_name(args)}: error: {message} (--debug shows the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:   # (train and generate say more: see there)
         if debug:
             raise
-        command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
-        print(f"\negrpo {command}: interrupted", file=sys.stderr)
+        print(f"\negrpo {_command_name(args)}: interrupted", file=sys.stderr)
         return 130
+
+
+def _command_name(args) -> str:
+    """The command as typed: ``train``, ``data check``, ..."""
+    return " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
 
 
 def _resumed_run_dir(resume: str):
@@ -194,9 +197,7 @@ def check_run_dir(cfg, args) -> str:
     """The checks of ``train.out_dir`` the real run makes before it loads anything: another training there, a run
     it would mix with, and with ``--resume`` the checkpoint and the changed settings its policy allows. Returns a
     note on the resume for the dry run's summary."""
-    import torch
-
-    from egrpo.trainer.train import check_out_dir, find_checkpoint, in_use_error, resume_changes, run_lock_owner
+    from egrpo.trainer.train import check_out_dir, check_resume, find_checkpoint, in_use_error, run_lock_owner
 
     out_dir = cfg.train.out_dir
     owner = run_lock_owner(out_dir)
@@ -206,12 +207,9 @@ def check_run_dir(cfg, args) -> str:
         check_out_dir(out_dir, args.overwrite)
         return ""
     load_dir, tag, problems = find_checkpoint(args.resume)
-    resume_from = os.path.join(load_dir, tag)
-    step = int(torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)["step"])
-    changes = resume_changes(resume_from, step, cfg.effective_dict(), args.allow_changes)
-    check_out_dir(out_dir, args.overwrite, load_dir)
+    state, changes = check_resume(load_dir, tag, out_dir, cfg.effective_dict(), args.overwrite, args.allow_changes)
     skipped = f", skipping {len(problems)} damaged checkpoint(s)" if problems else ""
-    return (f" (resuming from step {step}, {resume_from}{skipped}; "
+    return (f" (resuming from step {int(state['step'])}, {os.path.join(load_dir, tag)}{skipped}; "
             + (f"changes: {'; '.join(changes)})" if changes else "no setting changes)"))
 
 

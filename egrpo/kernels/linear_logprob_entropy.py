@@ -13,8 +13,9 @@ Design (chosen to reach most of the H100's matmul peak without writing a GEMM):
   chunk, a cuBLAS GEMM writes the chunk's logits: by default in fp32 (fp32-output GEMM from bf16 operands
   where torch has it), so softmax statistics never see rounded logits; with ``EGRPO_HALF_LOGITS=1``
   (opt-in, see :func:`egrpo.kernels._common.half_logits`) on CUDA with bf16/fp16 operands in the operands'
-  dtype, rounded once as eager bf16 code rounds them, and the row passes form dz over them in place (on a CPU with bf16 GEMMs the torch backend rounds them once, as eager bf16 code does).
-  Softmax statistics are fp32 either way. Peak extra memory is O(chunk x V), never O(N x V).
+  dtype, rounded once as eager bf16 code rounds them, and the row passes form dz over them in place. (On a
+  CPU with bf16 GEMMs the torch backend rounds them once too, as eager bf16 code does.) Softmax statistics
+  are fp32 either way. Peak extra memory is O(chunk x V), never O(N x V).
 * One Triton program per row streams the chunk's logits once in blocks of ``BLOCK_V`` columns with
   an online max / sum-exp / sum-exp*(z - m) recurrence (running max starts at -inf, ragged tail
   columns masked out) and writes logp, H and lse. Temperature and bias are applied in the kernel.

@@ -676,14 +676,21 @@ def check_out_dir(out_dir: str, overwrite: bool, resumed_load_dir: Optional[str]
                       "or pass --overwrite to move it aside (into previous-<time>/), or pick a new train.out_dir")
 
 
-def resume_changes(resume_from: str, step: int, effective: Dict[str, Any], allow_changes: bool) -> List[str]:
-    """The settings a resume from the checkpoint ``resume_from`` (at ``step``) changes, as log lines; ResumeError
-    for changes its policy refuses (:func:`check_resume_changes`)."""
+def check_resume(load_dir: str, tag: str, out_dir: str, effective: Dict[str, Any], overwrite: bool,
+                 allow_changes: bool) -> Tuple[Dict[str, Any], List[str]]:
+    """The checkpoint ``load_dir/tag``'s trainer state and the settings a resume from it into ``out_dir`` changes
+    (log lines); ResumeError for changes its policy refuses (:func:`check_resume_changes`), RunDirError when
+    ``out_dir`` holds another run (:func:`check_out_dir`). The trainer's and ``--dry-run``'s one check."""
+    resume_from = os.path.join(load_dir, tag)
+    state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
+    changes: List[str] = []
     saved_config = os.path.join(resume_from, "config.yaml")
-    if not os.path.isfile(saved_config):
-        return []
-    with open(saved_config, encoding="utf-8") as f:
-        return check_resume_changes(yaml.safe_load(f), effective, step, allow_changes, checkpoint_config=saved_config)
+    if os.path.isfile(saved_config):
+        with open(saved_config, encoding="utf-8") as f:
+            changes = check_resume_changes(yaml.safe_load(f), effective, int(state["step"]), allow_changes,
+                                           checkpoint_config=saved_config)
+    check_out_dir(out_dir, overwrite, load_dir)
+    return state, changes
 
 
 def run_lock_owner(out_dir: str) -> Optional[str]:
@@ -935,9 +942,7 @@ def _train(cfg: Config, resume: Optional[str], interrupts: InterruptAtOnce, over
             say(f"warning: skipping a damaged checkpoint: {problem}", is_main)
         if problems:
             say(f"resuming from the newest intact checkpoint {resume_from}", is_main)
-        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
-        changes = resume_changes(resume_from, int(state["step"]), effective, allow_changes)
-        check_out_dir(out_dir, overwrite, load_dir)
+        state, changes = check_resume(load_dir, tag, out_dir, effective, overwrite, allow_changes)
     else:
         check_out_dir(out_dir, overwrite)
     dist.barrier()
