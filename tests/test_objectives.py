@@ -32,7 +32,7 @@ def head(B, T, D, V, dtype=torch.float64, padded=False, ref=True, tail_scale=1.0
     if ref:
         with torch.no_grad():
             lp, _ = linear_logprob_entropy_reference(hidden.double(), weight.double(), targets, bias.double())
-        ref_logp = (lp + 0.3 * torch.randn_like(lp)).to(torch.float32)
+        ref_logp = (lp + 0.3 * torch.randn_like(lp)).clamp(max=0.0).to(torch.float32)
     return HeadBatch(hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), targets, mask,
                      ref_logp=ref_logp)
 

@@ -188,8 +188,8 @@ def _image_batch(n_groups=3, G=4, T=10, D=12, V=37, dtype=torch.float32, ragged_
         logp, ent = linear_logprob_entropy_reference(hidden, weight, targets, bias, compute_dtype=torch.float64)
     batch = HeadBatch(
         hidden=hidden, weight=weight, bias=bias, targets=targets, mask=mask,
-        ref_logp=(logp + 0.2 * torch.randn_like(logp)).float() if ref else None,
-        old_logp=(logp + 0.3 * torch.randn_like(logp)).float() if old else None,
+        ref_logp=(logp + 0.2 * torch.randn_like(logp)).clamp(max=0.0).float() if ref else None,
+        old_logp=(logp + 0.3 * torch.randn_like(logp)).clamp(max=0.0).float() if old else None,
         ref_entropy=(ent + 0.5 * torch.randn_like(ent)).float(),
     )
     codes = torch.randn(B, T, 8)

@@ -21,14 +21,19 @@ def make_case(B, T, D, V, dtype, device="cpu", off_policy=True, weights=True):
     weight = (torch.randn(V, D, device=device) * 3 / D**0.5).to(dtype)
     bias = (torch.randn(V, device=device) * 0.5).to(dtype)
     targets = torch.randint(0, V, (B, T), device=device)
+    with torch.no_grad():  # the clip probes below (row 0, tokens 0-3) on each row's least likely token: old_logp =
+        # logp + 1 stays a log-probability (<= 0) whatever the seed
+        probe_logits = hidden[0, :4].double() @ weight.double().T + bias.double()
+        targets[0, :4] = probe_logits.argmin(-1)
     mask = torch.rand(B, T, device=device) > 0.25
     mask[0, :] = True
     mask[1, T // 2:] = False  # ragged: post-EOS padding
     with torch.no_grad():
         logp, _ = linear_logprob_entropy_reference(hidden.double(), weight.double(), targets, bias.double())
-    kw = dict(ref_logp=(logp + 0.5 * torch.randn_like(logp)).float(), beta=0.1)
+    # noisy log-probs clamped to <= 0: the loss refuses positive ones (a seed put a likely token's above 0)
+    kw = dict(ref_logp=(logp + 0.5 * torch.randn_like(logp)).clamp(max=0.0).float(), beta=0.1)
     if off_policy:  # ratios spread well outside [0.8, 1.2] on both sides: clipping is active
-        old = logp + 0.4 * torch.randn_like(logp)
+        old = (logp + 0.4 * torch.randn_like(logp)).clamp(max=0.0)
         old[0, 0], old[0, 1] = logp[0, 0] + 1.0, logp[0, 1] - 1.0  # one token clipped on each side
         # ratios 1.15 (A > 0) and 0.85 (A < 0): inside [0.8, 1.2]; with eps_low = 0.1, eps_high = 0.3 only the
         # second is clipped, with the bounds exchanged only the first

@@ -62,10 +62,10 @@ def make_case(B, T, D, V, dtype):
     with torch.no_grad():
         logp, _ = f64.logp_entropy(hidden, weight, targets, bias, 0.9)
     # ratios well outside [0.8, 1.3], per token and per sequence (row offsets), so every clip is active
-    old = logp + 0.6 * torch.randn_like(logp) + torch.linspace(-0.6, 0.6, B)[:, None].double()
+    old = (logp + 0.6 * torch.randn_like(logp) + torch.linspace(-0.6, 0.6, B)[:, None].double()).clamp(max=0.0)
     adv = torch.randn(B, T)
     adv[::2] = -adv[::2].abs() - 0.5   # negative rows: the dual clip has something to cap
-    kw = dict(old_logp=old.float(), ref_logp=(logp + 0.5 * torch.randn_like(logp)).float(), beta=0.1,
+    kw = dict(old_logp=old.float(), ref_logp=(logp + 0.5 * torch.randn_like(logp)).clamp(max=0.0).float(), beta=0.1,
               policy_weights=torch.rand(B, T), kl_weights=torch.rand(B, T) + 0.5, eps_low=0.2, eps_high=0.3,
               temperature=0.9)
     return hidden, weight, bias, targets, mask, adv, kw
