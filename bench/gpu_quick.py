@@ -475,8 +475,11 @@ def markdown(data) -> list:
             side = g.get(key)
             if side:
                 extra += f"; with {label} {_fmt(side.get('figure'), '.3f')}: {side.get('verdict')}"
+        verdict = g["verdict"]
+        if g.get("with_fp32_logits"):   # that run's plain rows were the half-logits opt-in, not today's default
+            verdict = f"{verdict} with half logits (opt-in); default (fp32 logits): {g['with_fp32_logits'].get('verdict')}"
         lines.append(f"| {g['goal']} | {g.get('case', 'rollout')} | {g.get('row', '-')} | "
-                     f"{_fmt(g.get('figure'), '.3f')}{extra} | {g['verdict']} |")
+                     f"{_fmt(g.get('figure'), '.3f')}{extra} | {verdict} |")
     return lines
 
 

@@ -78,6 +78,14 @@ def test_a_bad_kernel_environment_switch_is_a_config_error(capsys, tmp_path, mon
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("name", ["EGRPO_HALF_LOGITS", "EGRPO_FUSED_ROW_PASS", "EGRPO_OVERLAP_ROW_PASSES"])
+def test_a_bad_on_off_kernel_switch_stops_the_dry_run(capsys, tmp_path, monkeypatch, name):
+    """Switches read at every kernel call are checked before anything loads, so --dry-run sees them too."""
+    monkeypatch.setenv(name, "yes")
+    rc, _, err = cli(capsys, "train", *BASE, f"train.out_dir={tmp_path / 'run'}", "--dry-run")
+    assert_one_line_error(rc, err, name, "must be 0 or 1", "'yes'")
+
+
 def test_bad_prompts_json_and_debug_shows_traceback(capsys, tmp_path):
     bad = tmp_path / "prompts.json"
     bad.write_text('["a red apple", ')

@@ -35,7 +35,10 @@ from egrpo.rewards.clip_score import OPENAI_MEAN, OPENAI_STD, clip_preprocess, i
 
 from .io import EvalError, ResultStore, list_folder, load_image, markdown_table, mean, score_items, write_summary
 
-METRICS = ("hps", "pickscore", "clipscore", "aesthetic", "imagereward")
+# Each metric's weight paths, by the CLI flag names (``--hps`` ...; ``eval.models`` keys during training).
+WEIGHTS = {"hps": ("hps", "hps_tokenizer"), "pickscore": ("pickscore",), "clipscore": ("clip",),
+           "aesthetic": ("clip", "aesthetic_head"), "imagereward": ("imagereward", "imagereward_med_config")}
+METRICS = tuple(WEIGHTS)
 
 
 class AestheticScorer:
@@ -102,25 +105,25 @@ def build_scorer(metric: str, paths: Dict[str, Optional[str]], device: str = "cp
     if metric == "hps":
         from egrpo.rewards.hps import HPSReward
 
-        checkpoint, tokenizer = need("hps", "hps_tokenizer")
+        checkpoint, tokenizer = need(*WEIGHTS["hps"])
         return HPSReward(checkpoint, tokenizer, scale=100.0, device=device, batch_size=1)
     if metric == "pickscore":
         from egrpo.rewards.clip_score import ClipScoreReward
 
-        (path,) = need("pickscore")
+        (path,) = need(*WEIGHTS["pickscore"])
         return ClipScoreReward(path, use_logit_scale=True, device=device, batch_size=1,
                                tokenizer_path=paths.get("pickscore_processor") or None)
     if metric == "clipscore":
         from egrpo.rewards.clip_score import ClipScoreReward
 
-        (path,) = need("clip")
+        (path,) = need(*WEIGHTS["clipscore"])
         cosine = ClipScoreReward(path, use_logit_scale=False, device=device, batch_size=1)
         return lambda images, prompts: 2.5 * cosine(images, prompts).clamp_min(0)
     if metric == "aesthetic":
-        clip_path, head = need("clip", "aesthetic_head")
+        clip_path, head = need(*WEIGHTS["aesthetic"])
         return AestheticScorer(clip_path, head, device=device)
     if metric == "imagereward":
-        checkpoint, med = need("imagereward", "imagereward_med_config")
+        checkpoint, med = need(*WEIGHTS["imagereward"])
         return ImageRewardScorer(checkpoint, med, device=device)
     raise EvalError(f"prefs: unknown metric {metric!r} (known: {', '.join(METRICS)})")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -86,6 +87,23 @@ class EvalConfig:
             raise EvalError("eval.models must be a mapping of flag name -> local path")
         if self.evaluator == "prefs" and not self.prefs_metrics:
             raise EvalError("eval.prefs_metrics: give at least one metric (e.g. [hps])")
+        if self.evaluator == "prefs":
+            from .prefs import METRICS
+
+            unknown = [m for m in self.prefs_metrics if m not in METRICS]
+            if unknown:
+                raise EvalError(f"eval.prefs_metrics: unknown metric(s) {unknown} (known: {', '.join(METRICS)})")
+        if self.evaluator == "compbench":
+            from .compbench import AVAILABLE, NOT_AVAILABLE
+
+            if self.category in NOT_AVAILABLE:
+                raise EvalError(f"eval.category {self.category!r} is not available: {NOT_AVAILABLE[self.category]}; "
+                                f"choose one of {', '.join(AVAILABLE)}")
+            if self.category not in AVAILABLE:
+                raise EvalError(f"eval.category must be one of {', '.join(AVAILABLE)}, got {self.category!r}")
+        if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
+            raise EvalError(f"eval.device must be cpu, cuda or cuda:<index> (or null = the trainer's device), "
+                            f"got {self.device!r}")
         if self.evaluator == "reward":
             if not self.rewards or not all(isinstance(r, dict) and r.get("name") for r in self.rewards):
                 raise EvalError("eval.rewards: evaluator 'reward' needs a list of rewards, each {name: ..., "
@@ -336,6 +354,21 @@ def write_generations_index(folder: str, prompts, n: int) -> None:
             for j in range(n):
                 f.write(json.dumps({"file": f"{i:05d}_{j:02d}.png", "prompt": p["prompt"], "prompt_index": i,
                                     "image_index": j, "metadata": meta}) + "\n")
+
+
+def required_weights(cfg: EvalConfig) -> List[str]:
+    """The ``eval.models`` keys `build_evaluation` needs for ``cfg``'s evaluator (in the order it loads them)."""
+    if cfg.evaluator == "geneval":
+        return ["detector", "clip"]
+    if cfg.evaluator == "compbench":
+        from .compbench import AVAILABLE
+
+        return ["blip"] if AVAILABLE.get(cfg.category) == "blip_vqa" else ["clip"]
+    if cfg.evaluator == "prefs":
+        from .prefs import WEIGHTS
+
+        return list(dict.fromkeys(name for metric in cfg.prefs_metrics for name in WEIGHTS.get(metric, ())))
+    return []   # ocr: RapidOCR's bundled models; reward: the rewards' own arguments
 
 
 def build_evaluation(cfg: EvalConfig, device: str) -> Callable[[str, str, bool], dict]:

@@ -213,6 +213,18 @@ def cpu_has_fast_bf16() -> bool:
 _CPU_BF16: Optional[bool] = None
 
 
+# The kernels' on/off environment switches (docs/kernels.md): read at every call, checked up front by
+# `check_environment` so that a bad value stops a run (or its --dry-run) before anything loads.
+ENV_SWITCHES = ("EGRPO_HALF_LOGITS", "EGRPO_FUSED_ROW_PASS", "EGRPO_OVERLAP_ROW_PASSES")
+
+
+def check_environment() -> None:
+    """Raise ValueError naming the variable if any environment setting of the kernels has an invalid value."""
+    for name in ENV_SWITCHES:
+        env_switch(name)
+    cpu_fp32_gemm()
+
+
 def env_switch(name: str) -> bool:
     """An on/off environment switch of the kernels: unset or "0" is off, "1" on; anything else is refused."""
     value = os.environ.get(name, "0")

@@ -250,6 +250,9 @@ def run_wise(args) -> int:
         with open(args.judge_prompt, encoding="utf-8") as f:
             instructions = f.read()
     # the judge (URL, key) is checked before any image is generated
+    if args.images_per_prompt not in (None, 1):
+        raise EvalError(f"--images-per-prompt {args.images_per_prompt}: WISE scores one image per prompt id; "
+                        "leave the flag out")
     judge = OpenAIJudge(args.judge_url, model=args.judge_model, api_key=_judge_key(args),
                         instructions=instructions, timeout=args.judge_timeout, retries=args.judge_retries)
     _device(args)

@@ -24,7 +24,7 @@ from egrpo.errors import ConfigError  # noqa: F401  (re-exported: `from egrpo.tr
 from egrpo.eval.training import EvalConfig
 from egrpo.objectives import OBJECTIVES, ObjectiveSettings, objective_class
 
-from .model import TINY_DEFAULTS, ModelConfig
+from .model import ATTN_IMPLEMENTATIONS, TINY_DEFAULTS, ModelConfig
 from .rollout import RolloutConfig
 
 
@@ -261,11 +261,25 @@ class Config:
             raise ConfigError(f"train.device must be 'auto', 'cpu' or 'cuda', got {t.device!r}")
         if t.head_impl not in ("fused", "eager"):
             raise ConfigError(f"train.head_impl must be 'fused' or 'eager', got {t.head_impl!r}")
-        from egrpo.kernels._common import cpu_fp32_gemm
-        try:  # an environment switch of the kernels: checked here rather than at the first CPU loss
-            cpu_fp32_gemm()
+        from egrpo.kernels._common import check_environment
+        try:  # the kernels' environment switches: checked here rather than at the first loss
+            check_environment()
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if m.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ConfigError(f"model.attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
+                              f"got {m.attn_implementation!r}")
+        if m.liger:
+            import importlib.util
+
+            import torch
+
+            if t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available()):
+                raise ConfigError("model.liger=true needs a CUDA device (Liger-Kernel is GPU only); set "
+                                  "model.liger=false on this machine")
+            if importlib.util.find_spec("liger_kernel") is None:
+                raise ConfigError("model.liger=true but liger-kernel is not installed; pip install liger-kernel "
+                                  "or set model.liger=false")
         if not self.rewards:
             raise ConfigError("rewards: at least one reward function is required")
         from egrpo.rewards.registry import REWARDS, check_reward_arguments, load_adapters, resolve_reward
@@ -301,6 +315,12 @@ class Config:
             raise ConfigError(str(err)) from None
         if e.every_steps and not os.path.isfile(os.path.expanduser(e.prompts)):
             raise ConfigError(f"eval.prompts {e.prompts!r} does not exist (the evaluator's prompt file)")
+        from egrpo.eval.training import required_weights
+
+        missing = [name for name in required_weights(e) if not e.models.get(name)] if e.every_steps else []
+        if missing:   # found now, not after the model has loaded
+            raise ConfigError(f"eval.models: evaluator {e.evaluator!r} needs local weight paths for "
+                              f"{', '.join(missing)}; give eval.models.<name> (docs/evaluation.md)")
 
     def to_dict(self) -> Dict[str, Any]:
         """The config in the same shape as the YAML it came from (objective settings with their effective values,

@@ -41,6 +41,9 @@ TINY_DEFAULTS = dict(
     initializer_range=0.02,     # std of the random init; larger gives peakier, more context-dependent logits
 )
 
+# transformers' attention implementations the trainer accepts (model.attn_implementation)
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
 
 @dataclass
 class ModelConfig:
@@ -50,7 +53,7 @@ class ModelConfig:
     attn_implementation: str = "sdpa"     # "flash_attention_2" used only when flash_attn is importable
     gradient_checkpointing: bool = False
     trainable: List[str] = field(default_factory=lambda: ["model.language_model", "lm_head"])
-    liger: bool = False                   # Liger-Kernel Llama patches (RMSNorm, SwiGLU, RoPE) on the LM, GPU only
+    liger: bool = False                   # Liger-Kernel Llama patches (RMSNorm, SwiGLU, RoPE) on the LM; needs CUDA
     seed: int = 0                         # init seed of the tiny model
 
 
@@ -156,8 +159,8 @@ def _attn_implementation(requested: str) -> str:
     if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         log.warning("flash_attn is not installed; using sdpa attention")
         return "sdpa"
-    if requested not in ("sdpa", "eager", "flash_attention_2"):
-        raise ValueError(f"model.attn_implementation must be sdpa, eager or flash_attention_2, got {requested!r}")
+    if requested not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"model.attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {requested!r}")
     return requested
 
 

@@ -17,11 +17,11 @@ One rollout of B = len(prompts) * group_size * images_per_cot rows (a prompt's r
 ``sequence_ids`` (conditional branch only, no CFG), CoT tokens after ``text_ids`` (LM head).
 
 Sampling runs through `egrpo.rollout.RolloutEngine` (``rollout.engine: true``, the default): it receives exactly
-the prefills `egrpo.trainer.protocol` builds (ids embedded, same masks and position ids) and draws with counter-
-based uniforms seeded from ``generator``. ``rollout.engine: false`` keeps the plain transformers loop below
-(`sample_cot`, `sample_image_tokens`: ``DynamicCache``, one HF forward per token, ``torch.multinomial``): the
-tests' reference for the prefills and contexts, the path to reproduce runs made before the engine, and a fallback
-where the engine is untested (ZeRO-3).
+the prefills `egrpo.trainer.protocol` builds (ids embedded, same masks and position ids) and draws with uniforms
+from one ``torch.Generator`` per row, seeded from two numbers of ``generator`` (`seeds_from_generator`).
+``rollout.engine: false`` keeps the plain transformers loop below (`sample_cot`, `sample_image_tokens`:
+``DynamicCache``, one HF forward per token, ``torch.multinomial``): the tests' reference for the prefills and
+contexts, and the path to reproduce runs made before the engine.
 """
 
 import functools

@@ -230,6 +230,42 @@ def test_each_bad_setting_is_refused_naming_it(override, needle):
     assert needle in message and "\n" not in message, message
 
 
+@pytest.mark.parametrize("overrides, needle", [
+    (["model.attn_implementation=flash"], "model.attn_implementation"),
+    (["model.liger=true"], "model.liger"),                       # the demo trains on train.device=cpu
+    (["eval.evaluator=compbench", "eval.category=spatial"], "eval.category 'spatial' is not available"),
+    (["eval.evaluator=compbench", "eval.category=colour"], "eval.category must be one of"),
+    (["eval.evaluator=prefs", "eval.prefs_metrics=[hps, hpsv3]"], "['hpsv3']"),
+    (["eval.device=tpu"], "eval.device"),
+])
+def test_settings_checked_only_when_used_are_refused_up_front(overrides, needle):
+    """Settings that used to be checked only where they are used (building the model, the evaluator) are refused
+    by validate, so --dry-run catches them before anything loads."""
+    with pytest.raises(ConfigError) as info:
+        load_config(DEMO, overrides).validate()
+    message = str(info.value)
+    assert needle in message and "\n" not in message, message
+    assert load_config(DEMO, ["eval.evaluator=compbench", "eval.category=non_spatial", "eval.device=cuda:1",
+                              "eval.evaluator=prefs", "eval.prefs_metrics=[hps, aesthetic]"]).validate()
+
+
+@pytest.mark.parametrize("overrides, needed", [
+    (["eval.evaluator=geneval"], "detector, clip"),
+    (["eval.evaluator=compbench", "eval.category=texture"], "blip"),
+    (["eval.evaluator=compbench", "eval.category=non_spatial"], "clip"),
+    (["eval.evaluator=prefs", "eval.prefs_metrics=[hps, aesthetic, clipscore]"], "hps, hps_tokenizer, clip, aesthetic_head"),
+])
+def test_evaluation_during_training_names_the_weights_it_lacks(tmp_path, overrides, needed):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red apple\n")
+    on = ["eval.every_steps=2", f"eval.prompts={prompts}", *overrides]
+    with pytest.raises(ConfigError, match=f"needs local weight paths for {needed};"):
+        load_config(DEMO, on).validate()
+    given = {name: str(tmp_path) for name in needed.split(", ")}
+    assert load_config(DEMO, on + [f"eval.models={given}"]).validate()   # all given: no complaint
+    load_config(DEMO, overrides).validate()                              # evaluation off: nothing needed
+
+
 @pytest.mark.parametrize("key, bad, minimum", [("steps", 0, 1), ("updates_per_rollout", 0, 1), ("save_every", -1, 0),
                                                ("sample_every", -1, 0), ("keep_last", -1, 0), ("log_every", 0, 1)])
 def test_train_counts_name_only_the_bad_key(key, bad, minimum):
