@@ -167,3 +167,14 @@ def test_wise_needs_the_api_key_for_openai_and_warns_elsewhere(tmp_path, capsys,
     assert _judge_key(args) is None and "warning: OPENAI_API_KEY is not set" in capsys.readouterr().err
     monkeypatch.setenv("OPENAI_API_KEY", "k")
     assert _judge_key(args) == "k"
+
+
+def test_wise_refuses_more_than_one_image_per_prompt(tmp_path, capsys):
+    """WISE scores one image per prompt id: another --images-per-prompt is refused, not silently ignored."""
+    prompts = tmp_path / "wise.json"
+    prompts.write_text(json.dumps([{"prompt_id": 1, "Prompt": "a temple", "Explanation": "", "Category": "Cultural"}]))
+    rc = main(["eval", "wise", "--images", str(tmp_path / "wise"), "--prompts", str(prompts), "--judge-url",
+               "http://127.0.0.1:9/v1", "--images-per-prompt", "2", *GEN])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--images-per-prompt 2" in err and "\n" not in err, err
+    assert not (tmp_path / "wise").exists()
