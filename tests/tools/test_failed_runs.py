@@ -142,6 +142,28 @@ def test_generate_into_a_folder_of_other_settings_is_refused_by_name(tmp_path, p
     assert len(list(out.glob("previous-*/00000_00.png"))) == 1
 
 
+@pytest.mark.parametrize("first, second, named", [
+    (["--temperature", "1.0"], ["--temperature", "0.7"], "temperature (1.0 -> 0.7)"),
+    (["--cfg-scale", "5"], ["--cfg-scale", "3"], "cfg_scale (5.0 -> 3.0)"),
+    ([], ["--top-k", "50"], "top_k ((none) -> 50)"),
+    (["--images-per-prompt", "1"], ["--images-per-prompt", "2"], "images_per_prompt (1 -> 2)"),
+    ([], "edit", "prompts ("),
+])
+def test_each_generation_setting_decides_whether_a_folder_resumes(tmp_path, prompts, capsys, first, second, named):
+    """A rerun into the same --out resumes only with the same settings: a changed sampling setting, image count or
+    prompt file (text or metadata) is refused by name rather than mixed into the folder."""
+    out = tmp_path / "gen"
+    assert main(["generate", "--prompts", prompts, "--out", str(out), *first, *TINY]) == 0
+    capsys.readouterr()
+    if second == "edit":
+        with open(prompts, "a", encoding="utf-8") as f:
+            f.write("a red car\n")
+        second = first
+    assert main(["generate", "--prompts", prompts, "--out", str(out), *second, *TINY]) == 2
+    err = one_line_error(capsys)
+    assert f"other settings: {named}" in err and "--overwrite" in err, err
+
+
 def test_generate_that_failed_before_its_first_image_takes_other_settings(tmp_path, prompts, capsys, monkeypatch):
     out = tmp_path / "gen"
     with monkeypatch.context() as m:
@@ -160,6 +182,83 @@ def test_an_interrupted_generate_with_overwrite_says_how_to_resume(tmp_path, pro
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("moved the earlier generations") and "Traceback" not in "".join(err)
     assert err[-1].startswith("egrpo generate: interrupted") and "rerun it without --overwrite to resume" in err[-1]
+
+
+def test_a_prompt_stopped_between_its_images_is_generated_again_whole(tmp_path, capsys, monkeypatch):
+    """Ctrl-C after the first of a prompt's two images: that prompt's image and record are not kept, and the
+    resumed folder equals an uninterrupted run's byte for byte."""
+    import egrpo.eval.generation as generation
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red apple\na red car\n")
+    common = ["generate", "--prompts", str(prompts), "--images-per-prompt", "2", "--seed", "3", *TINY]
+    assert main([*common, "--out", str(tmp_path / "whole")]) == 0
+    out = tmp_path / "gen"
+    real, saved = generation.save_png, []
+
+    def save_png(*args, **kwargs):
+        if len(saved) == 3:    # prompt 0's two images and prompt 1's first are on disk
+            raise KeyboardInterrupt
+        saved.append(1)
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(generation, "save_png", save_png)
+        assert main([*common, "--out", str(out)]) == 130
+    assert (out / "00001_00.png").exists() and '"prompt_index": 1' in (out / "generations.jsonl").read_text()
+    capsys.readouterr()
+    assert main([*common, "--out", str(out)]) == 0
+    assert "wrote 2 images" in capsys.readouterr().out    # prompt 1 again, both images
+    assert (out / "generations.jsonl").read_text() == (tmp_path / "whole" / "generations.jsonl").read_text()
+    for png in (tmp_path / "whole").glob("*.png"):
+        assert (out / png.name).read_bytes() == png.read_bytes(), png.name
+
+
+def _library_setup():
+    import argparse
+
+    from egrpo.tools.cli import rollout_config
+    from egrpo.trainer.model import ModelConfig, build_model
+
+    model, tokenizer = build_model(ModelConfig(tiny={"image_size": 32, "num_layers": 1}, dtype="fp32"), "cpu")
+    cfg = rollout_config(argparse.Namespace(cfg_scale=5.0, temperature=1.0, top_k=None, cot_max_tokens=8,
+                                            cot_temperature=1.0, cot_template=None), 16)
+    return model, tokenizer, cfg
+
+
+def _counting_rollout(monkeypatch):
+    import egrpo.trainer.rollout as rollout_module
+
+    calls, real = [], rollout_module.rollout
+    monkeypatch.setattr(rollout_module, "rollout", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    return calls
+
+
+def test_a_library_resume_keeps_only_what_is_still_true(tmp_path, monkeypatch):
+    """resume=True keeps a prompt only if its images are on disk and its records name the same prompt text: a
+    deleted PNG is drawn again (the same bytes: prompt k's seed is seed + k), a changed prompt is generated anew,
+    foreign jsonl lines are ignored, and the records come back in prompt order."""
+    import json
+
+    from egrpo.tools.generate import generate
+
+    model, tokenizer, cfg = _library_setup()
+    out = tmp_path / "gen"
+    first = generate(model, tokenizer, ["a", "b", "c"], str(out), cfg, seed=1, progress=False)
+    kept_png = (out / "00001_00.png").read_bytes()
+    calls = _counting_rollout(monkeypatch)
+    (out / "00001_00.png").unlink()
+    assert generate(model, tokenizer, ["a", "b", "c"], str(out), cfg, seed=1, progress=False, resume=True) == first
+    assert calls == [["b"]] and (out / "00001_00.png").read_bytes() == kept_png
+    calls.clear()
+    again = generate(model, tokenizer, ["a", "x", "c"], str(out), cfg, seed=1, progress=False, resume=True)
+    assert calls == [["x"]] and [r["prompt"] for r in again] == ["a", "x", "c"]
+    assert [r["prompt_index"] for r in again] == [0, 1, 2]
+    calls.clear()
+    lines = (out / "generations.jsonl").read_text()
+    (out / "generations.jsonl").write_text(json.dumps({"prompt_index": 0}) + "\n" + lines)   # not one of ours
+    assert generate(model, tokenizer, ["a", "x", "c"], str(out), cfg, seed=1, progress=False, resume=True) == again
+    assert calls == [["a"], ["x"], ["c"]]   # nothing after a foreign line is trusted
 
 
 def test_the_library_generate_resumes_only_when_asked(tmp_path, monkeypatch):
