@@ -176,6 +176,15 @@ def test_launch_configuration():
     assert head.direction_programs(2, torch.device("cpu")) == 2
 
 
+def test_persistent_grid_on_cuda_is_a_few_programs_per_sm(monkeypatch):
+    """On CUDA the fused pass launches DIRECTION_PROGRAMS_PER_SM programs per SM (the rows in flight fit the L2),
+    never more than the rows; the SM count is read once per device (here: an H100's 132, without a GPU)."""
+    monkeypatch.setattr(head, "_SM_COUNTS", {0: 132})
+    cuda0 = torch.device("cuda", 0)
+    assert head.direction_programs(10**4, cuda0) == 132 * head.DIRECTION_PROGRAMS_PER_SM == 528
+    assert head.direction_programs(5, cuda0) == 5
+
+
 # ------------------------------------------------------------------ compiled on a GPU
 
 @pytest.mark.gpu

@@ -183,3 +183,16 @@ def test_operator_fake_matches_the_real_output(rows, heads, slots):
     assert (fake.shape, fake.dtype, fake.stride()) == (real.shape, real.dtype, real.stride())
     torch.library.opcheck(decode_attention_op, (q, keys, values, valid, 0.25, torch.tensor([slots])))
 
+
+def test_the_operator_hands_its_limit_to_the_kernel():
+    """The compiled step's operator attends to the filled prefix only: NaN keys / values past ``limit``, where the
+    mask still allows them, must not reach the output."""
+    from egrpo.rollout.attention import decode_attention_op
+
+    q, keys, values, valid = _case(2, 4, 4, 120, 16, torch.float32, seed=3)
+    keys, values, limit = keys.clone(), values.clone(), 77
+    keys[:, :, limit:], values[:, :, limit:] = float("nan"), float("nan")
+    out = decode_attention_op(q, keys, values, torch.ones_like(valid), 0.25, torch.tensor([limit]))
+    exact = _reference(q, keys[:, :, :limit], values[:, :, :limit], torch.ones_like(valid)[:, :limit], 0.25)
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-6)
+

@@ -286,3 +286,17 @@ def test_the_library_generate_resumes_only_when_asked(tmp_path, monkeypatch):
     assert len(calls) == 2 and [r["seed"] for r in again] == [2, 3]
     with open(f"{out}/generations.jsonl", encoding="utf-8") as f:
         assert [json.loads(line)["seed"] for line in f] == [2, 3]
+
+
+def test_ctrl_c_in_any_other_command_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    """Scripts see an interrupted command as failed (130, the shell's code for SIGINT), whatever the command."""
+    import egrpo.data
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(egrpo.data, "load_prompt_file", interrupted)
+    (tmp_path / "p.txt").write_text("a red apple\n")
+    assert main(["data", "check", str(tmp_path / "p.txt")]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == "egrpo data check: interrupted"
