@@ -595,3 +595,71 @@ def test_a_resume_of_an_older_checkpoint_that_fails_keeps_the_newer_metrics(caps
     rc, _, err = cli(capsys, "train", "--resume", run, "train.steps=3")
     assert rc == 0, err
     assert [r["step"] for r in read_metrics(str(run / "metrics.jsonl"))] == [1, 2, 3]
+
+
+def test_a_signal_during_the_final_save_and_export_lets_them_finish(capsys, tmp_path, monkeypatch):
+    """SIGTERM (a scheduler's) or Ctrl-C once the last step is done: the final checkpoint and the export complete
+    (the signal is announced, not acted on), so `hf/` is whole and the run is finished, not resumable-at-step-N."""
+    import signal as signals
+
+    import egrpo.trainer.train as train_module
+
+    real, sent = train_module.export_model, []
+
+    def export_model(*args, **kwargs):
+        for sig in (signals.SIGTERM, signals.SIGINT):
+            os.kill(os.getpid(), sig)   # delivered now, to the handler in force during the export
+            sent.append(sig)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "export_model", export_model)
+    run = tmp_path / "run"
+    rc, _, err = cli(capsys, "train", *RUN, f"train.out_dir={run}", "train.export_hf=true")
+    assert rc == 0 and len(sent) == 2, err
+    assert "SIGTERM received: finishing the final checkpoint and export first" in err
+    assert (run / "hf" / "config.json").is_file() and list((run / "hf").glob("*.safetensors"))
+    assert not (run / "hf.partial").exists()
+    from egrpo.trainer.train import find_checkpoint
+    assert find_checkpoint(str(run))[1:] == ("step_000002", [])
+
+
+def test_an_export_that_fails_keeps_the_previous_one(tmp_path):
+    from egrpo.trainer.train import replace_dir_atomically
+
+    out = tmp_path / "hf"
+    replace_dir_atomically(str(out), lambda d: os.makedirs(d) or (tmp_path / "hf.partial" / "a").write_text("one"))
+    assert (out / "a").read_text() == "one"
+
+    def fails(d):
+        os.makedirs(d)
+        (tmp_path / "hf.partial" / "a").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        replace_dir_atomically(str(out), fails)
+    assert (out / "a").read_text() == "one"                     # the earlier export, untouched
+    replace_dir_atomically(str(out), lambda d: os.makedirs(d) or (tmp_path / "hf.partial" / "b").write_text("two"))
+    assert sorted(os.listdir(out)) == ["b"] and not (tmp_path / "hf.partial").exists()
+    assert not (tmp_path / "hf.old").exists()
+
+
+def test_a_newer_checkpoint_cut_short_is_named_when_resuming(base_run, tmp_path):
+    """Killed while saving step 2 (its manifest not written, `latest` still naming step 1): the resume warns
+    about step 2 instead of silently treating it as another branch."""
+    from egrpo.trainer.train import find_checkpoint
+
+    run = copy_run(base_run, tmp_path)
+    (run / "checkpoints" / "step_000002" / "manifest.json").unlink()
+    (run / "checkpoints" / "latest").write_text("step_000001")
+    _, tag, problems = find_checkpoint(str(run))
+    assert tag == "step_000001" and len(problems) == 1
+    assert "step_000002" in problems[0] and "the save did not finish" in problems[0]
+
+
+def test_overwrite_moves_the_previous_run_only_once_the_rewards_are_built(capsys, base_run, tmp_path):
+    """--overwrite with a reward that refuses its arguments: the error comes before the previous run is moved."""
+    run = copy_run(base_run, tmp_path)
+    rc, _, err = cli(capsys, "train", *RUN, f"train.out_dir={run}", "rewards.0.tolerance=-1", "--overwrite")
+    assert rc == 2, err
+    assert not [p for p in os.listdir(run) if p.startswith("previous-")]
+    assert (run / "checkpoints" / "latest").read_text() == "step_000002"

@@ -257,6 +257,9 @@ class Config:
                               ("keep_last", 0), ("log_every", 1)):
             if getattr(t, name) < minimum:
                 raise ConfigError(f"train.{name} must be >= {minimum}, got {getattr(t, name)}")
+        for name, value in (("train.seed", t.seed), ("model.seed", m.seed)):
+            if not 0 <= value < 2**63:   # numpy's and torch's seeds are non-negative
+                raise ConfigError(f"{name} must be a non-negative integer, got {value}")
         if t.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device must be 'auto', 'cpu' or 'cuda', got {t.device!r}")
         if t.head_impl not in ("fused", "eager"):

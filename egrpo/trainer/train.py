@@ -394,6 +394,12 @@ def find_checkpoint(path: str) -> Tuple[str, str, List[str]]:
     for tag in candidates:
         problem = verify_checkpoint(os.path.join(root, tag))
         if problem is None:
+            if STEP_TAG.match(tag):   # a newer step checkpoint without its manifest: a save cut short (named in
+                # the warnings, not hashed: its files are moved aside with the abandoned branch)
+                tried = candidates[:candidates.index(tag)]
+                problems += [f"{os.path.join(root, n, MANIFEST)} is missing (the save did not finish)" for n in steps
+                             if int(STEP_TAG.match(n).group(1)) > int(STEP_TAG.match(tag).group(1))
+                             and n not in tried and not os.path.isfile(os.path.join(root, n, MANIFEST))]
             return root, tag, problems
         problems.append(problem)
     if not problems:
@@ -810,11 +816,20 @@ class StopOnSignal(_OnSignals):
     """Inside: SIGTERM / SIGINT (Ctrl-C) only set ``signum``; the loop saves at the end of the step and
     returns. A second signal gets the previous handler (Ctrl-C twice interrupts at once)."""
 
+    doing = "saving a checkpoint at the end of this step"
+
     def _handle(self, signum, frame):
         self.signum = signum
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-        print(f"egrpo: {signal.Signals(signum).name} received: saving a checkpoint at the end of this step "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
+        print(f"egrpo: {signal.Signals(signum).name} received: {self.doing} (send it again to stop at once)",
+              file=sys.stderr, flush=True)
+
+
+class FinishOnSignal(StopOnSignal):
+    """Around the final checkpoint and export: a signal lets them complete (a scheduler's SIGTERM there used to
+    leave a partial checkpoint and a half-written ``hf/``); a second one stops at once."""
+
+    doing = "finishing the final checkpoint and export first"
 
 
 class InterruptAtOnce(_OnSignals):
@@ -854,6 +869,19 @@ def trainable_state(engine, model, zero3: bool) -> Dict[str, torch.Tensor]:
         return {n: p.detach().float().cpu().clone() for n, p in params}
 
 
+def replace_dir_atomically(out: str, write: Callable[[str], Any]) -> None:
+    """``write(partial)`` into ``out.partial``, then swap it in for ``out``: a reader (or a crash) never sees a
+    half-written ``out``; the previous one stays intact until the new one is complete."""
+    partial, old = f"{out}.partial", f"{out}.old"
+    shutil.rmtree(partial, ignore_errors=True)   # left by a killed export
+    write(partial)
+    if os.path.isdir(out):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(partial, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def export_hf(engine, model, tokenizer, out: str, zero3: bool, rank: int, export_format: str = "hf") -> Optional[str]:
     """Directory (config + safetensors + tokenizer) of the trained model in the transformers (``"hf"``) or
     original Janus layout (``train.export_format``), written by rank 0."""
@@ -862,7 +890,8 @@ def export_hf(engine, model, tokenizer, out: str, zero3: bool, rank: int, export
     with zero3_gather(list(model.parameters()), zero3):
         if rank == 0:
             state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-            export_model(model, tokenizer, out, export_format, state=state)
+            replace_dir_atomically(out, lambda partial: export_model(model, tokenizer, partial, export_format,
+                                                                     state=state))
     dist.barrier()
     return out if rank == 0 else None
 
@@ -946,11 +975,6 @@ def _train(cfg: Config, resume: Optional[str], interrupts: InterruptAtOnce, over
     else:
         check_out_dir(out_dir, overwrite)
     dist.barrier()
-    if is_main:
-        if overwrite and holds_run(out_dir) and not (resume_from and same_path(os.path.dirname(load_dir), out_dir)):
-            say(f"moved the previous run to {move_previous_run(out_dir)}")
-        os.makedirs(out_dir, exist_ok=True)
-    dist.barrier()
 
     # ---- rewards first (a wrong checkpoint path fails before minutes of policy loading), model, reference, data
     try:
@@ -958,6 +982,11 @@ def _train(cfg: Config, resume: Optional[str], interrupts: InterruptAtOnce, over
     except (ValueError, ImportError, OSError) as e:   # bad arguments, missing package or weights
         message = str(e)   # (the registry's messages already name the entry: rewards[i] ...)
         raise ConfigError(message if message.startswith("rewards") else f"rewards: {message}") from e
+    if is_main:   # (after the rewards: a reward that refuses its arguments leaves the previous run where it was)
+        if overwrite and holds_run(out_dir) and not (resume_from and same_path(os.path.dirname(load_dir), out_dir)):
+            say(f"moved the previous run to {move_previous_run(out_dir)}")
+        os.makedirs(out_dir, exist_ok=True)
+    dist.barrier()
     builder = model_builder or build_model
     model, tokenizer = load_model(builder, cfg.model, device)
     # guided log-probs (objective.logprob_source: guided) need the unconditional branch with the sampler's layout
@@ -1233,12 +1262,13 @@ def _train(cfg: Config, resume: Optional[str], interrupts: InterruptAtOnce, over
     if summary["stopped_by"] and not finished:
         summary["checkpoint"] = last_good
     if finished:
-        summary["checkpoint"] = (last_good if saved_at == step else
-                                 save_checkpoint(engine, ckpt_root, step, data_position, rank, config=effective,
-                                                 keep_last=t.keep_last, extra_state=extra_state()))
-        if t.export_hf:
-            summary["export"] = export_hf(engine, module, tokenizer, os.path.join(out_dir, "hf"), zero3, rank,
-                                          t.export_format)
+        with FinishOnSignal():
+            summary["checkpoint"] = (last_good if saved_at == step else
+                                     save_checkpoint(engine, ckpt_root, step, data_position, rank, config=effective,
+                                                     keep_last=t.keep_last, extra_state=extra_state()))
+            if t.export_hf:
+                summary["export"] = export_hf(engine, module, tokenizer, os.path.join(out_dir, "hf"), zero3, rank,
+                                              t.export_format)
         if is_main and os.path.exists(logger.path) and read_metrics(logger.path):
             summary["plot"] = plot_curves(logger.path, os.path.join(out_dir, "curves.png"))
     if return_params:

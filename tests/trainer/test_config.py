@@ -220,6 +220,7 @@ def test_reward_name_override_drops_the_old_arguments():
     ("optim.grad_clip=-1", "optim.grad_clip"), ("optim.grad_accum=0", "optim.grad_accum"),
     ("data.prompts_per_step=0", "data.prompts_per_step"), ("data.schema=csv", "data.schema"),
     ("rewards.0.retries=-1", "rewards[0].retries"), ("rewards.0.on_error=retry", "rewards[0].on_error"),
+    ("train.seed=-1", "train.seed"), ("model.seed=-2", "model.seed"),
 ])
 def test_each_bad_setting_is_refused_naming_it(override, needle):
     """docs/training.md: a bad setting stops the run before anything starts, with one line naming the setting."""
