@@ -1,7 +1,9 @@
-"""Subcommands ``convert`` (checkpoint layouts) and ``data`` (prompt files) of the ``egrpo`` command. Their errors
+"""Subcommands ``convert`` (checkpoint layouts), ``export`` (a model from a training checkpoint) and ``data`` (prompt files) of the ``egrpo`` command. Their errors
 (bad paths, bad prompt files, bad checkpoints) are the ``egrpo`` command's one-line errors (``--debug``: traceback)."""
 
 from __future__ import annotations
+
+import os
 
 
 def run_convert(args) -> int:
@@ -9,6 +11,17 @@ def run_convert(args) -> int:
 
     layout = convert_checkpoint(args.src, args.dst, to=args.to, max_shard_size=args.max_shard_size)
     print(f"wrote {args.dst} ({'transformers' if layout == 'hf' else 'original Janus'} layout)")
+    return 0
+
+
+def run_export(args) -> int:
+    from egrpo.errors import UserError
+    from egrpo.trainer.export import export_checkpoint
+
+    if os.path.exists(args.out):
+        raise UserError(f"--out {args.out} already exists; give a new directory")
+    used = export_checkpoint(args.checkpoint, args.out, args.format)
+    print(f"wrote {args.out} from {used}")
     return 0
 
 
@@ -43,6 +56,15 @@ def add_data_subcommands(subparsers) -> None:
                    help="target layout (default: the other one)")
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
     p.set_defaults(func=run_convert)
+
+    p = subparsers.add_parser("export", help="write the model of a training checkpoint (e.g. <run>/checkpoints/best) "
+                              "as a model directory for generate / eval")
+    p.add_argument("checkpoint", help="a run directory (its newest intact checkpoint), its checkpoints/ directory, "
+                                      "or one checkpoint directory (e.g. runs/x/checkpoints/best)")
+    p.add_argument("--out", required=True, help="new output directory")
+    p.add_argument("--format", default=None, choices=["hf", "original"],
+                   help="layout (default: the run's train.export_format)")
+    p.set_defaults(func=run_export)
 
     p = subparsers.add_parser("data", help="prompt files: generate GenEval-style prompts, validate a file")
     sub = p.add_subparsers(dest="data_command", required=True)

@@ -113,7 +113,9 @@ def test_generate_errors_speak_in_the_commands_flags(tmp_path, prompts, capsys):
     (run / "config.yaml").write_text("{}\n")
     (run / "hf").mkdir()
     (run / "hf" / "config.json").write_text("{}\n")
-    for given in (run, run / "checkpoints" / "step_000002"):
+    for given, hint in ((run, f"--model {run / 'hf'}"), (run / "checkpoints", f"--model {run / 'hf'}"),
+                        # one checkpoint (best, an older step): hf/ holds other weights; export that one
+                        (run / "checkpoints" / "step_000002", f"egrpo export {run / 'checkpoints' / 'step_000002'}")):
         assert main(["generate", "--prompts", prompts, "--out", out, "--model", str(given), *model_free]) == 2
         err = one_line_error(capsys)
-        assert "is a training run" in err and f"--model {run / 'hf'}" in err
+        assert "is a training run" in err and hint in err, err
