@@ -21,7 +21,8 @@ from typing import List
 from egrpo.errors import UserError
 
 from .validate import (
-    check_at_least, holds_generations, prepare_generation_dir, prepare_output_file, resolve_device,
+    COT_FLAG_DEFAULTS, canonical_tiny, check_at_least, check_cot_flags, holds_generations, move_file_aside,
+    prepare_generation_dir, prepare_output_file, resolve_device,
 )
 
 
@@ -82,9 +83,11 @@ def _add_model_args(p):
     p.add_argument("--cfg-scale", type=float, default=5.0)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--cot-max-tokens", type=int, default=1024, help="as released training (released inference: 512)")
-    p.add_argument("--cot-template", default=None, help="reasoning template file with one {} (default: released)")
-    p.add_argument("--cot-temperature", type=float, default=1.0)
+    p.add_argument("--cot-max-tokens", type=int, default=COT_FLAG_DEFAULTS["cot_max_tokens"],
+                   help="as released training (released inference: 512)")
+    p.add_argument("--cot-template", default=COT_FLAG_DEFAULTS["cot_template"],
+                   help="reasoning template file with one {} (default: released)")
+    p.add_argument("--cot-temperature", type=float, default=COT_FLAG_DEFAULTS["cot_temperature"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-engine", action="store_true",
                    help="sample with the plain transformers loop instead of the rollout engine (rollout.engine: false)")
@@ -175,16 +178,32 @@ def run_analyze(args) -> int:
                         "--text-entropy masked")
     resolve_device(args.device)
     rollout_config(args, cot=args.cots > 0)                     # bad sampling flags: before any file is touched
+    check_cot_flags(args, args.cots > 0, "--cots >= 1")
     prompts, metadata = load_prompts(args.prompts)
     reward_set = build_reward_set(args)
     moved = prepare_output_file(args.out, args.overwrite)       # checked before the model loads
     if moved:
         print(f"moved the earlier {args.out} to {moved}", file=sys.stderr)
+    if os.path.dirname(args.out):
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    # records go to <out>.partial, renamed to --out when complete: an interrupted run never blocks the rerun, and
+    # its records are kept (an earlier .partial is moved aside first)
+    partial = f"{args.out}.partial"
+    if os.path.exists(partial) and os.path.getsize(partial):
+        print(f"moved an interrupted run's {partial} to {move_file_aside(partial)}", file=sys.stderr)
     model, tokenizer, rollout_cfg = _load_model(args)
-    with open(args.out, "w", encoding="utf-8") as out:
-        records = analyze(model, tokenizer, prompts, metadata, reward_set, args.cots, args.images, rollout_cfg,
-                          seed=args.seed, logits=args.entropy_logits, out=out, progress=not args.no_progress,
-                          text_entropy=args.text_entropy, entropy_bins=args.entropy_bins)
+    try:
+        with open(partial, "w", encoding="utf-8") as out:
+            records = analyze(model, tokenizer, prompts, metadata, reward_set, args.cots, args.images, rollout_cfg,
+                              seed=args.seed, logits=args.entropy_logits, out=out, progress=not args.no_progress,
+                              text_entropy=args.text_entropy, entropy_bins=args.entropy_bins)
+    except KeyboardInterrupt:
+        with open(partial, encoding="utf-8") as f:
+            written = sum(1 for _ in f)
+        print(f"\negrpo analyze: interrupted; the {written} records written so far are in {partial} (a rerun "
+              "starts afresh)", file=sys.stderr)
+        return 130
+    os.replace(partial, args.out)
     print(f"wrote {len(records)} records to {args.out}")
     return 0
 
@@ -235,6 +254,7 @@ def run_generate(args) -> int:
     resolve_device(args.device)
     phases = dict(cot=args.cot, images_per_cot=args.images_per_cot if args.cot else 1)
     rollout_config(args, **phases)                              # bad sampling flags: before any file is touched
+    check_cot_flags(args, args.cot, "--cot")
     prompts, metadata = load_prompts(args.prompts)
     settings = _generation_settings(args, prompts, metadata)
     resuming = _check_resumable(args.out, settings, args.overwrite)   # before the model loads
@@ -263,7 +283,7 @@ def _generation_settings(args, prompts, metadata) -> dict:
     import hashlib
 
     path = lambda p: None if p is None else os.path.abspath(p)   # noqa: E731
-    settings = {"model": path(args.model), "tiny": args.tiny, "dtype": args.dtype,
+    settings = {"model": path(args.model), "tiny": canonical_tiny(args.tiny), "dtype": args.dtype,
                 "device": resolve_device(args.device).partition(":")[0], "cfg_scale": args.cfg_scale,
                 "temperature": args.temperature, "top_k": args.top_k, "cot": args.cot, "seed": args.seed,
                 "images_per_prompt": args.images_per_prompt, "engine": not args.no_engine, "compile": args.compile,

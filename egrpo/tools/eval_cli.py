@@ -19,6 +19,7 @@ import torch
 from egrpo.eval.io import EvalError, load_image
 
 from .generate import generate
+from .validate import COT_FLAG_DEFAULTS, canonical_tiny, check_cot_flags
 
 
 def janus_generator(model, tokenizer, rollout_cfg):
@@ -49,9 +50,11 @@ def _add_common(p, prompts_help: str, prompts_required: bool = False):
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--cot", action="store_true", help="write a semantic CoT before each image")
-    g.add_argument("--cot-max-tokens", type=int, default=1024, help="as released training (released inference: 512)")
-    g.add_argument("--cot-template", default=None, help="reasoning template file with one {} (default: released)")
-    g.add_argument("--cot-temperature", type=float, default=1.0)
+    g.add_argument("--cot-max-tokens", type=int, default=COT_FLAG_DEFAULTS["cot_max_tokens"],
+                   help="as released training (released inference: 512)")
+    g.add_argument("--cot-template", default=COT_FLAG_DEFAULTS["cot_template"],
+                   help="reasoning template file with one {} (default: released)")
+    g.add_argument("--cot-temperature", type=float, default=COT_FLAG_DEFAULTS["cot_temperature"])
     g.add_argument("--seed", type=int, default=0, help="prompt i is generated with seed + i")
 
 
@@ -79,7 +82,7 @@ def _generation_settings(args, jobs, images_per_prompt: int) -> dict:
     from egrpo.eval.generation import prompts_digest
 
     path = lambda p: None if p is None else os.path.abspath(p)
-    settings = {"model": path(args.model), "tiny": args.tiny, "dtype": args.dtype, "cfg_scale": args.cfg_scale,
+    settings = {"model": path(args.model), "tiny": canonical_tiny(args.tiny), "dtype": args.dtype, "cfg_scale": args.cfg_scale,
                 "temperature": args.temperature, "top_k": args.top_k, "cot": args.cot, "seed": args.seed,
                 "images_per_prompt": images_per_prompt, "prompts": prompts_digest(jobs)}
     if args.cot:
@@ -98,6 +101,7 @@ def _generate(args, jobs, images_per_prompt: int, write_layout=None) -> None:
 
     from .cli import _load_model
 
+    check_cot_flags(args, args.cot, "--cot")
     settings = _generation_settings(args, jobs, images_per_prompt)
     check_generation_settings(args.images, settings, jobs)
     model, tokenizer, rollout_cfg = _load_model(args)

@@ -6,6 +6,7 @@ Each check raises `egrpo.errors.UserError` with a one-line message naming the ar
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional
 
@@ -88,3 +89,29 @@ def prepare_output_file(path: str, overwrite: bool, flag: str = "--out") -> Opti
         raise UserError(f"{flag} {path} already exists; give a new {flag}, or pass --overwrite to keep the old "
                         "file as <name>.previous-<time><ext> and write a new one")
     return move_file_aside(path)
+
+
+# The CoT phase's flags (egrpo generate / analyze / eval) and their defaults: given without a CoT phase, refused.
+COT_FLAG_DEFAULTS = {"cot_max_tokens": 1024, "cot_template": None, "cot_temperature": 1.0}
+
+
+def check_cot_flags(args, cot: bool, needs: str) -> None:
+    """CoT-only flags given without a CoT phase are refused (not silently ignored)."""
+    given = [f"--{name.replace('_', '-')}" for name, default in COT_FLAG_DEFAULTS.items()
+             if getattr(args, name, default) != default]
+    if given and not cot:
+        many = len(given) > 1
+        raise UserError(f"{', '.join(given)} only appl{'y' if many else 'ies'} to the CoT phase, which is off; give "
+                        f"{needs} or leave {'them' if many else 'it'} out")
+
+
+def canonical_tiny(tiny):
+    """``--tiny`` JSON as recorded in generation settings: parsed and re-serialised with sorted keys, so that
+    ``{ }`` and ``{}`` (or keys in another order) are the same setting. Text that is not JSON stays as given (it
+    is refused where the model is built)."""
+    if tiny is None:
+        return None
+    try:
+        return json.dumps(json.loads(tiny), sort_keys=True)
+    except ValueError:
+        return tiny

@@ -300,3 +300,52 @@ def test_ctrl_c_in_any_other_command_is_one_line_and_exit_130(tmp_path, capsys, 
     assert main(["data", "check", str(tmp_path / "p.txt")]) == 130
     err = capsys.readouterr().err.strip()
     assert err == "egrpo data check: interrupted"
+
+
+@pytest.mark.parametrize("command, flags, named, switch", [
+    ("generate", ["--cot-max-tokens", "5"], "--cot-max-tokens only applies", "--cot"),
+    ("generate", ["--cot-temperature", "0.5", "--cot-template", "t.txt"], "--cot-template, --cot-temperature", "--cot"),
+    ("analyze", ["--cots", "0", "--cot-max-tokens", "5", "--reward", "colour"], "--cot-max-tokens", "--cots >= 1"),
+])
+def test_cot_flags_without_a_cot_phase_are_refused(tmp_path, prompts, capsys, command, flags, named, switch):
+    out = str(tmp_path / ("gen" if command == "generate" else "a.jsonl"))
+    assert main([command, "--prompts", prompts, "--out", out, *flags, *TINY]) == 2
+    err = one_line_error(capsys)
+    assert "CoT phase, which is off" in err and f"give {switch} or" in err and named in err, err
+    assert not (tmp_path / "gen").exists() and not (tmp_path / "a.jsonl").exists()
+
+
+def test_tiny_settings_compare_as_json_not_as_text(tmp_path, prompts, capsys):
+    out = tmp_path / "gen"
+    tiny = ["--dtype", "fp32", "--device", "cpu", "--no-progress"]
+    assert main(["generate", "--prompts", prompts, "--out", str(out), "--tiny",
+                 '{"image_size": 32, "num_layers": 1}', *tiny]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--prompts", prompts, "--out", str(out), "--tiny",
+                 '{ "num_layers": 1,  "image_size": 32 }', *tiny]) == 0   # the same model: resumes, nothing to do
+    assert "wrote 0 images" in capsys.readouterr().out
+
+
+def test_analyze_makes_its_folder_and_an_interrupted_run_keeps_its_records_aside(tmp_path, prompts, capsys,
+                                                                                  monkeypatch):
+    import egrpo.tools.analyze as analyze_module
+
+    out = tmp_path / "new" / "a.jsonl"
+    common = ["analyze", "--prompts", prompts, "--reward", "colour", "--cots", "0", "--images", "2", *TINY]
+    real = analyze_module.analyze
+
+    def interrupted(*args, out=None, **kwargs):
+        out.write('{"record": 1}\n')
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(analyze_module, "analyze", interrupted)
+        assert main([*common, "--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"egrpo analyze: interrupted; the 1 records written so far are in {out}.partial (a rerun starts afresh)"
+    assert not out.exists()
+    assert real is analyze_module.analyze
+    assert main([*common, "--out", str(out)]) == 0            # not blocked; the interrupted records moved aside
+    assert len(out.read_text().splitlines()) == 2 and not (tmp_path / "new" / "a.jsonl.partial").exists()
+    (aside,) = (tmp_path / "new").glob("a.jsonl.previous-*")
+    assert aside.read_text() == '{"record": 1}\n'
