@@ -209,6 +209,25 @@ def dry_run(cfg, args) -> int:
     return 0
 
 
+def check_writable(out_dir: str) -> None:
+    """``train.out_dir`` can be created and written: a directory made and removed again in it, or in its nearest
+    existing parent (the dry run leaves nothing behind)."""
+    import tempfile
+
+    from egrpo.errors import ConfigError
+
+    probe_in = os.path.abspath(out_dir)
+    while not os.path.isdir(probe_in) and os.path.dirname(probe_in) != probe_in:
+        if os.path.exists(probe_in):
+            raise ConfigError(f"train.out_dir {out_dir}: {probe_in} is a file, not a directory")
+        probe_in = os.path.dirname(probe_in)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".egrpo-dry-run-", dir=probe_in))
+    except OSError as e:
+        raise ConfigError(f"train.out_dir {out_dir} cannot be written ({probe_in}: {e.strerror}); pick another "
+                          "train.out_dir") from None
+
+
 def check_run_dir(cfg, args) -> str:
     """The checks of ``train.out_dir`` the real run makes before it loads anything: another training there, a run
     it would mix with, and with ``--resume`` the checkpoint and the changed settings its policy allows. Returns a
@@ -216,6 +235,7 @@ def check_run_dir(cfg, args) -> str:
     from egrpo.trainer.train import check_out_dir, check_resume, find_checkpoint, in_use_error, run_lock_owner
 
     out_dir = cfg.train.out_dir
+    check_writable(out_dir)
     owner = run_lock_owner(out_dir)
     if owner is not None:
         raise in_use_error(out_dir, owner)

@@ -663,3 +663,12 @@ def test_overwrite_moves_the_previous_run_only_once_the_rewards_are_built(capsys
     assert rc == 2, err
     assert not [p for p in os.listdir(run) if p.startswith("previous-")]
     assert (run / "checkpoints" / "latest").read_text() == "step_000002"
+
+
+def test_dry_run_checks_that_out_dir_can_be_written_and_leaves_nothing(capsys, tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    rc, _, err = cli(capsys, "train", *BASE, f"train.out_dir={tmp_path / 'a-file' / 'run'}", "--dry-run")
+    assert_one_line_error(rc, err, "train.out_dir", "is a file, not a directory")
+    rc, _, err = cli(capsys, "train", *BASE, f"train.out_dir={tmp_path / 'new' / 'run'}", "--dry-run")
+    assert rc == 0, err
+    assert sorted(os.listdir(tmp_path)) == ["a-file"]   # the probe directory was removed, nothing created

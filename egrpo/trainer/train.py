@@ -575,7 +575,8 @@ def check_resume_changes(old: Dict[str, Any], new: Dict[str, Any], step: int, al
     lines, refused, never, added_later = [], [], [], []
     for key in sorted(set(a) | set(b)):
         before, after = a.get(key, SETTINGS_ADDED_LATER.get(key, _ABSENT)), b.get(key, _ABSENT)
-        if before == after:
+        if before == after or (key == "train.out_dir" and isinstance(before, str) and isinstance(after, str)
+                               and same_path(before, after)):   # `runs/a` and its absolute path: no change
             continue
         shown = f"(absent: {before!r})" if key not in a and key in SETTINGS_ADDED_LATER else _short(before)
         change = f"{key}: {shown} -> {_short(after)}"

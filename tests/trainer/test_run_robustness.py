@@ -54,6 +54,11 @@ def test_each_resume_policy_class(key, value, policy):
             assert key in str(e.value)
 
 
+def test_the_same_out_dir_spelled_another_way_is_no_change():
+    old = _config()   # train.out_dir "a", relative to the working directory
+    assert T.check_resume_changes(old, _config(**{"train.out_dir": os.path.abspath("a")}), 2, allow_changes=False) == []
+
+
 def test_resume_needs_steps_beyond_the_checkpoint():
     old = _config()
     assert T.check_resume_changes(old, _config(**{"train.steps": 5}), 4, allow_changes=False)[0].startswith(
