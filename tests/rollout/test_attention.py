@@ -196,3 +196,27 @@ def test_the_operator_hands_its_limit_to_the_kernel():
     exact = _reference(q, keys[:, :, :limit], values[:, :, :limit], torch.ones_like(valid)[:, :limit], 0.25)
     torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-6)
 
+
+
+@pytest.mark.parametrize("gated, stages", [(True, None), (False, 3)])
+def test_launch_options_reach_the_kernel(monkeypatch, gated, stages):
+    """The benchmark's variants launch what they name: ``gated_loads`` as the GATED constant, ``num_stages`` as the
+    launch option (Triton's own default when None). The interpreter ignores pipelining, so this checks the call."""
+    import egrpo.rollout.attention as attention
+
+    real, launches = attention._decode_attention_kernel, []
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs)
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(attention, "_decode_attention_kernel", Recording())
+    q, keys, values, valid = _case(2, 2, 2, 40, 16, torch.float32)
+    out = decode_attention(q, keys, values, valid, 0.25, gated_loads=gated, num_stages=stages)
+    torch.testing.assert_close(out.double(), _reference(q, keys, values, valid, 0.25), rtol=1e-5, atol=1e-6)
+    (kwargs,) = launches
+    assert kwargs["GATED"] is gated and kwargs.get("num_stages") == stages
+    assert ("num_stages" in kwargs) == (stages is not None)
