@@ -616,9 +616,10 @@ def test_a_signal_during_the_final_save_and_export_lets_them_finish(capsys, tmp_
     run = tmp_path / "run"
     rc, _, err = cli(capsys, "train", *RUN, f"train.out_dir={run}", "train.export_hf=true")
     assert rc == 0 and len(sent) == 2, err
-    assert "SIGTERM received: finishing the final checkpoint and export first" in err
+    assert "SIGTERM received: finishing the run's final save first" in err
+    assert "stopped by" not in err   # the run finished: nothing to resume
     assert (run / "hf" / "config.json").is_file() and list((run / "hf").glob("*.safetensors"))
-    assert not (run / "hf.partial").exists()
+    assert sorted(p.name for p in run.iterdir() if "hf" in p.name) == ["hf"]
     from egrpo.trainer.train import find_checkpoint
     assert find_checkpoint(str(run))[1:] == ("step_000002", [])
 
@@ -626,21 +627,26 @@ def test_a_signal_during_the_final_save_and_export_lets_them_finish(capsys, tmp_
 def test_an_export_that_fails_keeps_the_previous_one(tmp_path):
     from egrpo.trainer.train import replace_dir_atomically
 
+    def writes(name, text):
+        def write(d):
+            os.makedirs(d)
+            with open(os.path.join(d, name), "w") as f:
+                f.write(text)
+            if text == "half":
+                raise OSError("disk full")
+        return write
+
+    (tmp_path / "hf.old").mkdir()       # the user's own folders beside it are never touched
+    (tmp_path / "hf.partial").mkdir()
     out = tmp_path / "hf"
-    replace_dir_atomically(str(out), lambda d: os.makedirs(d) or (tmp_path / "hf.partial" / "a").write_text("one"))
+    replace_dir_atomically(str(out) + "/", writes("a", "one"))   # a trailing slash names the same directory
     assert (out / "a").read_text() == "one"
-
-    def fails(d):
-        os.makedirs(d)
-        (tmp_path / "hf.partial" / "a").write_text("half")
-        raise OSError("disk full")
-
     with pytest.raises(OSError):
-        replace_dir_atomically(str(out), fails)
+        replace_dir_atomically(str(out), writes("a", "half"))
     assert (out / "a").read_text() == "one"                     # the earlier export, untouched
-    replace_dir_atomically(str(out), lambda d: os.makedirs(d) or (tmp_path / "hf.partial" / "b").write_text("two"))
-    assert sorted(os.listdir(out)) == ["b"] and not (tmp_path / "hf.partial").exists()
-    assert not (tmp_path / "hf.old").exists()
+    replace_dir_atomically(str(out), writes("b", "two"))
+    assert sorted(os.listdir(out)) == ["b"]
+    assert sorted(os.listdir(tmp_path)) == ["hf", "hf.old", "hf.partial"]
 
 
 def test_a_newer_checkpoint_cut_short_is_named_when_resuming(base_run, tmp_path):
@@ -654,6 +660,11 @@ def test_a_newer_checkpoint_cut_short_is_named_when_resuming(base_run, tmp_path)
     _, tag, problems = find_checkpoint(str(run))
     assert tag == "step_000001" and len(problems) == 1
     assert "step_000002" in problems[0] and "the save did not finish" in problems[0]
+    # killed after the manifest, before `latest` moved: complete, but not the one `latest` names; named as well
+    run = copy_run(base_run, tmp_path / "second")
+    (run / "checkpoints" / "latest").write_text("step_000001")
+    _, tag, problems = find_checkpoint(str(run))
+    assert tag == "step_000001" and len(problems) == 1 and "is newer than step_000001" in problems[0]
 
 
 def test_overwrite_moves_the_previous_run_only_once_the_rewards_are_built(capsys, base_run, tmp_path):

@@ -84,6 +84,8 @@ def check_generation_settings(folder: str, settings: dict, jobs: Sequence[Tuple[
     except (OSError, ValueError) as e:
         raise EvalError(f"{path} is not readable ({type(e).__name__}: {e}); {what_to_do}") from None
     settings = json.loads(json.dumps(settings))          # tuples -> lists, as read back from the file
+    if isinstance(recorded.get("tiny"), str):   # recorded as typed before --tiny was compared as JSON
+        recorded["tiny"] = canonical_tiny(recorded["tiny"])
     changed = []
     for key in sorted(set(recorded) | set(settings)):
         if recorded.get(key) != settings.get(key):
@@ -94,6 +96,18 @@ def check_generation_settings(folder: str, settings: dict, jobs: Sequence[Tuple[
     if changed:
         raise EvalError(f"{flag} {folder} holds images generated with other settings: {'; '.join(changed)}; "
                         f"{what_to_do}")
+
+
+def canonical_tiny(tiny):
+    """``--tiny`` JSON as recorded in generation settings: parsed and re-serialised with sorted keys, so that
+    ``{ }`` and ``{}`` (or keys in another order) are the same setting. Text that is not JSON stays as given (it
+    is refused where the model is built)."""
+    if tiny is None:
+        return None
+    try:
+        return json.dumps(json.loads(tiny), sort_keys=True)
+    except ValueError:
+        return tiny
 
 
 def write_generation_settings(folder: str, settings: dict) -> str:

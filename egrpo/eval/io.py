@@ -16,8 +16,6 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from egrpo.outputs import write_atomic
-
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.json"
 TABLE_FILE = "summary.md"
@@ -50,12 +48,10 @@ class ResultStore:
         self.path = os.path.join(out_dir, filename)
         self.records: Dict[str, dict] = {}
         if os.path.exists(self.path):
-            lines = 0
             with open(self.path, encoding="utf-8") as f:
                 for number, line in enumerate(f, 1):
                     if not line.strip():
                         continue
-                    lines += 1
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError:
@@ -63,8 +59,6 @@ class ResultStore:
                         continue
                     if isinstance(record, dict) and "key" in record:
                         self.records[record["key"]] = record
-            if lines > len(self.records):   # superseded records (an image failed, then retried): keep the last
-                write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records.values()))
 
     def done(self, key: str, stamp: Optional[list] = None) -> bool:
         """True once an ``"ok"`` record exists for ``key`` (and, when given, for the same image ``stamp``)."""

@@ -21,7 +21,7 @@ from typing import List
 from egrpo.errors import UserError
 
 from .validate import (
-    COT_FLAG_DEFAULTS, canonical_tiny, check_at_least, check_cot_flags, holds_generations, move_file_aside,
+    COT_FLAG_DEFAULTS, check_at_least, check_cot_flags, holds_generations, move_file_aside,
     prepare_generation_dir, prepare_output_file, resolve_device,
 )
 
@@ -176,9 +176,9 @@ def run_analyze(args) -> int:
     if args.text_entropy == "released" and args.cots == 0:
         raise UserError("--text-entropy released needs CoTs (the released CoT rollout): give --cots >= 1, or use "
                         "--text-entropy masked")
+    check_cot_flags(args, args.cots > 0, "--cots >= 1")
     resolve_device(args.device)
     rollout_config(args, cot=args.cots > 0)                     # bad sampling flags: before any file is touched
-    check_cot_flags(args, args.cots > 0, "--cots >= 1")
     prompts, metadata = load_prompts(args.prompts)
     reward_set = build_reward_set(args)
     moved = prepare_output_file(args.out, args.overwrite)       # checked before the model loads
@@ -251,10 +251,10 @@ def run_generate(args) -> int:
     if args.images_per_cot != 1 and not args.cot:
         raise UserError(f"--images-per-cot {args.images_per_cot} needs --cot (images per CoT); without --cot, "
                         "give the number of images with --images-per-prompt")
+    check_cot_flags(args, args.cot, "--cot")
     resolve_device(args.device)
     phases = dict(cot=args.cot, images_per_cot=args.images_per_cot if args.cot else 1)
     rollout_config(args, **phases)                              # bad sampling flags: before any file is touched
-    check_cot_flags(args, args.cot, "--cot")
     prompts, metadata = load_prompts(args.prompts)
     settings = _generation_settings(args, prompts, metadata)
     resuming = _check_resumable(args.out, settings, args.overwrite)   # before the model loads
@@ -281,6 +281,8 @@ def _generation_settings(args, prompts, metadata) -> dict:
     """What decides ``egrpo generate``'s images and records (kept in ``--out/generation_settings.json``): a rerun
     into the same folder with the same settings resumes it."""
     import hashlib
+
+    from egrpo.eval.generation import canonical_tiny
 
     path = lambda p: None if p is None else os.path.abspath(p)   # noqa: E731
     settings = {"model": path(args.model), "tiny": canonical_tiny(args.tiny), "dtype": args.dtype,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 
 def run_convert(args) -> int:
@@ -18,10 +19,12 @@ def run_export(args) -> int:
     from egrpo.errors import UserError
     from egrpo.trainer.export import export_checkpoint
 
-    if os.path.exists(args.out):
+    out = os.path.normpath(args.out)
+    if os.path.exists(out):
         raise UserError(f"--out {args.out} already exists; give a new directory")
-    used = export_checkpoint(args.checkpoint, args.out, args.format)
-    print(f"wrote {args.out} from {used}")
+    used = export_checkpoint(args.checkpoint, out, args.format, model_path=args.model_path,
+                             warn=lambda message: print(f"egrpo: warning: {message}", file=sys.stderr))
+    print(f"wrote {out} from {used}")
     return 0
 
 
@@ -64,6 +67,8 @@ def add_data_subcommands(subparsers) -> None:
     p.add_argument("--out", required=True, help="new output directory")
     p.add_argument("--format", default=None, choices=["hf", "original"],
                    help="layout (default: the run's train.export_format)")
+    p.add_argument("--model-path", default=None,
+                   help="the base model the run started from, if its recorded model.path does not resolve from here")
     p.set_defaults(func=run_export)
 
     p = subparsers.add_parser("data", help="prompt files: generate GenEval-style prompts, validate a file")

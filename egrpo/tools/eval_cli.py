@@ -19,7 +19,7 @@ import torch
 from egrpo.eval.io import EvalError, load_image
 
 from .generate import generate
-from .validate import COT_FLAG_DEFAULTS, canonical_tiny, check_cot_flags
+from .validate import COT_FLAG_DEFAULTS, check_cot_flags
 
 
 def janus_generator(model, tokenizer, rollout_cfg):
@@ -79,7 +79,7 @@ def _wants_generation(args) -> bool:
 
 def _generation_settings(args, jobs, images_per_prompt: int) -> dict:
     """What decides the generated images (recorded in the image folder; see `check_generation_settings`)."""
-    from egrpo.eval.generation import prompts_digest
+    from egrpo.eval.generation import canonical_tiny, prompts_digest
 
     path = lambda p: None if p is None else os.path.abspath(p)
     settings = {"model": path(args.model), "tiny": canonical_tiny(args.tiny), "dtype": args.dtype, "cfg_scale": args.cfg_scale,

@@ -6,7 +6,6 @@ Each check raises `egrpo.errors.UserError` with a one-line message naming the ar
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
@@ -104,14 +103,3 @@ def check_cot_flags(args, cot: bool, needs: str) -> None:
         raise UserError(f"{', '.join(given)} only appl{'y' if many else 'ies'} to the CoT phase, which is off; give "
                         f"{needs} or leave {'them' if many else 'it'} out")
 
-
-def canonical_tiny(tiny):
-    """``--tiny`` JSON as recorded in generation settings: parsed and re-serialised with sorted keys, so that
-    ``{ }`` and ``{}`` (or keys in another order) are the same setting. Text that is not JSON stays as given (it
-    is refused where the model is built)."""
-    if tiny is None:
-        return None
-    try:
-        return json.dumps(json.loads(tiny), sort_keys=True)
-    except ValueError:
-        return tiny

@@ -10,13 +10,13 @@ frozen ones included); ZeRO-3 ones hold fp32 partitions of the trained parameter
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from egrpo.errors import CheckpointError
 
-from .config import load_config
+from .config import load_config, looks_like_hub_id
 from .model import build_model
 from .train import find_checkpoint, replace_dir_atomically
 
@@ -34,18 +34,28 @@ def checkpoint_state(load_dir: str, tag: str, zero_stage: int) -> dict:
     return torch.load(states, map_location="cpu", weights_only=False)["module"]
 
 
-def export_checkpoint(path: str, out: str, export_format: Optional[str] = None) -> str:
+def export_checkpoint(path: str, out: str, export_format: Optional[str] = None, model_path: Optional[str] = None,
+                      warn: Callable[[str], None] = lambda message: None) -> str:
     """Write the model of the checkpoint at ``path`` (a run directory: its newest intact checkpoint; its
     ``checkpoints/`` directory; or one checkpoint, e.g. ``<run>/checkpoints/best``) to ``out`` in the transformers
-    (``"hf"``) or original Janus layout (None: the run's ``train.export_format``). Returns the checkpoint used."""
+    (``"hf"``) or original Janus layout (None: the run's ``train.export_format``). ``model_path`` replaces the
+    config's ``model.path`` (the base model the run started from: a relative one is read from the current
+    directory). ``warn`` receives the damaged checkpoints skipped. Returns the checkpoint used."""
     from egrpo.checkpoints import export_model
 
-    load_dir, tag, _ = find_checkpoint(path)
+    load_dir, tag, problems = find_checkpoint(path, flag="checkpoint")
+    for problem in problems:
+        warn(f"skipping a damaged checkpoint: {problem}")
     tag_dir = os.path.join(load_dir, tag)
     config_file = os.path.join(tag_dir, "config.yaml")
     if not os.path.isfile(config_file):
         raise CheckpointError(f"{tag_dir}: no config.yaml (a checkpoint written before the trainer recorded it)")
     cfg = load_config(config_file)
+    if model_path is not None:
+        cfg.model.path = model_path
+    if cfg.model.path and not os.path.exists(os.path.expanduser(cfg.model.path)) and not looks_like_hub_id(cfg.model.path):
+        raise CheckpointError(f"the run's model.path {cfg.model.path!r} does not exist from here (a relative path "
+                              "is read from the current directory); give the base model with --model-path")
     model, tokenizer = build_model(cfg.model, torch.device("cpu"))
     state = checkpoint_state(load_dir, tag, cfg.deepspeed.zero_stage)
     own = model.state_dict()

@@ -364,7 +364,7 @@ def has_checkpoints(path: str) -> bool:
     return any(os.path.isfile(os.path.join(root, "latest")) for root in (os.path.join(path, "checkpoints"), path))
 
 
-def find_checkpoint(path: str) -> Tuple[str, str, List[str]]:
+def find_checkpoint(path: str, flag: str = "--resume") -> Tuple[str, str, List[str]]:
     """``(load_dir, tag, problems)`` for ``--resume path``: a run directory, its ``checkpoints`` directory,
     or one checkpoint's directory. Without a named checkpoint, the tag in ``latest`` is tried first, then the
     step checkpoints newest first; ``problems`` lists the damaged ones skipped. CheckpointError when none
@@ -373,11 +373,11 @@ def find_checkpoint(path: str) -> Tuple[str, str, List[str]]:
     if os.path.isfile(os.path.join(path, MANIFEST)) or os.path.isfile(os.path.join(path, "trainer_state.pt")):
         problem = verify_checkpoint(path)
         if problem:
-            raise CheckpointError(f"--resume {path}: the checkpoint is not usable: {problem}")
+            raise CheckpointError(f"{flag} {path}: the checkpoint is not usable: {problem}")
         return os.path.dirname(path), os.path.basename(path), []
     root = _checkpoint_root(path)
     if root is None:
-        raise CheckpointError(f"--resume {path}: no checkpoint found (expected a run directory, its checkpoints/ "
+        raise CheckpointError(f"{flag} {path}: no checkpoint found (expected a run directory, its checkpoints/ "
                               "directory or a checkpoint directory)")
     candidates, problems = [], []
     latest = os.path.join(root, "latest")
@@ -394,17 +394,20 @@ def find_checkpoint(path: str) -> Tuple[str, str, List[str]]:
     for tag in candidates:
         problem = verify_checkpoint(os.path.join(root, tag))
         if problem is None:
-            if STEP_TAG.match(tag):   # a newer step checkpoint without its manifest: a save cut short (named in
-                # the warnings, not hashed: its files are moved aside with the abandoned branch)
+            if STEP_TAG.match(tag):   # newer step checkpoints than the one used are named in the warnings (not
+                # hashed: a resume moves them aside with the abandoned branch)
                 tried = candidates[:candidates.index(tag)]
-                problems += [f"{os.path.join(root, n, MANIFEST)} is missing (the save did not finish)" for n in steps
-                             if int(STEP_TAG.match(n).group(1)) > int(STEP_TAG.match(tag).group(1))
-                             and n not in tried and not os.path.isfile(os.path.join(root, n, MANIFEST))]
+                for n in steps:
+                    if int(STEP_TAG.match(n).group(1)) > int(STEP_TAG.match(tag).group(1)) and n not in tried:
+                        manifest = os.path.join(root, n, MANIFEST)
+                        problems.append(f"{manifest} is missing (the save did not finish)" if not os.path.isfile(manifest)
+                                        else f"{os.path.join(root, n)} is newer than {tag}, which `latest` names "
+                                             "(its save was cut short before `latest` moved)")
             return root, tag, problems
         problems.append(problem)
     if not problems:
-        raise CheckpointError(f"--resume {path}: no checkpoint in {root}")
-    raise CheckpointError(f"--resume {path}: no intact checkpoint: {problems[0]}"
+        raise CheckpointError(f"{flag} {path}: no checkpoint in {root}")
+    raise CheckpointError(f"{flag} {path}: no intact checkpoint: {problems[0]}"
                           + (f" (and {len(problems) - 1} older one(s) damaged too)" if len(problems) > 1 else ""))
 
 
@@ -830,7 +833,7 @@ class FinishOnSignal(StopOnSignal):
     """Around the final checkpoint and export: a signal lets them complete (a scheduler's SIGTERM there used to
     leave a partial checkpoint and a half-written ``hf/``); a second one stops at once."""
 
-    doing = "finishing the final checkpoint and export first"
+    doing = "finishing the run's final save first"
 
 
 class InterruptAtOnce(_OnSignals):
@@ -871,16 +874,22 @@ def trainable_state(engine, model, zero3: bool) -> Dict[str, torch.Tensor]:
 
 
 def replace_dir_atomically(out: str, write: Callable[[str], Any]) -> None:
-    """``write(partial)`` into ``out.partial``, then swap it in for ``out``: a reader (or a crash) never sees a
-    half-written ``out``; the previous one stays intact until the new one is complete."""
-    partial, old = f"{out}.partial", f"{out}.old"
+    """``write(partial)`` into a hidden sibling of ``out``, then swap it in: a reader (or a crash) never sees a
+    half-written ``out``; the previous one stays intact until the new one is complete. Only the hidden
+    ``.<name>.egrpo-partial`` / ``.egrpo-old`` directories this uses are ever removed."""
+    out = os.path.normpath(out)
+    parent, name = os.path.split(out)
+    partial = os.path.join(parent, f".{name}.egrpo-partial")
+    old = os.path.join(parent, f".{name}.egrpo-old")
     shutil.rmtree(partial, ignore_errors=True)   # left by a killed export
     write(partial)
-    if os.path.isdir(out):
+    moved = os.path.isdir(out)
+    if moved:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out, old)
     os.replace(partial, out)
-    shutil.rmtree(old, ignore_errors=True)
+    if moved:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def export_hf(engine, model, tokenizer, out: str, zero3: bool, rank: int, export_format: str = "hf") -> Optional[str]:
@@ -1255,15 +1264,16 @@ def _train(cfg: Config, resume: Optional[str], interrupts: InterruptAtOnce, over
     finished = step >= t.steps
     summary: Dict[str, Any] = {"out_dir": out_dir, "metrics": logger.path, "history": history, "step": step,
                                "samples": grids, "finished": finished, "resumed_from": resume_from,
-                               "stopped_by": signal.Signals(stop_signal).name if steps_this_run and stop_signal else None,
+                               "stopped_by": (signal.Signals(stop_signal).name
+                                              if steps_this_run and stop_signal and not finished else None),
                                "tensorboard": os.path.join(out_dir, "tensorboard") if t.tensorboard else None}
     if evaluator is not None:
         summary["best"] = {"value": evaluator.best_value, "step": evaluator.best_step, "metric": cfg.eval.metric,
                            "checkpoint": os.path.join(ckpt_root, "best") if evaluator.best_step is not None else None}
     if summary["stopped_by"] and not finished:
         summary["checkpoint"] = last_good
-    if finished:
-        with FinishOnSignal():
+    if finished:   # (a signal received in the last step already armed "a second one stops at once")
+        with FinishOnSignal() if not stop_signal else contextlib.nullcontext():
             summary["checkpoint"] = (last_good if saved_at == step else
                                      save_checkpoint(engine, ckpt_root, step, data_position, rank, config=effective,
                                                      keep_last=t.keep_last, extra_state=extra_state()))

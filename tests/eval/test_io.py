@@ -21,21 +21,6 @@ def test_store_resume_and_torn_line(tmp_path):
         again.add({"key": "d", "status": "maybe"})
 
 
-def test_a_rerun_keeps_one_record_per_image(tmp_path):
-    """Failed images are scored again on each rerun; the file keeps only each image's last record."""
-    store = ResultStore(str(tmp_path))
-    store.add({"key": "a", "status": "ok", "x": 1})
-    store.failed("b", ValueError("bad"))
-    for attempt in range(3):
-        again = ResultStore(str(tmp_path))
-        again.failed("b", ValueError(f"still bad {attempt}"))
-    final = ResultStore(str(tmp_path))
-    with open(final.path) as f:
-        lines = [json.loads(line) for line in f]
-    assert [r["key"] for r in lines] == ["a", "b"] and lines[1]["error"] == "ValueError: still bad 2"
-    assert final.done("a") and not final.done("b")
-
-
 def test_score_items_records_failures_and_keeps_going(tmp_path):
     store = ResultStore(str(tmp_path))
     items = [{"key": str(i), "prompt": f"p{i}", "_private": object()} for i in range(4)]

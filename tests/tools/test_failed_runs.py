@@ -12,7 +12,8 @@ from tests.tools._cli import TINY, one_line_error
                                          ("--cot-temperature", "-0.5")])
 def test_generate_bad_sampling_flag_is_named_and_writes_nothing(tmp_path, prompts, capsys, flag, value):
     out = tmp_path / "gen"
-    assert main(["generate", "--prompts", prompts, "--out", str(out), flag, value, *TINY]) == 2
+    cot = ["--cot"] if flag.startswith("--cot") else []
+    assert main(["generate", "--prompts", prompts, "--out", str(out), *cot, flag, value, *TINY]) == 2
     err = one_line_error(capsys)
     assert err.startswith("egrpo generate: error: " + flag + " must be"), err
     assert not out.exists()
@@ -323,6 +324,15 @@ def test_tiny_settings_compare_as_json_not_as_text(tmp_path, prompts, capsys):
     capsys.readouterr()
     assert main(["generate", "--prompts", prompts, "--out", str(out), "--tiny",
                  '{ "num_layers": 1,  "image_size": 32 }', *tiny]) == 0   # the same model: resumes, nothing to do
+    assert "wrote 0 images" in capsys.readouterr().out
+    # a folder whose settings recorded --tiny as typed (before it was compared as JSON) resumes too
+    import json
+
+    settings = json.loads((out / "generation_settings.json").read_text())
+    settings["tiny"] = '{"num_layers":1,"image_size":32}'
+    (out / "generation_settings.json").write_text(json.dumps(settings))
+    assert main(["generate", "--prompts", prompts, "--out", str(out), "--tiny",
+                 '{"image_size": 32, "num_layers": 1}', *tiny]) == 0
     assert "wrote 0 images" in capsys.readouterr().out
 
 

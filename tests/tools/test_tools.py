@@ -88,7 +88,8 @@ def test_analyze_generate_score_end_to_end(tmp_path, capsys):
     assert records[0]["image_entropy_mean"] != records[1]["image_entropy_mean"]
 
     gen = tmp_path / "gen"
-    no_cot = [a for a in common if a not in ("--cot-max-tokens", "4")]   # (CoT flags without --cot are refused)
+    at = common.index("--cot-max-tokens")
+    no_cot = common[:at] + common[at + 2:]   # (CoT flags without --cot are refused)
     assert run_cli(["generate", *no_cot, "--out", str(gen), "--images-per-prompt", "2", "--seed", "3"]) == 0
     rows = [json.loads(line) for line in (gen / "generations.jsonl").read_text().splitlines()]
     assert [r["file"] for r in rows] == ["00000_00.png", "00000_01.png", "00001_00.png", "00001_01.png"]

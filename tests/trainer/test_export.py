@@ -52,6 +52,15 @@ def test_an_older_checkpoint_exports_its_own_weights_and_generates(run, tmp_path
     assert (tmp_path / "gen" / "00000_00.png").is_file()
 
 
+def test_the_original_layout_on_request(run, tmp_path, capsys):
+    assert main(["export", str(run / "checkpoints" / "step_000002"), "--out", str(tmp_path / "orig") + "/",
+                 "--format", "original"]) == 0
+    from egrpo.checkpoints import is_original_dir
+
+    assert is_original_dir(str(tmp_path / "orig"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["orig"]   # no work directory left beside it
+
+
 def test_generate_on_a_checkpoint_points_at_export_and_export_refuses_what_it_cannot_do(run, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red apple\n")
