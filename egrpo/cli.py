@@ -243,7 +243,8 @@ def check_run_dir(cfg, args) -> str:
         check_out_dir(out_dir, args.overwrite)
         return ""
     load_dir, tag, problems = find_checkpoint(args.resume)
-    state, changes = check_resume(load_dir, tag, out_dir, cfg.effective_dict(), args.overwrite, args.allow_changes)
+    state, changes = check_resume(load_dir, tag, out_dir, cfg.effective_dict(), args.overwrite, args.allow_changes,
+                                  int(os.environ.get("WORLD_SIZE", "1")))
     skipped = f", skipping {len(problems)} damaged checkpoint(s)" if problems else ""
     return (f" (resuming from step {int(state['step'])}, {os.path.join(load_dir, tag)}{skipped}; "
             + (f"changes: {'; '.join(changes)})" if changes else "no setting changes)"))
@@ -264,19 +265,22 @@ def _train(args) -> int:
         summary = train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
         main_process = not dist.is_initialized() or dist.get_rank() == 0
     except KeyboardInterrupt:   # SIGINT before the first step, or a second one: nothing more is saved
-        from egrpo.trainer.train import has_checkpoints
+        from egrpo.trainer.train import final_export_cut_short, has_checkpoints
 
         if not dist.is_initialized() or dist.get_rank() == 0:
             out = cfg.train.out_dir   # (no checkpoint is hashed here: that can take minutes at 7B)
             kept = (f"its checkpoints are kept: continue with --resume {out}" if has_checkpoints(out) else
                     "no checkpoint was saved yet: rerun the command (with --overwrite if it says the folder holds "
                     "a run)")
+            if final_export_cut_short(out, cfg.train):
+                kept = (f"the final checkpoint is kept but its export did not finish: write it with egrpo export {out} "
+                        f"--out {os.path.join(out, 'hf')}")
             print(f"\negrpo train: interrupted; {kept}", file=sys.stderr)
         return 130
     finally:
         shutdown_distributed()
-    if not main_process:
-        return 0
+    if not main_process:   # (every rank stopped at the same step: the same exit code, for launchers and schedulers)
+        return 128 + int(getattr(signal, summary["stopped_by"])) if summary.get("stopped_by") else 0
     if summary.get("resumed_from"):
         print(f"resumed from: {summary['resumed_from']}")
     history = read_metrics(summary["metrics"]) if os.path.exists(summary["metrics"]) else summary["history"]

@@ -683,3 +683,14 @@ def test_dry_run_checks_that_out_dir_can_be_written_and_leaves_nothing(capsys, t
     rc, _, err = cli(capsys, "train", *BASE, f"train.out_dir={tmp_path / 'new' / 'run'}", "--dry-run")
     assert rc == 0, err
     assert sorted(os.listdir(tmp_path)) == ["a-file"]   # the probe directory was removed, nothing created
+
+
+def test_the_process_count_is_recorded_and_checked_on_resume(capsys, base_run, tmp_path, monkeypatch):
+    import torch
+
+    run = copy_run(base_run, tmp_path)
+    state = torch.load(run / "checkpoints" / "step_000002" / "trainer_state.pt", weights_only=False)
+    assert state["processes"] == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")   # what a launcher with two processes sets
+    rc, _, err = cli(capsys, "train", "--resume", run, "train.steps=3", "--dry-run")
+    assert_one_line_error(rc, err, "written by 1 process and this run has 2", "--nproc_per_node 1")

@@ -364,11 +364,27 @@ def has_checkpoints(path: str) -> bool:
     return any(os.path.isfile(os.path.join(root, "latest")) for root in (os.path.join(path, "checkpoints"), path))
 
 
+def final_export_cut_short(out_dir: str, t) -> bool:
+    """Whether the run in ``out_dir`` (train settings ``t``) saved its final checkpoint but not its export (a
+    second signal during the export): ``latest`` names step ``t.steps``, and ``hf/`` is missing or a new one was
+    being written."""
+    try:
+        with open(os.path.join(out_dir, "checkpoints", "latest"), encoding="utf-8") as f:
+            final = f.read(256).strip() == step_tag(t.steps)
+    except OSError:
+        return False
+    hf = os.path.normpath(os.path.join(out_dir, "hf"))
+    writing = os.path.isdir(os.path.join(os.path.dirname(hf), f".{os.path.basename(hf)}.egrpo-partial"))
+    return final and t.export_hf and (writing or not os.path.isfile(os.path.join(hf, "config.json")))
+
+
 def find_checkpoint(path: str, flag: str = "--resume") -> Tuple[str, str, List[str]]:
     """``(load_dir, tag, problems)`` for ``--resume path``: a run directory, its ``checkpoints`` directory,
     or one checkpoint's directory. Without a named checkpoint, the tag in ``latest`` is tried first, then the
     step checkpoints newest first; ``problems`` lists the damaged ones skipped. CheckpointError when none
     is intact (or when the one named explicitly is damaged)."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{flag} {path}: no such file or directory")
     path = os.path.abspath(path)
     if os.path.isfile(os.path.join(path, MANIFEST)) or os.path.isfile(os.path.join(path, "trainer_state.pt")):
         problem = verify_checkpoint(path)
@@ -687,13 +703,15 @@ def check_out_dir(out_dir: str, overwrite: bool, resumed_load_dir: Optional[str]
 
 
 def check_resume(load_dir: str, tag: str, out_dir: str, effective: Dict[str, Any], overwrite: bool,
-                 allow_changes: bool) -> Tuple[Dict[str, Any], List[str]]:
-    """The checkpoint ``load_dir/tag``'s trainer state and the settings a resume from it into ``out_dir`` changes
-    (log lines); ResumeError for changes its policy refuses (:func:`check_resume_changes`), RunDirError when
-    ``out_dir`` holds another run (:func:`check_out_dir`). The trainer's and ``--dry-run``'s one check."""
+                 allow_changes: bool, processes: int = 1) -> Tuple[Dict[str, Any], List[str]]:
+    """The checkpoint ``load_dir/tag``'s trainer state and the settings a resume from it into ``out_dir`` with
+    ``processes`` processes changes (log lines); ResumeError for changes its policy refuses
+    (:func:`check_resume_changes`, :func:`check_process_count`), RunDirError when ``out_dir`` holds another run
+    (:func:`check_out_dir`). The trainer's and ``--dry-run``'s one check."""
     resume_from = os.path.join(load_dir, tag)
     state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
-    changes: List[str] = []
+    changes: List[str] = check_process_count(state.get("processes"), processes,
+                                             effective["deepspeed"]["zero_stage"], allow_changes)
     saved_config = os.path.join(resume_from, "config.yaml")
     if os.path.isfile(saved_config):
         with open(saved_config, encoding="utf-8") as f:
@@ -701,6 +719,24 @@ def check_resume(load_dir: str, tag: str, out_dir: str, effective: Dict[str, Any
                                            checkpoint_config=saved_config)
     check_out_dir(out_dir, overwrite, load_dir)
     return state, changes
+
+
+def check_process_count(saved: Optional[int], processes: int, zero_stage: int, allow_changes: bool) -> List[str]:
+    """A resume with another number of processes than the checkpoint's (recorded since 2026-12-04; older ones say
+    nothing): refused under ZeRO-3, whose optimizer state is partitioned per process; otherwise it changes the run
+    (each process samples its own share of the images from its own random stream), so it needs --allow-changes,
+    like any setting that changes what the run optimises. Returns the log line of an allowed change."""
+    if saved is None or int(saved) == processes:
+        return []
+    count = f"{saved} process{'es' if int(saved) != 1 else ''}"
+    launch = f"launch it with {count} (e.g. torchrun --nproc_per_node {saved} -m egrpo.cli train ...)"
+    if zero_stage == 3:
+        raise ResumeError(f"the checkpoint was written by {count} and this run has {processes}: ZeRO-3 "
+                          f"partitions its optimizer state per process; {launch}")
+    if not allow_changes:
+        raise ResumeError(f"the checkpoint was written by {count} and this run has {processes}, which "
+                          f"changes the images each step samples; {launch}, or pass --allow-changes")
+    return [f"processes: {saved} -> {processes} (applied: --allow-changes)"]
 
 
 def run_lock_owner(out_dir: str) -> Optional[str]:
@@ -981,7 +1017,7 @@ def _train(cfg: Config, resume: Optional[str], interrupts: InterruptAtOnce, over
             say(f"warning: skipping a damaged checkpoint: {problem}", is_main)
         if problems:
             say(f"resuming from the newest intact checkpoint {resume_from}", is_main)
-        state, changes = check_resume(load_dir, tag, out_dir, effective, overwrite, allow_changes)
+        state, changes = check_resume(load_dir, tag, out_dir, effective, overwrite, allow_changes, world)
     else:
         check_out_dir(out_dir, overwrite)
     dist.barrier()
@@ -1082,8 +1118,8 @@ def _train(cfg: Config, resume: Optional[str], interrupts: InterruptAtOnce, over
                                                       # CUDA graphs under ZeRO-3
         return ro.images.float().cpu()
 
-    def extra_state() -> Optional[Dict[str, Any]]:
-        return {"eval": evaluator.state_dict()} if evaluator is not None else None
+    def extra_state() -> Dict[str, Any]:   # the process count: a resume with another one is checked
+        return {"processes": world, **({"eval": evaluator.state_dict()} if evaluator is not None else {})}
 
     G = cfg.rollout.samples_per_prompt   # rows per prompt: group_size CoTs (or images) x images_per_cot
     local_prompts = cfg.data.prompts_per_step // world

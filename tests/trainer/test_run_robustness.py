@@ -345,3 +345,33 @@ def test_metric_logger_resume_purges_tensorboard_after_the_checkpoint(tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("x")] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+
+
+def test_a_resume_with_another_process_count():
+    """Recorded in the checkpoint: the same count resumes; another one changes the run (each process samples its
+    share of the images from its own stream), so it needs --allow-changes; under ZeRO-3 it is refused outright
+    (the optimizer state is partitioned per process); checkpoints from before the count was recorded pass."""
+    assert T.check_process_count(2, 2, 0, allow_changes=False) == []
+    assert T.check_process_count(None, 2, 3, allow_changes=False) == []
+    with pytest.raises(ResumeError, match="written by 2 processes and this run has 1.*--nproc_per_node 2.*--allow-changes"):
+        T.check_process_count(2, 1, 0, allow_changes=False)
+    assert T.check_process_count(2, 1, 2, allow_changes=True) == ["processes: 2 -> 1 (applied: --allow-changes)"]
+    with pytest.raises(ResumeError, match="ZeRO-3 partitions its optimizer state per process"):
+        T.check_process_count(2, 1, 3, allow_changes=True)
+
+
+def test_an_export_cut_short_after_the_final_checkpoint_is_recognised(tmp_path):
+    from types import SimpleNamespace
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_000003")
+    t = SimpleNamespace(steps=3, export_hf=True)
+    assert T.final_export_cut_short(str(run), t)                            # no hf/
+    (run / "hf").mkdir()
+    (run / "hf" / "config.json").write_text("{}")
+    assert not T.final_export_cut_short(str(run), t)                        # exported
+    (run / ".hf.egrpo-partial").mkdir()
+    assert T.final_export_cut_short(str(run), t)                            # a new export was being written
+    assert not T.final_export_cut_short(str(run), SimpleNamespace(steps=5, export_hf=True))   # not the final step
+    assert not T.final_export_cut_short(str(run), SimpleNamespace(steps=3, export_hf=False))
