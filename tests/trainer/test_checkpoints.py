@@ -124,8 +124,11 @@ def test_no_intact_checkpoint_is_one_line_naming_the_file(run):
     # A checkpoint named explicitly is not replaced by another one.
     with pytest.raises(CheckpointError, match="step_000002"):
         find_checkpoint(str(root / "step_000002"))
-    with pytest.raises(CheckpointError, match="no checkpoint found"):
+    with pytest.raises(CheckpointError, match="nothing_here: no such file or directory"):
         find_checkpoint(str(run_dir / "nothing_here"))
+    (run_dir / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        find_checkpoint(str(run_dir / "empty"))
 
 
 def test_keep_last_prunes_old_step_checkpoints_and_best_is_separate(tmp_path):
