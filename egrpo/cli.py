@@ -87,12 +87,12 @@ def _destroy_process_group_at_exit() -> None:
     """Run as a program (``egrpo ...``), the process group is torn down before the interpreter exits, also a
     one-process one and after an error: left to the exit, gloo's threads can abort the process ("terminate
     called without an active exception", exit 134) after the command's own message, under load about one
-    run in four. (Called in-process, as the tests do, the group stays for the next call: see
-    `egrpo.trainer.train.shutdown_distributed`.)"""
-    torch_distributed = sys.modules.get("torch.distributed")
-    if torch_distributed is not None and torch_distributed.is_available() and torch_distributed.is_initialized():
+    run in four. (Called in-process, as the tests do, the group stays for the next call.) Only the trainer
+    makes a group, so a command that never imported it has nothing to tear down."""
+    trainer = sys.modules.get("egrpo.trainer.train")
+    if trainer is not None:
         with contextlib.suppress(Exception):
-            torch_distributed.destroy_process_group()
+            trainer.shutdown_distributed(keep_one_process=False)
 
 
 def main(argv=None) -> int:

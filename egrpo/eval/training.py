@@ -377,15 +377,16 @@ def build_evaluation(cfg: EvalConfig, device: str) -> Callable[[str, str, bool],
     if cfg.evaluator == "geneval":
         from .geneval import ClipColourClassifier, Mask2FormerDetector, evaluate_geneval
 
-        detector = Mask2FormerDetector(_need(m, "detector"), device=device)
-        colours = ClipColourClassifier(_need(m, "clip"), device=device)
+        detector_path, clip_path = (_need(m, name) for name in required_weights(cfg))
+        detector = Mask2FormerDetector(detector_path, device=device)
+        colours = ClipColourClassifier(clip_path, device=device)
         return lambda images, out, progress: evaluate_geneval(images, out, detector, colours, show_progress=progress)
     if cfg.evaluator == "compbench":
         from .compbench import AVAILABLE, BlipVqaScorer, ClipCosineScorer, check_category, evaluate_compbench
 
         check_category(cfg.category)
-        scorer = BlipVqaScorer(_need(m, "blip"), device=device) if AVAILABLE[cfg.category] == "blip_vqa" \
-            else ClipCosineScorer(_need(m, "clip"), device=device)
+        (path,) = (_need(m, name) for name in required_weights(cfg))
+        scorer = (BlipVqaScorer if AVAILABLE[cfg.category] == "blip_vqa" else ClipCosineScorer)(path, device=device)
         return lambda images, out, progress: evaluate_compbench(cfg.category, images, out, scorer, progress)
     if cfg.evaluator == "prefs":
         from .prefs import build_scorer, evaluate_prefs

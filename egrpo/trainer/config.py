@@ -188,7 +188,7 @@ class Config:
                               "unless a model.tiny section builds a random model")
         if m.path and m.tiny is not None:
             raise ConfigError("model: give model.path or model.tiny, not both")
-        if m.path and not os.path.exists(os.path.expanduser(m.path)) and not looks_like_hub_id(m.path):
+        if model_path_missing(m.path):
             raise ConfigError(f"model.path {m.path!r} does not exist (give a local HF-format directory or a hub "
                               "id such as 'deepseek-ai/Janus-Pro-7B')")
         if m.tiny is not None:
@@ -361,6 +361,11 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (bool, int, float, str)) or value is None:
         return value
     return _plain(getattr(value, "value", str(value)))
+
+
+def model_path_missing(path: Optional[str]) -> bool:
+    """``model.path`` is given but is neither a local path that exists nor a hub id."""
+    return bool(path) and not os.path.exists(os.path.expanduser(path)) and not looks_like_hub_id(path)
 
 
 def looks_like_hub_id(path: str) -> bool:

@@ -16,7 +16,7 @@ import torch
 
 from egrpo.errors import CheckpointError
 
-from .config import load_config, looks_like_hub_id
+from .config import load_config, model_path_missing
 from .model import build_model
 from .train import find_checkpoint, replace_dir_atomically
 
@@ -53,7 +53,7 @@ def export_checkpoint(path: str, out: str, export_format: Optional[str] = None, 
     cfg = load_config(config_file)
     if model_path is not None:
         cfg.model.path = model_path
-    if cfg.model.path and not os.path.exists(os.path.expanduser(cfg.model.path)) and not looks_like_hub_id(cfg.model.path):
+    if model_path_missing(cfg.model.path):
         raise CheckpointError(f"the run's model.path {cfg.model.path!r} does not exist from here (a relative path "
                               "is read from the current directory); give the base model with --model-path")
     model, tokenizer = build_model(cfg.model, torch.device("cpu"))

@@ -89,14 +89,15 @@ def init_distributed(device_type: str) -> Tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(keep_one_process: bool = True) -> None:
     """Tear a multi-process torch.distributed group down before the process exits. Left to the interpreter's
     exit, gloo can abort a finished run ("terminate called without an active exception", exit -6): the CLI calls
     this after `train`, and so should any script that runs `train` under a launcher. A one-process group stays
-    (DeepSpeed keeps a handle on it, and `train` reuses it when called again in the same process)."""
+    (DeepSpeed keeps a handle on it, and `train` reuses it when called again in the same process) unless
+    ``keep_one_process`` is False: the ``egrpo`` program does that at its exit."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if dist.is_available() and dist.is_initialized() and (dist.get_world_size() > 1 or not keep_one_process):
         dist.destroy_process_group()
 
 
@@ -373,8 +374,8 @@ def final_export_cut_short(out_dir: str, t) -> bool:
             final = f.read(256).strip() == step_tag(t.steps)
     except OSError:
         return False
-    hf = os.path.normpath(os.path.join(out_dir, "hf"))
-    writing = os.path.isdir(os.path.join(os.path.dirname(hf), f".{os.path.basename(hf)}.egrpo-partial"))
+    hf = os.path.join(out_dir, "hf")
+    writing = os.path.isdir(work_dirs(hf)[0])
     return final and t.export_hf and (writing or not os.path.isfile(os.path.join(hf, "config.json")))
 
 
@@ -909,14 +910,19 @@ def trainable_state(engine, model, zero3: bool) -> Dict[str, torch.Tensor]:
         return {n: p.detach().float().cpu().clone() for n, p in params}
 
 
+def work_dirs(out: str) -> Tuple[str, str]:
+    """The hidden siblings `replace_dir_atomically` writes ``out`` in (``.<name>.egrpo-partial``) and moves the
+    previous ``out`` to (``.<name>.egrpo-old``)."""
+    parent, name = os.path.split(os.path.normpath(out))
+    return os.path.join(parent, f".{name}.egrpo-partial"), os.path.join(parent, f".{name}.egrpo-old")
+
+
 def replace_dir_atomically(out: str, write: Callable[[str], Any]) -> None:
     """``write(partial)`` into a hidden sibling of ``out``, then swap it in: a reader (or a crash) never sees a
     half-written ``out``; the previous one stays intact until the new one is complete. Only the hidden
     ``.<name>.egrpo-partial`` / ``.egrpo-old`` directories this uses are ever removed."""
     out = os.path.normpath(out)
-    parent, name = os.path.split(out)
-    partial = os.path.join(parent, f".{name}.egrpo-partial")
-    old = os.path.join(parent, f".{name}.egrpo-old")
+    partial, old = work_dirs(out)
     shutil.rmtree(partial, ignore_errors=True)   # left by a killed export
     write(partial)
     moved = os.path.isdir(out)
@@ -1306,7 +1312,7 @@ def _train(cfg: Config, resume: Optional[str], interrupts: InterruptAtOnce, over
     if evaluator is not None:
         summary["best"] = {"value": evaluator.best_value, "step": evaluator.best_step, "metric": cfg.eval.metric,
                            "checkpoint": os.path.join(ckpt_root, "best") if evaluator.best_step is not None else None}
-    if summary["stopped_by"] and not finished:
+    if summary["stopped_by"]:
         summary["checkpoint"] = last_good
     if finished:   # (a signal received in the last step already armed "a second one stops at once")
         with FinishOnSignal() if not stop_signal else contextlib.nullcontext():
