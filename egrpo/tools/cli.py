@@ -21,7 +21,7 @@ from typing import List
 from egrpo.errors import UserError
 
 from .validate import (
-    COT_FLAG_DEFAULTS, check_at_least, check_cot_flags, holds_generations, move_file_aside,
+    COT_FLAG_DEFAULTS, check_at_least, check_cot_flags, holds_generations, is_stream, move_file_aside,
     prepare_generation_dir, prepare_output_file, resolve_device,
 )
 
@@ -187,9 +187,11 @@ def run_analyze(args) -> int:
     if os.path.dirname(args.out):
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
     # records go to <out>.partial, renamed to --out when complete: an interrupted run never blocks the rerun, and
-    # its records are kept (an earlier .partial is moved aside first)
-    partial = f"{args.out}.partial"
-    if os.path.exists(partial) and os.path.getsize(partial):
+    # its records are kept (an earlier .partial is moved aside first). A stream (/dev/stdout, a pipe) is written
+    # directly.
+    streamed = is_stream(args.out)
+    partial = args.out if streamed else f"{args.out}.partial"
+    if not streamed and os.path.exists(partial) and os.path.getsize(partial):
         print(f"moved an interrupted run's {partial} to {move_file_aside(partial)}", file=sys.stderr)
     model, tokenizer, rollout_cfg = _load_model(args)
     try:
@@ -198,13 +200,17 @@ def run_analyze(args) -> int:
                               seed=args.seed, logits=args.entropy_logits, out=out, progress=not args.no_progress,
                               text_entropy=args.text_entropy, entropy_bins=args.entropy_bins)
     except KeyboardInterrupt:
+        if streamed:
+            print("\negrpo analyze: interrupted", file=sys.stderr)
+            return 130
         with open(partial, encoding="utf-8") as f:
             written = sum(1 for _ in f)
         print(f"\negrpo analyze: interrupted; the {written} records written so far are in {partial} (a rerun "
               "starts afresh)", file=sys.stderr)
         return 130
-    os.replace(partial, args.out)
-    print(f"wrote {len(records)} records to {args.out}")
+    if not streamed:
+        os.replace(partial, args.out)
+    print(f"wrote {len(records)} records to {args.out}", file=sys.stderr if streamed else sys.stdout)
     return 0
 
 

@@ -77,11 +77,20 @@ def prepare_generation_dir(out_dir: str, overwrite: bool, flag: str = "--out") -
     return move_contents_aside(out_dir)
 
 
+def is_stream(path: str) -> bool:
+    """/dev/stdout and the like, or an existing path that is neither a regular file nor a directory (a named
+    pipe). /dev/stdout redirected to a file is a regular file, so the /dev/ prefix decides for it."""
+    special = os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path)
+    return special or os.path.abspath(path).startswith(("/dev/", "/proc/"))
+
+
 def prepare_output_file(path: str, overwrite: bool, flag: str = "--out") -> Optional[str]:
     """Refuse an existing, non-empty file ``path`` unless ``overwrite``; with ``overwrite`` it is renamed to
     ``<stem>.previous-<time><ext>`` (returned). A directory is refused."""
     if os.path.isdir(path):
         raise UserError(f"{flag} {path} is a directory; give a file name such as analysis.jsonl")
+    if is_stream(path):   # /dev/stdout, a named pipe: written in place, nothing to keep
+        return None
     if not os.path.exists(path) or os.path.getsize(path) == 0:   # an empty file (a failed run's) holds nothing
         return None
     if not overwrite:

@@ -1,6 +1,9 @@
 """A tool run that fails leaves nothing that blocks the next one: bad sampling flags are refused by name before
 any output exists, and a run that dies before its first image leaves no generations file behind."""
 
+import json
+import os
+
 import pytest
 
 from egrpo.cli import main
@@ -359,3 +362,23 @@ def test_analyze_makes_its_folder_and_an_interrupted_run_keeps_its_records_aside
     assert len(out.read_text().splitlines()) == 2 and not (tmp_path / "new" / "a.jsonl.partial").exists()
     (aside,) = (tmp_path / "new").glob("a.jsonl.previous-*")
     assert aside.read_text() == '{"record": 1}\n'
+
+
+def test_analyze_writes_to_a_stream_in_place(tmp_path, prompts, capsys):
+    """--out /dev/stdout or a named pipe: written directly (no <out>.partial beside it, nothing moved aside), the
+    summary line on stderr so the stream holds only records."""
+    import threading
+
+    fifo = tmp_path / "records.pipe"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()), daemon=True)
+    reader.start()
+    assert main(["analyze", "--prompts", prompts, "--reward", "colour", "--cots", "0", "--images", "2", *TINY,
+                 "--out", str(fifo)]) == 0
+    reader.join(timeout=60)
+    records = [json.loads(line) for line in received[0].splitlines()]
+    assert len(records) == 2 and all("reward" in r or "rewards" in r for r in records), records[0].keys()
+    captured = capsys.readouterr()
+    assert f"wrote 2 records to {fifo}" in captured.err and "wrote" not in captured.out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.txt", "records.pipe"]
