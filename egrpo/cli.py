@@ -116,6 +116,8 @@ def main(argv=None) -> int:
     except expected as e:
         if debug:
             raise
+        if _node_peer_before_setup(args):
+            return 2
         message = " ".join(str(e).split()) or type(e).__name__
         if isinstance(e, (FileNotFoundError, json.JSONDecodeError)) and not isinstance(e, UserError):
             message = f"{type(e).__name__}: {message}"
@@ -126,6 +128,14 @@ def main(argv=None) -> int:
             raise
         print(f"\negrpo {_command_name(args)}: interrupted", file=sys.stderr)
         return 130
+
+
+def _node_peer_before_setup(args) -> bool:
+    """Under a launcher (torchrun, deepspeed) every process of a node reads the same settings and files and
+    refuses them alike before the process group exists: that error is printed by the node's first process only
+    (not once per GPU). Later errors may differ by rank, so every process prints them."""
+    return (os.environ.get("LOCAL_RANK", "0") not in ("", "0")
+            and not getattr(args, "process_group_started", False))
 
 
 def _command_name(args) -> str:
@@ -278,6 +288,8 @@ def _train(args) -> int:
             print(f"\negrpo train: interrupted; {kept}", file=sys.stderr)
         return 130
     finally:
+        # an error after the launcher's group formed may be this rank's own: printed by every rank
+        args.process_group_started = dist.is_initialized() and dist.get_world_size() > 1
         shutdown_distributed()
     if not main_process:   # (every rank stopped at the same step: the same exit code, for launchers and schedulers)
         return 128 + int(getattr(signal, summary["stopped_by"])) if summary.get("stopped_by") else 0

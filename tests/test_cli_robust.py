@@ -442,6 +442,29 @@ class AlwaysFails:
 def test_unwritable_out_dir_is_one_line(capsys):
     rc, _, err = cli(capsys, "train", *BASE, "train.out_dir=/proc/egrpo-run")
     assert_one_line_error(rc, err, "train.out_dir", "/proc/egrpo-run", "cannot be created")
+    # the dry run finds it too (its probe directory cannot be made in /proc, not even by root)
+    rc, out, err = cli(capsys, "train", *BASE, "train.out_dir=/proc/egrpo-run/sub", "--dry-run")
+    assert_one_line_error(rc, err, "train.out_dir /proc/egrpo-run/sub cannot be written", "(/proc:",
+                          "pick another train.out_dir")
+    assert out == ""
+
+
+def test_a_launchers_other_processes_leave_a_startup_error_to_the_first(capsys, tmp_path, monkeypatch):
+    """torchrun / deepspeed start one process per GPU, each reading the same config: a mistake in it is printed
+    once per node (by LOCAL_RANK 0), not once per GPU; every process still exits 2. An error after the process
+    group started may be the process's own, and every process prints it."""
+    import argparse
+
+    from egrpo.cli import _node_peer_before_setup
+
+    bad = ["train", *BASE, "rollout.temperature=0", f"train.out_dir={tmp_path / 'run'}"]
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert cli(capsys, *bad)[::2] == (2, "")
+    assert _node_peer_before_setup(argparse.Namespace())
+    assert not _node_peer_before_setup(argparse.Namespace(process_group_started=True))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    rc, _, err = cli(capsys, *bad)
+    assert_one_line_error(rc, err, "rollout", "temperature")
 
 
 def test_a_run_directory_in_use_is_refused_and_released_after_the_run(capsys, tmp_path):
