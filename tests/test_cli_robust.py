@@ -717,3 +717,28 @@ def test_the_process_count_is_recorded_and_checked_on_resume(capsys, base_run, t
     monkeypatch.setenv("WORLD_SIZE", "2")   # what a launcher with two processes sets
     rc, _, err = cli(capsys, "train", "--resume", run, "train.steps=3", "--dry-run")
     assert_one_line_error(rc, err, "written by 1 process and this run has 2", "--nproc_per_node 1")
+
+
+def test_the_program_tears_its_process_group_down_at_exit_also_after_an_error(tmp_path):
+    """Run as a program, `egrpo` destroys its process group (a one-process one too) before the interpreter exits,
+    also when the command failed after the group was made: left to the exit, gloo's threads could abort the
+    process after the one-line error. Called in-process (argv given) the group stays for the next call."""
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {**{k: v for k, v in os.environ.items() if k not in launcher}, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    program = (
+        "import sys, atexit, torch.distributed as dist\n"
+        "real = dist.destroy_process_group\n"
+        "def traced(*a, **k):\n"
+        "    print('destroyed', dist.get_world_size(), flush=True)\n"
+        "    real(*a, **k)\n"
+        "dist.destroy_process_group = traced\n"
+        "atexit.register(lambda: print('initialized at exit:', dist.is_initialized(), flush=True))\n"
+        "from egrpo.cli import main\n"
+        f"sys.argv = ['egrpo', 'train', *{[*BASE, 'model.trainable=[model.vqmodel]', f'train.out_dir={tmp_path}']!r}]\n"
+        "sys.exit(main())\n")
+    proc = subprocess.run([sys.executable, "-c", program], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "no trainable parameter reaches the loss" in proc.stderr and "Traceback" not in proc.stderr
+    # atexit runs its functions last-registered first: the check above runs after main's teardown
+    assert proc.stdout.splitlines()[-2:] == ["destroyed 1", "initialized at exit: False"], proc.stdout
