@@ -6,7 +6,8 @@ name                     what                                                   
 ``colour``               pixel colour rule (built into egrpo.rewards.registry) nothing
 ``jpeg_compressibility`` -JPEG size in kB                                       Pillow
 ``ocr``                  edit-distance OCR reward on quoted prompt text         rapidocr-onnxruntime (ships models)
-``geneval``              GenEval rules (count/colour/position) on detections    a detector (GroundingDINO weights)
+``geneval``              Flow-GRPO's GenEval reward (STAGE)                     Mask2Former + CLIP weights (local)
+``geneval_graded``       our graded GenEval rule on open-vocabulary detections  GroundingDINO weights (local)
 ``grounding_dino``       T2I-R1 object/spatial/counting reward (``_strict``)    GroundingDINO weights (local)
 ``git_vqa``              GIT VQA p(yes) per attribute noun                       GIT weights (local)
 ``orm``                  LLaVA-OneVision yes/no outcome reward                  LLaVA-OneVision weights (local)
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 ADAPTERS = {
     "compressibility": ("jpeg_compressibility",),
     "ocr": ("ocr",),
-    "geneval": ("geneval",),
+    "geneval": ("geneval", "geneval_graded"),
     "grounding_dino": ("grounding_dino", "grounding_dino_strict"),
     "git_vqa": ("git_vqa",),
     "orm": ("orm",),

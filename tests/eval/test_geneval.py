@@ -50,7 +50,7 @@ def test_detector_scores_boxes_and_labels_by_hand(tiny_dirs):
 def test_detector_must_have_the_80_coco_classes(tmp_path):
     from tests.eval._tiny import save_tiny_mask2former
 
-    with pytest.raises(EvalError, match="predicts 133 classes"):
+    with pytest.raises(ValueError, match="geneval --detector: .* predicts 133 classes"):
         Mask2FormerDetector(save_tiny_mask2former(tmp_path / "panoptic", num_labels=133))
 
 

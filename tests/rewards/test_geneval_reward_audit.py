@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from egrpo.rewards.detection import Detection, relative_position
-from egrpo.rewards.geneval import GenEvalReward, box_colour, geneval_score
+from egrpo.rewards.geneval import GradedGenEvalReward, box_colour, geneval_score
 
 
 def det(label, box, score=0.9):
@@ -103,7 +103,7 @@ def test_position_is_relative_to_the_most_confident_anchor_with_the_given_thresh
     near_car = det("car", (0.55, 0.4, 0.65, 0.5))
     assert geneval_score(meta, [dog, near_car])[0] == 1.0
     assert geneval_score(meta, [dog, near_car], position_threshold=0.5)[0] == 0.5
-    reward = GenEvalReward(detector=lambda images, queries: [[dog, near_car]], position_threshold=0.5)
+    reward = GradedGenEvalReward(detector=lambda images, queries: [[dog, near_car]], position_threshold=0.5)
     assert reward(torch.rand(1, 3, 8, 8), ["a dog left of a car"], [meta]).tolist() == [0.5]
 
 

@@ -56,7 +56,7 @@ def test_grounding_dino_detector_matches_manual_phrase_scores(gdino_dir):
 
 
 def test_grounding_dino_reward_and_geneval_run_from_path(gdino_dir):
-    from egrpo.rewards.geneval import GenEvalReward
+    from egrpo.rewards.geneval import GradedGenEvalReward
     from egrpo.rewards.grounding_dino import GroundingDinoReward
 
     images = torch.rand(3, 3, 48, 48)
@@ -69,7 +69,7 @@ def test_grounding_dino_reward_and_geneval_run_from_path(gdino_dir):
     assert strict[0] == 0.0 and strict[1] == 1.0                 # 30 duplicates of each noun cancel its share
     none = GroundingDinoReward(path=gdino_dir, box_threshold=1.0)(images, ["p"] * 3, meta)
     assert none.tolist() == [0.0, 1.0, 0.0]
-    geneval = GenEvalReward(detector_path=gdino_dir, box_threshold=1.0)
+    geneval = GradedGenEvalReward(detector_path=gdino_dir, box_threshold=1.0)
     absent = geneval(images, ["p"] * 3, [dict(tag="single_object", include=[{"class": "cat"}])] * 3)
     assert absent.tolist() == [0.0, 0.0, 0.0]
     excluded = geneval(images, ["p"] * 3, [dict(tag="counting", include=[{"class": "cat", "count": 1}],

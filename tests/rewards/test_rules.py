@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from egrpo.rewards.detection import Detection, nms, relative_position
-from egrpo.rewards.geneval import GenEvalReward, box_colour, geneval_score
+from egrpo.rewards.geneval import GradedGenEvalReward, box_colour, geneval_score
 from egrpo.rewards.grounding_dino import detection_prompt, object_reward, position_score
 
 
@@ -64,7 +64,7 @@ def test_geneval_reward_reads_colours_from_pixels():
     assert box_colour(image[1], (5 / 40, 5 / 40, 20 / 40, 20 / 40)) == "green"
     boxes = [det("apple", (5 / 40, 5 / 40, 20 / 40, 20 / 40)), det("ball", (22 / 40, 22 / 40, 38 / 40, 38 / 40))]
     detector = lambda images, queries: [[d for d in boxes if d.label in q] for q in queries]
-    reward = GenEvalReward(detector=detector)
+    reward = GradedGenEvalReward(detector=detector)
     meta = {"tag": "colors", "include": [{"class": "apple", "color": "red"}, {"class": "ball", "color": "blue"}]}
     got = reward(image, ["a red apple and a blue ball"] * 2, [meta, meta])
     assert got.tolist() == [1.0, 0.0]     # image 1: the apple box is green, the ball box is white
@@ -147,7 +147,7 @@ def test_registry_and_lazy_imports(monkeypatch):
     from egrpo.rewards.base import MissingDependencyError, require
     from egrpo.rewards.registry import REWARDS, build_rewards
 
-    for name in ("ocr", "jpeg_compressibility", "geneval", "grounding_dino", "grounding_dino_strict", "git_vqa",
+    for name in ("ocr", "jpeg_compressibility", "geneval", "geneval_graded", "grounding_dino", "grounding_dino_strict", "git_vqa",
                  "orm", "clip_score", "hps"):
         assert name in REWARDS
     with pytest.raises(MissingDependencyError, match="pip install no-such-package"):
