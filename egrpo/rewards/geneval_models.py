@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .base import load_image_processor, local_path, require
+from .base import DTYPES, load_image_processor, local_path, require
 from .clip_score import OPENAI_MEAN, OPENAI_STD, clip_preprocess, image_stats
 from .detection import Detection
 
@@ -79,6 +79,16 @@ def check_model_type(path: str, want: str, what: str, needs: str) -> None:
         raise ValueError(f"{what}: {path} holds a {found!r} model; give a {needs}{hint}")
 
 
+def load_frozen(class_name: str, path: str, model_type: str, what: str, needs: str, device, dtype):
+    """``(path, model)``: transformers' ``class_name`` from the local directory ``path`` (checked to hold a
+    ``model_type`` model), on ``device`` in ``dtype``, in eval mode without gradients."""
+    transformers = require("transformers", reward=what)
+    path = local_path(path, what)
+    check_model_type(path, model_type, what, needs)
+    model = getattr(transformers, class_name).from_pretrained(path, local_files_only=True)
+    return path, model.to(device, dtype).eval().requires_grad_(False)
+
+
 class Mask2FormerDetector:
     """COCO instance segmentation with transformers' ``Mask2FormerForUniversalSegmentation`` from a local dir.
 
@@ -88,13 +98,9 @@ class Mask2FormerDetector:
 
     def __init__(self, path: str, device: str = "cpu", dtype: str = "fp32", short_side: int = 800,
                  long_side: int = 1333, size_divisor: int = 32, top_k: int = TOP_K, what: str = "geneval --detector"):
-        transformers = require("transformers", reward="geneval detector")
-        path = local_path(path, what)
-        check_model_type(path, "mask2former", what, "COCO instance-segmentation Mask2Former")
-        self.device = torch.device(device)
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-        self.model = transformers.Mask2FormerForUniversalSegmentation.from_pretrained(path, local_files_only=True)
-        self.model.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.device, self.dtype = torch.device(device), DTYPES[dtype]
+        path, self.model = load_frozen("Mask2FormerForUniversalSegmentation", path, "mask2former", what,
+                                       "COCO instance-segmentation Mask2Former", self.device, self.dtype)
         num_labels = int(self.model.config.num_labels)
         if num_labels != len(OBJECT_NAMES):
             raise ValueError(f"{what}: {path} predicts {num_labels} classes; GenEval needs a COCO "
@@ -155,14 +161,10 @@ class ClipColourClassifier:
 
     def __init__(self, path: str, device: str = "cpu", dtype: str = "fp32", colours: Sequence[str] = COLOURS,
                  what: str = "geneval --clip"):
-        transformers = require("transformers", reward="geneval colour classifier")
-        path = local_path(path, what)
-        check_model_type(path, "clip", what, "CLIP model (openai/clip-vit-large-patch14)")
-        self.device = torch.device(device)
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-        self.model = transformers.CLIPModel.from_pretrained(path, local_files_only=True)
-        self.model.to(self.device, self.dtype).eval().requires_grad_(False)
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.device, self.dtype = torch.device(device), DTYPES[dtype]
+        path, self.model = load_frozen("CLIPModel", path, "clip", what, "CLIP model (openai/clip-vit-large-patch14)",
+                                       self.device, self.dtype)
+        self.tokenizer = require("transformers", reward=what).AutoTokenizer.from_pretrained(path, local_files_only=True)
         mean_, std_ = image_stats(path)
         self.mean, self.std = mean_ or OPENAI_MEAN, std_ or OPENAI_STD
         self.size = int(self.model.config.vision_config.image_size)
