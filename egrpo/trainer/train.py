@@ -540,8 +540,11 @@ RESUME_POLICY: List[Tuple[str, str]] = [
     ("train.steps", "steps"),
     ("train.out_dir", "free"), ("train.save_every", "free"), ("train.keep_last", "free"),
     ("train.log_every", "free"), ("train.sample_every", "free"), ("train.progress", "free"),
-    ("train.tensorboard", "free"), ("train.export_hf", "free"), ("train.device", "free"),
-    ("train.head_impl", "free"),
+    ("train.tensorboard", "free"), ("train.export_hf", "free"), ("train.export_format", "free"),
+    ("train.device", "free"), ("train.head_impl", "free"),
+    # the same sampler on the same random numbers, compiled: only float rounding may differ (as with head_impl,
+    # model.attn_implementation / liger); rollout.engine is another draw (other random numbers): explicit
+    ("rollout.compile", "free"),
     ("rewards.*.retries", "free"), ("rewards.*.on_error", "free"),
     ("rewards.*.batch_size", "free"), ("rewards.*.device", "free"), ("rewards.*.offload_between_calls", "free"),
     ("model.gradient_checkpointing", "free"), ("model.attn_implementation", "free"), ("model.liger", "free"),

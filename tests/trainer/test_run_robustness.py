@@ -22,8 +22,9 @@ from .test_checkpoints import tiny_engine, train_step
 
 
 def _config(**changes):
-    cfg = {"train": {"steps": 4, "save_every": 2, "out_dir": "a"}, "optim": {"lr": 1e-3},
-           "model": {"dtype": "fp32"}, "deepspeed": {"zero_stage": 0}, "rollout": {"group_size": 4},
+    cfg = {"train": {"steps": 4, "save_every": 2, "out_dir": "a", "export_format": "hf"}, "optim": {"lr": 1e-3},
+           "model": {"dtype": "fp32"}, "deepspeed": {"zero_stage": 0},
+           "rollout": {"group_size": 4, "engine": True, "compile": False},
            "objective": {"chunk_size": None}, "rewards": [{"name": "colour", "weight": 1.0, "retries": 0}]}
     for key, value in changes.items():
         node = cfg
@@ -36,8 +37,9 @@ def _config(**changes):
 
 @pytest.mark.parametrize("key, value, policy", [
     ("train.save_every", 5, "free"), ("train.out_dir", "b", "free"), ("objective.chunk_size", 64, "free"),
-    ("rewards.0.retries", 2, "free"),
+    ("rewards.0.retries", 2, "free"), ("train.export_format", "original", "free"), ("rollout.compile", True, "free"),
     ("optim.lr", 2e-3, "explicit"), ("rollout.group_size", 8, "explicit"), ("rewards.0.weight", 2.0, "explicit"),
+    ("rollout.engine", False, "explicit"),
     ("model.dtype", "bf16", "never"), ("deepspeed.zero_stage", 2, "never"),
 ])
 def test_each_resume_policy_class(key, value, policy):
