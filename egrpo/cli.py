@@ -284,7 +284,7 @@ def _train(args) -> int:
                     "a run)")
             if final_export_cut_short(out, cfg.train):
                 kept = (f"the final checkpoint is kept but its export did not finish: write it with egrpo export {out} "
-                        f"--out {os.path.join(out, 'hf')}")
+                        f"--out {os.path.join(out, 'hf')} --overwrite")   # an older hf/ may still be there
             print(f"\negrpo train: interrupted; {kept}", file=sys.stderr)
         return 130
     finally:

@@ -17,13 +17,23 @@ def run_convert(args) -> int:
 
 def run_export(args) -> int:
     from egrpo.errors import UserError
+    from egrpo.outputs import stamped_path
     from egrpo.trainer.export import export_checkpoint
 
     out = os.path.normpath(args.out)
+    previous = None
     if os.path.exists(out):
-        raise UserError(f"--out {args.out} already exists; give a new directory")
+        if not os.path.isdir(out):
+            raise UserError(f"--out {args.out} is a file; give a directory")
+        if not args.overwrite:
+            raise UserError(f"--out {args.out} already exists; give a new directory, or pass --overwrite to keep the "
+                            "old one as <out>.previous-<time> and write a new one")
+        previous = stamped_path(f"{out}.previous")   # the old export is renamed only once the new one is complete
     used = export_checkpoint(args.checkpoint, out, args.format, model_path=args.model_path,
-                             warn=lambda message: print(f"egrpo: warning: {message}", file=sys.stderr))
+                             warn=lambda message: print(f"egrpo: warning: {message}", file=sys.stderr),
+                             keep_previous_as=previous)
+    if previous:
+        print(f"kept the previous {out} as {previous}")
     print(f"wrote {out} from {used}")
     return 0
 
@@ -64,7 +74,10 @@ def add_data_subcommands(subparsers) -> None:
                               "as a model directory for generate / eval")
     p.add_argument("checkpoint", help="a run directory (its newest intact checkpoint), its checkpoints/ directory, "
                                       "or one checkpoint directory (e.g. runs/x/checkpoints/best)")
-    p.add_argument("--out", required=True, help="new output directory")
+    p.add_argument("--out", required=True, help="new output directory (an existing one is refused without --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out exists: once the new export is complete, rename the old one to "
+                        "<out>.previous-<time>")
     p.add_argument("--format", default=None, choices=["hf", "original"],
                    help="layout (default: the run's train.export_format)")
     p.add_argument("--model-path", default=None,

@@ -35,12 +35,14 @@ def checkpoint_state(load_dir: str, tag: str, zero_stage: int) -> dict:
 
 
 def export_checkpoint(path: str, out: str, export_format: Optional[str] = None, model_path: Optional[str] = None,
-                      warn: Callable[[str], None] = lambda message: None) -> str:
+                      warn: Callable[[str], None] = lambda message: None,
+                      keep_previous_as: Optional[str] = None) -> str:
     """Write the model of the checkpoint at ``path`` (a run directory: its newest intact checkpoint; its
     ``checkpoints/`` directory; or one checkpoint, e.g. ``<run>/checkpoints/best``) to ``out`` in the transformers
     (``"hf"``) or original Janus layout (None: the run's ``train.export_format``). ``model_path`` replaces the
     config's ``model.path`` (the base model the run started from: a relative one is read from the current
-    directory). ``warn`` receives the damaged checkpoints skipped. Returns the checkpoint used."""
+    directory). ``warn`` receives the damaged checkpoints skipped. An existing ``out`` is replaced once the new
+    export is complete, renamed to ``keep_previous_as`` when given (else removed). Returns the checkpoint used."""
     from egrpo.checkpoints import export_model
 
     load_dir, tag, problems = find_checkpoint(path, flag="checkpoint")
@@ -69,5 +71,6 @@ def export_checkpoint(path: str, out: str, export_format: Optional[str] = None, 
         for name, value in state.items():
             own[name].copy_(value.to(own[name].dtype))
     fmt = export_format or cfg.train.export_format
-    replace_dir_atomically(out, lambda partial: export_model(model, tokenizer, partial, fmt))
+    replace_dir_atomically(out, lambda partial: export_model(model, tokenizer, partial, fmt),
+                           keep_previous_as=keep_previous_as)
     return tag_dir

@@ -920,15 +920,19 @@ def work_dirs(out: str) -> Tuple[str, str]:
     return os.path.join(parent, f".{name}.egrpo-partial"), os.path.join(parent, f".{name}.egrpo-old")
 
 
-def replace_dir_atomically(out: str, write: Callable[[str], Any]) -> None:
+def replace_dir_atomically(out: str, write: Callable[[str], Any], keep_previous_as: Optional[str] = None) -> None:
     """``write(partial)`` into a hidden sibling of ``out``, then swap it in: a reader (or a crash) never sees a
     half-written ``out``; the previous one stays intact until the new one is complete. Only the hidden
-    ``.<name>.egrpo-partial`` / ``.egrpo-old`` directories this uses are ever removed."""
+    ``.<name>.egrpo-partial`` / ``.egrpo-old`` directories this uses are ever removed. ``keep_previous_as``: the
+    previous ``out`` is renamed to this path (once the new one is complete) instead of being removed."""
     out = os.path.normpath(out)
     partial, old = work_dirs(out)
     shutil.rmtree(partial, ignore_errors=True)   # left by a killed export
     write(partial)
     moved = os.path.isdir(out)
+    if moved and keep_previous_as is not None:
+        os.replace(out, keep_previous_as)
+        moved = False
     if moved:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out, old)

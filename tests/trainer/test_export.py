@@ -76,6 +76,46 @@ def test_generate_on_a_checkpoint_points_at_export_and_export_refuses_what_it_ca
     assert "no checkpoint found" in err and "\n" not in err and not (tmp_path / "x").exists()
 
 
+def test_the_command_suggested_after_a_cut_short_final_export_works_over_an_older_export(run, tmp_path, capsys,
+                                                                                           monkeypatch):
+    """A second signal during the final export leaves the final checkpoint, and possibly an older hf/ (e.g. of a
+    run since extended) beside the export being written. The interrupted run's message suggests an `egrpo
+    export` command: run as printed, it writes the final checkpoint's model into hf/ and keeps the older one as
+    hf.previous-<time> (plain --out <run>/hf is refused there: it exists)."""
+    import shlex
+    import shutil
+
+    import egrpo.trainer.train as train_module
+    from egrpo.trainer.config import load_config
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "hf" / "older.txt").write_text("an export of an earlier end of the run\n")
+    (copy / ".hf.egrpo-partial").mkdir()   # the new export, cut short
+    assert train_module.final_export_cut_short(str(copy), load_config(str(copy / "config.yaml")).train)
+
+    def cut_short(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", cut_short)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(copy)]) == 130
+    err = capsys.readouterr().err
+    assert "its export did not finish: write it with egrpo export " in err
+    command = shlex.split(err.split("write it with ", 1)[1].strip())
+    assert command[0] == "egrpo" and "--overwrite" in command
+    assert main([c for c in command[1:] if c != "--overwrite"]) == 2   # without it: --out exists
+    assert "already exists" in capsys.readouterr().err
+    assert main(command[1:]) == 0
+    assert "kept the previous" in capsys.readouterr().out
+    previous = [p for p in os.listdir(copy) if p.startswith("hf.previous-")]
+    assert len(previous) == 1 and (copy / previous[0] / "older.txt").is_file()
+    assert not (copy / "hf" / "older.txt").exists() and not (copy / ".hf.egrpo-partial").exists()
+    ours, final = exported_weights(copy / "hf"), exported_weights(run / "hf")
+    assert ours.keys() == final.keys() and all(torch.equal(ours[k], final[k]) for k in final)
+    assert not train_module.final_export_cut_short(str(copy), load_config(str(copy / "config.yaml")).train)
+
+
 def test_a_zero3_checkpoint_exports_the_trained_weights(tmp_path):
     """ZeRO-3 checkpoints hold fp32 partitions of the trained weights (joined by DeepSpeed's zero_to_fp32); the
     frozen ones come from the model the config names. The result equals the run's own final export."""
