@@ -239,9 +239,11 @@ What is measured, per op x case x implementation:
 - **speed-up vs eager**: eager's median fwd+bwd time over this row's;
 - **of matmul floor**: 6NDV FLOPs over the GEMM rate measured at the start of the same run (bf16 on GPU, fp32
   on CPU), divided by this row's fwd+bwd time (1.0 = as fast as the GEMMs alone could be; ours needs 6NDV
-  (GRPO, STAGE) or 8NDV (head with autograd, EG-GRPO) of GEMM work);
+  (GRPO, STAGE, and EG-GRPO with its per-sequence percentiles as run here; 4NDV with a frozen head) or 8NDV
+  (head with autograd) of GEMM work);
 - **peak MiB**: peak memory above the inputs during one forward+backward (CUDA allocator peak; on CPU the
-  peak RSS of a fresh forked child per row; gradients of the inputs are included);
+  peak RSS of a fresh forked child per row, which runs on `EGRPO_BENCH_THREADS` threads, default torch's
+  count; gradients of the inputs are included);
 - **max abs diff vs eager**: per-token log-probs (head), loss (loss ops), mask disagreement (masks: 1 = some
   token differs), similarity values; Liger's fused CE gives only a summed loss, compared as a mean log-prob.
 
