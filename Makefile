@@ -119,10 +119,11 @@ gpu-bench: cuda-available
 gpu-capacity: cuda-available
 	$(PY) -m bench.bench_capacity --device cuda $(CAPACITY_ARGS) 2>&1 | tee bench/results/capacity_cuda.log
 
-# The short GPU check (bench/gpu_quick.py): gpu-marked kernel tests, then the fused head / GRPO / EG-GRPO
-# at the image and text cases vs eager, Liger and Cut Cross-Entropy (+ frozen-head rows, + rollout decode
-# when bench/rollout.py exists); bench/results/gpu_quick.json is rewritten after every row. ~8 min on an
-# H100 including set-up; `python -m bench.gpu_quick --dry-run` runs the same code on CPU.
+# The short GPU check (bench/gpu_quick.py): every gpu-marked test, then the fused head / GRPO / EG-GRPO
+# at the image and text cases vs eager, Liger and Cut Cross-Entropy (+ frozen-head rows), then the
+# decode-attention rows, the VQ-decode rows and the rollout decode rows; bench/results/gpu_quick.json is
+# rewritten after every row. ~8 min on an H100 including set-up; `python -m bench.gpu_quick --dry-run` runs
+# the same code on CPU.
 gpu-quick: cuda-available
 	$(PY) -m bench.gpu_quick 2>&1 | tee bench/results/gpu_quick.log
 
