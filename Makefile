@@ -108,7 +108,7 @@ cuda-available: setup
 
 # On a CUDA machine, three parts (each well under ten minutes on an H100), or all three with gpu-check:
 # the GPU-only tests (compiled Triton) -> bench/results/gpu_tests.log; the suite at the docs/kernels.md
-# benchmark shapes -> suite_cuda.json and bench/README.md with the issue-7 verdicts; the capacity search
+# benchmark shapes -> suite_cuda.json and bench/README.md with the GPU kernel targets' verdicts; the capacity search
 # -> capacity_cuda.json (CAPACITY_ARGS, default a 480 s budget; a killed run keeps what it measured).
 gpu-tests: cuda-available
 	$(PY) -m pytest -q -m gpu $(GPU_PYTEST_ARGS) $(GPU_TESTS) 2>&1 | tee bench/results/gpu_tests.log
