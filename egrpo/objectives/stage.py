@@ -114,8 +114,8 @@ class STAGESettings(EntropyShapingSettings):
     entropy_reward_centered: bool = setting(True, "centre the entropy reward over the tied top samples (released); "
                                             "false = the paper's Eq. 12", RELEASED, "bool")
     drop_zero_spread_rewards: bool = setting(True, "inside a group, drop reward functions whose std <= "
-                                             "zero_spread_tol; a group with none left gets policy weight 0 and KL "
-                                             "weight a + b (Sim := 1)", RELEASED, "bool")
+                                             "zero_spread_tol; a group with none left (and no entropy reward) gets "
+                                             "policy weight 0 and KL weight a + b (Sim := 1)", RELEASED, "bool")
     zero_spread_tol: float = setting(ZERO_SPREAD_TOL, "spread at or below which a reward function is constant",
                                      RELEASED, "nonneg")
     drop_kl_for_zero_std_groups: bool = setting(False, "KL weight 0 in groups whose combined reward has zero spread "

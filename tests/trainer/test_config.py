@@ -109,11 +109,17 @@ def test_prompt_files(tmp_path):
 # The published recipes (docs/algorithms.md: GRPO, EG-GRPO, STAGE). Their reward names refer to adapters a later module
 # registers, so only the hyper-parameters are checked here, not the reward registry.
 RECIPES = {
-    "eg_grpo_janus_pro_7b.yaml": dict(objective="eg_grpo", beta=0.01, lr=1e-6, grad_accum=2),
-    "grpo_baseline.yaml": dict(objective="grpo", beta=0.01, lr=1e-6, grad_accum=2),
-    "stage_geneval.yaml": dict(objective="stage", beta=0.03, lr=5e-6, grad_accum=1, entropy_reward=True),
-    "stage_hps.yaml": dict(objective="stage", beta=0.01, lr=1e-6, grad_accum=2, entropy_reward=False),
-    "stage_ocr.yaml": dict(objective="stage", beta=0.01, lr=1e-6, entropy_reward=False),
+    # the released run scripts' reward functions (EG-GRPO and its GRPO baseline: hps git gdino orm, the strict
+    # GroundingDINO reward for EG-GRPO only)
+    "eg_grpo_janus_pro_7b.yaml": dict(objective="eg_grpo", beta=0.01, lr=1e-6, grad_accum=2,
+                                      rewards=["hps", "git_vqa", "grounding_dino+strict", "orm"]),
+    "grpo_baseline.yaml": dict(objective="grpo", beta=0.01, lr=1e-6, grad_accum=2,
+                               rewards=["hps", "git_vqa", "grounding_dino", "orm"]),
+    "stage_geneval.yaml": dict(objective="stage", beta=0.03, lr=5e-6, grad_accum=1, entropy_reward=True,
+                               rewards=["geneval"]),
+    "stage_hps.yaml": dict(objective="stage", beta=0.01, lr=1e-6, grad_accum=2, entropy_reward=False,
+                           rewards=["hps", "git_vqa", "grounding_dino"]),
+    "stage_ocr.yaml": dict(objective="stage", beta=0.01, lr=1e-6, entropy_reward=False, rewards=["ocr"]),
 }
 
 
@@ -128,6 +134,8 @@ def test_published_recipes(name):
         assert cfg.optim.grad_accum == want["grad_accum"]
     if "entropy_reward" in want:
         assert cfg.objective.hparams["entropy_reward"] is want["entropy_reward"]
+    assert [r.name + ("+strict" if r.kwargs.get("strict") else "") for r in cfg.rewards] == want["rewards"]
+    assert all(r.weight == 1.0 for r in cfg.rewards)   # summed with equal weights
     assert cfg.rollout.group_size == 8 and cfg.rollout.cfg_scale == 5.0 and cfg.rollout.temperature == 1.0
     assert cfg.rollout.image_tokens == 576 and cfg.train.steps == 1600
     assert cfg.model.path and cfg.model.tiny is None
