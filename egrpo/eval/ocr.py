@@ -12,33 +12,26 @@ recognition models are of the same family but not the same files, so numbers can
 
 from __future__ import annotations
 
-import re
 from typing import Callable, Optional
 
 from egrpo.rewards.base import to_pil
-from egrpo.rewards.ocr import edit_distance, normalise_text
+from egrpo.rewards.ocr import first_quoted_text, normalise_text, ocr_score
 
 from .io import EvalError, ResultStore, load_image, markdown_table, mean, score_items, write_summary
 from .prefs import folder_items
 
-FIRST_QUOTED = re.compile(r'"([^"]*)"')
-
 
 def ocr_target(prompt: str) -> str:
-    match = FIRST_QUOTED.search(prompt)
-    if match is None or not normalise_text(match.group(1), True, True):
+    target = first_quoted_text(prompt)
+    if not normalise_text(target, True, True):
         raise EvalError(f"prompt has no text in double quotes to read: {prompt!r}")
-    return match.group(1)
+    return target
 
 
 def ocr_accuracy(recognised: str, target: str) -> float:
-    """1 - d / len(target) with the benchmark's substring rule and cap (module docstring)."""
-    target = normalise_text(target, True, True)
-    if not target:
-        raise ValueError("ocr_accuracy: empty target")
-    recognised = normalise_text(recognised, True, True)
-    distance = 0 if target in recognised else min(edit_distance(recognised, target), len(target))
-    return 1.0 - distance / len(target)
+    """1 - d / len(target) with the benchmark's substring rule and cap (module docstring): the OCR reward's own
+    rule at its defaults (`egrpo.rewards.ocr.ocr_score`), so training and evaluation score alike."""
+    return ocr_score(recognised, target)
 
 
 def evaluate_ocr(images_root: str, out_dir: str, reader: Optional[Callable] = None, prompt: Optional[str] = None,

@@ -1,11 +1,19 @@
-"""OCR reward: ``max(1 - edit_distance(recognised, target) / len(target), 0)``.
+"""OCR reward: ``1 - d / len(target)``, Flow-GRPO's OCR reward rule (its ``flow_grpo/ocr.py``).
 
-The target is the text between quotes in the prompt (``A sign that says "OPEN 24h"`` -> ``OPEN 24h``; several
-quoted parts are joined with a space) or ``metadata["text"]``. Recognition uses RapidOCR
-(``pip install rapidocr-onnxruntime``: PP-OCR ONNX models ship inside the wheel, nothing is downloaded).
-By default both strings are lower-cased and spaces are removed before comparing (as the Flow-GRPO OCR
-reward does); ``N_ref`` is the length of the normalised target. A prompt without quoted text scores
-``missing_text`` (0 by default).
+Per image: target = ``metadata["text"]`` if given, else the text inside the FIRST pair of double quotes of the
+prompt (``A sign "OPEN" next to "CLOSED"`` -> ``OPEN``); recognised = every text line the OCR engine reads,
+joined. Both are lower-cased and their spaces removed; d = 0 when the target is a substring of the recognised
+text (``SALE`` read as ``SALE 50% OFF`` scores 1), else the Levenshtein distance capped at ``len(target)``
+(so the score lies in [0, 1]). These defaults are the released rule; `egrpo.eval.ocr` (the OCR accuracy
+benchmark) scores with the same `ocr_score`.
+
+Options that depart from it (all off by default): ``quoted_target="all"`` joins every quoted span, straight or
+curly quotes, with one space (this project's earlier rule); ``substring_match=False`` drops the substring rule;
+``ignore_case`` / ``ignore_spaces`` ``False`` keep case / spaces. ``upscale_to`` (ours, default 512) upscales
+smaller images before reading; the released reward reads images at their own size (``upscale_to: null``).
+Recognition uses RapidOCR (``pip install rapidocr-onnxruntime``: PP-OCR ONNX models ship inside the wheel,
+nothing is downloaded; the released code runs PaddleOCR). A prompt without quoted text scores ``missing_text``
+(0 by default; the released code fails on such a prompt).
 """
 
 from __future__ import annotations
@@ -19,13 +27,31 @@ from egrpo.rewards.registry import register_reward
 
 from .base import Reward, require, to_pil
 
+FIRST_QUOTED = re.compile(r'"([^"]*)"')
 QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”|‘([^’]+)’')
+QUOTED_TARGETS = ("first", "all")
+
+
+def first_quoted_text(prompt: str) -> str:
+    """The characters inside the first pair of straight double quotes of ``prompt`` ('' if there is none)."""
+    match = FIRST_QUOTED.search(prompt)
+    return match.group(1) if match else ""
 
 
 def quoted_text(prompt: str) -> str:
-    """The characters between double (or curly) quotes in ``prompt``; several parts joined by one space."""
+    """The characters between double (or curly) quotes in ``prompt``; several parts joined by one space.
+
+    Not the released rule (that is `first_quoted_text`); used with ``quoted_target="all"``."""
     parts = ["".join(groups) for groups in QUOTED.findall(prompt)]
     return " ".join(p for p in parts if p)
+
+
+def target_text(prompt: str, quoted_target: str = "first") -> str:
+    if quoted_target == "first":
+        return first_quoted_text(prompt)
+    if quoted_target == "all":
+        return quoted_text(prompt)
+    raise ValueError(f"ocr: quoted_target must be one of {QUOTED_TARGETS}, got {quoted_target!r}")
 
 
 def edit_distance(a: str, b: str) -> int:
@@ -49,12 +75,17 @@ def normalise_text(text: str, ignore_case: bool, ignore_spaces: bool) -> str:
     return text
 
 
-def ocr_score(recognised: str, target: str, ignore_case: bool = True, ignore_spaces: bool = True) -> float:
+def ocr_score(recognised: str, target: str, ignore_case: bool = True, ignore_spaces: bool = True,
+              substring_match: bool = True) -> float:
+    """``1 - d / len(target)`` after normalising both strings; d = 0 when ``substring_match`` and the target occurs
+    in the recognised text, else the edit distance capped at ``len(target)`` (module docstring)."""
     target = normalise_text(target, ignore_case, ignore_spaces)
     if not target:
         raise ValueError("ocr_score: empty target text")
     recognised = normalise_text(recognised, ignore_case, ignore_spaces)
-    return max(1.0 - edit_distance(recognised, target) / len(target), 0.0)
+    if substring_match and target in recognised:
+        return 1.0
+    return 1.0 - min(edit_distance(recognised, target), len(target)) / len(target)
 
 
 def rapidocr_engine(min_confidence: float = 0.0, **kwargs) -> Callable:
@@ -77,16 +108,20 @@ def rapidocr_engine(min_confidence: float = 0.0, **kwargs) -> Callable:
 class OCRReward(Reward):
     name = "ocr"
 
-    def __init__(self, engine: str = "rapidocr", ignore_case: bool = True, ignore_spaces: bool = True,
-                 missing_text: float = 0.0, min_confidence: float = 0.0, upscale_to: Optional[int] = 512,
-                 batch_size: int = 16, on_failure: str = "error", reader: Optional[Callable] = None):
+    def __init__(self, engine: str = "rapidocr", quoted_target: str = "first", substring_match: bool = True,
+                 ignore_case: bool = True, ignore_spaces: bool = True, missing_text: float = 0.0,
+                 min_confidence: float = 0.0, upscale_to: Optional[int] = 512, batch_size: int = 16,
+                 on_failure: str = "error", reader: Optional[Callable] = None):
         super().__init__(batch_size=batch_size, on_failure=on_failure)
+        if quoted_target not in QUOTED_TARGETS:
+            raise ValueError(f"ocr: quoted_target must be one of {QUOTED_TARGETS}, got {quoted_target!r}")
         if reader is not None:
             self.read = reader
         elif engine == "rapidocr":
             self.read = rapidocr_engine(min_confidence=min_confidence)
         else:
             raise ValueError(f"ocr: unknown engine {engine!r} (supported: 'rapidocr', or pass reader=callable)")
+        self.quoted_target, self.substring_match = quoted_target, bool(substring_match)
         self.ignore_case, self.ignore_spaces = bool(ignore_case), bool(ignore_spaces)
         self.missing_text = float(missing_text)
         self.upscale_to = upscale_to
@@ -97,7 +132,7 @@ class OCRReward(Reward):
 
         scores = []
         for image, prompt, meta in zip(to_pil(images), prompts, metadata):
-            target = meta.get("text") or quoted_text(prompt)
+            target = meta.get("text") or target_text(prompt, self.quoted_target)
             if not normalise_text(target, self.ignore_case, self.ignore_spaces):
                 scores.append(self.missing_text)
                 continue
@@ -107,6 +142,6 @@ class OCRReward(Reward):
                 image = image.resize((round(image.width * factor), round(image.height * factor)), Image.BICUBIC)
             text = self.read(image)
             self.last_texts.append(text)
-            scores.append(ocr_score(text, target, self.ignore_case, self.ignore_spaces))
+            scores.append(ocr_score(text, target, self.ignore_case, self.ignore_spaces, self.substring_match))
         self.last_texts = self.last_texts[-len(prompts):]
         return scores
