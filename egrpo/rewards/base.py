@@ -89,10 +89,17 @@ def check_images(images, prompts: Sequence[str], metadata: Optional[Sequence[dic
 
 
 def to_pil(images: torch.Tensor) -> list:
-    """``[B, 3, H, W]`` in [0, 1] -> list of RGB ``PIL.Image`` (uint8, rounded)."""
+    """``[B, 3, H, W]`` in [0, 1] -> list of RGB ``PIL.Image``: ``uint8(clamp(x, 0, 1) * 255)``, TRUNCATED.
+
+    Truncation, not rounding, is the released behaviour: the released code turns the VQ decoder output ``x`` into
+    pixels with ``np.clip((x + 1) / 2 * 255, 0, 255)`` converted to uint8 by truncation (``astype(np.uint8)``),
+    and its saved images and rewards see those pixels; `egrpo.rollout.vq.decode_images` gives ``(x + 1) / 2``
+    clamped, so this yields the same pixels. ``v / 255 * 255`` is exact in float32 for every uint8 ``v``, so an
+    image read back from PNG (`egrpo.eval.io.load_image`) converts to the same pixels again.
+    """
     from PIL import Image
 
-    arrays = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    arrays = (images.detach().float().clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a, mode="RGB") for a in arrays]
 
 

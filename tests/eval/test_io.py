@@ -80,3 +80,17 @@ def test_replaced_image_is_scored_again(tmp_path):
     os.utime(path, ns=(1, 10**18))
     score_items(items, ResultStore(str(tmp_path / "out")), score, "t", show_progress=False)
     assert calls == ["a.png", "a.png"]
+
+
+def test_save_png_truncates_and_round_trips(tmp_path):
+    """Saved pixels are uint8(x * 255) truncated, the released post-processing; reading them back is exact."""
+    import torch
+
+    from egrpo.eval.generation import save_png
+
+    image = torch.tensor([0.5, 0.999, 0.2]).reshape(3, 1, 1).expand(3, 2, 2).contiguous()
+    save_png(image, str(tmp_path / "a.png"))
+    back = load_image(str(tmp_path / "a.png"))
+    assert (back * 255).to(torch.uint8)[:, 0, 0].tolist() == [127, 254, 51]          # rounding: 128, 255, 51
+    save_png(back, str(tmp_path / "b.png"))
+    assert torch.equal(load_image(str(tmp_path / "b.png")), back)

@@ -168,3 +168,21 @@ def test_registry_and_lazy_imports(monkeypatch):
         importlib.reload(importlib.import_module("egrpo.rewards.orm"))
         importlib.reload(rewards)
     assert REWARDS["orm"].__name__ == "ORMReward"
+
+
+def test_to_pil_truncates_like_the_released_post_processing():
+    import numpy as np
+
+    from egrpo.rewards.base import to_pil
+
+    x = torch.tensor([0.5, 0.999, 1.0, -0.2, 1.3, 254.9 / 255]).reshape(1, 3, 1, 2)
+    got = np.asarray(to_pil(x)[0]).transpose(2, 0, 1).reshape(-1).tolist()
+    assert got == [127, 254, 255, 0, 255, 254]                   # rounding would give 128, 255, ..., 255
+    # decoder output in [-1, 1] (a little beyond): the released np.clip((x + 1) / 2 * 255, 0, 255).astype(uint8)
+    dec = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2.2 - 1.1
+    released = np.clip((dec.numpy() + 1) / 2 * 255, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    ours = np.stack([np.asarray(im) for im in to_pil(((dec + 1) / 2).clamp(0, 1))])
+    assert np.array_equal(ours, released)
+    # every uint8 value survives PNG -> [0, 1] float (egrpo.eval.io.load_image) -> pixels
+    values = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).expand(1, 3, 16, 16)
+    assert np.array_equal(np.asarray(to_pil(values.float() / 255.0)[0]), values[0].permute(1, 2, 0).numpy())
