@@ -650,8 +650,9 @@ class RolloutEngine:
     def generate_text(self, prefill: Prefill, max_new_tokens: int, eos_id: int, pad_id: int,
                       params: SamplingParams, seed: int) -> TextOutput:
         """Sample up to ``max_new_tokens`` per row with the LM head; a row stops at its first EOS (later slots
-        hold ``pad_id``); the phase stops when every row has finished (checked every ``eos_check_every``
-        steps) and is trimmed to the longest row."""
+        hold ``pad_id``, which a finished row also feeds itself); the phase stops when every row has finished
+        (checked every ``eos_check_every`` steps) and is trimmed to the longest row. ``pad_id`` is just the
+        post-EOS fill: the trainer's rollout passes the EOS id, as the released rollout fills with EOS."""
         if params.cfg_scale is not None:
             raise ValueError("generate_text: params.cfg_scale must be None (the text phase has no CFG)")
         if max_new_tokens < 1:

@@ -10,8 +10,9 @@ forwards of `head_inputs` give the per-token entropies:
 
 Text entropy (``text_entropy``): ``"masked"`` (default) = over the valid CoT tokens only; ``"released"`` = as
 the authors' analysis script: LM-head entropy at every position of the whole ``[CoT-phase context | CoT]`` row
-(prompt, CoT and post-EOS padding, no mask), from a forward with the attention mask ``[context mask | CoT mask]``;
-it needs the released CoT protocol (the rollout's ``text_ids``).
+(prompt, CoT and the post-EOS positions, which hold EOS as in the released rollout; no mask), from a forward
+with the attention mask ``[context mask | CoT mask]``; it needs the released CoT protocol (the rollout's
+``text_ids``).
 
 Entropies are normalised by ``ln V`` of their vocabulary (text or image), so they lie in [0, 1]; the std is the
 unbiased std over the tokens of one sample. With ``entropy_bins > 0`` each record also carries histograms of
@@ -42,7 +43,8 @@ def released_text_entropy(model, context_ids: torch.Tensor, context_mask: torch.
                           cot_mask: torch.Tensor) -> torch.Tensor:
     """Normalised LM-head entropy ``[B, P + Lc]`` at every position of ``[context | CoT]``, as the released
     analysis computes it: one forward with attention mask ``[context_mask | cot_mask]``, no position ids, no
-    masking of the result (the prompt, the CoT and the post-EOS padding all count)."""
+    masking of the result (the prompt, the CoT and the post-EOS positions all count; `rollout` fills the latter
+    with EOS, as the released rollout does)."""
     ids = torch.cat([context_ids, cot_ids], 1)
     mask = torch.cat([context_mask.long(), cot_mask.long()], 1)
     hidden = model.model.language_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state

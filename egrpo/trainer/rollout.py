@@ -11,7 +11,7 @@ One rollout of B = len(prompts) * group_size * images_per_cot rows (a prompt's r
     sequence_ids  [B, L]   image-phase context: BOS, text, right pads, image start
     image_tokens  [B, T]   sampled with CFG from the conditional row and its unconditional twin
     text_ids      [B, P]   CoT-phase context: left pads, BOS, system + template (None without CoT)
-    cot_ids       [B, Lc]  the row's CoT (pad after EOS), cot_mask 1 through the first EOS
+    cot_ids       [B, Lc]  the row's CoT (EOS repeated after its EOS, as released), cot_mask 1 through the first EOS
 
 `head_inputs` gives the teacher-forced hidden states the losses need, each in its own context: image tokens after
 ``sequence_ids`` (conditional branch only, no CFG), CoT tokens after ``text_ids`` (LM head).
@@ -122,7 +122,7 @@ class Rollout:
     image_positions: str = "released"    # how sequence_ids are given position ids (protocol.image_positions)
     text_ids: Optional[torch.Tensor] = None       # [B, P] CoT-phase context, left-padded; None without CoT
     text_mask: Optional[torch.Tensor] = None      # [B, P] int64
-    cot_ids: Optional[torch.Tensor] = None        # [B, Lc] sampled CoT ids (pad after EOS); None without CoT
+    cot_ids: Optional[torch.Tensor] = None        # [B, Lc] sampled CoT ids (EOS after EOS); None without CoT
     cot_mask: Optional[torch.Tensor] = None       # [B, Lc] float32, 1 up to and including the first EOS
     cot_texts: Optional[List[str]] = None         # [B] decoded CoTs (special tokens skipped), as fed to the image
     sampling_logp: Optional[torch.Tensor] = None  # [B, T] float32 log-prob of each image token under the sampling
@@ -189,9 +189,13 @@ def sample_cot(model, prefill: Prefill, tokens: JanusTokens, cfg: RolloutConfig,
                generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample a text CoT per row of ``prefill`` with the LM head (KV cache), stopping each row at its first EOS.
 
-    Returns ``cot_ids [R, Lc]`` (pad after EOS), ``cot_mask [R, Lc]`` (float, 1 up to and including EOS) and
+    Returns ``cot_ids [R, Lc]`` (EOS after EOS), ``cot_mask [R, Lc]`` (float, 1 up to and including EOS) and
     ``logp [R, Lc]`` (each token's log-prob under the sampling distribution, 0 after EOS).
-    Finished rows keep drawing (their draws are replaced by pad), as transformers' ``generate`` does.
+    Finished rows keep drawing (their draws are replaced by EOS, and they feed EOS), as in the released rollout,
+    whose CoT holds the EOS id (Janus-Pro: 100001) at every position after the first EOS, not the pad id. The
+    training losses mask those positions (bit-identical either way, tested); what reads them is the released
+    text entropy analysis (`egrpo.tools.analyze`, ``text_entropy="released"``) and the released text percentiles
+    (``include_padding_in_text_percentiles``), whose post-EOS entropies depend on the token there.
     """
     device = prefill.input_ids.device
     embed = model.get_input_embeddings()
@@ -205,7 +209,7 @@ def sample_cot(model, prefill: Prefill, tokens: JanusTokens, cfg: RolloutConfig,
         logits = filter_logits(logits, cfg.cot_top_k, cfg.cot_top_p)
         token = _sample(logits, generator)
         logps.append(torch.where(finished, torch.zeros_like(token, dtype=torch.float32), _token_logp(logits, token)))
-        token = torch.where(finished, torch.full_like(token, tokens.pad), token)
+        token = torch.where(finished, torch.full_like(token, tokens.eos), token)
         valid.append(~finished)
         sampled.append(token)
         finished = finished | (token == tokens.eos)
@@ -333,7 +337,8 @@ def _rollout(model, tokenizer, prompts, cfg, generator, engine: Optional[Rollout
         if engine is None:
             cot_ids, cot_mask, cot_logp = sample_cot(model, text, tokens, cfg, generator)
         else:
-            cot = engine.generate_text(engine_prefill(model, text), cfg.cot_max_tokens, tokens.eos, tokens.pad,
+            # after a row's EOS the released CoT holds EOS again (not pad): see sample_cot
+            cot = engine.generate_text(engine_prefill(model, text), cfg.cot_max_tokens, tokens.eos, tokens.eos,
                                        SamplingParams(cfg.cot_temperature, cfg.cot_top_k, cfg.cot_top_p), seed_text)
             cot_ids, cot_mask, cot_logp = cot.ids, cot.mask, cot.logp
             _check_finite(cot_logp, cot_mask)

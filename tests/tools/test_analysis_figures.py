@@ -90,6 +90,50 @@ def test_analyze_records_histograms():
                        torch.Generator(), text_entropy="all")
 
 
+@pytest.mark.parametrize("engine", [True, False])
+def test_released_text_entropy_sees_eos_after_eos(engine, monkeypatch):
+    """As in the released rollout, the CoT positions after a row's EOS hold EOS again (not the pad token): the
+    released analysis scores those positions, so their entropies are those of EOS inputs."""
+    import egrpo.tools.analyze as analyze
+    from egrpo.rewards.registry import build_rewards
+    from egrpo.trainer.model import ModelConfig, build_model, num_image_tokens
+    from egrpo.trainer.rollout import RolloutConfig
+    from egrpo.trainer.tokenizer import janus_tokens
+
+    import egrpo.rewards  # noqa: F401
+
+    model, tokenizer = build_model(ModelConfig(tiny={"image_size": 32, "num_layers": 1}, dtype="fp32"), "cpu")
+    tokens = janus_tokens(tokenizer)
+    assert tokens.eos != tokens.pad
+    seen = []
+    original = analyze.released_text_entropy
+
+    def recording(model, context_ids, context_mask, cot_ids, cot_mask):
+        seen.append((cot_ids.clone(), cot_mask.clone()))
+        return original(model, context_ids, context_mask, cot_ids, cot_mask)
+
+    monkeypatch.setattr(analyze, "released_text_entropy", recording)
+
+    def more_eos(module, inputs, output):            # CoTs stop at different lengths
+        output = output.clone()
+        output[..., tokens.eos] += 4.0
+        return output
+
+    handle = model.lm_head.register_forward_hook(more_eos)
+    try:
+        cfg = RolloutConfig(image_tokens=num_image_tokens(model), cot_max_tokens=12, engine=engine)
+        rows = analyze.analyze_prompt(model, tokenizer, "a red car", {}, build_rewards([{"name": "colour"}]), 4, 1,
+                                      cfg, torch.Generator().manual_seed(0), text_entropy="released")
+    finally:
+        handle.remove()
+    (cot_ids, cot_mask), = seen
+    after = cot_mask == 0
+    assert len(rows) == 4 and after.any()                          # some rows ended before the longest one
+    assert (cot_ids[after] == tokens.eos).all()
+    lengths = cot_mask.sum(1).long()
+    assert all(cot_ids[r, n - 1] == tokens.eos for r, n in enumerate(lengths.tolist()) if n < cot_ids.shape[1])
+
+
 def test_single_run_and_comparison_figures(tmp_path, capsys):
     g = torch.Generator().manual_seed(0)
     paths = []

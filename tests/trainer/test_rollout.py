@@ -279,7 +279,7 @@ def test_cot_stops_at_eos_and_is_decoded_without_special_tokens(tiny_model, cot_
         end = row_ids.index(tokens.eos) + 1 if tokens.eos in row_ids else len(row_ids)
         stopped += tokens.eos in row_ids
         assert mask[row, :end].eq(1).all() and mask[row, end:].eq(0).all()
-        assert all(t == tokens.pad for t in row_ids[end:])
+        assert all(t == tokens.eos for t in row_ids[end:])          # EOS again after EOS, as released
         assert out.cot_texts[row] == hand_decode(tokenizer, row_ids[:end])
     assert 0 < stopped and int(mask.sum(1).min()) < ids.shape[1]
     assert out.metrics["rollout/cot_tokens"] == pytest.approx(float(mask[::2].sum(1).mean()))
@@ -490,11 +490,11 @@ def test_cot_sampling_matches_naive_reference(tiny_model, sampler):
         else:
             params = SamplingParams(0.8, 20)
             cot = RolloutEngine(model).generate_text(engine_prefill(model, prefill), cfg.cot_max_tokens, tokens.eos,
-                                                     tokens.pad, params, seed=11)
+                                                     tokens.eos, params, seed=11)    # the fill rollout() passes
             ids, mask, logp = cot.ids, cot.mask, cot.logp
             draw = lambda step, raw, logits: sample_torch(raw, None, params, _engine_uniforms(11, step, raw.shape[0]),
                                                           False)[0]
-        # Reference: recompute every row alone from scratch at each step; finished rows keep drawing (and get pad).
+        # Reference: recompute every row alone from scratch at each step; finished rows keep drawing (and get EOS).
         sampled = [list(r) for r in rows]
         expected, expected_logp = [[] for _ in rows], [[] for _ in rows]
         done = [False] * len(rows)
@@ -508,7 +508,7 @@ def test_cot_sampling_matches_naive_reference(tiny_model, sampler):
             token = draw(step, raw, logits)
             token_logp = logits.double().log_softmax(-1).gather(-1, token[:, None])[:, 0]
             for i, t in enumerate(token.tolist()):
-                expected[i].append(tokens.pad if done[i] else t)
+                expected[i].append(tokens.eos if done[i] else t)
                 expected_logp[i].append(0.0 if done[i] else float(token_logp[i]))
                 sampled[i].append(t)
                 done[i] = done[i] or t == tokens.eos
@@ -519,6 +519,46 @@ def test_cot_sampling_matches_naive_reference(tiny_model, sampler):
     assert ids.tolist() == expected
     assert mask.shape == ids.shape and 0 < int(mask.sum(1).min()) < ids.shape[1]   # ragged stops exercised
     torch.testing.assert_close(logp.double(), torch.tensor(expected_logp, dtype=torch.float64), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("objective, settings, same", [
+    ("grpo", {}, True), ("eg_grpo", {}, True),
+    ("eg_grpo", {"include_padding_in_text_percentiles": True}, False)])
+def test_post_eos_fill_reaches_only_the_released_text_percentiles(tiny_model, template_file, objective, settings,
+                                                                    same):
+    """Training masks the CoT positions after EOS: loss and gradients are bit-identical whether they hold EOS (as
+    released, what rollout() writes) or pad. Only the released text percentiles, which count those positions'
+    entropies, see the difference (their entropies come from the token there)."""
+    from dataclasses import replace
+
+    from egrpo.objectives import build_objective
+    from egrpo.trainer.train import MicroBatch, head_logp_entropy, micro_loss
+
+    model, tokenizer = tiny_model
+    tokens = janus_tokens(tokenizer)
+    handle = _raise_eos(model, tokenizer, 4.0)
+    try:
+        out = rollout(model, tokenizer, PROMPTS, _cot_cfg(template_file, group_size=4, images_per_cot=1,
+                                                          cot_max_tokens=10), _generator(3))
+    finally:
+        handle.remove()
+    after = out.cot_mask == 0
+    assert after.any() and (out.cot_ids[after] == tokens.eos).all()
+    rewards = torch.randn(out.image_tokens.shape[0], 1, generator=_generator(1))
+    results = []
+    for fill in (tokens.eos, tokens.pad):
+        ro = replace(out, cot_ids=out.cot_ids.masked_fill(after, fill))
+        ref = head_logp_entropy(model, ro, "torch", None)
+        batch = MicroBatch(rollout=ro, metadata=[{}] * rewards.shape[0], rewards=rewards, ref=ref,
+                           old={part: values[0] for part, values in ref.items()})
+        model.zero_grad(set_to_none=True)
+        loss, _ = micro_loss(model, build_objective(objective, **settings), batch, 4, torch.ones(1))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    model.zero_grad(set_to_none=True)
+    (eos_loss, eos_grads), (pad_loss, pad_grads) = results
+    identical = torch.equal(eos_loss, pad_loss) and all(torch.equal(a, b) for a, b in zip(eos_grads, pad_grads))
+    assert identical == same
 
 
 def test_rollout_is_seeded(tiny_model, template_file):
