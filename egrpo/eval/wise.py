@@ -13,7 +13,9 @@ Cultural 1-400, Time 401-567, Space 568-700, Biology 701-800, Physics 801-900, C
 
 The judge instruction (`JUDGE_INSTRUCTIONS`) is this project's wording of WISE's rubric; ``--judge-prompt FILE``
 replaces it (a template with ``{prompt}`` and ``{explanation}``), e.g. by WISE's own text for exact parity.
-A reply whose three scores cannot be read is a failed record (retried by a rerun), never a guessed score.
+A reply whose three scores cannot be read unambiguously (`parse_judgement`: a missing aspect, a value outside
+{0, 1, 2}, or different values for one aspect) is a failed record with that reason (retried by a rerun), never
+a guessed score.
 """
 
 from __future__ import annotations
@@ -50,11 +52,21 @@ JUDGE_INSTRUCTIONS = (
     "Answer with exactly three lines and nothing else:\n"
     "Consistency: <0|1|2>\nRealism: <0|1|2>\nAesthetic Quality: <0|1|2>"
 )
-SCORE_LINES = {
-    "consistency": re.compile(r"consistency\W*?([0-2])\b", re.I),
-    "realism": re.compile(r"realism\W*?([0-2])\b", re.I),
-    "aesthetic_quality": re.compile(r"aesthetic(?:\s+quality)?\W*?([0-2])\b", re.I),
+# A score is read from a line (or a ``,`` / ``;`` / ``|`` separated part of one) that STARTS with the aspect's
+# name, once markdown, quotes and list markers are stripped: the name, optionally an echoed range "(0-2)", a
+# separator, then the number ("Consistency: 2", "**Consistency (0-2):** 2", "Realism - 1", "Aesthetic Quality:
+# 2/2"). Rubric lines echoed by the judge ("Consistency (0-2): How accurately ...", "* 0 (Rejected): ...", "For
+# Consistency, a score of '2' ...") carry no number there and are skipped. See `parse_judgement`.
+ASPECT_NAMES = {
+    "consistency": re.compile(r"consistency(?![a-z])", re.I),
+    "realism": re.compile(r"realism(?![a-z])", re.I),
+    "aesthetic_quality": re.compile(r"aesthetics?(?:[\s-]*quality)?(?![a-z])", re.I),
 }
+_MARKUP = re.compile(r"[*_`#\"'{}]")
+_LEADER = re.compile(r"^[\s>\-\u2022\u00b7+]*(?:\d+[.)]\s+)?")
+_RANGE = re.compile(r"^\s*[(\[]?\s*0\s*(?:-|\u2013|~|to)\s*2\s*[)\]]?", re.I)
+_VALUE = re.compile(r"^\s*(?:score\s*)?[:\uff1a=\-\u2013\u2014]?\s*(\d+(?:\.\d+)?)(?!\.?\d)"   # the number ...
+                    r"(?!\s*(?:-|\u2013|~|to)\s*\d)")                                           # ... not a range
 
 
 def category_of(prompt_id: int) -> str:
@@ -68,14 +80,43 @@ def wiscore(consistency: float, realism: float, aesthetic: float) -> float:
     return (0.7 * consistency + 0.2 * realism + 0.1 * aesthetic) / 2
 
 
+def _score_candidates(text: str, aspect: str) -> List[str]:
+    """The values written after ``aspect``'s label, one per labelled line part (as written, unchecked)."""
+    found = []
+    for line in (text or "").splitlines():
+        for part in re.split(r"[,;|]", _MARKUP.sub(" ", line)):
+            part = _LEADER.sub("", part)
+            name = ASPECT_NAMES[aspect].match(part)
+            if name is None:
+                continue
+            value = _VALUE.match(_RANGE.sub("", part[name.end():], count=1))
+            if value is not None:
+                found.append(value.group(1))
+    return found
+
+
 def parse_judgement(text: str) -> Dict[str, int]:
-    """The three scores from the judge's reply; `EvalError` when any is missing."""
+    """The three scores from the judge's reply; `EvalError` (a failed record, retried by a rerun) unless each aspect
+    has exactly one readable score in {0, 1, 2}.
+
+    A score is the number right after the aspect's label at the start of a line ("Consistency: 2", "**Realism**
+    - 1", "Aesthetic Quality (0-2): 2", "Consistency: 2/2"); markdown and list markers are ignored, and an echoed
+    range "(0-2)" after the label is skipped, so a rubric echo never reads as a score. Labelled lines that give
+    different scores for one aspect, or a value outside {0, 1, 2}, are refused rather than guessed.
+    """
     scores = {}
-    for aspect, pattern in SCORE_LINES.items():
-        match = pattern.search(text or "")
-        if match is None:
-            raise EvalError(f"judge reply has no {aspect.replace('_', ' ')} score in 0..2: {text[:200]!r}")
-        scores[aspect] = int(match.group(1))
+    for aspect in ASPECTS:
+        label = aspect.replace("_", " ")
+        values = _score_candidates(text, aspect)
+        if not values:
+            raise EvalError(f"judge reply has no {label} score in 0..2: {(text or '')[:200]!r}")
+        bad = sorted({v for v in values if v not in ("0", "1", "2")})
+        if bad:
+            raise EvalError(f"judge reply gives {label} {', '.join(bad)}, not 0, 1 or 2: {(text or '')[:200]!r}")
+        if len(set(values)) > 1:
+            raise EvalError(f"judge reply is ambiguous: {label} scored {', '.join(values)} on different lines: "
+                            f"{(text or '')[:200]!r}")
+        scores[aspect] = int(values[0])
     return scores
 
 
