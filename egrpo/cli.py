@@ -313,8 +313,9 @@ def _train(args) -> int:
         n = len(summary["samples"])
         print(f"samples:     {summary['samples'][-1]} ({n} grid{'s' if n != 1 else ''})")
     best = summary.get("best")
-    if best and best.get("checkpoint"):
-        print(f"best:        eval/{best['metric']} = {best['value']:.6g} at step {best['step']}: {best['checkpoint']}")
+    if best and best.get("step") is not None:
+        where = best.get("checkpoint") or "no checkpoint of that step is kept (train.keep_last)"
+        print(f"best:        eval/{best['metric']} = {best['value']:.6g} at step {best['step']}: {where}")
     if summary.get("stopped_by"):
         print(f"stopped by {summary['stopped_by']} at step {summary['step']}; continue with: "
               f"egrpo train --resume {summary['out_dir']}", file=sys.stderr)

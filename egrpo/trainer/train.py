@@ -315,6 +315,15 @@ def sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
+def manifest_step(tag_dir: str) -> Optional[int]:
+    """The step a complete checkpoint holds, from its manifest (None: no checkpoint there, or not complete)."""
+    try:
+        with open(os.path.join(tag_dir, MANIFEST), encoding="utf-8") as f:
+            return int(json.load(f)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def write_manifest(tag_dir: str, step: int) -> None:
     """Sizes and SHA-256 of every file of a checkpoint, written last: a checkpoint without it is incomplete."""
     files = {}
@@ -668,7 +677,25 @@ def set_aside_newer_checkpoints(ckpt_root: str, resumed_tag: str, resumed_step: 
     dest = move_steps_after(ckpt_root, resumed_step)
     if dest is not None:
         write_atomic(os.path.join(ckpt_root, "latest"), resumed_tag)
+    best = os.path.join(ckpt_root, "best")
+    best_step = manifest_step(best)
+    if best_step is not None and best_step > resumed_step:   # the abandoned branch's best: not this run's weights
+        if dest is None:
+            dest = stamped_path(os.path.join(ckpt_root, "abandoned"))
+            os.makedirs(dest)
+        os.replace(best, os.path.join(dest, "best"))
     return dest
+
+
+def best_checkpoint(ckpt_root: str, best_step: Optional[int]) -> Optional[str]:
+    """The checkpoint holding the weights of ``best_step``: ``best`` when it is that step's, else that step's own
+    checkpoint if it is still there (a resume from an older step set the later ``best`` aside), else None."""
+    if best_step is None:
+        return None
+    for tag in ("best", step_tag(best_step)):
+        if manifest_step(os.path.join(ckpt_root, tag)) == best_step:
+            return os.path.join(ckpt_root, tag)
+    return None
 
 
 def holds_run(out_dir: str) -> bool:
@@ -1318,7 +1345,7 @@ def _train(cfg: Config, resume: Optional[str], interrupts: InterruptAtOnce, over
                                "tensorboard": os.path.join(out_dir, "tensorboard") if t.tensorboard else None}
     if evaluator is not None:
         summary["best"] = {"value": evaluator.best_value, "step": evaluator.best_step, "metric": cfg.eval.metric,
-                           "checkpoint": os.path.join(ckpt_root, "best") if evaluator.best_step is not None else None}
+                           "checkpoint": best_checkpoint(ckpt_root, evaluator.best_step) if is_main else None}
     if summary["stopped_by"]:
         summary["checkpoint"] = last_good
     if finished:   # (a signal received in the last step already armed "a second one stops at once")

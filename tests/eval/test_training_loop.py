@@ -118,6 +118,28 @@ def test_resume_keeps_the_best_value(tmp_path):
     assert changed["best"]["step"] == 8 and changed["best"]["value"] == 0.125
 
 
+def test_a_resume_from_an_older_step_sets_the_later_best_aside(tmp_path):
+    """``checkpoints/best`` of steps after the resumed one holds the abandoned branch's weights: it is moved aside
+    with that branch's checkpoints, and the summary names the checkpoint that holds the best step's weights (its
+    step checkpoint), not ``best``."""
+    out = tmp_path / "run"
+    overrides = ["train.steps=6", "train.save_every=2", "eval.every_steps=2", "eval.evaluator=reward",
+                 f"eval.prompts={eval_prompts(tmp_path, ['a red apple'])}", "eval.images_per_prompt=1",
+                 "eval.rewards=[{name: 'tests.eval._scripted:ScriptedReward'}]"]
+    ScriptedReward.values = [0.5, 0.25, 0.75]
+    first = train(small_config(out, *overrides))
+    ckpt = out / "checkpoints"
+    assert first["best"] == {"value": 0.75, "step": 6, "metric": "score", "checkpoint": str(ckpt / "best")}
+    ScriptedReward.values = [0.125]
+    resumed = train(small_config(out, *overrides, "train.steps=4"), resume=str(ckpt / "step_000002"))
+    assert ScriptedReward.values == []
+    assert resumed["best"] == {"value": 0.5, "step": 2, "metric": "score", "checkpoint": str(ckpt / "step_000002")}
+    assert not (ckpt / "best").exists()
+    (abandoned,) = [p for p in ckpt.iterdir() if p.name.startswith("abandoned")]
+    assert sorted(os.listdir(abandoned)) == ["best", "step_000004", "step_000006"]
+    assert torch.load(abandoned / "best" / "trainer_state.pt", weights_only=False)["step"] == 6
+
+
 def test_eval_section_checks(tmp_path):
     prompts = eval_prompts(tmp_path)
     ok = small_config(tmp_path / "r", "eval.every_steps=2", "eval.evaluator=reward", f"eval.prompts={prompts}",
