@@ -64,11 +64,28 @@ def holds_generations(out_dir: str) -> bool:
     return any(holds(name) for name in os.listdir(out_dir))
 
 
+def other_kind_of_folder(path: str) -> Optional[str]:
+    """What ``path`` holds when it is a training run or a model directory (None otherwise)."""
+    def has(name: str) -> bool:
+        return os.path.exists(os.path.join(path, name))
+
+    if has("config.yaml") and any(has(n) for n in ("checkpoints", "metrics.jsonl", "config_history.jsonl")):
+        return "a training run directory"
+    if has("config.json") and any(n.endswith((".safetensors", ".bin", ".pth"))
+                                  for n in (os.listdir(path) if os.path.isdir(path) else [])):
+        return "a model directory"
+    return None
+
+
 def prepare_generation_dir(out_dir: str, overwrite: bool, flag: str = "--out") -> Optional[str]:
     """Refuse an ``out_dir`` that already holds generations unless ``overwrite``; with ``overwrite``, its content
     is moved to ``out_dir/previous-<time>/`` (returned). A path that is a file is refused."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"{flag} {out_dir} is a file; give a directory")
+    kind = other_kind_of_folder(out_dir)
+    if kind:   # (--overwrite would move a run's checkpoints or a model's weights aside)
+        raise UserError(f"{flag} {out_dir} is {kind}, not a folder of generations; give a folder of its own, e.g. "
+                        f"{os.path.join(out_dir, 'generations')}")
     if not holds_generations(out_dir):
         return None
     if not overwrite:

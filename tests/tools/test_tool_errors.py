@@ -28,6 +28,25 @@ def test_generate_refuses_an_out_with_generations_and_overwrite_moves_them_aside
     assert (out / "00000_00.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("kind, files", [
+    ("a training run directory", {"config.yaml": "x: 1\n", "metrics.jsonl": "{}\n", "curves.png": "png"}),
+    ("a model directory", {"config.json": "{}", "model.safetensors": "weights"}),
+])
+def test_generate_refuses_a_run_or_model_directory_as_out_even_with_overwrite(tmp_path, prompts, capsys, kind,
+                                                                                files):
+    """--overwrite moves an --out's content aside: a training run (its checkpoints, metrics) or a model's weights
+    must not be, and --out is not called a folder of generations."""
+    out = tmp_path / "target"
+    out.mkdir()
+    for name, text in files.items():
+        (out / name).write_text(text)
+    for extra in ([], ["--overwrite"]):
+        assert main(["generate", "--prompts", prompts, "--out", str(out), *extra, *TINY]) == 2
+        err = one_line_error(capsys)
+        assert f"--out {out} is {kind}, not a folder of generations" in err and str(out / "generations") in err
+        assert sorted(p.name for p in out.iterdir()) == sorted(files)
+
+
 def test_analyze_refuses_an_existing_out_unless_overwrite(tmp_path, prompts, capsys):
     out = tmp_path / "analysis.jsonl"
     out.write_text('{"old": 1}\n')
