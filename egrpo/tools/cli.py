@@ -184,8 +184,6 @@ def run_analyze(args) -> int:
     moved = prepare_output_file(args.out, args.overwrite)       # checked before the model loads
     if moved:
         print(f"moved the earlier {args.out} to {moved}", file=sys.stderr)
-    if os.path.dirname(args.out):
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
     # records go to <out>.partial, renamed to --out when complete: an interrupted run never blocks the rerun, and
     # its records are kept (an earlier .partial is moved aside first). A stream (/dev/stdout, a pipe) is written
     # directly.
@@ -322,7 +320,8 @@ def run_score(args) -> int:
     if not os.path.isdir(args.images):
         raise UserError(f"--images {args.images}: no such folder; give the folder of images to score "
                         "(e.g. the --out of `egrpo generate`)")
-    moved = prepare_output_file(args.out, args.overwrite) if args.out else None   # before any reward model loads
+    # before any reward model loads (and its folder made: the scores are not lost to a missing folder at the end)
+    moved = prepare_output_file(args.out, args.overwrite, example="scores.jsonl") if args.out else None
     reward_set = build_reward_set(args)
     rows = score_folder(args.images, reward_set, prompt=args.prompt, batch_size=args.batch_size)
     print(format_rows(rows, reward_set.names))

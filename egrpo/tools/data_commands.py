@@ -44,7 +44,8 @@ def run_data_geneval(args) -> int:
     from .validate import prepare_output_file
 
     exclude = load_prompt_file(args.exclude, schema="geneval") if args.exclude else None
-    moved = prepare_output_file(args.out, args.overwrite)   # a prompt file may have been edited by hand
+    # a prompt file may have been edited by hand
+    moved = prepare_output_file(args.out, args.overwrite, example="prompts.jsonl")
     counts = write_geneval_prompts(args.out, args.n, ratio=args.ratio, seed=args.seed, exclude=exclude)
     if moved:
         print(f"kept the previous {args.out} as {moved}")

@@ -101,19 +101,40 @@ def is_stream(path: str) -> bool:
     return special or os.path.abspath(path).startswith(("/dev/", "/proc/"))
 
 
-def prepare_output_file(path: str, overwrite: bool, flag: str = "--out") -> Optional[str]:
+def prepare_output_file(path: str, overwrite: bool, flag: str = "--out",
+                        example: str = "analysis.jsonl") -> Optional[str]:
     """Refuse an existing, non-empty file ``path`` unless ``overwrite``; with ``overwrite`` it is renamed to
-    ``<stem>.previous-<time><ext>`` (returned). A directory is refused."""
+    ``<stem>.previous-<time><ext>`` (returned). A directory is refused (``example``: the file name the message
+    suggests instead). The folder ``path`` goes in is created when missing (a path in it that is a file is
+    refused), so that a long run never fails only when it writes its output."""
     if os.path.isdir(path):
-        raise UserError(f"{flag} {path} is a directory; give a file name such as analysis.jsonl")
+        raise UserError(f"{flag} {path} is a directory; give a file name such as "
+                        f"{os.path.join(path, example)}")
     if is_stream(path):   # /dev/stdout, a named pipe: written in place, nothing to keep
         return None
+    make_parent_dir(path, flag)
     if not os.path.exists(path) or os.path.getsize(path) == 0:   # an empty file (a failed run's) holds nothing
         return None
     if not overwrite:
         raise UserError(f"{flag} {path} already exists; give a new {flag}, or pass --overwrite to keep the old "
                         "file as <name>.previous-<time><ext> and write a new one")
     return move_file_aside(path)
+
+
+def make_parent_dir(path: str, flag: str = "--out") -> None:
+    """Create the folder the output file ``path`` goes in (and its parents) when missing; a path on the way that
+    is a file, or a folder that cannot be created, is a one-line error naming ``flag``."""
+    parent = os.path.dirname(os.path.abspath(path))
+    probe = parent
+    while not os.path.isdir(probe):
+        if os.path.exists(probe):
+            raise UserError(f"{flag} {path}: {probe} is a file, not a folder; give another {flag}")
+        probe = os.path.dirname(probe)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create the folder {parent} ({e.strerror}); give another "
+                        f"{flag}") from None
 
 
 # The CoT phase's flags (egrpo generate / analyze / eval) and their defaults: given without a CoT phase, refused.

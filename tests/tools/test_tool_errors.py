@@ -138,3 +138,25 @@ def test_generate_errors_speak_in_the_commands_flags(tmp_path, prompts, capsys):
         assert main(["generate", "--prompts", prompts, "--out", out, "--model", str(given), *model_free]) == 2
         err = one_line_error(capsys)
         assert "is a training run" in err and hint in err, err
+
+
+def test_score_makes_the_folder_of_its_out_before_scoring(tmp_path, capsys):
+    from egrpo.eval.generation import save_png
+
+    import torch
+
+    images = tmp_path / "imgs"
+    save_png(torch.rand(3, 8, 8), str(images / "a.png"))
+    common = ["score", "--images", str(images), "--prompt", "a red apple", "--reward", "colour"]
+    out = tmp_path / "sc" / "s1.jsonl"                          # its folder does not exist yet
+    assert main([*common, "--out", str(out)]) == 0
+    assert "total" in json.loads(out.read_text().splitlines()[0])
+    capsys.readouterr()
+    # a file where the folder should be: refused before anything is scored (no table printed)
+    assert main([*common, "--out", str(images / "a.png" / "s.jsonl")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "--out" in captured.err and "is a file, not a folder" in captured.err
+    # a directory: the example file name fits the command
+    assert main([*common, "--out", str(tmp_path / "sc")]) == 2
+    err = one_line_error(capsys)
+    assert f"such as {tmp_path / 'sc' / 'scores.jsonl'}" in err and "analysis" not in err
