@@ -21,8 +21,8 @@ from typing import List
 from egrpo.errors import UserError
 
 from .validate import (
-    COT_FLAG_DEFAULTS, check_at_least, check_cot_flags, holds_generations, is_stream, move_file_aside,
-    prepare_generation_dir, prepare_output_file, resolve_device,
+    COT_FLAG_DEFAULTS, check_at_least, check_cot_flags, check_output_dir, holds_generations, is_stream,
+    move_file_aside, prepare_generation_dir, prepare_output_file, resolve_device,
 )
 
 
@@ -31,9 +31,15 @@ def parse_reward_specs(specs: List[str], config_file: str = None) -> List[dict]:
     if config_file:
         import yaml
 
+        if not os.path.isfile(config_file):
+            what = "a directory" if os.path.isdir(config_file) else "no such file"
+            raise UserError(f"--rewards-config {config_file}: {what}; "
+                            "give a YAML/JSON file with a 'rewards' list (e.g. a training config)")
         try:
             with open(config_file, encoding="utf-8") as f:
                 data = yaml.safe_load(f)
+        except OSError as e:
+            raise UserError(f"--rewards-config {config_file}: cannot be read ({e.strerror})") from None
         except yaml.YAMLError as e:
             raise ValueError(f"--rewards-config {config_file}: not valid YAML/JSON ({' '.join(str(e).split())})") from None
         listed = data.get("rewards") if isinstance(data, dict) else data
@@ -218,6 +224,7 @@ def run_plot(args) -> int:
     for path in args.input:
         if not os.path.isfile(path):
             raise UserError(f"{path}: no such file; give the jsonl written by `egrpo analyze --out`")
+    check_output_dir(args.out)                                  # figures go into a folder
     if len(args.input) > 1:
         from .plot_analysis import plot_comparison
 

@@ -267,11 +267,24 @@ def run_wise(args) -> int:
     return 0
 
 
+def _check_folders(args) -> None:
+    """``--images`` and ``--out`` are folders (or can be made): a file given for either is refused before
+    anything is loaded or written."""
+    from .validate import check_output_dir
+
+    if os.path.isfile(args.images):
+        raise EvalError(f"--images {args.images} is a file; give a folder of images (with --model/--tiny: the "
+                        "folder to write them in)")
+    if args.out is not None:
+        check_output_dir(args.out)
+
+
 def run(args) -> int:
     from egrpo.errors import UserError
     from egrpo.rewards.base import MissingDependencyError
 
     try:
+        _check_folders(args)
         return args.eval_func(args)
     except (EvalError, UserError, MissingDependencyError, FileNotFoundError) as e:
         if getattr(args, "debug", False) or os.environ.get("EGRPO_DEBUG", "") not in ("", "0"):

@@ -121,6 +121,18 @@ def prepare_output_file(path: str, overwrite: bool, flag: str = "--out",
     return move_file_aside(path)
 
 
+def check_output_dir(path: str, flag: str = "--out") -> None:
+    """``path`` can be (or already is) an output folder: neither it nor a folder above it is a file (it is
+    created when written)."""
+    probe = os.path.abspath(path)
+    while not os.path.isdir(probe):
+        if os.path.exists(probe):
+            if probe == os.path.abspath(path):
+                raise UserError(f"{flag} {path} is a file; give a folder")
+            raise UserError(f"{flag} {path}: {probe} is a file, not a folder; give another {flag}")
+        probe = os.path.dirname(probe)
+
+
 def make_parent_dir(path: str, flag: str = "--out") -> None:
     """Create the folder the output file ``path`` goes in (and its parents) when missing; a path on the way that
     is a file, or a folder that cannot be created, is a one-line error naming ``flag``."""

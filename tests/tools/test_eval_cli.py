@@ -178,3 +178,22 @@ def test_wise_refuses_more_than_one_image_per_prompt(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "--images-per-prompt 2" in err and "\n" not in err, err
     assert not (tmp_path / "wise").exists()
+
+
+def test_eval_refuses_a_file_for_its_folders_naming_the_flag(tmp_path, capsys):
+    from tests.eval.conftest import write_png
+
+    from tests.tools._cli import one_line_error
+
+    images = tmp_path / "imgs"
+    write_png(images / "a.png")
+    readme = tmp_path / "README.md"
+    readme.write_text("mine\n")
+    assert main(["eval", "ocr", "--images", str(images), "--out", str(readme), "--prompt", '"hi"',
+                 "--no-progress"]) == 2
+    err = one_line_error(capsys)
+    assert err.startswith("egrpo eval ocr: error: --out") and "is a file; give a folder" in err
+    assert main(["eval", "ocr", "--images", str(images), "--out", str(readme / "scores"), "--no-progress"]) == 2
+    assert "is a file, not a folder; give another --out" in one_line_error(capsys)
+    assert main(["eval", "ocr", "--images", str(readme), "--no-progress"]) == 2
+    assert "--images" in one_line_error(capsys) and readme.read_text() == "mine\n"

@@ -160,3 +160,19 @@ def test_score_makes_the_folder_of_its_out_before_scoring(tmp_path, capsys):
     assert main([*common, "--out", str(tmp_path / "sc")]) == 2
     err = one_line_error(capsys)
     assert f"such as {tmp_path / 'sc' / 'scores.jsonl'}" in err and "analysis" not in err
+
+
+def test_a_file_or_folder_flag_given_the_wrong_kind_names_the_flag(tmp_path, capsys):
+    analysis = tmp_path / "a.jsonl"
+    analysis.write_text(json.dumps({"prompt": "a", "reward": 0.5, "image_entropy_mean": 0.1}) + "\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("mine\n")
+    assert main(["plot-analysis", str(analysis), "--out", str(readme)]) == 2
+    assert f"--out {readme} is a file; give a folder" in one_line_error(capsys)
+    assert readme.read_text() == "mine\n"
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for config in (tmp_path / "nope.yaml", images):
+        assert main(["score", "--images", str(images), "--rewards-config", str(config)]) == 2
+        err = one_line_error(capsys)
+        assert f"--rewards-config {config}:" in err and "FileNotFoundError" not in err and "Errno" not in err
