@@ -139,8 +139,8 @@ def _node_peer_before_setup(args) -> bool:
 
 
 def _command_name(args) -> str:
-    """The command as typed: ``train``, ``data check``, ..."""
-    return " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+    """The command as typed: ``train``, ``data check``, ``eval ocr``, ..."""
+    return " ".join(filter(None, (args.command, getattr(args, "data_command", None), getattr(args, "benchmark", None))))
 
 
 def _resumed_run_dir(resume: str):

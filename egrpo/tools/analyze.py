@@ -182,9 +182,14 @@ def analyze(model, tokenizer, prompts: Sequence[str], metadata: Optional[Sequenc
     return records
 
 
-def load_prompts(path: str) -> tuple:
+def load_prompts(path: str, flag: str = "--prompts") -> tuple:
     """Prompts and metadata from a ``.txt`` (one prompt a line), ``.jsonl``/``.json``/``.yaml`` (``{"prompt": ...,
-    **metadata}`` records) file: the trainer's own prompt loader."""
+    **metadata}`` records) file: the trainer's own prompt loader. Its errors name ``flag`` (the command's)."""
     from egrpo.data import load_prompt_file, prompts_and_metadata
+    from egrpo.data.prompts import PromptFileError
+    from egrpo.errors import UserError
 
-    return prompts_and_metadata(load_prompt_file(path))
+    try:
+        return prompts_and_metadata(load_prompt_file(path))
+    except PromptFileError as e:
+        raise UserError(f"{flag} {e}" if str(e).startswith(path) else f"{flag} {path}: {e}") from None

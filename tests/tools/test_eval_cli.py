@@ -197,3 +197,15 @@ def test_eval_refuses_a_file_for_its_folders_naming_the_flag(tmp_path, capsys):
     assert "is a file, not a folder; give another --out" in one_line_error(capsys)
     assert main(["eval", "ocr", "--images", str(readme), "--no-progress"]) == 2
     assert "--images" in one_line_error(capsys) and readme.read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("argv", [["eval", "ocr", "--images"], ["eval", "prefs", "--images"], ["generate", "--out"]])
+def test_a_missing_prompt_file_names_the_command_and_the_flag(tmp_path, capsys, argv):
+    from tests.tools._cli import one_line_error
+
+    nope = tmp_path / "nope.txt"
+    assert main([*argv, str(tmp_path / "imgs"), "--prompts", str(nope), *GEN]) == 2
+    err = one_line_error(capsys)
+    command = " ".join(argv[:-1])
+    assert err.startswith(f"egrpo {command}: error: --prompts {nope}: no such prompt file"), err
+    assert not (tmp_path / "imgs").exists()
