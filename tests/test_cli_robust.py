@@ -56,6 +56,9 @@ def assert_one_line_error(rc, err, *needles):
     ([*BASE, "train.device=cuda"], ["train.device=cuda"]),
     ([*BASE, "train.stepz=3"], ["stepz", "train"]),
     ([*BASE, "data.prompts=null", "data.prompts_file=missing.jsonl"], ["data.prompts_file", "missing.jsonl"]),
+    # the demo lists prompts and builds a tiny model: the message says how to clear the config's value
+    ([*BASE, "data.prompts_file=missing.jsonl"], ["data.prompts_file, not both", "data.prompts=null"]),
+    (["--config", DEMO, "model.path=/no/such/janus"], ["model.tiny, not both", "model.tiny=null"]),
     ([*BASE, "rewards.0.tolerance=abc"], ["rewards[0]", "tolerance must be a number", "'abc'"]),
     ([*BASE, "optim.betas=[0.9,2]"], ["optim.betas", "[0, 1)"]),
     ([*BASE, "optim.eps=-1"], ["optim.eps", "> 0"]),

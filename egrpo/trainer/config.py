@@ -187,7 +187,9 @@ class Config:
                               "layout, or a hub id) "
                               "unless a model.tiny section builds a random model")
         if m.path and m.tiny is not None:
-            raise ConfigError("model: give model.path or model.tiny, not both")
+            raise ConfigError("model: give model.path or model.tiny, not both; to load model.path with a config "
+                              "that has a model.tiny section (configs/demo.yaml), clear it with the override "
+                              "model.tiny=null (or model.path=null to build the tiny model)")
         if model_path_missing(m.path):
             raise ConfigError(f"model.path {m.path!r} does not exist (give a local HF-format directory or a hub "
                               "id such as 'deepseek-ai/Janus-Pro-7B')")
@@ -229,7 +231,9 @@ class Config:
         if not d.prompts and not d.prompts_file:
             raise ConfigError("data: give either data.prompts (a list) or data.prompts_file")
         if d.prompts and d.prompts_file:
-            raise ConfigError("data: give data.prompts or data.prompts_file, not both")
+            raise ConfigError("data: give data.prompts or data.prompts_file, not both; to read data.prompts_file "
+                              "with a config that lists data.prompts, clear the list with the override "
+                              "data.prompts=null (or data.prompts_file=null to use the list)")
         if d.prompts_file and not os.path.exists(d.prompts_file):
             raise ConfigError(f"data.prompts_file {d.prompts_file!r} does not exist")
         if o.lr <= 0:
