@@ -234,7 +234,9 @@ def check_writable(out_dir: str) -> None:
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".egrpo-dry-run-", dir=probe_in))
     except OSError as e:
-        raise ConfigError(f"train.out_dir {out_dir} cannot be written ({probe_in}: {e.strerror}); pick another "
+        from egrpo.outputs import cannot_create
+
+        raise ConfigError(f"train.out_dir {out_dir} cannot be written: {cannot_create(probe_in, e)}; pick another "
                           "train.out_dir") from None
 
 

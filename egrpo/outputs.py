@@ -6,6 +6,7 @@ checkpoints, and by the tools' ``--overwrite`` (generate / analyze / score)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from typing import Iterable
@@ -41,3 +42,16 @@ def write_atomic(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def cannot_create(path: str, error: OSError) -> str:
+    """Why nothing could be made at ``path``, for a message: ``cannot create files in <its nearest existing
+    folder> (<reason>)``. The reason is the error's text, except for "No such file or directory" from a folder
+    that exists (/proc and other special file systems refuse new entries that way)."""
+    where = os.path.abspath(path)
+    while not os.path.isdir(where) and os.path.dirname(where) != where:
+        where = os.path.dirname(where)
+    reason = error.strerror or str(error)
+    if error.errno == errno.ENOENT:
+        reason = "the folder exists but takes no new entries"
+    return f"cannot create files in {where} ({reason})"

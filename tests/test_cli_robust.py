@@ -447,9 +447,14 @@ def test_unwritable_out_dir_is_one_line(capsys):
     assert_one_line_error(rc, err, "train.out_dir", "/proc/egrpo-run", "cannot be created")
     # the dry run finds it too (its probe directory cannot be made in /proc, not even by root)
     rc, out, err = cli(capsys, "train", *BASE, "train.out_dir=/proc/egrpo-run/sub", "--dry-run")
-    assert_one_line_error(rc, err, "train.out_dir /proc/egrpo-run/sub cannot be written", "(/proc:",
-                          "pick another train.out_dir")
+    assert_one_line_error(rc, err, "train.out_dir /proc/egrpo-run/sub cannot be written",
+                          "cannot create files in /proc (", "pick another train.out_dir")
     assert out == ""
+    # /proc/1 exists: its "No such file or directory" (ENOENT from mkdir) is not repeated as if it did not
+    for dry_run in ([], ["--dry-run"]):
+        rc, _, err = cli(capsys, "train", *BASE, "train.out_dir=/proc/1/egrpo-run", *dry_run)
+        assert_one_line_error(rc, err, "cannot create files in /proc/1 (", "takes no new entries")
+        assert "No such file" not in err
 
 
 def test_a_launchers_other_processes_leave_a_startup_error_to_the_first(capsys, tmp_path, monkeypatch):

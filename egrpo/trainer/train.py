@@ -807,7 +807,9 @@ def acquire_run_lock(out_dir: str) -> None:
         os.makedirs(out_dir, exist_ok=True)
         handle = open(os.path.join(out_dir, LOCK_NAME), "a+", encoding="utf-8")
     except OSError as e:
-        raise RunDirError(f"train.out_dir {out_dir!r} cannot be created or written: {e.strerror or e}; "
+        from egrpo.outputs import cannot_create
+
+        raise RunDirError(f"train.out_dir {out_dir!r} cannot be created or written: {cannot_create(out_dir, e)}; "
                           "pick another train.out_dir") from e
     for attempt in range(3):   # (run_lock_owner's brief shared lock, taken by another command, is no owner)
         try:
