@@ -164,6 +164,11 @@ def run_config(args):
     if getattr(args, "allow_changes", False) and args.resume is None:
         raise ConfigError("--allow-changes applies to a resume only (it lets --resume change settings); a new run "
                           "takes its settings from --config as they are")
+    if args.resume is not None and os.path.isfile(args.resume):
+        folder = os.path.dirname(args.resume) or "."
+        hint = f", e.g. --resume {folder}" if _resumed_run_dir(folder) is not None else ""
+        raise ConfigError(f"--resume {args.resume} is a file; --resume takes a run directory (an earlier "
+                          f"train.out_dir), its checkpoints/ directory or one checkpoint directory{hint}")
     run_dir = _resumed_run_dir(args.resume) if args.resume is not None else None
     keep_run_dir = [] if run_dir is None or any(o.strip().startswith("train.out_dir=") for o in args.overrides) \
         else [f"train.out_dir={run_dir}"]

@@ -98,3 +98,16 @@ def test_allow_changes_without_resume_is_refused():
     a.allow_changes = True
     with pytest.raises(ConfigError, match="--allow-changes applies to a resume only"):
         run_config(a)
+
+
+@pytest.mark.parametrize("config", [None, DEMO])
+def test_resume_of_a_file_says_it_takes_a_directory(run_dir, config):
+    from egrpo.errors import ConfigError
+
+    given = run_dir / "checkpoints" / "step_000002" / "config.yaml"
+    given.write_text("{}\n")
+    with pytest.raises(ConfigError) as e:
+        run_config(args(config, str(given)))
+    message = str(e.value)
+    assert "is a file; --resume takes a run directory" in message and "checkpoint directory" in message
+    assert f"--resume {run_dir / 'checkpoints' / 'step_000002'}" in message and "give --config" not in message
