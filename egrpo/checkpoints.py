@@ -364,6 +364,9 @@ def _check_shard_size(max_shard_size) -> None:
 def convert_checkpoint(src: str, dst: str, to: str = "auto", max_shard_size="5GB") -> str:
     """Convert the checkpoint directory ``src`` into ``dst`` (``to`` = "hf", "original" or "auto": the other
     layout). Weights are written as safetensors; tokenizer/processor files are copied. Returns the layout written."""
+    if not os.path.isdir(src):
+        what = " is a file" if os.path.exists(src) else ": no such directory"
+        raise CheckpointFormatError(f"{src}{what}; give a Janus(-Pro) checkpoint directory")
     if not os.path.isfile(os.path.join(src, "config.json")):
         raise CheckpointFormatError(f"{src}: no config.json; give a Janus(-Pro) checkpoint directory")
     original = is_original_dir(src)

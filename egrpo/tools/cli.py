@@ -139,21 +139,31 @@ def _check_model_dir(path: str) -> None:
                         "original layout)")
     if os.path.isfile(os.path.join(path, "config.json")):
         return
+    run = training_run_of(path)
+    if run is not None:
+        here = os.path.abspath(path)
+        export = os.path.join(run, "hf")
+        one_checkpoint = os.path.dirname(here) == os.path.join(run, "checkpoints")
+        if one_checkpoint:   # best or an older step: hf/ holds other (the final) weights
+            hint = f"export it first: egrpo export {path} --out <dir>, then --model <dir>"
+        elif os.path.isfile(os.path.join(export, "config.json")):
+            hint = (f"give its exported final model, --model {export} (another checkpoint: egrpo export "
+                    f"{os.path.join(run, 'checkpoints', '<name>')} --out <dir>)")
+        else:
+            hint = ("its model is exported to <run>/hf when training ends (train.export_hf), or by "
+                    f"egrpo export {path} --out <dir>")
+        raise UserError(f"--model {path} is a training run (or one of its checkpoints), not a model directory; "
+                        f"{hint}")
+
+
+def training_run_of(path: str):
+    """The training run (``config.yaml`` + ``checkpoints/``) that ``path`` is, or whose ``checkpoints/`` or one
+    checkpoint ``path`` is; None when it is none of them."""
     here = os.path.abspath(path)
     for run in (here, os.path.dirname(here), os.path.dirname(os.path.dirname(here))):
         if os.path.isdir(os.path.join(run, "checkpoints")) and os.path.isfile(os.path.join(run, "config.yaml")):
-            export = os.path.join(run, "hf")
-            one_checkpoint = os.path.dirname(here) == os.path.join(run, "checkpoints")
-            if one_checkpoint:   # best or an older step: hf/ holds other (the final) weights
-                hint = f"export it first: egrpo export {path} --out <dir>, then --model <dir>"
-            elif os.path.isfile(os.path.join(export, "config.json")):
-                hint = (f"give its exported final model, --model {export} (another checkpoint: egrpo export "
-                        f"{os.path.join(run, 'checkpoints', '<name>')} --out <dir>)")
-            else:
-                hint = ("its model is exported to <run>/hf when training ends (train.export_hf), or by "
-                        f"egrpo export {path} --out <dir>")
-            raise UserError(f"--model {path} is a training run (or one of its checkpoints), not a model directory; "
-                            f"{hint}")
+            return run
+    return None
 
 
 def _load_model(args, **changes):

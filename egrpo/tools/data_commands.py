@@ -9,7 +9,14 @@ import sys
 
 def run_convert(args) -> int:
     from egrpo.checkpoints import convert_checkpoint
+    from egrpo.errors import UserError
 
+    from .cli import training_run_of
+
+    if os.path.isdir(args.src) and not os.path.isfile(os.path.join(args.src, "config.json")) \
+            and training_run_of(args.src) is not None:
+        raise UserError(f"{args.src} is a training run (or one of its checkpoints), not a model directory; write its "
+                        f"model with egrpo export {args.src} --out <dir> (--format hf or original)")
     layout = convert_checkpoint(args.src, args.dst, to=args.to, max_shard_size=args.max_shard_size)
     print(f"wrote {args.dst} ({'transformers' if layout == 'hf' else 'original Janus'} layout)")
     return 0
@@ -20,6 +27,7 @@ def run_export(args) -> int:
     from egrpo.outputs import stamped_path
     from egrpo.trainer.export import export_checkpoint
 
+    _check_exportable(args.checkpoint)
     out = os.path.normpath(args.out)
     previous = None
     if os.path.exists(out):
@@ -36,6 +44,19 @@ def run_export(args) -> int:
         print(f"kept the previous {out} as {previous}")
     print(f"wrote {out} from {used}")
     return 0
+
+
+def _check_exportable(path: str) -> None:
+    """``egrpo export``'s checkpoint argument, before the checkpoint search: a model directory (nothing to export)
+    is named as such."""
+    from egrpo.errors import UserError
+
+    if not os.path.isdir(path):
+        return   # (a missing path, a file: the checkpoint search names them)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"{path} is already a model directory (config.json + weights), not a training checkpoint; "
+                        f"give it to generate / eval as it is (--model {path}), or change its layout with egrpo "
+                        f"convert {path} <dir>")
 
 
 def run_data_geneval(args) -> int:

@@ -172,7 +172,10 @@ def test_cli_convert(dirs, tmp_path, capsys):
     from egrpo.cli import main
 
     assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "out2")]) == 2
-    assert "config.json" in capsys.readouterr().err
+    assert "missing: no such directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["convert", str(tmp_path / "empty"), str(tmp_path / "out2")]) == 2
+    assert "no config.json" in capsys.readouterr().err
     # A bad shard size names the option, and nothing is written (it used to fail in huggingface_hub's writer with
     # "Unit 'NA' not supported", after config.json was already in the output directory).
     rc = main(["convert", original, str(tmp_path / "out3"), "--max-shard-size", "banana"])

@@ -40,3 +40,23 @@ def test_generate_and_analyze_from_hf_and_original_dirs(model_dirs, tmp_path):
                  "--prompts", str(prompts), "--no-progress", "--cots", "0", "--images", "2", "--reward", "colour",
                  "--out", str(out)]) == 0
     assert len(out.read_text().splitlines()) == 2
+
+
+def test_convert_and_export_name_what_they_were_given(model_dirs, tmp_path, capsys):
+    from tests.tools._cli import one_line_error
+
+    assert main(["convert", str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
+    err = one_line_error(capsys)
+    assert "nope: no such directory" in err and "config.json" not in err
+    run = tmp_path / "run"                                 # a training run and one of its checkpoints
+    (run / "checkpoints" / "step_000002").mkdir(parents=True)
+    (run / "config.yaml").write_text("{}\n")
+    for given in (run, run / "checkpoints" / "step_000002"):
+        assert main(["convert", str(given), str(tmp_path / "x")]) == 2
+        err = one_line_error(capsys)
+        assert "is a training run" in err and f"egrpo export {given} --out" in err
+    # a model directory (a run's hf/ export, a downloaded model) has nothing to export
+    assert main(["export", str(model_dirs / "hf"), "--out", str(tmp_path / "y")]) == 2
+    err = one_line_error(capsys)
+    assert "already a model directory" in err and f"--model {model_dirs / 'hf'}" in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
