@@ -48,7 +48,7 @@ def run_export(args) -> int:
 
 def _check_exportable(path: str) -> None:
     """``egrpo export``'s checkpoint argument, before the checkpoint search: a model directory (nothing to export)
-    is named as such."""
+    and a run that has not saved a checkpoint yet are named as such."""
     from egrpo.errors import UserError
 
     if not os.path.isdir(path):
@@ -57,6 +57,17 @@ def _check_exportable(path: str) -> None:
         raise UserError(f"{path} is already a model directory (config.json + weights), not a training checkpoint; "
                         f"give it to generate / eval as it is (--model {path}), or change its layout with egrpo "
                         f"convert {path} <dir>")
+    run = os.path.dirname(os.path.abspath(path)) if os.path.basename(os.path.abspath(path)) == "checkpoints" else path
+    if not os.path.isfile(os.path.join(run, "config.yaml")) or os.path.isfile(os.path.join(run, "manifest.json")):
+        return   # not a run directory or its checkpoints/ (one checkpoint, something else)
+    from egrpo.trainer.train import _checkpoint_root, run_lock_owner
+
+    if _checkpoint_root(run) is None:
+        owner = run_lock_owner(run)
+        when = (f"it is still training ({owner}); export it after its first save" if owner is not None else
+                "it stopped before its first save")
+        raise UserError(f"{path}: the run has no checkpoint yet ({when}; a checkpoint is saved every "
+                        "train.save_every steps and when training ends or is stopped)")
 
 
 def run_data_geneval(args) -> int:

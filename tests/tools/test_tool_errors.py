@@ -176,3 +176,17 @@ def test_a_file_or_folder_flag_given_the_wrong_kind_names_the_flag(tmp_path, cap
         assert main(["score", "--images", str(images), "--rewards-config", str(config)]) == 2
         err = one_line_error(capsys)
         assert f"--rewards-config {config}:" in err and "FileNotFoundError" not in err and "Errno" not in err
+
+
+def test_export_of_a_run_without_a_checkpoint_says_so(tmp_path, capsys):
+    run = tmp_path / "run"                 # a run stopped before its first save: config.yaml, no checkpoint
+    run.mkdir()
+    (run / "config.yaml").write_text("{}\n")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    for given in (run, run / "checkpoints"):
+        if given.name == "checkpoints":
+            given.mkdir()
+        assert main(["export", str(given), "--out", str(tmp_path / "m")]) == 2
+        err = one_line_error(capsys)
+        assert "the run has no checkpoint yet" in err and "train.save_every" in err and "expected a run" not in err
+    assert not (tmp_path / "m").exists()
