@@ -267,10 +267,23 @@ def check_run_dir(cfg, args) -> str:
             + (f"changes: {'; '.join(changes)})" if changes else "no setting changes)"))
 
 
+def _note_overwrite_on_resume(cfg, args) -> None:
+    """``--overwrite`` with ``--resume``: it moves aside a run that ``train.out_dir=...`` names in another
+    directory (a fork over it); into the resumed run's own directory it moves nothing, which is said rather than
+    left silent."""
+    if not (args.overwrite and args.resume is not None) or os.environ.get("RANK", "0") not in ("", "0"):
+        return
+    run_dir = _resumed_run_dir(args.resume)
+    if run_dir is not None and os.path.realpath(run_dir) == os.path.realpath(cfg.train.out_dir):
+        print(f"egrpo train: note: --overwrite moves nothing here: the run resumes in its own directory {run_dir} "
+              "(with --resume it only moves aside a run in another train.out_dir=...)", file=sys.stderr)
+
+
 def _train(args) -> int:
     import signal
 
     cfg = run_config(args)
+    _note_overwrite_on_resume(cfg, args)
     if args.dry_run:
         return dry_run(cfg, args)
     import torch.distributed as dist

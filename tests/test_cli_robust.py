@@ -604,6 +604,10 @@ def test_a_resume_into_another_runs_directory_is_refused(capsys, base_run, tmp_p
     rc, _, err = cli(capsys, "train", "--resume", a, "train.steps=3", "--overwrite")
     assert rc == 0, err
     assert not [p for p in os.listdir(a) if p.startswith("previous-")]
+    assert "note: --overwrite moves nothing here" in err           # said, not silently ignored
+    rc, _, err = cli(capsys, "train", "--resume", a, "train.steps=4", f"train.out_dir={a}", "--overwrite",
+                     "--dry-run")
+    assert rc == 0 and "--overwrite moves nothing" in err, err
     assert [r["step"] for r in read_metrics(str(a / "metrics.jsonl"))] == [1, 2, 3]
     history = [json.loads(line) for line in open(a / "config_history.jsonl")]
     assert [h["event"] for h in history] == ["start", "resume"]
