@@ -136,6 +136,31 @@ def _report(summary: dict, args=None) -> None:
         print(f.read().rstrip())
     for kind, path in summary["files"].items():
         print(f"{kind}: {path}")
+    _check_something_scored(summary)
+
+
+def _check_something_scored(summary: dict) -> None:
+    """`EvalError` (exit code 2) when every image failed (for prefs: every image of some metric): a summary of
+    no score is not a result. The message gives the first failure's reason; the results and summary files stay."""
+    from egrpo.eval.io import ResultStore
+
+    scored, failed = summary.get("scored"), summary.get("failed")
+    if isinstance(scored, dict):   # prefs: per metric
+        empty = [(m, failed.get(m, 0), summary["files"].get(f"results.{m}")) for m, n in scored.items()
+                 if n == 0 and failed.get(m, 0)]
+    else:
+        empty = [(None, failed, summary["files"].get("results"))] if scored == 0 and failed else []
+    if not empty:
+        return
+    metric, count, path = empty[0]
+    first = ""
+    if path and os.path.isfile(path):
+        failures = ResultStore(os.path.dirname(path), os.path.basename(path)).failures()
+        if failures:
+            first = f", the first: {failures[0]['key']}: {failures[0].get('error', '?')}"
+    what = f"{metric}: " if metric else ""
+    raise EvalError(f"{what}no image was scored: all {count} failed{first} (every failure is recorded in "
+                    f"{path}; fix the cause and rerun to score them)")
 
 
 def run_geneval(args) -> int:

@@ -209,3 +209,20 @@ def test_a_missing_prompt_file_names_the_command_and_the_flag(tmp_path, capsys, 
     command = " ".join(argv[:-1])
     assert err.startswith(f"egrpo {command}: error: --prompts {nope}: no such prompt file"), err
     assert not (tmp_path / "imgs").exists()
+
+
+def test_eval_where_every_image_failed_exits_2_with_the_reason_and_keeps_the_files(tmp_path, capsys):
+    from tests.eval.conftest import write_png
+
+    from tests.tools._cli import one_line_error
+
+    images = tmp_path / "imgs"
+    for name in ("a.png", "b.png"):
+        write_png(images / name)
+    # no prompt quotes any text: nothing to read
+    assert main(["eval", "ocr", "--images", str(images), "--prompt", "a red apple", "--no-progress"]) == 2
+    err = one_line_error(capsys)
+    assert "no image was scored: all 2 failed" in err and "a.png" in err and "no text in double quotes" in err
+    summary = summary_of(images, "ocr")
+    assert summary["scored"] == 0 and summary["failed"] == 2
+    assert len((images / "scores" / "ocr" / "results.jsonl").read_text().splitlines()) == 2
