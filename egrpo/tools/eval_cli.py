@@ -41,6 +41,9 @@ def _add_common(p, prompts_help: str, prompts_required: bool = False):
     p.add_argument("--prompts", default=None, required=prompts_required, help=prompts_help)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out holds scores: move them into <out>/previous-<time>/ and score afresh (needed to score "
+                        "another image folder into it; the images are never touched)")
     g = p.add_argument_group("generation (optional; needs --prompts)")
     g.add_argument("--model", default=None, help="local HF-format Janus-Pro directory to generate the images with")
     g.add_argument("--tiny", default=None, help="JSON overrides of a tiny random Janus instead of --model (tests)")
@@ -181,6 +184,7 @@ def run_geneval(args) -> int:
     read_layout(args.images)                  # a bad folder is reported before any model is loaded
     detector = Mask2FormerDetector(args.detector, device=device)
     colours = ClipColourClassifier(args.clip, device=device)
+    _claim_scores_folder(args)
     _report(evaluate_geneval(args.images, _out(args), detector, colours, show_progress=not args.no_progress), args)
     return 0
 
@@ -203,6 +207,7 @@ def run_compbench(args) -> int:
         scorer = BlipVqaScorer(args.blip, chunker=spacy_chunker(args.spacy_model), device=device)
     else:
         scorer = ClipCosineScorer(args.clip, device=device)
+    _claim_scores_folder(args)
     summary = evaluate_compbench(args.category, args.images, _out(args), scorer, show_progress=not args.no_progress)
     _report(summary, args)
     return 0
@@ -237,6 +242,7 @@ def run_prefs(args) -> int:
     paths = {k: getattr(args, k) for k in ("hps", "hps_tokenizer", "pickscore", "pickscore_processor", "clip",
                                             "aesthetic_head", "imagereward", "imagereward_med_config")}
     scorers = {m: build_scorer(m, paths, device) for m in metrics}
+    _claim_scores_folder(args)
     summary = evaluate_prefs(args.images, _out(args), scorers, prompt=args.prompt, show_progress=not args.no_progress)
     _report(summary, args)
     return 0
@@ -249,6 +255,7 @@ def run_ocr(args) -> int:
     _device(args)
     _generate_plain(args, default_n=1)
     folder_items(args.images, args.prompt)
+    _claim_scores_folder(args)
     _report(evaluate_ocr(args.images, _out(args), prompt=args.prompt, show_progress=not args.no_progress), args)
     return 0
 
@@ -288,6 +295,7 @@ def run_wise(args) -> int:
     if _wants_generation(args):
         jobs = [(row["Prompt"], [os.path.join(args.images, f"{int(row['prompt_id'])}.png")]) for row in prompts]
         _generate(args, jobs, 1)
+    _claim_scores_folder(args)
     _report(evaluate_wise(args.images, _out(args), prompts, judge, show_progress=not args.no_progress), args)
     return 0
 
@@ -304,12 +312,78 @@ def _check_folders(args) -> None:
         check_output_dir(args.out)
 
 
+# Written into a scores folder (--out): the image folder its results score.
+IMAGES_RECORD = "image_folder.json"
+
+
+def _holds_scores(out: str) -> bool:
+    return os.path.isdir(out) and any(name.startswith("results") and name.endswith(".jsonl")
+                                      and os.path.getsize(os.path.join(out, name)) > 0 for name in os.listdir(out))
+
+
+def _scored_folder_of(out: str):
+    """The image folder (absolute, real path) whose scores ``out`` holds: from its `IMAGES_RECORD`, or for
+    scores written before that record, from the image paths in its results where they still resolve; None
+    when unknown."""
+    import json
+
+    try:
+        with open(os.path.join(out, IMAGES_RECORD), encoding="utf-8") as f:
+            return os.path.realpath(json.load(f)["images"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    for name in sorted(os.listdir(out)):
+        if not (name.startswith("results") and name.endswith(".jsonl")):
+            continue
+        with open(os.path.join(out, name), encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                    path, key = record["path"], record["key"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if isinstance(path, str) and isinstance(key, str) and path.endswith(key) and os.path.isfile(path):
+                    return os.path.realpath(path[:len(path) - len(key)] or ".")
+    return None
+
+
+def _check_scores_folder(args) -> None:
+    """The scores folder (``--out``) belongs to one image folder: scoring another image folder into one that holds
+    results is refused unless ``--overwrite`` (checked before anything loads; see `_claim_scores_folder`). Scores
+    inside the image folder (the default ``--out``) whose recorded folder no longer exists moved with it."""
+    out, images = _out(args), os.path.realpath(args.images)
+    if args.overwrite or not _holds_scores(out):
+        return
+    scored = _scored_folder_of(out)
+    inside = os.path.realpath(out).startswith(images + os.sep)
+    if scored is not None and scored != images and (not inside or os.path.isdir(scored)):
+        raise EvalError(f"--out {out} holds the scores of another image folder ({scored}); give a new --out, "
+                        f"or pass --overwrite to move them into {os.path.join(out, 'previous-<time>')}/")
+
+
+def _claim_scores_folder(args) -> None:
+    """Right before scoring: with ``--overwrite`` the earlier scores in ``--out`` are moved into
+    ``<out>/previous-<time>/`` (a fresh scoring); the image folder is recorded in `IMAGES_RECORD`."""
+    import json
+
+    from egrpo.outputs import move_contents_aside
+
+    out = _out(args)
+    if args.overwrite and _holds_scores(out):
+        print(f"moved the earlier scores in {out} to {move_contents_aside(out)}", file=sys.stderr)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, IMAGES_RECORD), "w", encoding="utf-8") as f:
+        json.dump({"images": os.path.realpath(args.images)}, f)
+        f.write("\n")
+
+
 def run(args) -> int:
     from egrpo.errors import UserError
     from egrpo.rewards.base import MissingDependencyError
 
     try:
         _check_folders(args)
+        _check_scores_folder(args)
         return args.eval_func(args)
     except (EvalError, UserError, MissingDependencyError, FileNotFoundError) as e:
         if getattr(args, "debug", False) or os.environ.get("EGRPO_DEBUG", "") not in ("", "0"):

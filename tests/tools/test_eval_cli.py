@@ -226,3 +226,32 @@ def test_eval_where_every_image_failed_exits_2_with_the_reason_and_keeps_the_fil
     summary = summary_of(images, "ocr")
     assert summary["scored"] == 0 and summary["failed"] == 2
     assert len((images / "scores" / "ocr" / "results.jsonl").read_text().splitlines()) == 2
+
+
+def test_eval_refuses_scoring_another_image_folder_into_a_scores_folder(tmp_path, capsys):
+    from tests.eval.conftest import write_png
+
+    from tests.tools._cli import one_line_error
+
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "scores"
+    write_png(a / "1.png")
+    write_png(b / "2.png", rgb=(0, 0, 255))
+    common = ["eval", "ocr", "--out", str(out), "--prompt", 'a sign that says "hi"', "--no-progress"]
+    assert main([*common, "--images", str(a)]) == 0
+    assert json.loads((out / "image_folder.json").read_text()) == {"images": str(a.resolve())}
+    results = (out / "results.jsonl").read_text()
+    capsys.readouterr()
+    assert main([*common, "--images", str(b)]) == 2
+    err = one_line_error(capsys)
+    assert f"--out {out} holds the scores of another image folder ({a.resolve()})" in err and "--overwrite" in err
+    assert (out / "results.jsonl").read_text() == results                  # not appended to
+    assert main([*common, "--images", str(a)]) == 0                         # the same folder: resumes
+    assert main([*common, "--images", str(b), "--overwrite"]) == 0          # the earlier scores are moved aside
+    (previous,) = out.glob("previous-*")
+    assert (previous / "results.jsonl").read_text() == results
+    assert [json.loads(line)["key"] for line in (out / "results.jsonl").read_text().splitlines()] == ["2.png"]
+    # a folder moved with its own scores (the default --out inside it) still resumes there
+    assert main(["eval", "ocr", "--images", str(b), "--prompt", 'a sign that says "hi"', "--no-progress"]) == 0
+    b.rename(tmp_path / "b2")
+    assert main(["eval", "ocr", "--images", str(tmp_path / "b2"), "--prompt", 'a sign that says "hi"',
+                 "--no-progress"]) == 0
