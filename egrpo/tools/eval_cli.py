@@ -391,9 +391,20 @@ def run(args) -> int:
         print(f"egrpo eval {args.benchmark}: error: {e} (--debug shows the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\negrpo eval {args.benchmark}: interrupted; finished scores are kept in {_out(args)} "
-              "(rerun the same command to resume)", file=sys.stderr)
+        print(f"\negrpo eval {args.benchmark}: interrupted; {_what_is_kept(args)}", file=sys.stderr)
         return 130
+
+
+def _what_is_kept(args) -> str:
+    """What an interrupted evaluation leaves to resume from: scores, generated images, or nothing yet."""
+    if _holds_scores(_out(args)):
+        rerun = "rerun it without --overwrite" if args.overwrite else "rerun the same command"
+        return f"finished scores are kept in {_out(args)} ({rerun} to resume)"
+    if (args.model is not None or args.tiny is not None) and os.path.isdir(args.images) \
+            and any(os.scandir(args.images)):
+        return (f"nothing was scored yet; what was generated is kept in {args.images} (rerun the same command to "
+                "resume)")
+    return "nothing was scored or written yet"
 
 
 def add_eval_subcommand(subparsers) -> None:

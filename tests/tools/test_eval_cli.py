@@ -255,3 +255,24 @@ def test_eval_refuses_scoring_another_image_folder_into_a_scores_folder(tmp_path
     b.rename(tmp_path / "b2")
     assert main(["eval", "ocr", "--images", str(tmp_path / "b2"), "--prompt", 'a sign that says "hi"',
                  "--no-progress"]) == 0
+
+
+def test_ctrl_c_before_any_score_does_not_claim_scores_were_kept(tmp_path, capsys, monkeypatch):
+    import egrpo.eval.ocr
+    from tests.eval.conftest import write_png
+
+    images = tmp_path / "imgs"
+    write_png(images / "a.png")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(egrpo.eval.ocr, "evaluate_ocr", interrupted)     # e.g. while the OCR engine loads
+    assert main(["eval", "ocr", "--images", str(images), "--prompt", '"hi"', "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; nothing was scored or written yet" in err and "kept" not in err
+    monkeypatch.undo()
+    assert main(["eval", "ocr", "--images", str(images), "--prompt", '"hi"', "--no-progress"]) == 0
+    monkeypatch.setattr(egrpo.eval.ocr, "evaluate_ocr", interrupted)
+    assert main(["eval", "ocr", "--images", str(images), "--prompt", '"hi"', "--no-progress"]) == 130
+    assert f"finished scores are kept in {images / 'scores' / 'ocr'}" in capsys.readouterr().err
