@@ -64,7 +64,8 @@ def check_generation_settings(folder: str, settings: dict, jobs: Sequence[Tuple[
                               flag: str = "--images", what_to_do: Optional[str] = None) -> None:
     """Refuse to add images to ``folder`` (by `generate_missing`, which keeps the images already there) when
     they would not all come from the same ``settings``: `EvalError` when the folder's `SETTINGS_FILE` records
-    other settings (the message names each), or when some job's image already exists without such a record.
+    other settings (the message names each), or when the folder is not empty (some job's image already exists,
+    or any other file) without such a record.
 
     ``settings``: plain JSON values (model path, seed, sampling options, ``prompts``: `prompts_digest`, ...).
     ``what_to_do``: the advice ending each message (default: the evaluation commands')."""
@@ -75,6 +76,10 @@ def check_generation_settings(folder: str, settings: dict, jobs: Sequence[Tuple[
         if any(os.path.exists(p) for _, paths in jobs for p in paths):
             raise EvalError(f"{flag} {folder} already holds images but no {SETTINGS_FILE} saying how they were "
                             f"generated, so they cannot be resumed safely; {what_to_do}")
+        entries = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        if entries:   # (a training run's samples/, a folder of other files: new images would mix with them)
+            raise EvalError(f"{flag} {folder} is not empty (e.g. {entries[0]}) and has no {SETTINGS_FILE} saying how "
+                            f"its content was generated, so no images are generated into it; {what_to_do}")
         return
     try:
         with open(path, encoding="utf-8") as f:

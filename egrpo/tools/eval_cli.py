@@ -3,7 +3,8 @@
 With ``--model DIR`` (or ``--tiny JSON``) the images are generated into ``--images`` in the benchmark's layout
 (skipping those already there), then scored. The generation settings are recorded in
 ``<images>/generation_settings.json``; a later ``--model``/``--tiny`` run into the same folder with other settings
-is refused (the images there would not be the ones asked for). Scores go to ``--out`` (default
+is refused (the images there would not be the ones asked for), as is one into a non-empty folder without that
+record. Scores go to ``--out`` (default
 ``<images>/scores/<benchmark>``): ``results*.jsonl`` (per image, resumable), ``summary.json`` and ``summary.md``.
 """
 

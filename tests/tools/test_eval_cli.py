@@ -276,3 +276,22 @@ def test_ctrl_c_before_any_score_does_not_claim_scores_were_kept(tmp_path, capsy
     monkeypatch.setattr(egrpo.eval.ocr, "evaluate_ocr", interrupted)
     assert main(["eval", "ocr", "--images", str(images), "--prompt", '"hi"', "--no-progress"]) == 130
     assert f"finished scores are kept in {images / 'scores' / 'ocr'}" in capsys.readouterr().err
+
+
+def test_eval_refuses_generating_into_a_non_empty_folder_without_a_record(tmp_path, capsys):
+    from tests.eval.conftest import write_png
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text('a sign that says "hi"\n')
+    samples = tmp_path / "run" / "samples"              # a training run's sample grids: not the eval's file names
+    write_png(samples / "step_000002.png")
+    (tmp_path / "analysis").mkdir()
+    (tmp_path / "analysis" / "a.jsonl").write_text("{}\n")
+    for folder in (samples, tmp_path / "analysis"):
+        before = sorted(p.name for p in folder.iterdir())
+        assert main(["eval", "ocr", "--images", str(folder), "--prompts", str(prompts), *GEN]) == 2
+        err = capsys.readouterr().err
+        assert "is not empty" in err and "generation_settings.json" in err and "leave out --model/--tiny" in err
+        assert sorted(p.name for p in folder.iterdir()) == before                    # nothing written there
+    # scoring the folder as it is stays allowed
+    assert main(["eval", "ocr", "--images", str(samples), "--prompt", 'a sign that says "hi"', "--no-progress"]) == 0
