@@ -127,10 +127,37 @@ def _record_settings(summary: dict, args) -> None:
 
     settings = {k: v for k, v in vars(args).items() if k not in ("func", "eval_func", "command", "local_rank")
                 and isinstance(v, (str, int, float, bool, type(None)))}
+    if args.model is None and args.tiny is None:
+        # scoring only: the generation flags were not used (their defaults say nothing about these images); how
+        # the images were made is what the folder recorded when `egrpo eval --model` / `egrpo generate` made them
+        for flag in GENERATION_FLAGS:
+            settings.pop(flag, None)
+        settings.update(_recorded_generation(args.images))
     summary["settings"] = settings
     with open(summary["files"]["json"], "w", encoding="utf-8") as f:
         json.dump({k: v for k, v in summary.items() if k != "files"}, f, indent=2)
         f.write("\n")
+
+
+# The generation flags of `_add_common` (recorded in summary.json only when they were used: --model/--tiny).
+GENERATION_FLAGS = ("model", "tiny", "dtype", "images_per_prompt", "cfg_scale", "temperature", "top_k", "cot",
+                    "cot_max_tokens", "cot_template", "cot_temperature", "seed")
+
+
+def _recorded_generation(images: str) -> dict:
+    """``{"generation": <the folder's generation_settings.json>, "generation_read_from": its path}``, or {} when
+    the folder records none (or an unreadable one)."""
+    import json
+
+    from egrpo.eval.generation import SETTINGS_FILE
+
+    path = os.path.join(images, SETTINGS_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return {"generation": recorded, "generation_read_from": path} if isinstance(recorded, dict) else {}
 
 
 def _report(summary: dict, args=None) -> None:

@@ -295,3 +295,19 @@ def test_eval_refuses_generating_into_a_non_empty_folder_without_a_record(tmp_pa
         assert sorted(p.name for p in folder.iterdir()) == before                    # nothing written there
     # scoring the folder as it is stays allowed
     assert main(["eval", "ocr", "--images", str(samples), "--prompt", 'a sign that says "hi"', "--no-progress"]) == 0
+
+
+def test_a_score_only_rerun_records_how_the_images_were_made_not_the_flag_defaults(tmp_path):
+    prompts = tmp_path / "ocr.txt"
+    prompts.write_text('a sign that says "hello"\n')
+    images = tmp_path / "ocr"
+    assert main(["eval", "ocr", "--images", str(images), "--prompts", str(prompts), "--seed", "3", "--cfg-scale", "2",
+                 *GEN]) == 0
+    settings = summary_of(images, "ocr")["settings"]
+    assert settings["seed"] == 3 and settings["cfg_scale"] == 2.0 and settings["tiny"] == "{}"
+    assert main(["eval", "ocr", "--images", str(images), "--no-progress"]) == 0        # scores again, no --model
+    settings = summary_of(images, "ocr")["settings"]
+    assert not set(settings) & {"model", "tiny", "seed", "cfg_scale", "dtype", "temperature"}, settings
+    assert settings["generation"]["seed"] == 3 and settings["generation"]["cfg_scale"] == 2.0
+    assert settings["generation"]["tiny"] == "{}"
+    assert settings["generation_read_from"] == str(images / "generation_settings.json")
