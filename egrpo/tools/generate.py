@@ -75,8 +75,9 @@ def generate(model, tokenizer, prompts: Sequence[str], out_dir: str, rollout_cfg
     out = None   # opened with the first new image: a run that fails before it leaves no generations behind
     todo = [k for k in range(len(prompts)) if k not in done]
     try:
-        for k in tqdm(todo, desc="generate", unit="prompt", disable=not progress, initial=len(done),
-                      total=len(prompts)):
+        # (the bar counts what this run generates: a resume's finished prompts are not in it)
+        for k in tqdm(todo, desc="generate" if not done else f"generate ({len(done)} prompts done before)",
+                      unit="prompt", disable=not progress, total=len(todo)):
             prompt = prompts[k]
             generator = torch.Generator(device=device).manual_seed(seed + k)
             ro = rollout(model, tokenizer, [prompt], cfg, generator, engine)

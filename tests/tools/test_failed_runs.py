@@ -382,3 +382,16 @@ def test_analyze_writes_to_a_stream_in_place(tmp_path, prompts, capsys):
     captured = capsys.readouterr()
     assert f"wrote 2 records to {fifo}" in captured.err and "wrote" not in captured.out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.txt", "records.pipe"]
+
+
+def test_a_resumed_generate_counts_only_the_prompts_it_generates(tmp_path, capsys, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red apple\na red car\na red rose\n")
+    common = ["generate", "--prompts", str(prompts), "--out", str(tmp_path / "gen"), *TINY]
+    with monkeypatch.context() as m:
+        _interrupting_rollout(m, after=2)
+        assert main(common) == 130
+    capsys.readouterr()
+    assert main([c for c in common if c != "--no-progress"]) == 0    # the bar shown: 1 prompt left of 3
+    bar = capsys.readouterr().err.replace("\r", "\n")
+    assert "1/1" in bar and "2 prompts done before" in bar and "3/3" not in bar, bar
