@@ -111,7 +111,8 @@ def main(argv=None) -> int:
     expected = (UserError,) if args.command == "train" else (UserError, *TOOL_ERRORS)
     try:
         if getattr(args, "func", None) is not None:
-            return args.func(args)
+            with hf_progress_bars(not getattr(args, "no_progress", False)):
+                return args.func(args)
         return _train(args)
     except expected as e:
         if debug:
@@ -128,6 +129,36 @@ def main(argv=None) -> int:
             raise
         print(f"\negrpo {_command_name(args)}: interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def hf_progress_bars(enabled: bool):
+    """transformers' / huggingface_hub's own progress bars ("Loading weights", "Writing model shards") follow the
+    command's progress setting (``--no-progress``, ``train.progress``): off inside the block when ``enabled`` is
+    false, and set back as they were after it."""
+    if enabled or not _importable("transformers"):
+        yield
+        return
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    was_on, hub_was_off = hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()      # (which turns the hub's on as well)
+        if hub_was_off:
+            hub_utils.disable_progress_bars()
+        else:
+            hub_utils.enable_progress_bars()
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
 
 
 def _node_peer_before_setup(args) -> bool:
@@ -292,7 +323,8 @@ def _train(args) -> int:
     from egrpo.trainer.train import shutdown_distributed, train
 
     try:
-        summary = train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
+        with hf_progress_bars(cfg.train.progress):
+            summary = train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
         main_process = not dist.is_initialized() or dist.get_rank() == 0
     except KeyboardInterrupt:   # SIGINT before the first step, or a second one: nothing more is saved
         from egrpo.trainer.train import final_export_cut_short, has_checkpoints

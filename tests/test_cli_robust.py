@@ -754,3 +754,13 @@ def test_the_program_tears_its_process_group_down_at_exit_also_after_an_error(tm
     assert "no trainable parameter reaches the loss" in proc.stderr and "Traceback" not in proc.stderr
     # atexit runs its functions last-registered first: the check above runs after main's teardown
     assert proc.stdout.splitlines()[-2:] == ["destroyed 1", "initialized at exit: False"], proc.stdout
+
+
+def test_train_progress_off_silences_the_export_bars(capsys, tmp_path):
+    from transformers.utils import logging as hf_logging
+
+    rc, _, err = cli(capsys, "train", *BASE, "train.steps=1", "train.export_hf=true", f"train.out_dir={tmp_path / 'r'}")
+    assert rc == 0, err
+    assert (tmp_path / "r" / "hf" / "config.json").exists()
+    assert "Writing model shards" not in err and "Loading weights" not in err, err
+    assert hf_logging.is_progress_bar_enabled()

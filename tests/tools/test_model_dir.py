@@ -60,3 +60,18 @@ def test_convert_and_export_name_what_they_were_given(model_dirs, tmp_path, caps
     err = one_line_error(capsys)
     assert "already a model directory" in err and f"--model {model_dirs / 'hf'}" in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_no_progress_silences_the_model_loading_bars_and_sets_them_back(model_dirs, tmp_path, capsys):
+    from transformers.utils import logging as hf_logging
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red apple\n")
+    common = ["generate", "--model", str(model_dirs / "hf"), "--dtype", "fp32", "--device", "cpu", "--prompts",
+              str(prompts)]
+    assert hf_logging.is_progress_bar_enabled()
+    assert main([*common, "--out", str(tmp_path / "quiet"), "--no-progress"]) == 0
+    assert "Loading weights" not in capsys.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()                   # set back after the command
+    assert main([*common, "--out", str(tmp_path / "shown")]) == 0
+    assert "Loading weights" in capsys.readouterr().err
