@@ -74,6 +74,121 @@ def test_generate_on_a_checkpoint_points_at_export_and_export_refuses_what_it_ca
     assert main(["export", str(tmp_path / "taken"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert "no checkpoint found" in err and "\n" not in err and not (tmp_path / "x").exists()
+    assert f"checkpoint {tmp_path / 'taken'}: no checkpoint found" in err and "--resume" not in err   # not train's flag
+
+
+def edit_checkpoint(tag_dir, remove=None, **settings):
+    """Change a saved checkpoint as an older trainer (or another machine) would have left it, its manifest kept
+    consistent (so it is still intact): ``remove`` a file; ``settings`` ("section.key": value) in its config.yaml."""
+    import json
+
+    import yaml
+
+    from egrpo.trainer.train import sha256_file
+
+    manifest = json.loads((tag_dir / "manifest.json").read_text())
+    if remove is not None:
+        (tag_dir / remove).unlink()
+        del manifest["files"][remove]
+    if settings:
+        config = yaml.safe_load((tag_dir / "config.yaml").read_text())
+        for key, value in settings.items():
+            section, name = key.split(".")
+            config[section][name] = value
+        (tag_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        manifest["files"]["config.yaml"] = {"size": os.path.getsize(tag_dir / "config.yaml"),
+                                            "sha256": sha256_file(str(tag_dir / "config.yaml"))}
+    (tag_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def copied_step(run, tmp_path, tag="step_000002"):
+    import shutil
+
+    shutil.copytree(run / "checkpoints" / tag, tmp_path / tag)
+    return tmp_path / tag
+
+
+def test_the_runs_export_format_is_the_default_layout(run, tmp_path, capsys):
+    """No --format: the layout the run was configured to export (train.export_format), not always hf."""
+    from egrpo.checkpoints import is_original_dir
+
+    step = copied_step(run, tmp_path)
+    edit_checkpoint(step, **{"train.export_format": "original"})
+    assert main(["export", str(step), "--out", str(tmp_path / "out")]) == 0
+    assert is_original_dir(str(tmp_path / "out"))
+    assert main(["export", str(step), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 0
+    assert not is_original_dir(str(tmp_path / "hf"))
+
+
+def test_a_base_model_that_moved_is_given_with_model_path(run, tmp_path, capsys):
+    """The checkpoint's model.path no longer resolves (another machine, a moved folder): refused before anything
+    loads, naming --model-path; with it, the export is the checkpoint's weights."""
+    step = copied_step(run, tmp_path)
+    edit_checkpoint(step, **{"model.tiny": None, "model.path": str(tmp_path / "moved-base")})
+    assert main(["export", str(step), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "moved-base" in err and "does not exist from here" in err and "--model-path" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+    assert main(["export", str(step), "--out", str(tmp_path / "out"), "--model-path", str(run / "hf")]) == 0
+    ours = exported_weights(tmp_path / "out")
+    saved = torch.load(step / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    assert saved.keys() <= ours.keys() and all(torch.equal(ours[k], saved[k]) for k in saved)
+
+
+@pytest.mark.parametrize("missing, message", [
+    ("config.yaml", "no config.yaml (a checkpoint written before the trainer recorded it)"),
+    ("mp_rank_00_model_states.pt", "no mp_rank_00_model_states.pt (not a DeepSpeed checkpoint of this trainer)"),
+])
+def test_a_checkpoint_without_its_config_or_model_states_is_refused(run, tmp_path, capsys, missing, message):
+    step = copied_step(run, tmp_path)
+    edit_checkpoint(step, remove=missing)
+    assert main(["export", str(step), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{step}: {message}" in err and "\n" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000002"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ("drop", "trained weights missing from the checkpoint: ['model.language_model.norm.weight']"),
+    ("add", "weights the model of its config.yaml does not have: ['bogus.weight']"),
+])
+def test_weights_that_do_not_match_the_model_are_refused(run, tmp_path, capsys, monkeypatch, change, message):
+    """A checkpoint lacking a trained weight, or holding one the model of its config.yaml does not have (another
+    model, a damaged save): refused, naming it, and nothing is written."""
+    import egrpo.trainer.export as export_module
+
+    real = export_module.checkpoint_state
+
+    def altered(*args, **kwargs):
+        state = dict(real(*args, **kwargs))
+        if change == "drop":
+            del state["model.language_model.norm.weight"]
+        else:
+            state["bogus.weight"] = torch.zeros(1)
+        return state
+
+    monkeypatch.setattr(export_module, "checkpoint_state", altered)
+    assert main(["export", str(run), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
+    assert not os.listdir(tmp_path)
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "checkpoints" / "step_000002" / "manifest.json").unlink()   # its save never finished
+    assert main(["export", str(copy), "--out", str(tmp_path / "out")]) == 0
+    out, err = capsys.readouterr()
+    assert "egrpo: warning: skipping a damaged checkpoint: " in err
+    assert str(copy / "checkpoints" / "step_000002" / "manifest.json") + " is missing" in err
+    assert out.strip().endswith(f"from {copy / 'checkpoints' / 'step_000001'}")
+    ours = exported_weights(tmp_path / "out")
+    saved = torch.load(copy / "checkpoints" / "step_000001" / "mp_rank_00_model_states.pt", map_location="cpu",
+                       weights_only=False)["module"]
+    assert all(torch.equal(ours[k], saved[k]) for k in saved)
 
 
 def test_the_command_suggested_after_a_cut_short_final_export_works_over_an_older_export(run, tmp_path, capsys,
