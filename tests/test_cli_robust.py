@@ -639,12 +639,13 @@ def test_a_signal_during_the_final_save_and_export_lets_them_finish(capsys, tmp_
 
     import egrpo.trainer.train as train_module
 
-    real, sent = train_module.export_model, []
+    real, sent, written = train_module.export_model, [], []
 
     def export_model(*args, **kwargs):
         for sig in (signals.SIGTERM, signals.SIGINT):
             os.kill(os.getpid(), sig)   # delivered now, to the handler in force during the export
             sent.append(sig)
+        written.append(args[2])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "export_model", export_model)
@@ -655,8 +656,31 @@ def test_a_signal_during_the_final_save_and_export_lets_them_finish(capsys, tmp_
     assert "stopped by" not in err   # the run finished: nothing to resume
     assert (run / "hf" / "config.json").is_file() and list((run / "hf").glob("*.safetensors"))
     assert sorted(p.name for p in run.iterdir() if "hf" in p.name) == ["hf"]
+    assert written == [str(run / ".hf.egrpo-partial")]   # written beside hf/, swapped in once complete
     from egrpo.trainer.train import find_checkpoint
     assert find_checkpoint(str(run))[1:] == ("step_000002", [])
+
+
+def test_a_signal_during_the_last_step_finishes_the_run(capsys, tmp_path, monkeypatch):
+    """SIGTERM during the run's last step: the step ends and the run finishes (final checkpoint, exit 0), not
+    "stopped by SIGTERM" with an exit code that tells a scheduler to resume a run that has nothing left to train."""
+    import egrpo.trainer.train as train_module
+
+    real, sent = train_module.rollout, []
+
+    def rollout(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)   # delivered now, to the loop's handler
+        sent.append(signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "rollout", rollout)
+    run = tmp_path / "run"
+    rc, out, err = cli(capsys, "train", *RUN, "train.steps=1", f"train.out_dir={run}")
+    assert rc == 0 and sent == [signal.SIGTERM], err
+    assert "SIGTERM received: saving a checkpoint at the end of this step" in err
+    assert "stopped by" not in err and "--resume" not in err + out
+    assert (run / "checkpoints" / "latest").read_text() == "step_000001"
+    assert f"checkpoint:  {run / 'checkpoints' / 'step_000001'}" in out
 
 
 def test_an_export_that_fails_keeps_the_previous_one(tmp_path):
@@ -679,6 +703,8 @@ def test_an_export_that_fails_keeps_the_previous_one(tmp_path):
     with pytest.raises(OSError):
         replace_dir_atomically(str(out), writes("a", "half"))
     assert (out / "a").read_text() == "one"                     # the earlier export, untouched
+    (tmp_path / ".hf.egrpo-old").mkdir()                         # left by an export killed during its swap
+    (tmp_path / ".hf.egrpo-old" / "a").write_text("stale")
     replace_dir_atomically(str(out), writes("b", "two"))
     assert sorted(os.listdir(out)) == ["b"]
     assert sorted(os.listdir(tmp_path)) == ["hf", "hf.old", "hf.partial"]
