@@ -683,6 +683,38 @@ def test_a_signal_during_the_last_step_finishes_the_run(capsys, tmp_path, monkey
     assert f"checkpoint:  {run / 'checkpoints' / 'step_000001'}" in out
 
 
+def test_an_export_cut_short_at_the_end_of_a_run_names_the_command_that_writes_it(capsys, tmp_path, monkeypatch):
+    """Interrupted (a second signal) during the final export, after the final checkpoint: exit 130 and the
+    `egrpo export` command that writes hf/ (a --resume would be refused: nothing left to train). Also when the
+    cut comes before the new export's folder exists and hf/ holds the export of an earlier end of the run (since
+    extended): that hf/ is not the final checkpoint's model."""
+    import egrpo.trainer.train as train_module
+
+    def cut_short(makes_its_folder):
+        def export_model(model, tokenizer, out, *args, **kwargs):
+            if makes_its_folder:
+                os.makedirs(out)
+            raise KeyboardInterrupt
+        return export_model
+
+    run = tmp_path / "run"
+    hint = f"its export did not finish: write it with egrpo export {run} --out {run / 'hf'} --overwrite"
+    monkeypatch.setattr(train_module, "export_model", cut_short(True))
+    rc, _, err = cli(capsys, "train", *RUN, "train.steps=1", "train.export_hf=true", f"train.out_dir={run}")
+    assert rc == 130 and hint in err, err
+    assert (run / ".hf.egrpo-partial").is_dir() and not (run / "hf").exists()
+    rc, _, err = cli(capsys, "export", run, "--out", run / "hf", "--overwrite")   # as suggested
+    assert rc == 0, err
+    monkeypatch.setattr(train_module, "export_model", cut_short(False))
+    rc, _, err = cli(capsys, "train", "--resume", run, "train.steps=2")
+    assert rc == 130 and hint in err and "continue with --resume" not in err, err
+    assert (run / "checkpoints" / "latest").read_text() == "step_000002"
+    rc, out, err = cli(capsys, "export", run, "--out", run / "hf", "--overwrite")
+    assert rc == 0 and "step_000002" in out, err
+    cfg = small_config(run, "train.steps=2", "train.export_hf=true")
+    assert not train_module.final_export_cut_short(str(run), cfg.train)
+
+
 def test_an_export_that_fails_keeps_the_previous_one(tmp_path):
     from egrpo.trainer.train import replace_dir_atomically
 

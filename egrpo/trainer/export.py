@@ -18,7 +18,7 @@ from egrpo.errors import CheckpointError
 
 from .config import load_config, model_path_missing
 from .model import build_model
-from .train import find_checkpoint, replace_dir_atomically
+from .train import find_checkpoint, replace_dir_atomically, write_export_record
 
 
 def checkpoint_state(load_dir: str, tag: str, zero_stage: int) -> dict:
@@ -42,7 +42,8 @@ def export_checkpoint(path: str, out: str, export_format: Optional[str] = None, 
     (``"hf"``) or original Janus layout (None: the run's ``train.export_format``). ``model_path`` replaces the
     config's ``model.path`` (the base model the run started from: a relative one is read from the current
     directory). ``warn`` receives the damaged checkpoints skipped. An existing ``out`` is replaced once the new
-    export is complete, renamed to ``keep_previous_as`` when given (else removed). Returns the checkpoint used."""
+    export is complete, renamed to ``keep_previous_as`` when given (else removed). The export records the checkpoint
+    it holds (`egrpo.trainer.train.write_export_record`). Returns the checkpoint used."""
     from egrpo.checkpoints import export_model
 
     load_dir, tag, problems = find_checkpoint(path, flag="checkpoint")
@@ -71,6 +72,10 @@ def export_checkpoint(path: str, out: str, export_format: Optional[str] = None, 
         for name, value in state.items():
             own[name].copy_(value.to(own[name].dtype))
     fmt = export_format or cfg.train.export_format
-    replace_dir_atomically(out, lambda partial: export_model(model, tokenizer, partial, fmt),
-                           keep_previous_as=keep_previous_as)
+
+    def write(partial: str) -> None:
+        export_model(model, tokenizer, partial, fmt)
+        write_export_record(partial, tag_dir)
+
+    replace_dir_atomically(out, write, keep_previous_as=keep_previous_as)
     return tag_dir

@@ -374,18 +374,47 @@ def has_checkpoints(path: str) -> bool:
     return any(os.path.isfile(os.path.join(root, "latest")) for root in (os.path.join(path, "checkpoints"), path))
 
 
+# In a model directory written by the trainer or `egrpo export`: the checkpoint it holds the model of.
+EXPORT_RECORD = "egrpo_export.json"
+
+
+def write_export_record(folder: str, checkpoint: str) -> None:
+    """Record in the export ``folder`` the checkpoint it was written from: its directory, step and the SHA-256 of
+    its manifest (which holds every file's SHA-256, so another save of the same step differs)."""
+    manifest = os.path.join(checkpoint, MANIFEST)
+    with open(manifest, encoding="utf-8") as f:
+        step = json.load(f).get("step")
+    write_atomic(os.path.join(folder, EXPORT_RECORD), json.dumps(
+        {"checkpoint": os.path.abspath(checkpoint), "step": step, "manifest_sha256": sha256_file(manifest)}, indent=1))
+
+
+def holds_export_of(folder: str, checkpoint: str) -> bool:
+    """Whether ``folder`` is a complete export of the checkpoint ``checkpoint`` (by its record; an export without
+    one, written before exports were recorded, is not known to be)."""
+    try:
+        with open(os.path.join(folder, EXPORT_RECORD), encoding="utf-8") as f:
+            recorded = json.load(f)["manifest_sha256"]
+        return (os.path.isfile(os.path.join(folder, "config.json"))
+                and recorded == sha256_file(os.path.join(checkpoint, MANIFEST)))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def final_export_cut_short(out_dir: str, t) -> bool:
     """Whether the run in ``out_dir`` (train settings ``t``) saved its final checkpoint but not its export (a
-    second signal during the export): ``latest`` names step ``t.steps``, and ``hf/`` is missing or a new one was
-    being written."""
+    second signal during the export): ``latest`` names step ``t.steps``, and ``hf/`` is missing, a new one was
+    being written, or it is not the export of that checkpoint (an older ``hf/``, e.g. of a run since extended,
+    with the cut before the new export's folder was made)."""
     try:
         with open(os.path.join(out_dir, "checkpoints", "latest"), encoding="utf-8") as f:
-            final = f.read(256).strip() == step_tag(t.steps)
+            named = f.read(256).strip()
     except OSError:
+        return False
+    if named != step_tag(t.steps) or not t.export_hf:
         return False
     hf = os.path.join(out_dir, "hf")
     writing = os.path.isdir(work_dirs(hf)[0])
-    return final and t.export_hf and (writing or not os.path.isfile(os.path.join(hf, "config.json")))
+    return writing or not holds_export_of(hf, os.path.join(out_dir, "checkpoints", named))
 
 
 def find_checkpoint(path: str, flag: str = "--resume") -> Tuple[str, str, List[str]]:
@@ -970,16 +999,22 @@ def replace_dir_atomically(out: str, write: Callable[[str], Any], keep_previous_
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_hf(engine, model, tokenizer, out: str, zero3: bool, rank: int, export_format: str = "hf") -> Optional[str]:
+def export_hf(engine, model, tokenizer, out: str, zero3: bool, rank: int, export_format: str = "hf",
+              checkpoint: Optional[str] = None) -> Optional[str]:
     """Directory (config + safetensors + tokenizer) of the trained model in the transformers (``"hf"``) or
-    original Janus layout (``train.export_format``), written by rank 0."""
+    original Janus layout (``train.export_format``), written by rank 0; ``checkpoint``: the checkpoint of these
+    weights, recorded in it (`write_export_record`)."""
     import torch.distributed as dist
+
+    def write(partial: str) -> None:
+        export_model(model, tokenizer, partial, export_format, state=state)
+        if checkpoint is not None:
+            write_export_record(partial, checkpoint)
 
     with zero3_gather(list(model.parameters()), zero3):
         if rank == 0:
             state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-            replace_dir_atomically(out, lambda partial: export_model(model, tokenizer, partial, export_format,
-                                                                     state=state))
+            replace_dir_atomically(out, write)
     dist.barrier()
     return out if rank == 0 else None
 
@@ -1357,7 +1392,7 @@ def _train(cfg: Config, resume: Optional[str], interrupts: InterruptAtOnce, over
                                                      keep_last=t.keep_last, extra_state=extra_state()))
             if t.export_hf:
                 summary["export"] = export_hf(engine, module, tokenizer, os.path.join(out_dir, "hf"), zero3, rank,
-                                              t.export_format)
+                                              t.export_format, checkpoint=summary["checkpoint"])
         if is_main and os.path.exists(logger.path) and read_metrics(logger.path):
             summary["plot"] = plot_curves(logger.path, os.path.join(out_dir, "curves.png"))
     if return_params:

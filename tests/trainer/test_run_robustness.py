@@ -366,13 +366,20 @@ def test_an_export_cut_short_after_the_final_checkpoint_is_recognised(tmp_path):
     from types import SimpleNamespace
 
     run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
+    final = run / "checkpoints" / "step_000003"
+    final.mkdir(parents=True)
+    (final / "manifest.json").write_text('{"step": 3, "files": {}}')
     (run / "checkpoints" / "latest").write_text("step_000003")
     t = SimpleNamespace(steps=3, export_hf=True)
     assert T.final_export_cut_short(str(run), t)                            # no hf/
     (run / "hf").mkdir()
     (run / "hf" / "config.json").write_text("{}")
+    assert T.final_export_cut_short(str(run), t)                            # not known to be the final one's
+    T.write_export_record(str(run / "hf"), str(final))
     assert not T.final_export_cut_short(str(run), t)                        # exported
+    (final / "manifest.json").write_text('{"step": 3, "files": {"x": {}}}')
+    assert T.final_export_cut_short(str(run), t)                            # of another save of step 3
+    T.write_export_record(str(run / "hf"), str(final))
     (run / ".hf.egrpo-partial").mkdir()
     assert T.final_export_cut_short(str(run), t)                            # a new export was being written
     assert not T.final_export_cut_short(str(run), SimpleNamespace(steps=5, export_hf=True))   # not the final step
