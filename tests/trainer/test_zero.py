@@ -130,3 +130,48 @@ def test_zero3_one_process_decodes_micro_batches_larger_than_one_vq_chunk(tmp_pa
             f"s = train(small_config({str(out)!r}, *{overrides!r}))\nprint('steps', s['step'])\n")
     run_processes(code, 1, expect="steps 1")
     assert [r["step"] for r in read_metrics(str(out / "metrics.jsonl"))] == [1]
+
+
+def launch_cli(args, world, port):
+    """``egrpo ARGS`` (the program, as a launcher starts it) in ``world`` gloo processes."""
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    base = {k: v for k, v in os.environ.items() if k not in launcher}
+    return [subprocess.Popen([sys.executable, "-m", "egrpo.cli", *args], cwd=ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**base, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+                                  "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                  "WORLD_SIZE": str(world)})
+            for rank in range(world)]
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_on_sigterm_and_resume_with_two(tmp_path):
+    """A scheduler's SIGTERM to a two-process run: every process saves at the end of the same step and exits with
+    128 + SIGTERM (a launcher takes 0 on one rank and 143 on another for a failure, and a scheduler that
+    requeues on 143 must see it from every rank); the resume, with two processes as the checkpoint was written,
+    needs no --allow-changes."""
+    import signal
+    import time
+
+    from ._helpers import DEMO, SMALL
+
+    run = tmp_path / "run"
+    args = ["train", "--config", DEMO, *SMALL, "objective.name=grpo", "train.steps=40", "train.save_every=0",
+            f"train.out_dir={run}"]
+    procs = launch_cli(args, 2, free_port())
+    deadline = time.time() + 300
+    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().strip()):
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, [p.communicate() for p in procs]
+        time.sleep(0.05)
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, outputs
+    assert "stopped by SIGTERM" in outputs[0][1] and "Traceback" not in outputs[1][1], outputs
+    stopped = int((run / "checkpoints" / "latest").read_text().split("_")[1])
+    assert 1 <= stopped < 40
+    procs = launch_cli(["train", "--resume", str(run), f"train.steps={stopped + 1}"], 2, free_port())
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert f"resumed from step {stopped}" in outputs[0][1]
+    assert [r["step"] for r in read_metrics(str(run / "metrics.jsonl"))][-1] == stopped + 1
