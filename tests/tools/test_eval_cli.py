@@ -311,3 +311,31 @@ def test_a_score_only_rerun_records_how_the_images_were_made_not_the_flag_defaul
     assert settings["generation"]["seed"] == 3 and settings["generation"]["cfg_scale"] == 2.0
     assert settings["generation"]["tiny"] == "{}"
     assert settings["generation_read_from"] == str(images / "generation_settings.json")
+
+
+def test_eval_refuses_cot_flags_without_a_cot_phase(tmp_path, capsys):
+    """As in generate / analyze: a CoT flag without --cot is refused before anything is generated, not ignored."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text('a sign that says "hi"\n')
+    images = tmp_path / "ocr"
+    assert main(["eval", "ocr", "--images", str(images), "--prompts", str(prompts), "--cot-max-tokens", "5",
+                 *GEN]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--cot-max-tokens only applies to the CoT phase, which is off; give --cot or" in err and "\n" not in err
+    assert not images.exists()
+
+
+def test_eval_compares_tiny_settings_as_json(tmp_path, capsys):
+    """--tiny with its keys in another order (or other spacing) is the same model: the folder resumes, nothing is
+    regenerated."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text('a sign that says "hi"\n')
+    images = tmp_path / "ocr"
+    ocr = ["eval", "ocr", "--images", str(images), "--prompts", str(prompts), *GEN[2:]]
+    assert main([*ocr, "--tiny", '{"image_size": 32, "num_layers": 1}']) == 0
+    stamp = (images / "00000_00.png").stat().st_mtime_ns
+    assert main([*ocr, "--tiny", '{ "num_layers": 1,  "image_size": 32 }']) == 0
+    assert (images / "00000_00.png").stat().st_mtime_ns == stamp
+    capsys.readouterr()
+    assert main([*ocr, "--tiny", '{"image_size": 32, "num_layers": 2}']) == 2   # another model: refused
+    assert "tiny (" in capsys.readouterr().err

@@ -319,6 +319,32 @@ def test_cot_flags_without_a_cot_phase_are_refused(tmp_path, prompts, capsys, co
     assert not (tmp_path / "gen").exists() and not (tmp_path / "a.jsonl").exists()
 
 
+def test_the_cot_flags_default_to_the_rollout_settings():
+    """Every command's CoT flags default to the rollout's own settings (what training samples with): a flag counts
+    as given when it differs from its default, so another default would change the CoT of a plain `--cot` and
+    refuse the training value typed without --cot."""
+    import argparse
+
+    from egrpo.cli import build_parser
+    from egrpo.tools.validate import COT_FLAG_DEFAULTS
+    from egrpo.trainer.rollout import RolloutConfig
+
+    def commands(parser, name=""):
+        yield name, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, child in action.choices.items():
+                    yield from commands(child, f"{name} {sub}".strip())
+
+    defaults = {name: {a.dest: a.default for a in parser._actions if a.dest in COT_FLAG_DEFAULTS}
+                for name, parser in commands(build_parser())}
+    defaults = {name: d for name, d in defaults.items() if d}
+    assert {"generate", "analyze", "eval geneval", "eval compbench", "eval prefs", "eval ocr", "eval wise"} <= set(defaults)
+    rollout = {name: getattr(RolloutConfig(), name) for name in COT_FLAG_DEFAULTS}
+    assert COT_FLAG_DEFAULTS == rollout == {"cot_max_tokens": 1024, "cot_template": None, "cot_temperature": 1.0}
+    assert all(d == rollout for d in defaults.values()), defaults
+
+
 def test_tiny_settings_compare_as_json_not_as_text(tmp_path, prompts, capsys):
     out = tmp_path / "gen"
     tiny = ["--dtype", "fp32", "--device", "cpu", "--no-progress"]
