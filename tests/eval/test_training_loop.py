@@ -160,6 +160,23 @@ def test_eval_section_checks(tmp_path):
     assert resume_policy("eval.every_steps") == "free" and resume_policy("eval.rewards.0.tolerance") == "free"
 
 
+@pytest.mark.parametrize("category, scorer, weights", [("non_spatial", "ClipCosineScorer", "clip"),
+                                                       ("texture", "BlipVqaScorer", "blip"),
+                                                       ("color", "BlipVqaScorer", "blip")])
+def test_compbench_during_training_loads_its_categorys_scorer(monkeypatch, category, scorer, weights):
+    """T2I-CompBench scores non_spatial with CLIP and the attribute categories with BLIP-VQA, each from its
+    eval.models entry."""
+    import egrpo.eval.compbench as compbench
+    from egrpo.eval.training import EvalConfig, build_evaluation
+
+    loaded = []
+    for name in ("BlipVqaScorer", "ClipCosineScorer"):
+        monkeypatch.setattr(compbench, name, lambda path, device, name=name: loaded.append((name, path, device)))
+    cfg = EvalConfig(evaluator="compbench", category=category, models={"clip": "/w/clip", "blip": "/w/blip"})
+    build_evaluation(cfg, "cpu")
+    assert loaded == [(scorer, f"/w/{weights}", "cpu")]
+
+
 @pytest.mark.slow
 def test_two_processes_under_zero3(tmp_path):
     """Two gloo processes, ZeRO-3: 3 eval prompts split 2 + 1 (+ one padding generation, keeping the collective

@@ -229,6 +229,7 @@ def test_reward_name_override_drops_the_old_arguments():
     ("data.prompts_per_step=0", "data.prompts_per_step"), ("data.schema=csv", "data.schema"),
     ("rewards.0.retries=-1", "rewards[0].retries"), ("rewards.0.on_error=retry", "rewards[0].on_error"),
     ("train.seed=-1", "train.seed"), ("model.seed=-2", "model.seed"),
+    ("model.seed=18446744073709551616", "model.seed"), ("train.seed=9223372036854775808", "train.seed"),   # >= 2**63
 ])
 def test_each_bad_setting_is_refused_naming_it(override, needle):
     """docs/training.md: a bad setting stops the run before anything starts, with one line naming the setting."""
@@ -246,6 +247,7 @@ def test_each_bad_setting_is_refused_naming_it(override, needle):
     (["eval.evaluator=compbench", "eval.category=colour"], "eval.category must be one of"),
     (["eval.evaluator=prefs", "eval.prefs_metrics=[hps, hpsv3]"], "['hpsv3']"),
     (["eval.device=tpu"], "eval.device"),
+    (["eval.device=cuda:1x"], "eval.device"),
 ])
 def test_settings_checked_only_when_used_are_refused_up_front(overrides, needle):
     """Settings that used to be checked only where they are used (building the model, the evaluator) are refused
@@ -272,7 +274,32 @@ def test_evaluation_during_training_names_the_weights_it_lacks(tmp_path, overrid
         load_config(DEMO, on).validate()
     given = {name: str(tmp_path) for name in needed.split(", ")}
     assert load_config(DEMO, on + [f"eval.models={given}"]).validate()   # all given: no complaint
+    first = needed.split(", ")[0]
+    with pytest.raises(ConfigError, match=f"needs local weight paths for {first};"):   # an empty path is none
+        load_config(DEMO, on + [f"eval.models={given}", f"eval.models.{first}=''"]).validate()
     load_config(DEMO, overrides).validate()                              # evaluation off: nothing needed
+
+
+def test_every_attention_implementation_is_accepted():
+    for name in ("sdpa", "eager", "flash_attention_2"):
+        assert load_config(DEMO, [f"model.attn_implementation={name}"]).validate().model.attn_implementation == name
+
+
+def test_liger_needs_cuda_and_the_package_also_with_device_auto(monkeypatch):
+    """model.liger=true: refused up front on a machine without CUDA (train.device=auto picks the CPU there) and
+    where liger-kernel is not installed, not found only once the model is built."""
+    import importlib.util
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="model.liger=true needs a CUDA device"):
+        load_config(DEMO, ["train.device=auto", "model.liger=true"]).validate()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real(name, *a))
+    with pytest.raises(ConfigError, match="liger-kernel is not installed"):
+        load_config(DEMO, ["train.device=auto", "model.liger=true"]).validate()
 
 
 @pytest.mark.parametrize("key, bad, minimum", [("steps", 0, 1), ("updates_per_rollout", 0, 1), ("save_every", -1, 0),
