@@ -787,6 +787,9 @@ def test_the_process_count_is_recorded_and_checked_on_resume(capsys, base_run, t
     monkeypatch.setenv("WORLD_SIZE", "2")   # what a launcher with two processes sets
     rc, _, err = cli(capsys, "train", "--resume", run, "train.steps=3", "--dry-run")
     assert_one_line_error(rc, err, "written by 1 process and this run has 2", "--nproc_per_node 1")
+    rc, _, err = cli(capsys, "train", "--resume", run, "train.steps=3", "--allow-changes", "--dry-run")
+    assert rc == 0, err   # the allowed change is reported with the settings' changes, not dropped
+    assert "changes: processes: 1 -> 2 (applied: --allow-changes); " in err and "train.steps: 2 -> 3" in err, err
 
 
 def test_the_program_tears_its_process_group_down_at_exit_also_after_an_error(tmp_path):

@@ -775,8 +775,8 @@ def check_resume(load_dir: str, tag: str, out_dir: str, effective: Dict[str, Any
     saved_config = os.path.join(resume_from, "config.yaml")
     if os.path.isfile(saved_config):
         with open(saved_config, encoding="utf-8") as f:
-            changes = check_resume_changes(yaml.safe_load(f), effective, int(state["step"]), allow_changes,
-                                           checkpoint_config=saved_config)
+            changes += check_resume_changes(yaml.safe_load(f), effective, int(state["step"]), allow_changes,
+                                            checkpoint_config=saved_config)
     check_out_dir(out_dir, overwrite, load_dir)
     return state, changes
 
