@@ -15,6 +15,8 @@ import logging
 import os
 import sys
 
+from egrpo.tools.validate import training_run_of
+
 # Errors that are the user's to fix in the tools (bad paths, bad JSON, bad reward arguments, missing packages).
 TOOL_ERRORS = (OSError, ValueError, ImportError, KeyError)
 
@@ -174,16 +176,6 @@ def _command_name(args) -> str:
     return " ".join(filter(None, (args.command, getattr(args, "data_command", None), getattr(args, "benchmark", None))))
 
 
-def _resumed_run_dir(resume: str):
-    """The run directory (``config.yaml`` + ``checkpoints/``) that ``--resume`` points into: the run itself, its
-    ``checkpoints/`` directory or one checkpoint directory; None when it is none of them."""
-    here = os.path.abspath(resume)
-    for run_dir in (here, os.path.dirname(here), os.path.dirname(os.path.dirname(here))):
-        if os.path.isfile(os.path.join(run_dir, "config.yaml")) and os.path.isdir(os.path.join(run_dir, "checkpoints")):
-            return run_dir
-    return None
-
-
 def run_config(args):
     """The config of ``egrpo train``: ``--config`` plus overrides, or with only ``--resume``, the run's own
     effective ``config.yaml`` plus overrides. With ``--resume``, ``train.out_dir`` is the resumed run's
@@ -197,10 +189,10 @@ def run_config(args):
                           "takes its settings from --config as they are")
     if args.resume is not None and os.path.isfile(args.resume):
         folder = os.path.dirname(args.resume) or "."
-        hint = f", e.g. --resume {folder}" if _resumed_run_dir(folder) is not None else ""
+        hint = f", e.g. --resume {folder}" if training_run_of(folder) is not None else ""
         raise ConfigError(f"--resume {args.resume} is a file; --resume takes a run directory (an earlier "
                           f"train.out_dir), its checkpoints/ directory or one checkpoint directory{hint}")
-    run_dir = _resumed_run_dir(args.resume) if args.resume is not None else None
+    run_dir = training_run_of(args.resume) if args.resume is not None else None
     keep_run_dir = [] if run_dir is None or any(o.strip().startswith("train.out_dir=") for o in args.overrides) \
         else [f"train.out_dir={run_dir}"]
     if args.config is not None:
@@ -304,7 +296,7 @@ def _note_overwrite_on_resume(cfg, args) -> None:
     left silent."""
     if not (args.overwrite and args.resume is not None) or os.environ.get("RANK", "0") not in ("", "0"):
         return
-    run_dir = _resumed_run_dir(args.resume)
+    run_dir = training_run_of(args.resume)
     if run_dir is not None and os.path.realpath(run_dir) == os.path.realpath(cfg.train.out_dir):
         print(f"egrpo train: note: --overwrite moves nothing here: the run resumes in its own directory {run_dir} "
               "(with --resume it only moves aside a run in another train.out_dir=...)", file=sys.stderr)

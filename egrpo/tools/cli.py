@@ -22,7 +22,7 @@ from egrpo.errors import UserError
 
 from .validate import (
     COT_FLAG_DEFAULTS, check_at_least, check_cot_flags, check_output_dir, holds_generations, is_stream,
-    move_file_aside, prepare_generation_dir, prepare_output_file, resolve_device,
+    move_file_aside, prepare_generation_dir, prepare_output_file, resolve_device, training_run_of,
 )
 
 
@@ -154,16 +154,6 @@ def _check_model_dir(path: str) -> None:
                     f"egrpo export {path} --out <dir>")
         raise UserError(f"--model {path} is a training run (or one of its checkpoints), not a model directory; "
                         f"{hint}")
-
-
-def training_run_of(path: str):
-    """The training run (``config.yaml`` + ``checkpoints/``) that ``path`` is, or whose ``checkpoints/`` or one
-    checkpoint ``path`` is; None when it is none of them."""
-    here = os.path.abspath(path)
-    for run in (here, os.path.dirname(here), os.path.dirname(os.path.dirname(here))):
-        if os.path.isdir(os.path.join(run, "checkpoints")) and os.path.isfile(os.path.join(run, "config.yaml")):
-            return run
-    return None
 
 
 def _load_model(args, **changes):

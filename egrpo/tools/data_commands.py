@@ -11,7 +11,7 @@ def run_convert(args) -> int:
     from egrpo.checkpoints import convert_checkpoint
     from egrpo.errors import UserError
 
-    from .cli import training_run_of
+    from .validate import training_run_of
 
     if os.path.isdir(args.src) and not os.path.isfile(os.path.join(args.src, "config.json")) \
             and training_run_of(args.src) is not None:

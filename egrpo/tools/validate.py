@@ -64,6 +64,16 @@ def holds_generations(out_dir: str) -> bool:
     return any(holds(name) for name in os.listdir(out_dir))
 
 
+def training_run_of(path: str):
+    """The training run (``config.yaml`` + ``checkpoints/``) that ``path`` is, or whose ``checkpoints/`` or one
+    checkpoint ``path`` is; None when it is none of them."""
+    here = os.path.abspath(path)
+    for run in (here, os.path.dirname(here), os.path.dirname(os.path.dirname(here))):
+        if os.path.isdir(os.path.join(run, "checkpoints")) and os.path.isfile(os.path.join(run, "config.yaml")):
+            return run
+    return None
+
+
 def other_kind_of_folder(path: str) -> Optional[str]:
     """What ``path`` holds when it is a training run or a model directory (None otherwise)."""
     def has(name: str) -> bool:
