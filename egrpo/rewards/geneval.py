@@ -192,7 +192,9 @@ def flow_grpo_score(meta: dict, objects: Dict[str, List[Detection]],
 
 
 def quantised(images: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] as the released reward server sees them: 8-bit (truncated), back in [0, 1], on the CPU."""
+    """Images in [0, 1] at 8 bits as Janus-Pro's released decode writes them (truncated), back in [0, 1], on the
+    CPU. (Flow-GRPO's own client rounds instead and sends the server a JPEG at PIL's default quality; that lossy
+    step is not reproduced here.)"""
     return (images.detach().float().clamp(0, 1) * 255).to(torch.uint8).float().div_(255).cpu()
 
 
@@ -201,11 +203,14 @@ class GenEvalReward(ModelReward):
     """Flow-GRPO's GenEval reward (module docstring): GenEval's Mask2Former (``detector_path``, a transformers COCO
     instance-segmentation checkpoint) and CLIP colour classifier (``clip_path``, ``openai/clip-vit-large-patch14``),
     or any ``detector(image [3, H, W]) -> List[Detection]`` (pixel boxes) and ``colour_classifier(image, detections,
-    class_name) -> List[str]`` passed in (tests, other models). Images are scored at 8 bits, as released.
+    class_name) -> List[str]`` passed in (tests, other models). Images are scored at 8 bits (`quantised`).
     """
 
     name = "geneval"
     weight_arguments = ("detector_path", "clip_path")   # checked to exist by `egrpo train --dry-run`
+    # (before 2026-12-05 this name was the GroundingDINO rule, whose arguments a run's config.yaml may hold)
+    arguments_hint = ("the GroundingDINO rule with box_threshold / text_threshold / nms_iou / position_threshold "
+                      "is the geneval_graded reward now")
 
     def __init__(self, detector_path: Optional[str] = None, clip_path: Optional[str] = None,
                  detector: Optional[Callable] = None, colour_classifier: Optional[Callable] = None,

@@ -281,7 +281,9 @@ def check_reward_arguments(cls: Callable, kwargs: Dict, where: str) -> None:
         signature.bind(**kwargs)
     except TypeError as e:
         accepted = [p.name for p in signature.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-        raise ValueError(f"{where}: bad arguments: {e} (accepted arguments: {', '.join(accepted) or 'none'})") from None
+        hint = getattr(cls, "arguments_hint", "")   # e.g. a reward whose arguments changed
+        raise ValueError(f"{where}: bad arguments: {e} (accepted arguments: {', '.join(accepted) or 'none'})"
+                         f"{'; ' + hint if hint else ''}") from None
     # A value of the wrong plain type (YAML reads `tolerance=abc` as a string) would otherwise fail deep in
     # the constructor or the first reward call; numbers may be given for floats, not bools or strings.
     expected = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}

@@ -58,8 +58,9 @@ def _check_exportable(path: str) -> None:
                         f"give it to generate / eval as it is (--model {path}), or change its layout with egrpo "
                         f"convert {path} <dir>")
     run = os.path.dirname(os.path.abspath(path)) if os.path.basename(os.path.abspath(path)) == "checkpoints" else path
-    if not os.path.isfile(os.path.join(run, "config.yaml")) or os.path.isfile(os.path.join(run, "manifest.json")):
-        return   # not a run directory or its checkpoints/ (one checkpoint, something else)
+    if not os.path.isfile(os.path.join(run, "config.yaml")) or any(
+            os.path.isfile(os.path.join(run, name)) for name in ("manifest.json", "trainer_state.pt")):
+        return   # not a run directory or its checkpoints/ (one checkpoint, maybe cut short: the search names it)
     from egrpo.trainer.train import _checkpoint_root, run_lock_owner
 
     if _checkpoint_root(run) is None:

@@ -338,6 +338,10 @@ def _check_folders(args) -> None:
                         "folder to write them in)")
     if args.out is not None:
         check_output_dir(args.out)
+        out, images = os.path.realpath(args.out), os.path.realpath(args.images)
+        if os.path.commonpath([out, images]) == out:   # (--overwrite would move the images aside with the scores)
+            raise EvalError(f"--out {args.out} is the image folder or holds it; give a folder of its own for the "
+                            f"scores (the default is {os.path.join(args.images, 'scores', args.benchmark)})")
 
 
 # Written into a scores folder (--out): the image folder its results score.

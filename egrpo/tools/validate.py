@@ -7,6 +7,7 @@ Each check raises `egrpo.errors.UserError` with a one-line message naming the ar
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional
 
 from egrpo.errors import UserError
@@ -105,10 +106,12 @@ def prepare_generation_dir(out_dir: str, overwrite: bool, flag: str = "--out") -
 
 
 def is_stream(path: str) -> bool:
-    """/dev/stdout and the like, or an existing path that is neither a regular file nor a directory (a named
-    pipe). /dev/stdout redirected to a file is a regular file, so the /dev/ prefix decides for it."""
+    """An existing path that is neither a regular file nor a directory (a terminal, a named pipe), or one of the
+    standard streams by name (/dev/stdout, /dev/stderr, /dev/fd/N, /proc/self/fd/N): redirected to a file they
+    are a regular file, which must still be written in place. Other files under /dev (/dev/shm) are files."""
     special = os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path)
-    return special or os.path.abspath(path).startswith(("/dev/", "/proc/"))
+    here = os.path.abspath(path)
+    return special or here in ("/dev/stdout", "/dev/stderr") or re.fullmatch(r"/(dev|proc/self)/fd/\d+", here) is not None
 
 
 def prepare_output_file(path: str, overwrite: bool, flag: str = "--out",

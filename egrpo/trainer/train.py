@@ -1380,9 +1380,6 @@ def _train(cfg: Config, resume: Optional[str], interrupts: InterruptAtOnce, over
                                "stopped_by": (signal.Signals(stop_signal).name
                                               if steps_this_run and stop_signal and not finished else None),
                                "tensorboard": os.path.join(out_dir, "tensorboard") if t.tensorboard else None}
-    if evaluator is not None:
-        summary["best"] = {"value": evaluator.best_value, "step": evaluator.best_step, "metric": cfg.eval.metric,
-                           "checkpoint": best_checkpoint(ckpt_root, evaluator.best_step) if is_main else None}
     if summary["stopped_by"]:
         summary["checkpoint"] = last_good
     if finished:   # (a signal received in the last step already armed "a second one stops at once")
@@ -1395,6 +1392,9 @@ def _train(cfg: Config, resume: Optional[str], interrupts: InterruptAtOnce, over
                                               t.export_format, checkpoint=summary["checkpoint"])
         if is_main and os.path.exists(logger.path) and read_metrics(logger.path):
             summary["plot"] = plot_curves(logger.path, os.path.join(out_dir, "curves.png"))
+    if evaluator is not None:   # after the final save, whose pruning (train.keep_last) may remove a step checkpoint
+        summary["best"] = {"value": evaluator.best_value, "step": evaluator.best_step, "metric": cfg.eval.metric,
+                           "checkpoint": best_checkpoint(ckpt_root, evaluator.best_step) if is_main else None}
     if return_params:
         summary["params"] = trainable_state(engine, module, zero3)
     logger.close()

@@ -151,3 +151,10 @@ def test_reward_from_paths_and_wrong_models_are_named(tmp_path):
         GenEvalReward(detector_path=detector_dir)
     with pytest.raises(FileNotFoundError, match="geneval: detector_path: '/no/such' does not exist"):
         GenEvalReward(detector_path="/no/such", clip_path=clip_dir)
+
+
+def test_the_earlier_rules_arguments_point_to_geneval_graded():
+    from egrpo.rewards.registry import check_reward_arguments
+
+    with pytest.raises(ValueError, match=r"rewards\[0\]: bad arguments: .*box_threshold.*is the geneval_graded reward"):
+        check_reward_arguments(GenEvalReward, {"detector_path": "x", "box_threshold": 0.3}, "rewards[0]")

@@ -339,3 +339,19 @@ def test_eval_compares_tiny_settings_as_json(tmp_path, capsys):
     capsys.readouterr()
     assert main([*ocr, "--tiny", '{"image_size": 32, "num_layers": 2}']) == 2   # another model: refused
     assert "tiny (" in capsys.readouterr().err
+
+
+def test_eval_refuses_an_out_that_is_or_holds_the_image_folder(tmp_path, capsys):
+    """--overwrite moves a scores folder's content aside: with --out the image folder (or above it), that would
+    take the images too."""
+    from tests.eval.conftest import write_png
+
+    from tests.tools._cli import one_line_error
+
+    images = tmp_path / "imgs"
+    write_png(images / "00000_00.png")
+    for out in (images, tmp_path):
+        assert main(["eval", "ocr", "--images", str(images), "--out", str(out), "--prompt", '"hi"', "--overwrite",
+                     "--no-progress"]) == 2
+        assert "is the image folder or holds it" in one_line_error(capsys)
+        assert (images / "00000_00.png").exists() and not list(tmp_path.glob("**/previous-*"))

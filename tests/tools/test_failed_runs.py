@@ -421,3 +421,22 @@ def test_a_resumed_generate_counts_only_the_prompts_it_generates(tmp_path, capsy
     assert main([c for c in common if c != "--no-progress"]) == 0    # the bar shown: 1 prompt left of 3
     bar = capsys.readouterr().err.replace("\r", "\n")
     assert "1/1" in bar and "2 prompts done before" in bar and "3/3" not in bar, bar
+
+
+def test_only_the_standard_streams_and_special_files_are_streams(tmp_path):
+    """A regular file under /dev (tmpfs /dev/shm) keeps the existing-file refusal; /dev/stdout and pipes do not."""
+    from egrpo.tools.validate import is_stream, prepare_output_file
+
+    assert is_stream("/dev/stdout") and is_stream("/dev/stderr") and is_stream("/dev/fd/1")
+    fifo = tmp_path / "p"
+    os.mkfifo(fifo)
+    assert is_stream(str(fifo)) and not is_stream(str(tmp_path / "a.jsonl"))
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", dir="/dev/shm", suffix=".jsonl") as f:
+            f.write("old\n")
+            f.flush()
+            assert not is_stream(f.name)
+            with pytest.raises(Exception, match="already exists"):
+                prepare_output_file(f.name, overwrite=False)

@@ -190,3 +190,11 @@ def test_export_of_a_run_without_a_checkpoint_says_so(tmp_path, capsys):
         err = one_line_error(capsys)
         assert "the run has no checkpoint yet" in err and "train.save_every" in err and "expected a run" not in err
     assert not (tmp_path / "m").exists()
+    # one checkpoint whose save was cut short (config.yaml, no manifest) is named as such by the checkpoint search
+    cut = run / "checkpoints" / "step_000005"
+    cut.mkdir()
+    (cut / "config.yaml").write_text("{}\n")
+    (cut / "trainer_state.pt").write_bytes(b"")
+    assert main(["export", str(cut), "--out", str(tmp_path / "m")]) == 2
+    err = one_line_error(capsys)
+    assert "manifest.json is missing" in err and "no checkpoint yet" not in err
