@@ -52,10 +52,11 @@ JUDGE_INSTRUCTIONS = (
     "Answer with exactly three lines and nothing else:\n"
     "Consistency: <0|1|2>\nRealism: <0|1|2>\nAesthetic Quality: <0|1|2>"
 )
-# A score is read from a line (or a ``,`` / ``;`` / ``|`` separated part of one) that STARTS with the aspect's
-# name, once markdown, quotes and list markers are stripped: the name, optionally an echoed range "(0-2)", a
-# separator, then the number ("Consistency: 2", "**Consistency (0-2):** 2", "Realism - 1", "Aesthetic Quality:
-# 2/2"). Rubric lines echoed by the judge ("Consistency (0-2): How accurately ...", "* 0 (Rejected): ...", "For
+# A score is read from a line (or a ``,`` / ``;`` separated part of one, or the part from another aspect's name
+# on: "Consistency: 2. Realism: 1") that STARTS with the aspect's name, once markdown, quotes, table bars and list
+# markers are stripped: the name, optionally "Score" and an echoed range "(0-2)", a separator, then the number,
+# maybe bracketed ("Consistency: 2", "**Consistency (0-2):** 2", "Realism - 1", "| Realism | 1 |", "Aesthetic
+# Quality: [2]", "Consistency: 2.0", "Aesthetic Quality: 2/2"). Rubric lines echoed by the judge ("Consistency (0-2): How accurately ...", "* 0 (Rejected): ...", "For
 # Consistency, a score of '2' ...") carry no number there and are skipped. See `parse_judgement`.
 ASPECT_NAMES = {
     "consistency": re.compile(r"consistency(?![a-z])", re.I),
@@ -63,9 +64,12 @@ ASPECT_NAMES = {
     "aesthetic_quality": re.compile(r"aesthetics?(?:[\s-]*quality)?(?![a-z])", re.I),
 }
 _MARKUP = re.compile(r"[*_`#\"'{}]")
-_LEADER = re.compile(r"^[\s>\-\u2022\u00b7+]*(?:\d+[.)]\s+)?")
+_SCORE_WORD = re.compile(r"^\s*score\b", re.I)   # "Consistency Score (0-2): 2"
+# a new aspect label inside a line ("Consistency: 2. Realism: 1 Aesthetic Quality: 2") starts a new part
+_NEXT_LABEL = re.compile(r"(?<=\S)\s+(?=(?:consistency|realism|aesthetics?)(?![a-z]))", re.I)
+_LEADER = re.compile(r"^[\s>\-\u2022\u00b7+|]*(?:\d+[.)]\s+)?")
 _RANGE = re.compile(r"^\s*[(\[]?\s*0\s*(?:-|\u2013|~|to)\s*2\s*[)\]]?", re.I)
-_VALUE = re.compile(r"^\s*(?:score\s*)?[:\uff1a=\-\u2013\u2014]?\s*(\d+(?:\.\d+)?)(?!\.?\d)"   # the number ...
+_VALUE = re.compile(r"^\s*(?:score\s*)?[:\uff1a=\-\u2013\u2014|]?\s*[\[(]?\s*(\d+(?:\.\d+)?)(?!\.?\d)"   # the number ...
                     r"(?!\s*(?:-|\u2013|~|to)\s*\d)")                                           # ... not a range
 
 
@@ -84,12 +88,12 @@ def _score_candidates(text: str, aspect: str) -> List[str]:
     """The values written after ``aspect``'s label, one per labelled line part (as written, unchecked)."""
     found = []
     for line in (text or "").splitlines():
-        for part in re.split(r"[,;|]", _MARKUP.sub(" ", line)):
+        for part in re.split(r"[,;]", _NEXT_LABEL.sub(";", _MARKUP.sub(" ", line))):
             part = _LEADER.sub("", part)
             name = ASPECT_NAMES[aspect].match(part)
             if name is None:
                 continue
-            value = _VALUE.match(_RANGE.sub("", part[name.end():], count=1))
+            value = _VALUE.match(_RANGE.sub("", _SCORE_WORD.sub("", part[name.end():], count=1), count=1))
             if value is not None:
                 found.append(value.group(1))
     return found
@@ -110,6 +114,7 @@ def parse_judgement(text: str) -> Dict[str, int]:
         values = _score_candidates(text, aspect)
         if not values:
             raise EvalError(f"judge reply has no {label} score in 0..2: {(text or '')[:200]!r}")
+        values = [v[0] if re.fullmatch(r"[012]\.0+", v) else v for v in values]   # "2.0" is 2
         bad = sorted({v for v in values if v not in ("0", "1", "2")})
         if bad:
             raise EvalError(f"judge reply gives {label} {', '.join(bad)}, not 0, 1 or 2: {(text or '')[:200]!r}")

@@ -181,3 +181,20 @@ def test_prompt_file_errors(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([{"Prompt": "no id"}]))
     with pytest.raises(EvalError, match="prompt_id"):
         load_wise_prompts([str(tmp_path / "bad.json")])
+
+
+@pytest.mark.parametrize("reply, want", [
+    ("Consistency: 2. Realism: 1. Aesthetic Quality: 2", (2, 1, 2)),                       # one line, sentences
+    ("Consistency: 2 Realism: 1 Aesthetic Quality: 0", (2, 1, 0)),                         # one line, spaces
+    ("| Consistency | 2 |\n| Realism | 1 |\n| Aesthetic Quality | 2 |", (2, 1, 2)),        # a markdown table
+    ("Consistency Score (0-2): 2\nRealism Score (0-2): 1\nAesthetic Quality Score (0-2): 0", (2, 1, 0)),
+    ("Consistency: [2]\nRealism: (1)\nAesthetic Quality: [2]", (2, 1, 2)),
+    ("Consistency: 2.0\nRealism: 1.0\nAesthetic Quality: 0.0", (2, 1, 0)),
+    ("Consistency: 2. The realism is 1 for the shadows.\nRealism: 1\nAesthetic Quality: 2", (2, 1, 2)),
+])
+def test_common_reply_formats_are_read(reply, want):
+    """Formats judges use besides the three requested lines; each was a failed record (retried, re-billed) before."""
+    from egrpo.eval.wise import parse_judgement
+
+    got = parse_judgement(reply)
+    assert (got["consistency"], got["realism"], got["aesthetic_quality"]) == want
