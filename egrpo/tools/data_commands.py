@@ -27,12 +27,17 @@ def run_export(args) -> int:
     from egrpo.outputs import stamped_path
     from egrpo.trainer.export import export_checkpoint
 
+    from .validate import other_kind_of_folder
+
     _check_exportable(args.checkpoint)
     out = os.path.normpath(args.out)
     previous = None
     if os.path.exists(out):
         if not os.path.isdir(out):
             raise UserError(f"--out {args.out} is a file; give a directory")
+        if other_kind_of_folder(out) == "a training run directory":   # (--overwrite would rename the whole run)
+            raise UserError(f"--out {args.out} is a training run directory; give a model directory, e.g. "
+                            f"{os.path.join(args.out, 'hf')}")
         if not args.overwrite:
             raise UserError(f"--out {args.out} already exists; give a new directory, or pass --overwrite to keep the "
                             "old one as <out>.previous-<time> and write a new one")

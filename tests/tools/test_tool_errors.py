@@ -198,3 +198,15 @@ def test_export_of_a_run_without_a_checkpoint_says_so(tmp_path, capsys):
     assert main(["export", str(cut), "--out", str(tmp_path / "m")]) == 2
     err = one_line_error(capsys)
     assert "manifest.json is missing" in err and "no checkpoint yet" not in err
+
+
+def test_export_refuses_a_training_run_as_out_also_with_overwrite(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("{}\n")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    for extra in ([], ["--overwrite"]):
+        assert main(["export", str(tmp_path / "nothing"), "--out", str(run), *extra]) == 2
+        err = one_line_error(capsys)
+        assert f"--out {run} is a training run directory" in err and str(run / "hf") in err
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl"]
