@@ -254,16 +254,14 @@ def check_writable(out_dir: str) -> None:
 
     from egrpo.errors import ConfigError
 
-    probe_in = os.path.abspath(out_dir)
-    while not os.path.isdir(probe_in) and os.path.dirname(probe_in) != probe_in:
-        if os.path.exists(probe_in):
-            raise ConfigError(f"train.out_dir {out_dir}: {probe_in} is a file, not a directory")
-        probe_in = os.path.dirname(probe_in)
+    from egrpo.outputs import cannot_create, nearest_folder
+
+    probe_in, blocker = nearest_folder(out_dir)
+    if blocker is not None:
+        raise ConfigError(f"train.out_dir {out_dir}: {blocker} is a file, not a directory")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".egrpo-dry-run-", dir=probe_in))
     except OSError as e:
-        from egrpo.outputs import cannot_create
-
         raise ConfigError(f"train.out_dir {out_dir} cannot be written: {cannot_create(probe_in, e)}; pick another "
                           "train.out_dir") from None
 

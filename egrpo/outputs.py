@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from typing import Iterable
+from typing import Iterable, Optional, Tuple
 
 
 def stamped_path(stem: str, ext: str = "") -> str:
@@ -44,13 +44,22 @@ def write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def nearest_folder(path: str) -> Tuple[str, Optional[str]]:
+    """``(folder, blocker)``: the nearest existing folder at or above ``path``, and the path on the way there that
+    exists but is not a folder (a file where a folder must be made; None when there is none)."""
+    probe, blocker = os.path.abspath(path), None
+    while not os.path.isdir(probe) and os.path.dirname(probe) != probe:
+        if os.path.exists(probe):
+            blocker = probe
+        probe = os.path.dirname(probe)
+    return probe, blocker
+
+
 def cannot_create(path: str, error: OSError) -> str:
     """Why nothing could be made at ``path``, for a message: ``cannot create files in <its nearest existing
     folder> (<reason>)``. The reason is the error's text, except for "No such file or directory" from a folder
     that exists (/proc and other special file systems refuse new entries that way)."""
-    where = os.path.abspath(path)
-    while not os.path.isdir(where) and os.path.dirname(where) != where:
-        where = os.path.dirname(where)
+    where = nearest_folder(path)[0]
     reason = error.strerror or str(error)
     if error.errno == errno.ENOENT:
         reason = "the folder exists but takes no new entries"

@@ -88,6 +88,11 @@ def check_images(images, prompts: Sequence[str], metadata: Optional[Sequence[dic
     return metadata
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """``uint8(clamp(x, 0, 1) * 255)``, truncated as released (see `to_pil`); same shape and device."""
+    return (images.detach().float().clamp(0, 1) * 255).to(torch.uint8)
+
+
 def to_pil(images: torch.Tensor) -> list:
     """``[B, 3, H, W]`` in [0, 1] -> list of RGB ``PIL.Image``: ``uint8(clamp(x, 0, 1) * 255)``, TRUNCATED.
 
@@ -99,7 +104,7 @@ def to_pil(images: torch.Tensor) -> list:
     """
     from PIL import Image
 
-    arrays = (images.detach().float().clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    arrays = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a, mode="RGB") for a in arrays]
 
 

@@ -41,7 +41,7 @@ import torch
 
 from egrpo.rewards.registry import COLOURS, register_reward
 
-from .base import ModelReward, Reward
+from .base import ModelReward, Reward, to_uint8
 from .detection import Detection, WrapsDetector, nms, relative_position
 from .geneval_models import ClipColourClassifier, Mask2FormerDetector, filter_detections
 
@@ -195,7 +195,7 @@ def quantised(images: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] at 8 bits as Janus-Pro's released decode writes them (truncated), back in [0, 1], on the
     CPU. (Flow-GRPO's own client rounds instead and sends the server a JPEG at PIL's default quality; that lossy
     step is not reproduced here.)"""
-    return (images.detach().float().clamp(0, 1) * 255).to(torch.uint8).float().div_(255).cpu()
+    return to_uint8(images).float().div_(255).cpu()
 
 
 @register_reward("geneval")

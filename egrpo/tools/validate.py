@@ -11,7 +11,7 @@ import re
 from typing import Optional
 
 from egrpo.errors import UserError
-from egrpo.outputs import move_contents_aside, stamped_path
+from egrpo.outputs import move_contents_aside, nearest_folder, stamped_path
 
 
 def resolve_device(device: Optional[str], flag: str = "--device") -> str:
@@ -137,24 +137,20 @@ def prepare_output_file(path: str, overwrite: bool, flag: str = "--out",
 def check_output_dir(path: str, flag: str = "--out") -> None:
     """``path`` can be (or already is) an output folder: neither it nor a folder above it is a file (it is
     created when written)."""
-    probe = os.path.abspath(path)
-    while not os.path.isdir(probe):
-        if os.path.exists(probe):
-            if probe == os.path.abspath(path):
-                raise UserError(f"{flag} {path} is a file; give a folder")
-            raise UserError(f"{flag} {path}: {probe} is a file, not a folder; give another {flag}")
-        probe = os.path.dirname(probe)
+    blocker = nearest_folder(path)[1]
+    if blocker == os.path.abspath(path):
+        raise UserError(f"{flag} {path} is a file; give a folder")
+    if blocker is not None:
+        raise UserError(f"{flag} {path}: {blocker} is a file, not a folder; give another {flag}")
 
 
 def make_parent_dir(path: str, flag: str = "--out") -> None:
     """Create the folder the output file ``path`` goes in (and its parents) when missing; a path on the way that
     is a file, or a folder that cannot be created, is a one-line error naming ``flag``."""
     parent = os.path.dirname(os.path.abspath(path))
-    probe = parent
-    while not os.path.isdir(probe):
-        if os.path.exists(probe):
-            raise UserError(f"{flag} {path}: {probe} is a file, not a folder; give another {flag}")
-        probe = os.path.dirname(probe)
+    blocker = nearest_folder(parent)[1]
+    if blocker is not None:
+        raise UserError(f"{flag} {path}: {blocker} is a file, not a folder; give another {flag}")
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as e:

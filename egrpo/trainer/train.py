@@ -381,11 +381,9 @@ EXPORT_RECORD = "egrpo_export.json"
 def write_export_record(folder: str, checkpoint: str) -> None:
     """Record in the export ``folder`` the checkpoint it was written from: its directory, step and the SHA-256 of
     its manifest (which holds every file's SHA-256, so another save of the same step differs)."""
-    manifest = os.path.join(checkpoint, MANIFEST)
-    with open(manifest, encoding="utf-8") as f:
-        step = json.load(f).get("step")
     write_atomic(os.path.join(folder, EXPORT_RECORD), json.dumps(
-        {"checkpoint": os.path.abspath(checkpoint), "step": step, "manifest_sha256": sha256_file(manifest)}, indent=1))
+        {"checkpoint": os.path.abspath(checkpoint), "step": manifest_step(checkpoint),
+         "manifest_sha256": sha256_file(os.path.join(checkpoint, MANIFEST))}, indent=1))
 
 
 def holds_export_of(folder: str, checkpoint: str) -> bool:
